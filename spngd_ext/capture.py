@@ -1,0 +1,57 @@
+"""Capturing layer inputs and output gradients with module and tensor hooks.
+
+The forward hook folds the input into the forward statistic at once (nothing is kept, so an
+in-place activation that later overwrites the tensor cannot corrupt it) and registers a hook on
+the layer's *output tensor*. A tensor hook registered before an in-place op receives the gradient
+with respect to the value before the modification — exactly ∂loss/∂s — which module backward
+hooks cannot promise (they fail on outputs modified in place, as in torchvision's ResNet).
+
+A layer called several times in one forward pass (shared weights) contributes every call: each
+call's rows join A and its output gradient joins G (the "expand" reading of weight sharing).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .layers import CurvatureLayer
+
+
+class CaptureSink(Protocol):
+    def wants_forward(self, index: int) -> bool: ...
+    def on_forward(self, index: int, inputs: Tensor, output: Tensor) -> object: ...
+    def on_output_grad(self, index: int, grad: Tensor, context: object) -> None: ...
+
+
+class ActivationCapture:
+    """Owns the hooks of all curvature layers and routes what they see to a sink."""
+
+    def __init__(self, layers: list[CurvatureLayer], sink: CaptureSink) -> None:
+        self._layers = layers
+        self._sink = sink
+        self._handles: list[RemovableHandle] = []
+        for index, layer in enumerate(layers):
+            self._handles.append(layer.module.register_forward_hook(self._make_forward_hook(index)))
+
+    def _make_forward_hook(self, index: int) -> Callable:
+        sink = self._sink
+
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            if not (module.training and torch.is_grad_enabled() and sink.wants_forward(index)):
+                return
+            if not inputs or not isinstance(inputs[0], Tensor) or not isinstance(output, Tensor):
+                return
+            context = sink.on_forward(index, inputs[0], output)
+            if output.requires_grad:
+                output.register_hook(lambda grad, _ctx=context: sink.on_output_grad(index, grad, _ctx))
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

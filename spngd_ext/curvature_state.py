@@ -1,0 +1,351 @@
+"""Per-layer curvature state: accumulators, estimates (EMA), damped inverses, and the flat buffers.
+
+Host-side bookkeeping (which statistics were collected this step, how many rows) stays in Python
+ints, so nothing here reads device values back except the one flag per step that says whether a
+step must be skipped and the inversion failure flags on refresh steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .damping import pi_damping
+from .inverse import invert_damped
+from .layers import BatchNormCurvature, CurvatureLayer, KroneckerLayer
+from .layout import GradLayout, StatsLayout
+from .options import CurvatureOptions
+
+
+@dataclass
+class InversionEvents:
+    retries: int = 0
+    fallbacks: list[str] = field(default_factory=list)
+
+
+class CurvatureState:
+    def __init__(self, layers: list[CurvatureLayer], stats_layout: StatsLayout, grad_layout: GradLayout,
+                 owners: list[int], rank: int, options: CurvatureOptions) -> None:
+        self.layers = layers
+        self.stats_layout = stats_layout
+        self.grad_layout = grad_layout
+        self.rank = rank
+        self.options = options
+        self.owned = [i for i in range(len(layers)) if owners[i] == rank]
+        self._names = [[s.name for s in layer.stat_specs()] for layer in layers]
+        self._counts = [{n: 0 for n in names} for names in self._names]
+        self._first = [{n: True for n in names} for names in self._names]
+        self._examples = [0] * len(layers)
+        self.est_ready = [{n: False for n in names} for names in self._names]
+        self.inverses: dict[int, list[Tensor | None]] = {}
+        self.device: torch.device | None = None
+        self.acc = self.est = self.grad_buffer = None  # allocated on first use, on the model's device
+        self._acc_views: list[dict[str, Tensor]] = []
+
+    # ------------------------------------------------------------------ buffers
+    def ensure_buffers(self, device: torch.device) -> None:
+        if self.device is not None:
+            if device != self.device:
+                raise ValueError(
+                    f"SPNGD: the model moved from {self.device} to {device} after the optimizer first ran; "
+                    "build the optimizer after moving the model"
+                )
+            return
+        for layer in self.layers:
+            for p in layer.params:
+                if p.device != device:
+                    raise ValueError(f"SPNGD: all parameters must be on one device; {layer.name} has a parameter on {p.device}, expected {device}")
+        self.device = device
+        f32 = dict(dtype=torch.float32, device=device)
+        self.acc = torch.zeros(self.stats_layout.numel, **f32)
+        self.est = torch.zeros(self.stats_layout.chunk_numel, **f32)
+        self.grad_buffer = torch.zeros(self.grad_layout.numel, **f32)
+        self._acc_views = [
+            {n: self.acc[s.offset : s.end].view(-1, 3) if n == "F" else self.acc[s.offset : s.end] for n, s in stats.items()}
+            for stats in self.stats_layout.stats
+        ]
+        self._count_index = torch.tensor(
+            [c for counts in self.stats_layout.counts for c in counts.values()], dtype=torch.long, device=device
+        )
+
+    # ------------------------------------------------------------------ accumulation (hooks)
+    def accumulate_forward(self, index: int, inputs: Tensor, output: Tensor, backend: str) -> object:
+        self.ensure_buffers(inputs.device)
+        layer = self.layers[index]
+        names = layer.forward_stat_names()
+        first = bool(names) and self._first[index][names[0]]
+        context, count = layer.accumulate_forward(inputs, output, self._acc_views[index], first, backend)
+        for n in names:
+            self._first[index][n] = False
+            self._counts[index][n] += count
+        self._examples[index] += inputs.shape[0] if inputs.dim() > 1 else 1
+        return context
+
+    def accumulate_backward(self, index: int, grad: Tensor, context: object, backend: str) -> None:
+        layer = self.layers[index]
+        names = layer.backward_stat_names()
+        first = self._first[index][names[0]]
+        count = layer.accumulate_backward(grad, context, self._acc_views[index], 1.0, first, backend)
+        for n in names:
+            self._first[index][n] = False
+            self._counts[index][n] += count
+
+    def any_collected(self) -> bool:
+        return any(c > 0 for counts in self._counts for c in counts.values())
+
+    def forward_seen(self) -> bool:
+        return any(e > 0 for e in self._examples)
+
+    def any_backward_collected(self) -> bool:
+        return any(self._counts[i][n] > 0 for i, layer in enumerate(self.layers) for n in layer.backward_stat_names())
+
+    def examples_seen(self) -> int:
+        return max(self._examples, default=0)
+
+    def _fresh(self, index: int, name: str) -> bool:
+        return self._counts[index][name] > 0
+
+    def reset_accumulation(self) -> None:
+        for i, names in enumerate(self._names):
+            for n in names:
+                self._counts[i][n] = 0
+                self._first[i][n] = True
+            self._examples[i] = 0
+
+    # ------------------------------------------------------------------ per step
+    def fill_gradients(self, layers: list[CurvatureLayer], plain: list[torch.nn.Parameter]) -> None:
+        buf = self.grad_buffer
+        for i, layer in enumerate(layers):
+            seg = self.grad_layout.grads[i]
+            if isinstance(layer, KroneckerLayer):
+                buf[seg.offset : seg.end].view(layer.dim_g, layer.dim_a).copy_(layer.gradient_matrix())
+            else:
+                gw, gb = layer.gradient_pair()
+                c = layer.channels
+                buf[seg.offset : seg.offset + c].copy_(gw)
+                buf[seg.offset + c : seg.end].copy_(gb)
+        if plain:
+            seg = self.grad_layout.grads[len(layers)]
+            pos = seg.offset
+            for p in plain:
+                dst = buf[pos : pos + p.numel()]
+                if p.grad is None:
+                    dst.zero_()
+                else:
+                    dst.copy_(p.grad.reshape(-1))
+                pos += p.numel()
+
+    def prepare_local_stats(self, grad_scale: float) -> None:
+        """Scale output-gradient statistics to per-example gradients and write the counts."""
+        if grad_scale != 1.0:
+            for i, layer in enumerate(self.layers):
+                for n in layer.backward_stat_names():
+                    if self._fresh(i, n):
+                        self._acc_views[i][n].mul_(grad_scale * grad_scale)
+        counts = [float(self._counts[i][n]) for i, stats in enumerate(self.stats_layout.counts) for n in stats]
+        if counts:
+            self.acc.index_copy_(0, self._count_index, torch.tensor(counts, dtype=torch.float32).to(self.device, non_blocking=True))
+
+    def local_nonfinite(self, refresh: bool) -> Tensor:
+        bad = ~torch.isfinite(self.grad_buffer).all()
+        if refresh:
+            bad = bad | ~torch.isfinite(self.acc).all()
+        return bad
+
+    def nonfinite_names(self, layers: list[CurvatureLayer], refresh: bool) -> list[str]:
+        names = []
+        for i, layer in enumerate(layers):
+            seg = self.grad_layout.grads[i]
+            bad = not bool(torch.isfinite(self.grad_buffer[seg.offset : seg.end]).all())
+            if refresh:
+                bad = bad or any(not bool(torch.isfinite(v).all()) for v in self._acc_views[i].values())
+            if bad:
+                names.append(layer.name)
+        if len(self.grad_layout.grads) > len(layers):
+            seg = self.grad_layout.grads[-1]
+            if not bool(torch.isfinite(self.grad_buffer[seg.offset : seg.end]).all()):
+                names.append("<parameters outside supported layers>")
+        return names
+
+    def reduce_stats(self, comm) -> None:
+        comm.reduce_scatter(self.acc, self.stats_layout.chunk_numel, kind="stats")
+
+    def reduce_gradients(self, comm, already_averaged: bool) -> None:
+        if comm.world_size == 1 or already_averaged:
+            return
+        chunk = comm.reduce_scatter(self.grad_buffer, self.grad_layout.chunk_numel, kind="grads")
+        chunk.div_(comm.world_size)
+
+    def finalize_stats(self) -> None:
+        """est ← X (or the EMA b·est + (1−b)·X) for each refreshed statistic this rank owns."""
+        base = self.rank * self.stats_layout.chunk_numel
+        b = self.options.ema_decay
+        for i in self.owned:
+            for n, seg in self.stats_layout.stats[i].items():
+                if not self._fresh(i, n):
+                    continue
+                c = self.stats_layout.counts[i][n]
+                value = self.acc[seg.offset : seg.end] / self.acc[c]
+                e = self.est[seg.offset - base : seg.end - base]
+                k = self.est[c - base : c - base + 1]
+                if b is None:
+                    e.copy_(value)
+                    k.fill_(1.0)
+                else:
+                    e.mul_(b).add_(value, alpha=1.0 - b)
+                    k.add_(1.0)
+                self.est_ready[i][n] = True
+
+    def _bias_correction(self, count_slots: list[int]) -> Tensor | float:
+        b = self.options.ema_decay
+        if b is None:
+            return 1.0
+        base = self.rank * self.stats_layout.chunk_numel
+        k = self.est[torch.tensor([c - base for c in count_slots], device=self.device)]
+        return 1.0 / (1.0 - torch.pow(torch.full_like(k, b), k))
+
+    def needs_first_inverse(self) -> bool:
+        return any(
+            i not in self.inverses and self.est_ready[i].get("A") and self.est_ready[i].get("G")
+            for i in self.owned if isinstance(self.layers[i], KroneckerLayer)
+        )
+
+    def refresh_inverses(self, damping: float, backend: str) -> InversionEvents:
+        events = InversionEvents()
+        base = self.rank * self.stats_layout.chunk_numel
+        offset, sizes, items = self.stats_layout.packed_runs[self.rank]
+        if not sizes:
+            return events
+        slots = [self.stats_layout.counts[i][n] for i, n in items]
+        mats = ops.unpack_upper(self.est, sizes, scale=self._bias_correction(slots), offset=offset - base, backend=backend)
+        by_item = dict(zip(items, mats))
+        ready = [i for i in self.owned if isinstance(self.layers[i], KroneckerLayer) and self.est_ready[i]["A"] and self.est_ready[i]["G"]]
+        if not ready:
+            return events
+        a_mats = [by_item[(i, "A")] for i in ready]
+        g_mats = [by_item[(i, "G")] for i in ready]
+        tr_a = torch.stack([m.diagonal().sum() for m in a_mats])
+        tr_g = torch.stack([m.diagonal().sum() for m in g_mats])
+        dim_a = torch.tensor([m.shape[0] for m in a_mats], dtype=torch.float32, device=self.device)
+        dim_g = torch.tensor([m.shape[0] for m in g_mats], dtype=torch.float32, device=self.device)
+        shift_a, shift_g = pi_damping(tr_a, dim_a, tr_g, dim_g, damping)
+        todo = []
+        for j, i in enumerate(ready):
+            todo.append(((i, 0), a_mats[j], shift_a[j]))
+            todo.append(((i, 1), g_mats[j], shift_g[j]))
+        results = invert_damped(todo, backend=backend, max_retries=self.options.max_inverse_retries)
+        for i in ready:
+            old = self.inverses.get(i, [None, None])
+            new = [None, None]
+            for side in (0, 1):
+                r = results[(i, side)]
+                events.retries += r.retries
+                if r.inverse is None:
+                    new[side] = old[side]
+                    events.fallbacks.append(f"{self.layers[i].name} ({'AG'[side]})")
+                else:
+                    new[side] = r.inverse
+            self.inverses[i] = new
+        return events
+
+    def precondition_owned(self, damping: float, lrs: list[float] | None, backend: str) -> None:
+        """Overwrite this rank's gradient chunk with the preconditioned gradients (and its KL sum)."""
+        buf = self.grad_buffer
+        kl_terms: list[Tensor] = []
+        batched: dict[tuple, list[int]] = {}
+        for i in self.owned:
+            layer = self.layers[i]
+            if isinstance(layer, KroneckerLayer):
+                inv = self.inverses.get(i)
+                if inv is None:
+                    if lrs is not None:
+                        g = self._grad_view(i)
+                        kl_terms.append(lrs[i] ** 2 * (g * g).sum())
+                    continue
+                key = (layer.dim_g, layer.dim_a, inv[0] is None, inv[1] is None)
+                batched.setdefault(key, []).append(i)
+            elif isinstance(layer, BatchNormCurvature) and self.est_ready[i]["F"]:
+                seg = self.grad_layout.grads[i]
+                c = layer.channels
+                fisher = self._est_view(i, "F").view(-1, 3) * self._bias_correction([self.stats_layout.counts[i]["F"]])
+                g_gamma, g_beta = buf[seg.offset : seg.offset + c], buf[seg.offset + c : seg.end]
+                u_gamma, u_beta = ops.bn_unitwise_solve(fisher, g_gamma, g_beta, damping=damping, backend=backend)
+                if lrs is not None:
+                    kl_terms.append(lrs[i] ** 2 * ((u_gamma * g_gamma).sum() + (u_beta * g_beta).sum()))
+                g_gamma.copy_(u_gamma)
+                g_beta.copy_(u_beta)
+        for (_, _, no_a, no_g), members in batched.items():
+            grads = torch.stack([self._grad_view(i) for i in members])
+            u = grads
+            if not no_g:
+                u = torch.stack([self.inverses[i][1] for i in members]) @ u
+            if not no_a:
+                u = u @ torch.stack([self.inverses[i][0] for i in members])
+            for j, i in enumerate(members):
+                if lrs is not None:
+                    kl_terms.append(lrs[i] ** 2 * (u[j] * grads[j]).sum())
+                self._grad_view(i).copy_(u[j])
+        if lrs is not None:
+            slot = self.grad_layout.kl_slots[self.rank]
+            total = torch.stack(kl_terms).sum() if kl_terms else torch.zeros((), device=self.device)
+            buf[slot] = total
+
+    def kl_coefficient(self, kl_clip: float) -> Tensor:
+        slots = torch.tensor(self.grad_layout.kl_slots, device=self.device)
+        return ops.kl_clip_from_total(self.grad_buffer[slots].sum(), kl_clip)
+
+    def _grad_view(self, i: int) -> Tensor:
+        layer = self.layers[i]
+        seg = self.grad_layout.grads[i]
+        return self.grad_buffer[seg.offset : seg.end].view(layer.dim_g, layer.dim_a)
+
+    def _est_view(self, i: int, name: str) -> Tensor:
+        base = self.rank * self.stats_layout.chunk_numel
+        seg = self.stats_layout.stats[i][name]
+        return self.est[seg.offset - base : seg.end - base]
+
+    def update_view(self, index: int) -> Tensor:
+        seg = self.grad_layout.grads[index]
+        return self.grad_buffer[seg.offset : seg.end]
+
+    def estimates(self) -> dict[str, dict[str, Tensor]]:
+        """Bias-corrected estimates of the owned layers: dense A, G (Kronecker) or (C, 3) F (BatchNorm)."""
+        out: dict[str, dict[str, Tensor]] = {}
+        if self.est is None:
+            return out
+        for i in self.owned:
+            layer = self.layers[i]
+            entry = {}
+            for n, spec in zip(self._names[i], layer.stat_specs()):
+                if not self.est_ready[i][n]:
+                    continue
+                scale = self._bias_correction([self.stats_layout.counts[i][n]])
+                if spec.dim > 0:
+                    entry[n] = ops.unpack_upper(self._est_view(i, n), [spec.dim], scale=scale, backend="torch")[0]
+                else:
+                    entry[n] = self._est_view(i, n).view(-1, 3) * scale
+            out[layer.name] = entry
+        return out
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        return {
+            "est": None if self.est is None else self.est.detach().clone(),
+            "est_ready": [dict(r) for r in self.est_ready],
+            "inverses": {self.layers[i].name: [None if t is None else t.detach().clone() for t in inv] for i, inv in self.inverses.items()},
+        }
+
+    def load_state_dict(self, sd: dict, device: torch.device) -> None:
+        self.ensure_buffers(device)
+        if sd["est"] is not None:
+            if sd["est"].shape != self.est.shape:
+                raise ValueError(f"SPNGD.load_state_dict: curvature estimate has {sd['est'].numel()} elements, expected {self.est.numel()}")
+            self.est.copy_(sd["est"])
+        self.est_ready = [dict(r) for r in sd["est_ready"]]
+        by_name = {layer.name: i for i, layer in enumerate(self.layers)}
+        self.inverses = {
+            by_name[name]: [None if t is None else t.to(device) for t in inv] for name, inv in sd["inverses"].items()
+        }

@@ -1,0 +1,65 @@
+"""Unit-wise (per-channel 2×2) Fisher of BatchNorm1d/2d, as in SP-NGD.
+
+x̂ is the normalised input in training mode, recomputed in the forward hook from the input (a new
+tensor, so in-place activations that later overwrite the BN output cannot corrupt it). Per example
+and channel u = [Σ_hw g·x̂, Σ_hw g]; F_c = (1/N) Σ_n u uᵀ, stored as (C, 3) = (γγ, γβ, ββ).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from .base import CurvatureLayer, StatSpec
+
+
+class BatchNormCurvature(CurvatureLayer):
+    kind = "batchnorm"
+
+    def __init__(self, name: str, module: nn.modules.batchnorm._BatchNorm) -> None:
+        if not module.affine:
+            raise ValueError(f"{name}: BatchNorm without affine parameters has nothing to precondition")
+        super().__init__(name, module)
+
+    @property
+    def channels(self) -> int:
+        return self.module.num_features
+
+    def stat_specs(self) -> list[StatSpec]:
+        return [StatSpec("F", 3 * self.channels, 0)]
+
+    def forward_stat_names(self) -> tuple[str, ...]:
+        return ()
+
+    def backward_stat_names(self) -> tuple[str, ...]:
+        return ("F",)
+
+    def normalized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x̂ as the forward computed it: batch statistics in training mode, running ones in eval."""
+        m = self.module
+        x = x.detach()
+        reduce_dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if m.training or not m.track_running_stats or m.running_mean is None:
+            mean = x.mean(dim=reduce_dims)
+            var = x.var(dim=reduce_dims, unbiased=False)
+        else:
+            mean, var = m.running_mean, m.running_var
+        return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + m.eps)
+
+    def accumulate_forward(self, inputs, output, stats, first, backend):
+        return self.normalized_input(inputs), inputs.shape[0]
+
+    def accumulate_backward(self, grad_out, context, stats, scale, first, backend):
+        xhat = context
+        g = grad_out.detach()
+        ops.bn_unitwise_fisher(stats["F"], g, xhat, scale=scale, decay=0.0 if first else 1.0, backend=backend)
+        return g.shape[0]
+
+    def gradient_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(∇γ, ∇β); a missing grad (frozen parameter) reads as zero."""
+        w, b = self.module.weight, self.module.bias
+        gw = w.grad if w.grad is not None else torch.zeros_like(w)
+        gb = b.grad if b.grad is not None else torch.zeros_like(b)
+        return gw, gb

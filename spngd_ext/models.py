@@ -1,0 +1,138 @@
+"""Small models for 28x28 single-channel images (Fashion-MNIST and friends).
+
+Each one uses the layer types SP-NGD preconditions (Conv2d, Linear, BatchNorm), so a training
+run exercises every curvature path: K-FAC for Conv2d and Linear, unit-wise Fisher for BatchNorm.
+``resnet_bn`` adds what trips up hook-based curvature code: in-place ReLU and residual additions.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["small_bn_cnn", "mlp", "resnet_bn", "MODEL_BUILDERS", "build_model", "count_parameters"]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int = 1) -> list[nn.Module]:
+    # No conv bias: the BatchNorm shift that follows makes it redundant.
+    return [
+        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(),
+    ]
+
+
+def small_bn_cnn(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
+    """Three conv+BN+ReLU layers (16, 32, 64 channels), global average pool, a small head.
+
+    28,474 parameters for 10 classes. The first conv is 5x5 at full resolution (cheap with one
+    input channel, and a wider receptive field before downsampling); the other two are 3x3 with
+    stride 2. With 3x3 kernels and a single linear layer the net would have only ~24k parameters,
+    so the head spends the rest of a ~29k budget on a 64-unit hidden layer, which also gives
+    the Linear curvature path a square layer to work on.
+    """
+    return nn.Sequential(
+        *_conv_bn_relu(in_channels, 16, kernel=5),
+        *_conv_bn_relu(16, 32, kernel=3, stride=2),
+        *_conv_bn_relu(32, 64, kernel=3, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 64),
+        nn.ReLU(),
+        nn.Linear(64, num_classes),
+    )
+
+
+def mlp(
+    num_classes: int = 10, in_features: int = 28 * 28, hidden: tuple[int, ...] = (256, 128)
+) -> nn.Sequential:
+    """Flatten, then Linear+BatchNorm1d+ReLU per hidden width, then a linear classifier."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h, bias=False), nn.BatchNorm1d(h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+class ResidualBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus a shortcut (1x1 conv + BN when the shape changes), then ReLU.
+
+    The ReLUs are in place and the addition is ``out += shortcut``-style, on purpose: an
+    optimizer that captures layer inputs/outputs through hooks must cope with both.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = out + self.shortcut(x)
+        return self.relu(out)
+
+
+class ResNetBN(nn.Module):
+    """Stem conv, one residual block per stage (16, 32, 64 channels), pool, linear head."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths=(16, 32, 64)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        )
+        blocks = []
+        c_in = widths[0]
+        for i, width in enumerate(widths):
+            blocks.append(ResidualBlock(c_in, width, stride=1 if i == 0 else 2))
+            c_in = width
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def resnet_bn(num_classes: int = 10, in_channels: int = 1) -> ResNetBN:
+    return ResNetBN(num_classes=num_classes, in_channels=in_channels)
+
+
+MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "cnn": small_bn_cnn,
+    "mlp": mlp,
+    "resnet": resnet_bn,
+}
+
+
+def build_model(name: str, num_classes: int = 10) -> nn.Module:
+    """A fresh model by registry name (``cnn``, ``mlp``, ``resnet``)."""
+    try:
+        builder = MODEL_BUILDERS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODEL_BUILDERS)}") from None
+    return builder(num_classes=num_classes)
+
+
+if __name__ == "__main__":
+    for model_name in MODEL_BUILDERS:
+        print(f"{model_name}: {count_parameters(build_model(model_name)):,} parameters")

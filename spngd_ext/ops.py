@@ -1,0 +1,360 @@
+"""The curvature primitives: one function per op, dispatching to CUDA kernels or pure PyTorch.
+
+The optimizer calls only these. ``backend="auto"`` takes the compiled kernel
+(``torch.ops.spngd_ext.<op>``) when the extension is built and the tensors are on a GPU, else the
+pure-PyTorch implementation in :mod:`spngd_ext.reference`. ``backend="cuda"`` insists on the
+kernel and raises if it cannot be used; ``backend="torch"`` always takes the reference.
+
+Every function checks its arguments and raises ``ValueError``/``TypeError`` naming the argument.
+Fake (meta) implementations of the compiled ops are registered in :mod:`spngd_ext._extension`,
+so ``torch.compile`` can trace through them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._extension import cuda_ops_available
+from .reference import packed_size
+
+__all__ = [
+    "Backend",
+    "packed_size",
+    "pack_upper",
+    "unpack_upper",
+    "accumulate_factor",
+    "conv_a_factor",
+    "cholesky_inverse_damped",
+    "bn_unitwise_fisher",
+    "bn_unitwise_solve",
+    "precondition",
+    "kl_clip_coefficient",
+    "kl_clip_from_total",
+    "momentum_update",
+]
+
+Backend = str  # "auto" | "cuda" | "torch"
+_BACKENDS = ("auto", "cuda", "torch")
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _use_kernel(backend: Backend, tensors: Sequence[Tensor], op: str) -> bool:
+    if backend not in _BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "torch" or not tensors:
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if backend == "cuda":
+        if not cuda_ops_available():
+            raise RuntimeError(
+                f"{op}: backend='cuda' but the spngd_ext CUDA extension is not built "
+                "(reinstall with nvcc available, or use backend='auto'/'torch')"
+            )
+        if not on_cuda:
+            raise ValueError(f"{op}: backend='cuda' needs every tensor on a CUDA device")
+        return True
+    return on_cuda and cuda_ops_available()
+
+
+def _check_tensor(name: str, t: object, op: str, *, dim: int | None = None, float_only: bool = True) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if float_only and t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be a floating tensor (float32/float64/bf16/fp16), got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{op}: {name} must be {dim}-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_same_device(op: str, **tensors: Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
+        raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
+
+
+def _check_state(op: str, state: Tensor, numel: int) -> None:
+    _check_tensor("state", state, op, dim=1 if state.dim() == 1 else None)
+    if state.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: state must be float32 or float64 (accumulation is never in half precision), got {state.dtype}")
+    if state.numel() != numel:
+        raise ValueError(f"{op}: state must have {numel} elements, got {state.numel()} (shape {tuple(state.shape)})")
+    if not state.is_contiguous():
+        raise ValueError(f"{op}: state must be contiguous")
+
+
+# --------------------------------------------------------------------------------------------
+# Symmetric packing
+# --------------------------------------------------------------------------------------------
+
+
+def pack_upper(mats: Sequence[Tensor], *, dtype: torch.dtype | None = None, backend: Backend = "auto") -> Tensor:
+    """Upper triangles (row by row) of square matrices, concatenated into one 1-D buffer.
+
+    ``dtype`` casts on the way (e.g. fp32 factors to bf16 for communication).
+    """
+    op = "pack_upper"
+    mats = list(mats)
+    for i, m in enumerate(mats):
+        _check_tensor(f"mats[{i}]", m, op, dim=2)
+        if m.shape[0] != m.shape[1]:
+            raise ValueError(f"{op}: mats[{i}] must be square, got shape {tuple(m.shape)}")
+    if mats:
+        _check_same_device(op, **{f"mats[{i}]": m for i, m in enumerate(mats)})
+    if _use_kernel(backend, mats, op):
+        return torch.ops.spngd_ext.pack_upper(mats, dtype)
+    return reference.pack_upper(mats, dtype=dtype)
+
+
+def unpack_upper(
+    buffer: Tensor,
+    sizes: Sequence[int],
+    *,
+    scale: float | Tensor = 1.0,
+    dtype: torch.dtype = torch.float32,
+    offset: int = 0,
+    backend: Backend = "auto",
+) -> list[Tensor]:
+    """Full symmetric matrices of the given sizes from ``buffer[offset:]``, each times ``scale``.
+
+    ``scale``: a float, or a 1-D tensor with one entry per matrix on the buffer's device.
+    """
+    op = "unpack_upper"
+    _check_tensor("buffer", buffer, op, dim=1)
+    sizes = [int(n) for n in sizes]
+    if any(n < 1 for n in sizes):
+        raise ValueError(f"{op}: sizes must be positive, got {sizes}")
+    need = offset + sum(packed_size(n) for n in sizes)
+    if offset < 0 or need > buffer.numel():
+        raise ValueError(f"{op}: buffer has {buffer.numel()} elements, sizes {sizes} at offset {offset} need {need}")
+    if isinstance(scale, Tensor):
+        if scale.dim() == 0:
+            scale = scale.reshape(1).expand(len(sizes))
+        if scale.dim() != 1 or scale.numel() != len(sizes):
+            raise ValueError(f"{op}: scale must be a float or a 1-D tensor of {len(sizes)} entries, got shape {tuple(scale.shape)}")
+        _check_same_device(op, buffer=buffer, scale=scale)
+    if _use_kernel(backend, [buffer], op):
+        if not isinstance(scale, Tensor):
+            scale = torch.full((len(sizes),), float(scale), dtype=torch.float32, device=buffer.device)
+        return list(torch.ops.spngd_ext.unpack_upper(buffer, sizes, scale.float().contiguous(), offset, dtype))
+    return reference.unpack_upper(buffer, sizes, scale=scale, dtype=dtype, offset=offset)
+
+
+# --------------------------------------------------------------------------------------------
+# Factor accumulation
+# --------------------------------------------------------------------------------------------
+
+
+def accumulate_factor(state: Tensor, x: Tensor, *, scale: float, decay: float, backend: Backend = "auto") -> Tensor:
+    """In place ``state = decay·state + scale·packed_upper(xᵀx)``; x is (rows, d). Returns state.
+
+    ``decay=0`` overwrites state (NaN in it is ignored). Accumulation is in state's dtype (fp32+).
+    """
+    op = "accumulate_factor"
+    _check_tensor("x", x, op, dim=2)
+    _check_state(op, state, packed_size(x.shape[1]))
+    _check_same_device(op, state=state, x=x)
+    if _use_kernel(backend, [state, x], op):
+        torch.ops.spngd_ext.accumulate_factor(state, x.contiguous(), float(scale), float(decay))
+        return state
+    return reference.accumulate_factor(state, x, float(scale), float(decay))
+
+
+def _pair(name: str, v: int | Sequence[int], op: str) -> tuple[int, int]:
+    t = (v, v) if isinstance(v, int) else tuple(int(e) for e in v)
+    if len(t) != 2:
+        raise ValueError(f"{op}: {name} must be an int or a pair, got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+def conv_a_factor(
+    state: Tensor,
+    x: Tensor,
+    *,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    has_bias: bool,
+    scale: float,
+    decay: float,
+    backend: Backend = "auto",
+) -> Tensor:
+    """In place ``state = decay·state + scale·Σ_{n,t} a aᵀ`` for conv patches a (+1 if has_bias).
+
+    x is (N, C, H, W) in NCHW or channels-last memory layout; the kernel never builds im2col.
+    """
+    op = "conv_a_factor"
+    _check_tensor("x", x, op, dim=4)
+    k = _pair("kernel_size", kernel_size, op)
+    s = _pair("stride", stride, op)
+    p = _pair("padding", padding, op)
+    d = _pair("dilation", dilation, op)
+    if min(k) < 1 or min(s) < 1 or min(d) < 1 or min(p) < 0:
+        raise ValueError(f"{op}: need kernel_size, stride, dilation >= 1 and padding >= 0, got {k}, {s}, {d}, {p}")
+    dim = x.shape[1] * k[0] * k[1] + int(has_bias)
+    _check_state(op, state, packed_size(dim))
+    _check_same_device(op, state=state, x=x)
+    if _use_kernel(backend, [state, x], op):
+        torch.ops.spngd_ext.conv_a_factor(state, x, list(k), list(s), list(p), list(d), bool(has_bias), float(scale), float(decay))
+        return state
+    return reference.conv_a_factor(state, x, k, s, p, d, bool(has_bias), float(scale), float(decay))
+
+
+# --------------------------------------------------------------------------------------------
+# Inversion
+# --------------------------------------------------------------------------------------------
+
+
+def cholesky_inverse_damped(
+    mats: Tensor, damping: Tensor | float, *, backend: Backend = "auto"
+) -> tuple[Tensor, Tensor]:
+    """Batched ``(M_b + damping_b·I)⁻¹`` via Cholesky; returns ``(inverses, info)``.
+
+    mats: (B, n, n) symmetric (only the lower triangle is read by the factorisation), float32 or
+    float64. damping: a float or a (B,) tensor. ``info[b] != 0`` flags a failed matrix (not PD,
+    or a non-finite result); no exception, no host synchronisation.
+    """
+    op = "cholesky_inverse_damped"
+    _check_tensor("mats", mats, op, dim=3)
+    if mats.shape[1] != mats.shape[2]:
+        raise ValueError(f"{op}: mats must be (B, n, n), got shape {tuple(mats.shape)}")
+    if mats.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: mats must be float32 or float64, got {mats.dtype}")
+    if isinstance(damping, Tensor):
+        if damping.shape != (mats.shape[0],):
+            raise ValueError(f"{op}: damping must be a float or a ({mats.shape[0]},) tensor, got shape {tuple(damping.shape)}")
+        _check_same_device(op, mats=mats, damping=damping)
+    if _use_kernel(backend, [mats], op):
+        if not isinstance(damping, Tensor):
+            damping = torch.full((mats.shape[0],), float(damping), dtype=mats.dtype, device=mats.device)
+        inv, info = torch.ops.spngd_ext.cholesky_inverse_damped(mats.contiguous(), damping.to(mats.dtype).contiguous())
+        return inv, info
+    return reference.cholesky_inverse_damped(mats, damping)
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm, unit-wise
+# --------------------------------------------------------------------------------------------
+
+
+def bn_unitwise_fisher(
+    state: Tensor, grad_out: Tensor, xhat: Tensor, *, scale: float, decay: float, backend: Backend = "auto"
+) -> Tensor:
+    """In place ``state = decay·state + scale·Σ_n u uᵀ`` per channel, stored (C, 3) = (γγ, γβ, ββ).
+
+    u_{n,c} = [Σ_hw g·x̂, Σ_hw g]; grad_out and xhat are (N, C) or (N, C, *) of one shape.
+    """
+    op = "bn_unitwise_fisher"
+    _check_tensor("grad_out", grad_out, op)
+    _check_tensor("xhat", xhat, op)
+    if grad_out.shape != xhat.shape or grad_out.dim() < 2:
+        raise ValueError(f"{op}: grad_out and xhat must share one (N, C, *) shape, got {tuple(grad_out.shape)} and {tuple(xhat.shape)}")
+    channels = grad_out.shape[1]
+    if state.shape != (channels, 3):
+        raise ValueError(f"{op}: state must be ({channels}, 3), got {tuple(state.shape)}")
+    if state.dtype not in (torch.float32, torch.float64) or not state.is_contiguous():
+        raise TypeError(f"{op}: state must be a contiguous float32/float64 tensor, got {state.dtype}")
+    _check_same_device(op, state=state, grad_out=grad_out, xhat=xhat)
+    if _use_kernel(backend, [state, grad_out, xhat], op):
+        torch.ops.spngd_ext.bn_unitwise_fisher(state, grad_out.contiguous(), xhat.contiguous(), float(scale), float(decay))
+        return state
+    return reference.bn_unitwise_fisher(state, grad_out, xhat, float(scale), float(decay))
+
+
+def bn_unitwise_solve(
+    fisher: Tensor, grad_gamma: Tensor, grad_beta: Tensor, *, damping: float, backend: Backend = "auto"
+) -> tuple[Tensor, Tensor]:
+    """Per channel ``(F_c + damping·I)⁻¹ [∇γ_c, ∇β_c]``; a singular channel keeps its gradient."""
+    op = "bn_unitwise_solve"
+    _check_tensor("fisher", fisher, op, dim=2)
+    channels = fisher.shape[0]
+    if fisher.shape[1] != 3:
+        raise ValueError(f"{op}: fisher must be (C, 3), got {tuple(fisher.shape)}")
+    for name, t in (("grad_gamma", grad_gamma), ("grad_beta", grad_beta)):
+        _check_tensor(name, t, op, dim=1)
+        if t.shape[0] != channels:
+            raise ValueError(f"{op}: {name} must have {channels} entries, got {t.shape[0]}")
+    _check_same_device(op, fisher=fisher, grad_gamma=grad_gamma, grad_beta=grad_beta)
+    if _use_kernel(backend, [fisher, grad_gamma, grad_beta], op):
+        ug, ub = torch.ops.spngd_ext.bn_unitwise_solve(
+            fisher.contiguous(), grad_gamma.contiguous(), grad_beta.contiguous(), float(damping)
+        )
+        return ug, ub
+    return reference.bn_unitwise_solve(fisher, grad_gamma, grad_beta, damping)
+
+
+# --------------------------------------------------------------------------------------------
+# Preconditioning, KL clip, update
+# --------------------------------------------------------------------------------------------
+
+
+def precondition(g_inv: Tensor, grad: Tensor, a_inv: Tensor, *, backend: Backend = "auto") -> Tensor:
+    """U = Ĝ⁻¹ · grad · Â⁻¹ (grad d_out × d_in), or batched over a leading dimension."""
+    op = "precondition"
+    for name, t in (("g_inv", g_inv), ("grad", grad), ("a_inv", a_inv)):
+        _check_tensor(name, t, op)
+    if grad.dim() not in (2, 3) or g_inv.dim() != grad.dim() or a_inv.dim() != grad.dim():
+        raise ValueError(f"{op}: g_inv, grad, a_inv must all be 2-D or all 3-D, got {g_inv.dim()}, {grad.dim()}, {a_inv.dim()}")
+    if g_inv.shape[-1] != grad.shape[-2] or a_inv.shape[-2] != grad.shape[-1]:
+        raise ValueError(
+            f"{op}: shapes do not chain: g_inv {tuple(g_inv.shape)}, grad {tuple(grad.shape)}, a_inv {tuple(a_inv.shape)}"
+        )
+    _check_same_device(op, g_inv=g_inv, grad=grad, a_inv=a_inv)
+    # Two GEMMs through cuBLAS/MKL are already the fastest form; ordering by cost picks the cheaper
+    # association ((Ĝ⁻¹∇)Â⁻¹ vs Ĝ⁻¹(∇Â⁻¹) cost the same flops, so keep the reference order).
+    return reference.precondition(g_inv, grad.to(g_inv.dtype), a_inv)
+
+
+def kl_clip_coefficient(
+    updates: Sequence[Tensor], grads: Sequence[Tensor], lrs: Sequence[float], kl_clip: float
+) -> Tensor:
+    """ν = min(1, sqrt(kl_clip / Σ lr² ⟨U, ∇⟩)) as a 0-dim device tensor (no ``.item()``)."""
+    if not kl_clip > 0:
+        raise ValueError(f"kl_clip_coefficient: kl_clip must be > 0, got {kl_clip}")
+    if not (len(updates) == len(grads) == len(lrs)):
+        raise ValueError("kl_clip_coefficient: updates, grads and lrs must have one entry per layer")
+    if not updates:
+        return torch.ones(())
+    # One fused reduction: stack the per-layer dot products, then a single weighted sum.
+    dots = torch._foreach_mul([u.float() for u in updates], [g.float() for g in grads])
+    sums = torch.stack([d.sum() for d in dots])
+    lr_sq = torch.tensor([lr * lr for lr in lrs], dtype=torch.float32).to(sums.device, non_blocking=True)
+    return kl_clip_from_total((sums * lr_sq).sum(), kl_clip)
+
+
+def kl_clip_from_total(total: Tensor, kl_clip: float) -> Tensor:
+    """ν = min(1, sqrt(kl_clip / total)) on the device; ν = 1 when total is not positive and finite."""
+    ok = torch.isfinite(total) & (total > 0)
+    nu = torch.sqrt(kl_clip / torch.where(ok, total, torch.ones_like(total)))
+    return torch.where(ok, torch.clamp(nu, max=1.0), torch.ones_like(nu))
+
+
+def momentum_update(
+    params: Sequence[Tensor],
+    updates: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> None:
+    """Multi-tensor torch-SGD update, in place: d = U + wd·θ; v ← m·v + d; θ ← θ − lr·v.
+
+    ``momentum_buffers`` must already exist (the optimizer initialises v = d on the first step).
+    Uses ``torch._foreach_*`` (one multi-tensor launch per stage on CUDA).
+    """
+    if not params:
+        return
+    d = list(updates)
+    if weight_decay != 0:
+        d = torch._foreach_add(d, list(params), alpha=weight_decay)
+    if momentum != 0:
+        torch._foreach_mul_(list(momentum_buffers), momentum)
+        torch._foreach_add_(list(momentum_buffers), d)
+        d = list(momentum_buffers)
+    torch._foreach_add_(list(params), d, alpha=-lr)

@@ -1,0 +1,356 @@
+"""SPNGD: the optimizer (orchestration of capture → statistics → communication → update).
+
+The math lives elsewhere: per-layer-type statistics in :mod:`spngd_ext.layers`, damping in
+:mod:`spngd_ext.damping`, inversion in :mod:`spngd_ext.inverse`, buffer placement in
+:mod:`spngd_ext.layout`, rank ownership in :mod:`spngd_ext.distributed.placement`, collectives in
+:mod:`spngd_ext.distributed.communicator`. This module keeps the per-step state machine.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from .capture import ActivationCapture
+from .curvature_state import CurvatureState
+from .distributed.communicator import Communicator, default_communicator
+from .distributed.placement import LayerCost, OwnerAssignment
+from .layers import BatchNormCurvature, CurvatureLayer, KroneckerLayer, find_curvature_layers
+from .layout import build_layouts
+from .options import CurvatureOptions, DampingSchedule, FisherType
+
+__all__ = ["SPNGD"]
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
+    """The module inside a DistributedDataParallel wrapper, and whether there was one."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        return model.module, True
+    return model, False
+
+
+class SPNGD(torch.optim.Optimizer):
+    """Scalable and Practical Natural Gradient Descent (Osawa et al., TPAMI 2020).
+
+    Kronecker-factored Fisher for Linear and Conv2d, unit-wise 2×2 Fisher for BatchNorm, other
+    parameters momentum SGD. See DESIGN.md for the formulas; ``opt.counters`` reports the work done.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        damping: DampingSchedule = 1e-3,
+        fisher: str = "mc",
+        mc_samples: int = 1,
+        ema_decay: float | None = None,
+        curvature_interval: int = 1,
+        inverse_interval: int = 1,
+        kl_clip: float | None = None,
+        backend: str = "auto",
+        check_finite: bool = True,
+        max_inverse_retries: int = 3,
+        seed: int | None = None,
+        process_group: object | None = None,
+        comm_dtype: torch.dtype | None = None,
+        communicator: Communicator | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"SPNGD: model must be an nn.Module, got {type(model).__name__}")
+        for name, value, low, high in (("lr", lr, 0.0, None), ("momentum", momentum, 0.0, 1.0), ("weight_decay", weight_decay, 0.0, None)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low or (high is not None and value >= high):
+                bound = f">= {low}" + (f" and < {high}" if high is not None else "")
+                raise ValueError(f"SPNGD: {name} must be a finite number {bound}, got {value!r}")
+        if comm_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"SPNGD: comm_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {comm_dtype!r}")
+        inner, self._ddp_wrapped = _unwrap(model)
+        params = list(model.parameters())
+        if not params:
+            raise ValueError("SPNGD: the model has no parameters")
+        super().__init__(params, dict(lr=float(lr), momentum=float(momentum), weight_decay=float(weight_decay)))
+        self.options = CurvatureOptions(
+            damping=damping, fisher=fisher, mc_samples=mc_samples, ema_decay=ema_decay,
+            curvature_interval=curvature_interval, inverse_interval=inverse_interval, kl_clip=kl_clip,
+            backend=backend, check_finite=check_finite, max_inverse_retries=max_inverse_retries,
+        )
+        self._backend = self.options.backend.value
+        self._model = model
+        self._layers: list[CurvatureLayer] = find_curvature_layers(inner)
+        if not self._layers:
+            warnings.warn("SPNGD: the model has no supported layer (Linear, Conv2d, BatchNorm); training as momentum SGD", stacklevel=2)
+        layer_ids = {id(p) for layer in self._layers for p in layer.params}
+        self._plain_params = [p for p in params if id(p) not in layer_ids]
+
+        self._comm = communicator if communicator is not None else default_communicator(process_group, comm_dtype)
+        costs = [self._cost_of(layer) for layer in self._layers]
+        if self._plain_params:
+            costs.append(LayerCost("<plain>", elementwise=sum(p.numel() for p in self._plain_params)))
+        self.assignment = OwnerAssignment.balance(costs, self._comm.world_size)
+        specs = [[(s.name, s.numel, s.dim) for s in layer.stat_specs()] for layer in self._layers]
+        grad_numels = [layer.grad_numel for layer in self._layers]
+        if self._plain_params:
+            specs.append([])
+            grad_numels.append(sum(p.numel() for p in self._plain_params))
+        stats_layout, grad_layout = build_layouts(specs, grad_numels, self.assignment.owners, self._comm.world_size)
+        self._state = CurvatureState(self._layers, stats_layout, grad_layout, list(self.assignment.owners), self._comm.rank, self.options)
+        self._capture = ActivationCapture(self._layers, self)
+
+        self._step_index = 0
+        self._refresh_now = True
+        self._phase: str | None = None
+        self._examples = 0
+        self._seed = int(seed) if seed is not None else int(torch.initial_seed() % (2**62))
+        self._mc_generator: torch.Generator | None = None
+        self._warned: set[str] = set()
+        self._counters = {
+            "steps": 0, "factor_updates": 0, "inverse_updates": 0, "skipped_steps": 0,
+            "inversion_retries": 0, "inversion_fallbacks": 0, "mc_backwards": 0,
+        }
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def counters(self) -> dict:
+        """Work done so far: steps, factor/inverse refreshes, skipped steps, inversion events."""
+        return dict(self._counters)
+
+    @property
+    def layers(self) -> list[CurvatureLayer]:
+        return list(self._layers)
+
+    def factors(self) -> dict[str, dict[str, Tensor]]:
+        """Current curvature estimates (bias-corrected) of the layers this rank owns, by layer name:
+        dense ``A`` and ``G`` for Linear/Conv2d, ``F`` as (C, 3) = (γγ, γβ, ββ) for BatchNorm."""
+        return self._state.estimates()
+
+    def inverses(self) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+        """Damped inverses (Â⁻¹, Ĝ⁻¹) of the owned Kronecker layers; None means identity (fallback)."""
+        return {self._layers[i].name: (inv[0], inv[1]) for i, inv in self._state.inverses.items()}
+
+    def backward(self, loss: Tensor, out: Tensor | None = None) -> None:
+        """Curvature backward (sampled labels, when a refresh is due and fisher='mc'), then ``loss.backward()``."""
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise ValueError("SPNGD.backward: loss must be a scalar tensor (the batch-mean loss)")
+        if out is not None:
+            if not isinstance(out, Tensor) or out.dim() < 2:
+                raise ValueError("SPNGD.backward: out must be the model's (N, C[, ...]) logits")
+            if self._refresh_now:
+                self._examples += out.shape[0]
+        if self._refresh_now and self.options.fisher is FisherType.MC and self._layers:
+            if out is None:
+                raise ValueError("SPNGD.backward: fisher='mc' needs the model output: opt.backward(loss, out)")
+            self._mc_backward(out)
+        loss.backward()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._step_impl()
+        return loss
+
+    # ------------------------------------------------------------------ capture sink
+    def wants_forward(self, index: int) -> bool:
+        return self._refresh_now
+
+    def on_forward(self, index: int, inputs: Tensor, output: Tensor) -> object:
+        return self._state.accumulate_forward(index, inputs, output, self._backend)
+
+    def on_output_grad(self, index: int, grad: Tensor, context: object) -> None:
+        collecting = self._phase == "mc" if self.options.fisher is FisherType.MC else self._phase is None
+        if self._refresh_now and collecting:
+            self._state.accumulate_backward(index, grad, context, self._backend)
+
+    # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _cost_of(layer: CurvatureLayer) -> LayerCost:
+        if isinstance(layer, KroneckerLayer):
+            return LayerCost(layer.name, (layer.dim_a, layer.dim_g), (layer.dim_g, layer.dim_a))
+        return LayerCost(layer.name, elementwise=layer.grad_numel * 3)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self._mc_generator is None or self._mc_generator.device != device:
+            self._mc_generator = torch.Generator(device=device)
+            self._mc_generator.manual_seed(self._seed + 1_000_003 * self._comm.rank)
+        return self._mc_generator
+
+    def _mc_backward(self, out: Tensor) -> None:
+        """Backward of the cross-entropy with labels sampled from the model (sum over examples, so
+        each output gradient is a per-example gradient). Parameter .grad is left untouched."""
+        weights = [layer.module.weight for layer in self._layers if layer.module.weight.requires_grad]
+        if not weights or not out.requires_grad:
+            return
+        logits = out.detach().float()
+        classes = logits.shape[1]
+        flat = logits.movedim(1, -1).reshape(-1, classes)
+        probs = torch.softmax(flat, dim=-1)
+        target_shape = (logits.shape[0],) + tuple(logits.shape[2:])
+        gen = self._generator(out.device)
+        self._phase = "mc"
+        try:
+            for _ in range(self.options.mc_samples):
+                y = torch.multinomial(probs, 1, generator=gen).reshape(target_shape)
+                loss_mc = F.cross_entropy(out, y, reduction="sum")
+                torch.autograd.grad(loss_mc, weights, retain_graph=True, allow_unused=True)
+                self._counters["mc_backwards"] += 1
+        finally:
+            self._phase = None
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    def _group_of(self) -> dict[int, dict]:
+        return {id(p): g for g in self.param_groups for p in g["params"]}
+
+    def _step_impl(self) -> None:
+        st = self._state
+        opts = self.options
+        device = self.param_groups[0]["params"][0].device
+        st.ensure_buffers(device)
+        refresh = self._refresh_now and st.any_collected()
+        if self._refresh_now and opts.fisher is FisherType.MC and st.forward_seen() and not st.any_backward_collected():
+            raise RuntimeError(
+                "SPNGD.step: a curvature refresh was due but no sampled-label backward ran; "
+                "with fisher='mc' call opt.backward(loss, out) instead of loss.backward()"
+            )
+        lam = opts.damping_at(self._step_index)
+
+        st.fill_gradients(self._layers, self._plain_params)
+        if refresh:
+            examples = self._examples if self._examples > 0 else st.examples_seen()
+            grad_scale = float(examples) if opts.fisher is FisherType.EMP else 1.0
+            st.prepare_local_stats(grad_scale)
+        if opts.check_finite:
+            bad = st.local_nonfinite(refresh)
+            if bool(self._comm.any_flag(bad)):  # one host sync per step
+                self._skip_step(st.nonfinite_names(self._layers, refresh))
+                return
+
+        if refresh:
+            st.reduce_stats(self._comm)
+        st.reduce_gradients(self._comm, already_averaged=self._ddp_wrapped)
+        if refresh:
+            st.finalize_stats()
+            self._counters["factor_updates"] += 1
+        invert = (self._step_index % opts.inverse_interval == 0) or st.needs_first_inverse()
+        if invert:
+            events = st.refresh_inverses(lam, self._backend)
+            self._counters["inverse_updates"] += 1
+            self._counters["inversion_retries"] += events.retries
+            self._counters["inversion_fallbacks"] += len(events.fallbacks)
+            for name in events.fallbacks:
+                self._warn_once(f"inv:{name}", f"SPNGD: inverting the factors of {name} failed even with more damping; using its last good inverse (or the plain gradient)")
+
+        groups = self._group_of()
+        lrs = [groups[id(layer.module.weight)]["lr"] for layer in self._layers]
+        st.precondition_owned(lam, lrs if opts.kl_clip is not None else None, self._backend)
+        self._comm.all_gather(st.grad_buffer, st.grad_layout.chunk_numel, kind="precond")
+        nu = st.kl_coefficient(opts.kl_clip) if opts.kl_clip is not None else None
+        self._apply_updates(nu)
+
+        self._counters["steps"] += 1
+        self._step_index += 1
+        self._refresh_now = self._step_index % opts.curvature_interval == 0
+        self._examples = 0
+        st.reset_accumulation()
+
+    def _skip_step(self, names: list[str]) -> None:
+        self._counters["skipped_steps"] += 1
+        where = ", ".join(names[:5]) + (" …" if len(names) > 5 else "") if names else "unknown layer"
+        warnings.warn(f"SPNGD: non-finite gradient or curvature statistics in {where}; step skipped, state unchanged", stacklevel=3)
+        self._examples = 0
+        self._state.reset_accumulation()
+
+    def _apply_updates(self, nu: Tensor | None) -> None:
+        st = self._state
+        updates: dict[int, Tensor] = {}
+        for index, layer in enumerate(self._layers):
+            u = st.update_view(index)
+            if nu is not None:
+                u = u * nu
+            if isinstance(layer, KroneckerLayer):
+                parts = layer.split_update(u.view(layer.dim_g, layer.dim_a))
+            else:
+                c = layer.channels
+                parts = [u[:c], u[c:]]
+            for p, part in zip(layer.params, parts):
+                updates[id(p)] = part.view_as(p)
+        if self._plain_params:
+            flat = st.update_view(len(self._layers))
+            pos = 0
+            for p in self._plain_params:
+                updates[id(p)] = flat[pos : pos + p.numel()].view_as(p)
+                pos += p.numel()
+        for group in self.param_groups:
+            ps, us, bufs = [], [], []
+            for p in group["params"]:
+                if p.grad is None or id(p) not in updates:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                ps.append(p)
+                us.append(updates[id(p)].to(p.dtype))
+                bufs.append(state["momentum_buffer"])
+            ops.momentum_update(ps, us, bufs, lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"])
+
+    # ------------------------------------------------------------------ checkpointing
+    def _signature(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        return [(layer.name, layer.kind, tuple(layer.module.weight.shape)) for layer in self._layers]
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["spngd"] = {
+            "signature": self._signature(),
+            "world_size": self._comm.world_size,
+            "rank": self._comm.rank,
+            "step_index": self._step_index,
+            "refresh_now": self._refresh_now,
+            "counters": dict(self._counters),
+            "seed": self._seed,
+            "mc_rng": None if self._mc_generator is None else (str(self._mc_generator.device), self._mc_generator.get_state()),
+            "curvature": self._state.state_dict(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or "spngd" not in state_dict:
+            raise ValueError("SPNGD.load_state_dict: not an SPNGD state_dict (no 'spngd' entry)")
+        extra = state_dict["spngd"]
+        mine = self._signature()
+        theirs = [tuple((n, k, tuple(s))) for n, k, s in extra["signature"]]
+        if theirs != mine:
+            diff = next(((a, b) for a, b in zip(theirs, mine) if a != b), None)
+            raise ValueError(
+                "SPNGD.load_state_dict: the state_dict was saved for another model "
+                f"({len(theirs)} curvature layers vs {len(mine)} here; first difference: saved {diff[0] if diff else theirs[len(mine):][:1]} "
+                f"vs here {diff[1] if diff else mine[len(theirs):][:1]})"
+            )
+        if extra["world_size"] != self._comm.world_size:
+            raise ValueError(f"SPNGD.load_state_dict: saved with world_size={extra['world_size']}, running with {self._comm.world_size}")
+        base = {k: v for k, v in state_dict.items() if k != "spngd"}
+        super().load_state_dict(base)
+        self._step_index = int(extra["step_index"])
+        self._refresh_now = bool(extra["refresh_now"])
+        self._counters.update(extra["counters"])
+        self._seed = int(extra["seed"])
+        if extra["mc_rng"] is not None:
+            device, rng_state = extra["mc_rng"]
+            self._mc_generator = None
+            self._generator(torch.device(device)).set_state(rng_state)
+        device = self.param_groups[0]["params"][0].device
+        self._state.load_state_dict(extra["curvature"], device)

@@ -1,0 +1,81 @@
+"""Side-by-side reports of several runs: accuracy curves (PNG) and markdown tables.
+
+Shared by ``spngd-train --compare`` and ``bench/convergence.py``. Matplotlib runs on the Agg
+backend, so no display is needed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .run_log import EvalRow
+
+__all__ = ["Curve", "plot_accuracy_curves", "markdown_table", "format_reach"]
+
+# A curve is (label, rows of one run).
+Curve = tuple[str, Sequence[EvalRow]]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_curves(
+    panels: Sequence[tuple[str, Sequence[Curve]]],
+    path: Path,
+    target_acc: Optional[float] = None,
+    ylim: tuple[float, float] = (0.5, 1.0),
+) -> Path:
+    """One row per panel: test accuracy vs optimizer steps (left) and vs training time (right).
+
+    ``panels`` is a list of (title, curves); a single compare run is one panel.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(panels), 2, figsize=(12, 4 * len(panels)), squeeze=False)
+    for (title, curves), (ax_steps, ax_time) in zip(panels, axes):
+        for label, rows in curves:
+            if not rows:
+                continue
+            ax_steps.plot([r.step for r in rows], [r.test_acc for r in rows], marker=".", label=label)
+            ax_time.plot([r.wall_time for r in rows], [r.test_acc for r in rows], marker=".", label=label)
+        for ax, xlabel in ((ax_steps, "optimizer steps"), (ax_time, "training time (s, eval excluded)")):
+            if target_acc is not None:
+                ax.axhline(target_acc, color="grey", linestyle="--", linewidth=1)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("test accuracy")
+            ax.set_ylim(*ylim)
+            ax.grid(True, alpha=0.3)
+            ax.set_title(title)
+            ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def format_reach(hit: Optional[dict[str, float]]) -> str:
+    """``"12 / 34.5 s"`` (steps / training time) or ``"not reached"``."""
+    if not hit:
+        return "not reached"
+    return f"{hit['steps']} / {hit['wall_time']:.1f} s"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table; floats get 4 significant digits."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "nan" if math.isnan(value) else f"{value:.4g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
