@@ -59,7 +59,10 @@ class CurvatureState:
                 if p.device != device:
                     raise ValueError(f"SPNGD: all parameters must be on one device; {layer.name} has a parameter on {p.device}, expected {device}")
         self.device = device
-        f32 = dict(dtype=torch.float32, device=device)
+        # Statistics are kept in fp32 (fp64 when the model is fp64), whatever the activations' dtype.
+        dtype = torch.float64 if any(p.dtype == torch.float64 for layer in self.layers for p in layer.params) else torch.float32
+        self.dtype = dtype
+        f32 = dict(dtype=dtype, device=device)
         self.acc = torch.zeros(self.stats_layout.numel, **f32)
         self.est = torch.zeros(self.stats_layout.chunk_numel, **f32)
         self.grad_buffer = torch.zeros(self.grad_layout.numel, **f32)
@@ -147,7 +150,7 @@ class CurvatureState:
                         self._acc_views[i][n].mul_(grad_scale * grad_scale)
         counts = [float(self._counts[i][n]) for i, stats in enumerate(self.stats_layout.counts) for n in stats]
         if counts:
-            self.acc.index_copy_(0, self._count_index, torch.tensor(counts, dtype=torch.float32).to(self.device, non_blocking=True))
+            self.acc.index_copy_(0, self._count_index, torch.tensor(counts, dtype=self.dtype).to(self.device, non_blocking=True))
 
     def local_nonfinite(self, refresh: bool) -> Tensor:
         bad = ~torch.isfinite(self.grad_buffer).all()
@@ -220,7 +223,7 @@ class CurvatureState:
         if not sizes:
             return events
         slots = [self.stats_layout.counts[i][n] for i, n in items]
-        mats = ops.unpack_upper(self.est, sizes, scale=self._bias_correction(slots), offset=offset - base, backend=backend)
+        mats = ops.unpack_upper(self.est, sizes, scale=self._bias_correction(slots), offset=offset - base, dtype=self.dtype, backend=backend)
         by_item = dict(zip(items, mats))
         ready = [i for i in self.owned if isinstance(self.layers[i], KroneckerLayer) and self.est_ready[i]["A"] and self.est_ready[i]["G"]]
         if not ready:
@@ -229,8 +232,8 @@ class CurvatureState:
         g_mats = [by_item[(i, "G")] for i in ready]
         tr_a = torch.stack([m.diagonal().sum() for m in a_mats])
         tr_g = torch.stack([m.diagonal().sum() for m in g_mats])
-        dim_a = torch.tensor([m.shape[0] for m in a_mats], dtype=torch.float32, device=self.device)
-        dim_g = torch.tensor([m.shape[0] for m in g_mats], dtype=torch.float32, device=self.device)
+        dim_a = torch.tensor([m.shape[0] for m in a_mats], dtype=self.dtype, device=self.device)
+        dim_g = torch.tensor([m.shape[0] for m in g_mats], dtype=self.dtype, device=self.device)
         shift_a, shift_g = pi_damping(tr_a, dim_a, tr_g, dim_g, damping)
         todo = []
         for j, i in enumerate(ready):
@@ -324,7 +327,7 @@ class CurvatureState:
                     continue
                 scale = self._bias_correction([self.stats_layout.counts[i][n]])
                 if spec.dim > 0:
-                    entry[n] = ops.unpack_upper(self._est_view(i, n), [spec.dim], scale=scale, backend="torch")[0]
+                    entry[n] = ops.unpack_upper(self._est_view(i, n), [spec.dim], scale=scale, dtype=self.dtype, backend="torch")[0]
                 else:
                     entry[n] = self._est_view(i, n).view(-1, 3) * scale
             out[layer.name] = entry

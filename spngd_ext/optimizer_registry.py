@@ -72,6 +72,7 @@ class OptimizerSettings:
     backend: str = "auto"
     stale: bool = False
     trust_coefficient: float = 1e-3  # LARS
+    seed: Optional[int] = None  # SP-NGD's MC sampling
     amp: bool = False
 
 
@@ -172,11 +173,16 @@ def _build_spngd(model: nn.Module, s: OptimizerSettings, distributed: bool) -> T
             "optimizer (spngd_ext/optimizer.py) is not available in this checkout; use "
             "--optimizer sgd|lars|adamw|asdl-kfac meanwhile."
         ) from exc
-    if distributed and not getattr(SPNGD, "supports_distributed", False):
+    params = inspect.signature(SPNGD.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    # SP-NGD does its own communication (never wrap it in DDP); it is distributed-capable when it
+    # says so or when it takes a process group.
+    supports_distributed = getattr(SPNGD, "supports_distributed", "process_group" in params)
+    if distributed and not supports_distributed:
         raise OptimizerUnavailableError(
-            "--optimizer spngd under torchrun (WORLD_SIZE>1): this SPNGD does not declare "
-            "distributed support (SPNGD.supports_distributed), and SP-NGD must not be wrapped "
-            "in DDP because it does its own communication. Run spngd on a single process."
+            "--optimizer spngd under torchrun (WORLD_SIZE>1): this SPNGD has no distributed "
+            "support yet (no process_group argument), and SP-NGD must not be wrapped in DDP "
+            "because it does its own communication. Run spngd on a single process."
         )
     kwargs = dict(
         lr=s.lr,
@@ -191,9 +197,9 @@ def _build_spngd(model: nn.Module, s: OptimizerSettings, distributed: bool) -> T
         kl_clip=s.kl_clip,
         backend=s.backend,
     )
+    if "seed" in params or takes_any:
+        kwargs["seed"] = s.seed  # reproducible MC label sampling
     if s.stale:
-        params = inspect.signature(SPNGD.__init__).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         if "stale" not in params and not takes_any:
             raise OptimizerUnavailableError(
                 "--stale: this SPNGD does not accept stale=True yet (stale statistics are not "
