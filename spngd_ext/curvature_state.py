@@ -22,6 +22,7 @@ from .options import CurvatureOptions
 
 @dataclass
 class InversionEvents:
+    inverted: int = 0
     retries: int = 0
     fallbacks: list[str] = field(default_factory=list)
 
@@ -39,6 +40,7 @@ class CurvatureState:
         self._counts = [{n: 0 for n in names} for names in self._names]
         self._first = [{n: True for n in names} for names in self._names]
         self._examples = [0] * len(layers)
+        self.due = [{n: True for n in names} for names in self._names]
         self.est_ready = [{n: False for n in names} for names in self._names]
         self.inverses: dict[int, list[Tensor | None]] = {}
         self.device: torch.device | None = None
@@ -70,26 +72,35 @@ class CurvatureState:
             {n: self.acc[s.offset : s.end].view(-1, 3) if n == "F" else self.acc[s.offset : s.end] for n, s in stats.items()}
             for stats in self.stats_layout.stats
         ]
+        slots = list(self.grad_layout.kl_slots) + [c for ch in self.grad_layout.change_slots for c in ch.values()]
+        self._slot_index = torch.tensor(slots, dtype=torch.long, device=device)
         self._count_index = torch.tensor(
             [c for counts in self.stats_layout.counts for c in counts.values()], dtype=torch.long, device=device
         )
 
     # ------------------------------------------------------------------ accumulation (hooks)
+    def wants_forward(self, index: int) -> bool:
+        return any(self.due[index].values())
+
     def accumulate_forward(self, index: int, inputs: Tensor, output: Tensor, backend: str) -> object:
         self.ensure_buffers(inputs.device)
         layer = self.layers[index]
         names = layer.forward_stat_names()
+        self._examples[index] += inputs.shape[0] if inputs.dim() > 1 else 1
+        if names and not any(self.due[index][n] for n in names):
+            return None  # only the output-gradient statistic is due; it needs no forward context
         first = bool(names) and self._first[index][names[0]]
         context, count = layer.accumulate_forward(inputs, output, self._acc_views[index], first, backend)
         for n in names:
             self._first[index][n] = False
             self._counts[index][n] += count
-        self._examples[index] += inputs.shape[0] if inputs.dim() > 1 else 1
         return context
 
     def accumulate_backward(self, index: int, grad: Tensor, context: object, backend: str) -> None:
         layer = self.layers[index]
         names = layer.backward_stat_names()
+        if not self.due[index][names[0]]:
+            return
         first = self._first[index][names[0]]
         count = layer.accumulate_backward(grad, context, self._acc_views[index], 1.0, first, backend)
         for n in names:
@@ -101,6 +112,13 @@ class CurvatureState:
 
     def forward_seen(self) -> bool:
         return any(e > 0 for e in self._examples)
+
+    def any_backward_due(self) -> bool:
+        return any(self.due[i][n] for i, layer in enumerate(self.layers) for n in layer.backward_stat_names())
+
+    def fresh_stats(self) -> list[tuple[int, str]]:
+        """(layer, statistic) pairs collected this step."""
+        return [(i, n) for i, names in enumerate(self._names) for n in names if self._counts[i][n] > 0]
 
     def any_backward_collected(self) -> bool:
         return any(self._counts[i][n] > 0 for i, layer in enumerate(self.layers) for n in layer.backward_stat_names())
@@ -121,6 +139,7 @@ class CurvatureState:
     # ------------------------------------------------------------------ per step
     def fill_gradients(self, layers: list[CurvatureLayer], plain: list[torch.nn.Parameter]) -> None:
         buf = self.grad_buffer
+        buf.index_fill_(0, self._slot_index, 0.0)  # last step's KL / change values are not gradients
         for i, layer in enumerate(layers):
             seg = self.grad_layout.grads[i]
             if isinstance(layer, KroneckerLayer):
@@ -182,8 +201,76 @@ class CurvatureState:
         chunk = comm.reduce_scatter(self.grad_buffer, self.grad_layout.chunk_numel, kind="grads")
         chunk.div_(comm.world_size)
 
-    def finalize_stats(self) -> None:
-        """est ← X (or the EMA b·est + (1−b)·X) for each refreshed statistic this rank owns."""
+    def finalize_stats(self, track_changes: bool = False) -> None:
+        """est ← X (or the EMA b·est + (1−b)·X) for each refreshed statistic this rank owns.
+
+        With ``track_changes``, the relative Frobenius change of every owned statistic's estimate
+        is written into its change slot of the gradient buffer (returned to all ranks by the
+        all-gather), computed for all statistics in a few whole-chunk ops.
+        """
+        old = self.est.clone() if track_changes else None
+        self._finalize_owned()
+        if track_changes:
+            self._write_changes(old)
+
+    def _change_index(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per element of the estimate chunk: its statistic (owned index, or a spare bin) and its
+        Frobenius weight (2 for an off-diagonal packed entry, 1 on the diagonal, 0 for counts)."""
+        cached = getattr(self, "_change_cache", None)
+        if cached is not None:
+            return cached
+        base = self.rank * self.stats_layout.chunk_numel
+        n_chunk = self.stats_layout.chunk_numel
+        owned_stats = [(i, n) for i in self.owned for n in self._names[i]]
+        seg_id = torch.full((n_chunk,), len(owned_stats), dtype=torch.long)
+        weight = torch.zeros(n_chunk, dtype=self.dtype)
+        count_pos = []
+        slots = []
+        for k, (i, n) in enumerate(owned_stats):
+            seg = self.stats_layout.stats[i][n]
+            lo, hi = seg.offset - base, seg.end - base
+            seg_id[lo:hi] = k
+            spec = next(sp for sp in self.layers[i].stat_specs() if sp.name == n)
+            if spec.dim > 0:
+                w = torch.full((seg.numel,), 2.0, dtype=self.dtype)
+                rows = torch.arange(spec.dim)
+                w[rows * spec.dim - rows * (rows - 1) // 2] = 1.0  # packed diagonal positions
+            else:
+                w = torch.tensor([1.0, 2.0, 1.0], dtype=self.dtype).repeat(seg.numel // 3)
+            weight[lo:hi] = w
+            count_pos.append(self.stats_layout.counts[i][n] - base)
+            slots.append(self.grad_layout.change_slots[i][n])
+        dev = self.device
+        self._change_cache = (seg_id.to(dev), weight.to(dev), torch.tensor(count_pos, dtype=torch.long, device=dev),
+                              torch.tensor(slots, dtype=torch.long, device=dev))
+        return self._change_cache
+
+    def _write_changes(self, old: Tensor) -> None:
+        seg_id, weight, count_pos, slots = self._change_index()
+        if slots.numel() == 0:
+            return
+        b = self.options.ema_decay
+        new = self.est
+        if b is not None:  # compare the bias-corrected estimates
+            def corrected(est: Tensor) -> Tensor:
+                k = est[count_pos]
+                corr = torch.cat([1.0 / (1.0 - torch.pow(torch.full_like(k, b), k)), k.new_ones(1)])
+                return est * corr[seg_id]
+            new, old = corrected(new), corrected(old)
+        n_bins = slots.numel() + 1
+        diff = torch.zeros(n_bins, dtype=self.dtype, device=self.device).index_add_(0, seg_id, weight * (new - old) ** 2)
+        base = torch.zeros(n_bins, dtype=self.dtype, device=self.device).index_add_(0, seg_id, weight * old**2)
+        change = torch.sqrt(diff / base)[:-1]  # 0/0 or x/0 (no previous estimate) gives NaN/inf: "large"
+        self.grad_buffer.index_copy_(0, slots, change.to(self.grad_buffer.dtype))
+
+    def read_changes(self, stats: list[tuple[int, str]]) -> list[float]:
+        """Relative changes of the given statistics from the gathered buffer (one host transfer)."""
+        if not stats:
+            return []
+        idx = torch.tensor([self.grad_layout.change_slots[i][n] for i, n in stats], device=self.device)
+        return self.grad_buffer[idx].tolist()
+
+    def _finalize_owned(self) -> None:
         base = self.rank * self.stats_layout.chunk_numel
         b = self.options.ema_decay
         for i in self.owned:
@@ -216,7 +303,9 @@ class CurvatureState:
             for i in self.owned if isinstance(self.layers[i], KroneckerLayer)
         )
 
-    def refresh_inverses(self, damping: float, backend: str) -> InversionEvents:
+    def refresh_inverses(self, damping: float, backend: str, only_fresh: bool = False) -> InversionEvents:
+        """Damped inverses of the owned Kronecker layers; with ``only_fresh`` just the sides whose
+        statistic was refreshed this step (or that have no inverse yet)."""
         events = InversionEvents()
         base = self.rank * self.stats_layout.chunk_numel
         offset, sizes, items = self.stats_layout.packed_runs[self.rank]
@@ -237,14 +326,20 @@ class CurvatureState:
         shift_a, shift_g = pi_damping(tr_a, dim_a, tr_g, dim_g, damping)
         todo = []
         for j, i in enumerate(ready):
-            todo.append(((i, 0), a_mats[j], shift_a[j]))
-            todo.append(((i, 1), g_mats[j], shift_g[j]))
+            have = self.inverses.get(i)
+            for side, name, mats_, shifts in ((0, "A", a_mats, shift_a), (1, "G", g_mats, shift_g)):
+                if only_fresh and have is not None and have[side] is not None and not self._fresh(i, name):
+                    continue
+                todo.append(((i, side), mats_[j], shifts[j]))
         results = invert_damped(todo, backend=backend, max_retries=self.options.max_inverse_retries)
+        events.inverted = len(todo)
         for i in ready:
             old = self.inverses.get(i, [None, None])
-            new = [None, None]
+            new = list(old)
             for side in (0, 1):
-                r = results[(i, side)]
+                r = results.get((i, side))
+                if r is None:
+                    continue
                 events.retries += r.retries
                 if r.inverse is None:
                     new[side] = old[side]

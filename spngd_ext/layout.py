@@ -9,6 +9,8 @@ rank exactly the layers it owns, and a single all-gather returns every chunk):
   on the way back.
 * the **statistics buffer**: per owner, the packed upper triangles of its Kronecker factors
   (A before G within a layer), then its BatchNorm Fishers (C × 3), then one count per statistic.
+  (The gradient chunk also ends with one slot per owned statistic, where the owner returns the
+  statistic's relative change for stale-statistics decisions, then the KL slot.)
   Packed factors of a chunk are contiguous, so one unpack call serves all of an owner's factors.
 
 With one process there is one chunk and no padding; the order is then named_modules order.
@@ -56,6 +58,7 @@ class GradLayout:
     world_size: int
     grads: list[Segment]
     kl_slots: list[int]  # absolute index of each rank's KL partial sum
+    change_slots: list[dict[str, int]]  # per layer: {stat name: absolute index of its relative change}
 
     @property
     def numel(self) -> int:
@@ -82,6 +85,7 @@ def build_layouts(
     stat_rel: list[dict[str, Segment]] = [dict() for _ in range(n)]
     count_rel: list[dict[str, int]] = [dict() for _ in range(n)]
     grad_rel: list[Segment] = [Segment(0, 0)] * n
+    change_rel: list[dict[str, int]] = [dict() for _ in range(n)]
     runs_rel: list[tuple[int, list[int], list[tuple[int, str]]]] = []
     stat_sizes, grad_sizes = [], []
     for rank in range(world_size):
@@ -110,6 +114,10 @@ def build_layouts(
         for i in mine:
             grad_rel[i] = Segment(gpos, grad_numels[i])
             gpos += grad_numels[i]
+        for i in mine:
+            for name, _, _ in stat_specs[i]:
+                change_rel[i][name] = gpos
+                gpos += 1
         grad_sizes.append(gpos + 1)  # + KL slot
 
     stat_chunk = max(stat_sizes) if stat_sizes else 0
@@ -118,15 +126,17 @@ def build_layouts(
     stats = [dict() for _ in range(n)]
     counts = [dict() for _ in range(n)]
     grads = [Segment(0, 0)] * n
+    changes: list[dict[str, int]] = [dict() for _ in range(n)]
     for i in range(n):
         base_s = owners[i] * stat_chunk
         base_g = owners[i] * grad_chunk
         stats[i] = {k: Segment(base_s + s.offset, s.numel) for k, s in stat_rel[i].items()}
         counts[i] = {k: base_s + c for k, c in count_rel[i].items()}
         grads[i] = Segment(base_g + grad_rel[i].offset, grad_rel[i].numel)
+        changes[i] = {k: base_g + c for k, c in change_rel[i].items()}
     runs = [(r * stat_chunk, sizes, items) for r, (_, sizes, items) in enumerate(runs_rel)]
     kl_slots = [r * grad_chunk + grad_sizes[r] - 1 for r in range(world_size)]
     return (
         StatsLayout(stat_chunk, world_size, stats, counts, runs),
-        GradLayout(grad_chunk, world_size, grads, kl_slots),
+        GradLayout(grad_chunk, world_size, grads, kl_slots, changes),
     )

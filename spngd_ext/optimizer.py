@@ -24,6 +24,7 @@ from .distributed.placement import LayerCost, OwnerAssignment
 from .layers import BatchNormCurvature, CurvatureLayer, KroneckerLayer, find_curvature_layers
 from .layout import build_layouts
 from .options import CurvatureOptions, DampingSchedule, FisherType
+from .stale import RefreshSchedule, StalePolicy
 
 __all__ = ["SPNGD"]
 
@@ -59,6 +60,7 @@ class SPNGD(torch.optim.Optimizer):
         inverse_interval: int = 1,
         kl_clip: float | None = None,
         backend: str = "auto",
+        stale: bool | StalePolicy = False,
         check_finite: bool = True,
         max_inverse_retries: int = 3,
         seed: int | None = None,
@@ -106,8 +108,16 @@ class SPNGD(torch.optim.Optimizer):
         self._state = CurvatureState(self._layers, stats_layout, grad_layout, list(self.assignment.owners), self._comm.rank, self.options)
         self._capture = ActivationCapture(self._layers, self)
 
+        if not isinstance(stale, (bool, StalePolicy)):
+            raise ValueError(f"SPNGD: stale must be a bool or a StalePolicy, got {stale!r}")
+        policy = (StalePolicy() if stale is True else stale) or None
+        self._stat_ids = [(i, s.name) for i, layer in enumerate(self._layers) for s in layer.stat_specs()]
+        self._schedule = RefreshSchedule(len(self._stat_ids), fixed_interval=curvature_interval, policy=policy)
+        self._kron_sides = sum(2 for layer in self._layers if isinstance(layer, KroneckerLayer))
+        self._inverse_sides_done = 0
+
         self._step_index = 0
-        self._refresh_now = True
+        self._set_due()
         self._phase: str | None = None
         self._examples = 0
         self._seed = int(seed) if seed is not None else int(torch.initial_seed() % (2**62))
@@ -121,8 +131,19 @@ class SPNGD(torch.optim.Optimizer):
     # ------------------------------------------------------------------ public API
     @property
     def counters(self) -> dict:
-        """Work done so far: steps, factor/inverse refreshes, skipped steps, inversion events."""
-        return dict(self._counters)
+        """Work done so far: steps, factor/inverse refreshes, skipped steps, inversion events, and
+        per-statistic refresh intervals with the fraction of factor and inverse work skipped
+        (relative to refreshing every statistic and inverse at every step)."""
+        out = dict(self._counters)
+        steps = max(1, self._counters["steps"])
+        intervals: dict[str, dict[str, int]] = {}
+        for (i, name), k in zip(self._stat_ids, self._schedule.intervals):
+            intervals.setdefault(self._layers[i].name, {})[name] = k
+        out["intervals"] = intervals
+        total_stats = len(self._stat_ids) * steps
+        out["factor_work_skipped"] = 1.0 - sum(self._schedule.refreshes) / total_stats if total_stats else 0.0
+        out["inverse_work_skipped"] = 1.0 - self._inverse_sides_done / (self._kron_sides * steps) if self._kron_sides else 0.0
+        return out
 
     @property
     def layers(self) -> list[CurvatureLayer]:
@@ -146,7 +167,7 @@ class SPNGD(torch.optim.Optimizer):
                 raise ValueError("SPNGD.backward: out must be the model's (N, C[, ...]) logits")
             if self._refresh_now:
                 self._examples += out.shape[0]
-        if self._refresh_now and self.options.fisher is FisherType.MC and self._layers:
+        if self._refresh_now and self.options.fisher is FisherType.MC and self._state.any_backward_due():
             if out is None:
                 raise ValueError("SPNGD.backward: fisher='mc' needs the model output: opt.backward(loss, out)")
             self._mc_backward(out)
@@ -163,7 +184,7 @@ class SPNGD(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ capture sink
     def wants_forward(self, index: int) -> bool:
-        return self._refresh_now
+        return self._refresh_now and self._state.wants_forward(index)
 
     def on_forward(self, index: int, inputs: Tensor, output: Tensor) -> object:
         return self._state.accumulate_forward(index, inputs, output, self._backend)
@@ -208,6 +229,12 @@ class SPNGD(torch.optim.Optimizer):
         finally:
             self._phase = None
 
+    def _set_due(self) -> None:
+        flags = self._schedule.due(self._step_index)
+        for (i, name), flag in zip(self._stat_ids, flags):
+            self._state.due[i][name] = flag
+        self._refresh_now = any(flags)
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -222,7 +249,8 @@ class SPNGD(torch.optim.Optimizer):
         device = self.param_groups[0]["params"][0].device
         st.ensure_buffers(device)
         refresh = self._refresh_now and st.any_collected()
-        if self._refresh_now and opts.fisher is FisherType.MC and st.forward_seen() and not st.any_backward_collected():
+        if (self._refresh_now and opts.fisher is FisherType.MC and st.forward_seen()
+                and st.any_backward_due() and not st.any_backward_collected()):
             raise RuntimeError(
                 "SPNGD.step: a curvature refresh was due but no sampled-label backward ran; "
                 "with fisher='mc' call opt.backward(loss, out) instead of loss.backward()"
@@ -243,13 +271,20 @@ class SPNGD(torch.optim.Optimizer):
         if refresh:
             st.reduce_stats(self._comm)
         st.reduce_gradients(self._comm, already_averaged=self._ddp_wrapped)
+        adaptive = self._schedule.adaptive
+        fresh = st.fresh_stats() if refresh else []
         if refresh:
-            st.finalize_stats()
+            st.finalize_stats(track_changes=adaptive)
             self._counters["factor_updates"] += 1
-        invert = (self._step_index % opts.inverse_interval == 0) or st.needs_first_inverse()
+        if adaptive:  # inverses follow their own statistic's refreshes
+            invert = bool(fresh) or st.needs_first_inverse()
+        else:
+            invert = (self._step_index % opts.inverse_interval == 0) or st.needs_first_inverse()
         if invert:
-            events = st.refresh_inverses(lam, self._backend)
+            events = st.refresh_inverses(lam, self._backend, only_fresh=adaptive)
             self._counters["inverse_updates"] += 1
+            kron_fresh = sum(1 for i, n in fresh if isinstance(self._layers[i], KroneckerLayer))
+            self._inverse_sides_done += kron_fresh if adaptive else self._kron_sides
             self._counters["inversion_retries"] += events.retries
             self._counters["inversion_fallbacks"] += len(events.fallbacks)
             for name in events.fallbacks:
@@ -262,11 +297,15 @@ class SPNGD(torch.optim.Optimizer):
         nu = st.kl_coefficient(opts.kl_clip) if opts.kl_clip is not None else None
         self._apply_updates(nu)
 
+        if fresh:
+            ids = {key: k for k, key in enumerate(self._stat_ids)}
+            changes = st.read_changes(fresh) if adaptive else []
+            self._schedule.record(self._step_index, [ids[key] for key in fresh], changes)
         self._counters["steps"] += 1
         self._step_index += 1
-        self._refresh_now = self._step_index % opts.curvature_interval == 0
         self._examples = 0
         st.reset_accumulation()
+        self._set_due()
 
     def _skip_step(self, names: list[str]) -> None:
         self._counters["skipped_steps"] += 1
@@ -321,6 +360,8 @@ class SPNGD(torch.optim.Optimizer):
             "step_index": self._step_index,
             "refresh_now": self._refresh_now,
             "counters": dict(self._counters),
+            "schedule": self._schedule.state_dict(),
+            "inverse_sides_done": self._inverse_sides_done,
             "seed": self._seed,
             "mc_rng": None if self._mc_generator is None else (str(self._mc_generator.device), self._mc_generator.get_state()),
             "curvature": self._state.state_dict(),
@@ -345,8 +386,10 @@ class SPNGD(torch.optim.Optimizer):
         base = {k: v for k, v in state_dict.items() if k != "spngd"}
         super().load_state_dict(base)
         self._step_index = int(extra["step_index"])
-        self._refresh_now = bool(extra["refresh_now"])
+        self._set_due()
         self._counters.update(extra["counters"])
+        self._schedule.load_state_dict(extra["schedule"])
+        self._inverse_sides_done = int(extra["inverse_sides_done"])
         self._seed = int(extra["seed"])
         if extra["mc_rng"] is not None:
             device, rng_state = extra["mc_rng"]
