@@ -24,6 +24,7 @@ from .distributed.placement import LayerCost, OwnerAssignment
 from .layers import BatchNormCurvature, CurvatureLayer, KroneckerLayer, find_curvature_layers
 from .layout import build_layouts
 from .options import CurvatureOptions, DampingSchedule, FisherType
+from .recipe import adjusted_momentum, rescaled_weight_norm_limit
 from .stale import RefreshSchedule, StalePolicy
 
 __all__ = ["SPNGD"]
@@ -61,6 +62,8 @@ class SPNGD(torch.optim.Optimizer):
         kl_clip: float | None = None,
         backend: str = "auto",
         stale: bool | StalePolicy = False,
+        momentum_correction: bool = False,
+        weight_rescale: bool = False,
         check_finite: bool = True,
         max_inverse_retries: int = 3,
         seed: int | None = None,
@@ -115,6 +118,10 @@ class SPNGD(torch.optim.Optimizer):
         self._schedule = RefreshSchedule(len(self._stat_ids), fixed_interval=curvature_interval, policy=policy)
         self._kron_sides = sum(2 for layer in self._layers if isinstance(layer, KroneckerLayer))
         self._inverse_sides_done = 0
+
+        self._momentum_correction = bool(momentum_correction)
+        self._weight_rescale = bool(weight_rescale)
+        self._previous_lr: list[float | None] = [None] * len(self.param_groups)
 
         self._step_index = 0
         self._set_due()
@@ -334,7 +341,7 @@ class SPNGD(torch.optim.Optimizer):
             for p in self._plain_params:
                 updates[id(p)] = flat[pos : pos + p.numel()].view_as(p)
                 pos += p.numel()
-        for group in self.param_groups:
+        for g_index, group in enumerate(self.param_groups):
             ps, us, bufs = [], [], []
             for p in group["params"]:
                 if p.grad is None or id(p) not in updates:
@@ -345,7 +352,21 @@ class SPNGD(torch.optim.Optimizer):
                 ps.append(p)
                 us.append(updates[id(p)].to(p.dtype))
                 bufs.append(state["momentum_buffer"])
-            ops.momentum_update(ps, us, bufs, lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"])
+            momentum = group["momentum"]
+            if self._momentum_correction and g_index < len(self._previous_lr):
+                momentum = adjusted_momentum(momentum, group["lr"], self._previous_lr[g_index])
+                self._previous_lr[g_index] = group["lr"]
+            ops.momentum_update(ps, us, bufs, lr=group["lr"], momentum=momentum, weight_decay=group["weight_decay"])
+        if self._weight_rescale:
+            self._rescale_weights()
+
+    def _rescale_weights(self) -> None:
+        """Scale each Linear/Conv2d weight whose norm exceeds √(2·fan_out) back onto that norm."""
+        for layer in self._layers:
+            if isinstance(layer, KroneckerLayer):
+                w = layer.module.weight
+                limit = rescaled_weight_norm_limit(layer.module)
+                w.mul_(torch.clamp(limit / w.norm(), max=1.0))
 
     # ------------------------------------------------------------------ checkpointing
     def _signature(self) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -362,6 +383,7 @@ class SPNGD(torch.optim.Optimizer):
             "counters": dict(self._counters),
             "schedule": self._schedule.state_dict(),
             "inverse_sides_done": self._inverse_sides_done,
+            "previous_lr": list(self._previous_lr),
             "seed": self._seed,
             "mc_rng": None if self._mc_generator is None else (str(self._mc_generator.device), self._mc_generator.get_state()),
             "curvature": self._state.state_dict(),
@@ -390,6 +412,7 @@ class SPNGD(torch.optim.Optimizer):
         self._counters.update(extra["counters"])
         self._schedule.load_state_dict(extra["schedule"])
         self._inverse_sides_done = int(extra["inverse_sides_done"])
+        self._previous_lr = list(extra["previous_lr"])
         self._seed = int(extra["seed"])
         if extra["mc_rng"] is not None:
             device, rng_state = extra["mc_rng"]
