@@ -129,6 +129,7 @@ class SPNGD(torch.optim.Optimizer):
         self._examples = 0
         self._seed = int(seed) if seed is not None else int(torch.initial_seed() % (2**62))
         self._mc_generator: torch.Generator | None = None
+        self._outputs: list[tuple[Tensor, int, Tensor]] = []  # layer outputs of this micro-batch
         self._warned: set[str] = set()
         self._counters = {
             "steps": 0, "factor_updates": 0, "inverse_updates": 0, "skipped_steps": 0,
@@ -178,6 +179,7 @@ class SPNGD(torch.optim.Optimizer):
             if out is None:
                 raise ValueError("SPNGD.backward: fisher='mc' needs the model output: opt.backward(loss, out)")
             self._mc_backward(out)
+        self._outputs = []
         loss.backward()
 
     @torch.no_grad()
@@ -194,6 +196,8 @@ class SPNGD(torch.optim.Optimizer):
         return self._refresh_now and self._state.wants_forward(index)
 
     def on_forward(self, index: int, inputs: Tensor, output: Tensor) -> object:
+        if output.requires_grad:
+            self._outputs.append((output, output._version, self._layers[index].module.weight))
         return self._state.accumulate_forward(index, inputs, output, self._backend)
 
     def on_output_grad(self, index: int, grad: Tensor, context: object) -> None:
@@ -217,8 +221,14 @@ class SPNGD(torch.optim.Optimizer):
     def _mc_backward(self, out: Tensor) -> None:
         """Backward of the cross-entropy with labels sampled from the model (sum over examples, so
         each output gradient is a per-example gradient). Parameter .grad is left untouched."""
-        weights = [layer.module.weight for layer in self._layers if layer.module.weight.requires_grad]
-        if not weights or not out.requires_grad:
+        # Differentiate with respect to the captured layer outputs, not the weights: the backward
+        # then stops at the first layer and skips every weight-gradient GEMM (about half the cost).
+        # An output modified in place afterwards is no longer the tensor the hook saw; for that
+        # layer ask for its weight instead, which forces the backward through it.
+        targets = [o if o._version == v else w for o, v, w in self._outputs]
+        targets = [t for t in targets if t.requires_grad]
+        self._outputs = []
+        if not targets or not out.requires_grad:
             return
         logits = out.detach().float()
         classes = logits.shape[1]
@@ -231,7 +241,7 @@ class SPNGD(torch.optim.Optimizer):
             for _ in range(self.options.mc_samples):
                 y = torch.multinomial(probs, 1, generator=gen).reshape(target_shape)
                 loss_mc = F.cross_entropy(out, y, reduction="sum")
-                torch.autograd.grad(loss_mc, weights, retain_graph=True, allow_unused=True)
+                torch.autograd.grad(loss_mc, targets, retain_graph=True, allow_unused=True)
                 self._counters["mc_backwards"] += 1
         finally:
             self._phase = None
@@ -255,6 +265,7 @@ class SPNGD(torch.optim.Optimizer):
         opts = self.options
         device = self.param_groups[0]["params"][0].device
         st.ensure_buffers(device)
+        self._comm.begin_step()  # per-step byte counter
         refresh = self._refresh_now and st.any_collected()
         if (self._refresh_now and opts.fisher is FisherType.MC and st.forward_seen()
                 and st.any_backward_due() and not st.any_backward_collected()):
@@ -311,6 +322,7 @@ class SPNGD(torch.optim.Optimizer):
         self._counters["steps"] += 1
         self._step_index += 1
         self._examples = 0
+        self._outputs = []
         st.reset_accumulation()
         self._set_due()
 

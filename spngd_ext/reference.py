@@ -164,6 +164,10 @@ def cholesky_inverse_damped(mats: Tensor, damping: Tensor | float) -> tuple[Tens
     eye = torch.eye(mats.shape[-1], dtype=mats.dtype, device=mats.device)
     damped = mats + damping.to(mats.dtype).view(-1, 1, 1) * eye
     chol, info = torch.linalg.cholesky_ex(damped)
+    # A failed factorisation leaves a partial factor that cholesky_inverse would reject with an
+    # exception; substitute the identity so the batch completes, and report it through info.
+    failed = (info != 0).view(-1, 1, 1)
+    chol = torch.where(failed, eye.expand_as(chol), chol)
     inv = torch.cholesky_inverse(chol)
     finite = torch.isfinite(inv).flatten(1).all(dim=1)
     info = torch.where(finite | (info != 0), info, torch.full_like(info, -1))

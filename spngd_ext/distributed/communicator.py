@@ -29,8 +29,14 @@ class Communicator(abc.ABC):
     def any_flag(self, flag: Tensor) -> Tensor:
         """Logical OR of a 0-dim bool tensor over ranks."""
 
-    def bytes_sent(self) -> dict[str, int]:
-        return {}
+    def begin_step(self) -> None:
+        """Called by the optimizer at the start of every step (resets the per-step byte count)."""
+
+    def bytes_sent(self) -> dict[str, dict[str, int]]:
+        """Bytes this rank contributed to collectives, per kind: ``{"last": {...}, "total": {...}}``
+        for the last step and since construction. Nothing moves with one process."""
+        zeros = {k: 0 for k in ("stats", "grads", "precond", "flag")}
+        return {"last": dict(zeros), "total": dict(zeros)}
 
 
 class LocalCommunicator(Communicator):
