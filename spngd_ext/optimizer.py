@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from . import ops
 from .capture import ActivationCapture
@@ -198,12 +199,14 @@ class SPNGD(torch.optim.Optimizer):
     def on_forward(self, index: int, inputs: Tensor, output: Tensor) -> object:
         if output.requires_grad:
             self._outputs.append((output, output._version, self._layers[index].module.weight))
-        return self._state.accumulate_forward(index, inputs, output, self._backend)
+        with record_function("spngd::factor_accumulation"):
+            return self._state.accumulate_forward(index, inputs, output, self._backend)
 
     def on_output_grad(self, index: int, grad: Tensor, context: object) -> None:
         collecting = self._phase == "mc" if self.options.fisher is FisherType.MC else self._phase is None
         if self._refresh_now and collecting:
-            self._state.accumulate_backward(index, grad, context, self._backend)
+            with record_function("spngd::factor_accumulation"):
+                self._state.accumulate_backward(index, grad, context, self._backend)
 
     # ------------------------------------------------------------------ internals
     @staticmethod
@@ -237,6 +240,8 @@ class SPNGD(torch.optim.Optimizer):
         target_shape = (logits.shape[0],) + tuple(logits.shape[2:])
         gen = self._generator(out.device)
         self._phase = "mc"
+        scope = record_function("spngd::mc_backward")
+        scope.__enter__()
         try:
             for _ in range(self.options.mc_samples):
                 y = torch.multinomial(probs, 1, generator=gen).reshape(target_shape)
@@ -245,6 +250,7 @@ class SPNGD(torch.optim.Optimizer):
                 self._counters["mc_backwards"] += 1
         finally:
             self._phase = None
+            scope.__exit__(None, None, None)
 
     def _set_due(self) -> None:
         flags = self._schedule.due(self._step_index)
@@ -275,31 +281,35 @@ class SPNGD(torch.optim.Optimizer):
             )
         lam = opts.damping_at(self._step_index)
 
-        st.fill_gradients(self._layers, self._plain_params)
-        if refresh:
-            examples = self._examples if self._examples > 0 else st.examples_seen()
-            grad_scale = float(examples) if opts.fisher is FisherType.EMP else 1.0
-            st.prepare_local_stats(grad_scale)
-        if opts.check_finite:
-            bad = st.local_nonfinite(refresh)
-            if bool(self._comm.any_flag(bad)):  # one host sync per step
-                self._skip_step(st.nonfinite_names(self._layers, refresh))
-                return
+        with record_function("spngd::gather_gradients"):
+            st.fill_gradients(self._layers, self._plain_params)
+            if refresh:
+                examples = self._examples if self._examples > 0 else st.examples_seen()
+                grad_scale = float(examples) if opts.fisher is FisherType.EMP else 1.0
+                st.prepare_local_stats(grad_scale)
+            if opts.check_finite:
+                bad = st.local_nonfinite(refresh)
+                if bool(self._comm.any_flag(bad)):  # one host sync per step
+                    self._skip_step(st.nonfinite_names(self._layers, refresh))
+                    return
 
-        if refresh:
-            st.reduce_stats(self._comm)
-        st.reduce_gradients(self._comm, already_averaged=self._ddp_wrapped)
+        with record_function("spngd::communication"):
+            if refresh:
+                st.reduce_stats(self._comm)
+            st.reduce_gradients(self._comm, already_averaged=self._ddp_wrapped)
         adaptive = self._schedule.adaptive
         fresh = st.fresh_stats() if refresh else []
         if refresh:
-            st.finalize_stats(track_changes=adaptive)
+            with record_function("spngd::factor_finalize"):
+                st.finalize_stats(track_changes=adaptive)
             self._counters["factor_updates"] += 1
         if adaptive:  # inverses follow their own statistic's refreshes
             invert = bool(fresh) or st.needs_first_inverse()
         else:
             invert = (self._step_index % opts.inverse_interval == 0) or st.needs_first_inverse()
         if invert:
-            events = st.refresh_inverses(lam, self._backend, only_fresh=adaptive)
+            with record_function("spngd::inversion"):
+                events = st.refresh_inverses(lam, self._backend, only_fresh=adaptive)
             self._counters["inverse_updates"] += 1
             kron_fresh = sum(1 for i, n in fresh if isinstance(self._layers[i], KroneckerLayer))
             self._inverse_sides_done += kron_fresh if adaptive else self._kron_sides
@@ -310,10 +320,13 @@ class SPNGD(torch.optim.Optimizer):
 
         groups = self._group_of()
         lrs = [groups[id(layer.module.weight)]["lr"] for layer in self._layers]
-        st.precondition_owned(lam, lrs if opts.kl_clip is not None else None, self._backend)
-        self._comm.all_gather(st.grad_buffer, st.grad_layout.chunk_numel, kind="precond")
-        nu = st.kl_coefficient(opts.kl_clip) if opts.kl_clip is not None else None
-        self._apply_updates(nu)
+        with record_function("spngd::preconditioning"):
+            st.precondition_owned(lam, lrs if opts.kl_clip is not None else None, self._backend)
+        with record_function("spngd::communication"):
+            self._comm.all_gather(st.grad_buffer, st.grad_layout.chunk_numel, kind="precond")
+        with record_function("spngd::update"):
+            nu = st.kl_coefficient(opts.kl_clip) if opts.kl_clip is not None else None
+            self._apply_updates(nu)
 
         if fresh:
             ids = {key: k for k, key in enumerate(self._stat_ids)}
