@@ -160,13 +160,17 @@ class CurvatureState:
                     dst.copy_(p.grad.reshape(-1))
                 pos += p.numel()
 
-    def prepare_local_stats(self, grad_scale: float) -> None:
-        """Scale output-gradient statistics to per-example gradients and write the counts."""
-        if grad_scale != 1.0:
+    def prepare_local_stats(self, grad_scale: float, loss_scale: Tensor | None = None) -> None:
+        """Scale output-gradient statistics to per-example gradients (× grad_scale², ÷ the AMP
+        loss scale² when the backward ran on a scaled loss) and write the counts."""
+        if grad_scale != 1.0 or loss_scale is not None:
+            factor: Tensor | float = grad_scale * grad_scale
+            if loss_scale is not None:
+                factor = factor / loss_scale.to(device=self.device, dtype=self.dtype) ** 2
             for i, layer in enumerate(self.layers):
                 for n in layer.backward_stat_names():
                     if self._fresh(i, n):
-                        self._acc_views[i][n].mul_(grad_scale * grad_scale)
+                        self._acc_views[i][n].mul_(factor)
         counts = [float(self._counts[i][n]) for i, stats in enumerate(self.stats_layout.counts) for n in stats]
         if counts:
             self.acc.index_copy_(0, self._count_index, torch.tensor(counts, dtype=self.dtype).to(self.device, non_blocking=True))

@@ -45,7 +45,15 @@ class SPNGD(torch.optim.Optimizer):
 
     Kronecker-factored Fisher for Linear and Conv2d, unit-wise 2×2 Fisher for BatchNorm, other
     parameters momentum SGD. See DESIGN.md for the formulas; ``opt.counters`` reports the work done.
+
+    With ``torch.amp.GradScaler``: ``scaler.step(opt)`` hands this optimizer the scale and the
+    found-inf flag (``_step_supports_amp_scaling``); the step unscales the gradients (and, with
+    fisher="emp", the output-gradient statistics) itself and is skipped when an inf was found.
+    Do not call ``scaler.unscale_(opt)`` before ``scaler.step(opt)`` with fisher="emp": the scale of
+    the statistics would then be unknown.
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -282,15 +290,24 @@ class SPNGD(torch.optim.Optimizer):
         lam = opts.damping_at(self._step_index)
 
         with record_function("spngd::gather_gradients"):
+            # Set by torch.amp.GradScaler.step (see the class docstring); None without a scaler.
+            amp_scale = getattr(self, "grad_scale", None)
+            found_inf = getattr(self, "found_inf", None)
             st.fill_gradients(self._layers, self._plain_params)
+            if amp_scale is not None:
+                st.grad_buffer.mul_(torch.reciprocal(amp_scale.to(st.grad_buffer)))
             if refresh:
                 examples = self._examples if self._examples > 0 else st.examples_seen()
                 grad_scale = float(examples) if opts.fisher is FisherType.EMP else 1.0
-                st.prepare_local_stats(grad_scale)
-            if opts.check_finite:
-                bad = st.local_nonfinite(refresh)
+                loss_scale = amp_scale if opts.fisher is FisherType.EMP else None
+                st.prepare_local_stats(grad_scale, loss_scale)
+            if opts.check_finite or found_inf is not None:
+                bad = st.local_nonfinite(refresh) if opts.check_finite else torch.zeros((), dtype=torch.bool, device=device)
+                if found_inf is not None:
+                    bad = bad | (found_inf.to(bad.device) > 0)
                 if bool(self._comm.any_flag(bad)):  # one host sync per step
-                    self._skip_step(st.nonfinite_names(self._layers, refresh))
+                    names = st.nonfinite_names(self._layers, refresh) if opts.check_finite else []
+                    self._skip_step(names or ["the gradients (GradScaler found inf)"])
                     return
 
         with record_function("spngd::communication"):
