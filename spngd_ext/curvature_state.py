@@ -29,8 +29,10 @@ class InversionEvents:
 
 class CurvatureState:
     def __init__(self, layers: list[CurvatureLayer], stats_layout: StatsLayout, grad_layout: GradLayout,
-                 owners: list[int], rank: int, options: CurvatureOptions) -> None:
+                 owners: list[int], rank: int, options: CurvatureOptions,
+                 plain_params: list[torch.nn.Parameter] | None = None) -> None:
         self.layers = layers
+        self.all_params = [p for layer in layers for p in layer.params] + list(plain_params or [])
         self.stats_layout = stats_layout
         self.grad_layout = grad_layout
         self.rank = rank
@@ -62,7 +64,7 @@ class CurvatureState:
                     raise ValueError(f"SPNGD: all parameters must be on one device; {layer.name} has a parameter on {p.device}, expected {device}")
         self.device = device
         # Statistics are kept in fp32 (fp64 when the model is fp64), whatever the activations' dtype.
-        dtype = torch.float64 if any(p.dtype == torch.float64 for layer in self.layers for p in layer.params) else torch.float32
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.all_params) else torch.float32
         self.dtype = dtype
         f32 = dict(dtype=dtype, device=device)
         self.acc = torch.zeros(self.stats_layout.numel, **f32)

@@ -117,7 +117,8 @@ class SPNGD(torch.optim.Optimizer):
             specs.append([])
             grad_numels.append(sum(p.numel() for p in self._plain_params))
         stats_layout, grad_layout = build_layouts(specs, grad_numels, self.assignment.owners, self._comm.world_size)
-        self._state = CurvatureState(self._layers, stats_layout, grad_layout, list(self.assignment.owners), self._comm.rank, self.options)
+        self._state = CurvatureState(self._layers, stats_layout, grad_layout, list(self.assignment.owners), self._comm.rank, self.options,
+                                     plain_params=self._plain_params)
         self._capture = ActivationCapture(self._layers, self)
 
         if not isinstance(stale, (bool, StalePolicy)):
@@ -205,8 +206,10 @@ class SPNGD(torch.optim.Optimizer):
         return self._refresh_now and self._state.wants_forward(index)
 
     def on_forward(self, index: int, inputs: Tensor, output: Tensor) -> object:
-        if output.requires_grad:
-            self._outputs.append((output, output._version, self._layers[index].module.weight))
+        layer = self._layers[index]
+        if output.requires_grad and any(self._state.due[index][n] for n in layer.backward_stat_names()):
+            # only layers whose output-gradient statistic is due: the MC backward can stop early
+            self._outputs.append((output, output._version, layer.module.weight))
         with record_function("spngd::factor_accumulation"):
             return self._state.accumulate_forward(index, inputs, output, self._backend)
 
@@ -450,9 +453,9 @@ class SPNGD(torch.optim.Optimizer):
         base = {k: v for k, v in state_dict.items() if k != "spngd"}
         super().load_state_dict(base)
         self._step_index = int(extra["step_index"])
-        self._set_due()
         self._counters.update(extra["counters"])
         self._schedule.load_state_dict(extra["schedule"])
+        self._set_due()
         self._inverse_sides_done = int(extra["inverse_sides_done"])
         self._previous_lr = list(extra["previous_lr"])
         self._seed = int(extra["seed"])

@@ -35,6 +35,8 @@ def damping_schedule(
         raise ValueError(f"damping_schedule: warmup_factor must be >= 1, got {warmup_factor}")
     if final is not None and not (final > 0 and math.isfinite(final)):
         raise ValueError(f"damping_schedule: final must be a finite number > 0, got {final!r}")
+    if final is not None and decay_steps == 0:
+        raise ValueError("damping_schedule: final needs decay_steps > 0 (the steps over which to reach it)")
     end = base if final is None else final
 
     def damping(step: int) -> float:
@@ -42,7 +44,7 @@ def damping_schedule(
             return base * warmup_factor ** (1.0 - step / warmup_steps)
         t = step - warmup_steps
         if decay_steps == 0 or t >= decay_steps:
-            return end if decay_steps else base
+            return end
         return base * (end / base) ** (t / decay_steps)
 
     return damping

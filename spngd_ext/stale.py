@@ -31,7 +31,7 @@ class StalePolicy:
     max_interval: int | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold > 0):
+        if isinstance(self.threshold, bool) or not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold > 0):
             raise ValueError(f"StalePolicy: threshold must be a finite number > 0, got {self.threshold!r}")
         if self.max_interval is not None and (isinstance(self.max_interval, bool) or not isinstance(self.max_interval, int) or self.max_interval < 1):
             raise ValueError(f"StalePolicy: max_interval must be an integer >= 1, got {self.max_interval!r}")
