@@ -248,6 +248,11 @@ class SPNGD(torch.optim.Optimizer):
         classes = logits.shape[1]
         flat = logits.movedim(1, -1).reshape(-1, classes)
         probs = torch.softmax(flat, dim=-1)
+        # Non-finite logits (an overflowing AMP step, a corrupt batch) would make the sampler
+        # fail on the device; sample those rows uniformly instead — the step is then skipped by
+        # the finite check on the gradients, so these labels never reach the weights.
+        bad_rows = ~torch.isfinite(probs).all(dim=-1, keepdim=True)
+        probs = torch.where(bad_rows, torch.full_like(probs, 1.0 / classes), probs)
         target_shape = (logits.shape[0],) + tuple(logits.shape[2:])
         gen = self._generator(out.device)
         self._phase = "mc"
