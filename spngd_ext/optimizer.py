@@ -120,6 +120,9 @@ class SPNGD(torch.optim.Optimizer):
         self._state = CurvatureState(self._layers, stats_layout, grad_layout, list(self.assignment.owners), self._comm.rank, self.options,
                                      plain_params=self._plain_params)
         self._capture = ActivationCapture(self._layers, self)
+        # Examples per step (the per-example gradient scale of fisher="emp"): counted once per
+        # forward pass of the whole model, so shared layers and unbatched inputs count right.
+        self._root_hook = inner.register_forward_hook(self._count_examples)
 
         if not isinstance(stale, (bool, StalePolicy)):
             raise ValueError(f"SPNGD: stale must be a bool or a StalePolicy, got {stale!r}")
@@ -183,8 +186,6 @@ class SPNGD(torch.optim.Optimizer):
         if out is not None:
             if not isinstance(out, Tensor) or out.dim() < 2:
                 raise ValueError("SPNGD.backward: out must be the model's (N, C[, ...]) logits")
-            if self._refresh_now:
-                self._examples += out.shape[0]
         if self._refresh_now and self.options.fisher is FisherType.MC and self._state.any_backward_due():
             if out is None:
                 raise ValueError("SPNGD.backward: fisher='mc' needs the model output: opt.backward(loss, out)")
@@ -202,6 +203,14 @@ class SPNGD(torch.optim.Optimizer):
         return loss
 
     # ------------------------------------------------------------------ capture sink
+    def _count_examples(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        if not (module.training and torch.is_grad_enabled() and self._refresh_now):
+            return
+        if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+            output = output[0]
+        if isinstance(output, Tensor):
+            self._examples += output.shape[0] if output.dim() >= 2 else 1
+
     def wants_forward(self, index: int) -> bool:
         return self._refresh_now and self._state.wants_forward(index)
 
@@ -420,7 +429,10 @@ class SPNGD(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checkpointing
     def _signature(self) -> list[tuple[str, str, tuple[int, ...]]]:
-        return [(layer.name, layer.kind, tuple(layer.module.weight.shape)) for layer in self._layers]
+        """What a state_dict must match: every curvature layer and every other parameter's shape."""
+        sig = [(layer.name, layer.kind, tuple(layer.module.weight.shape)) for layer in self._layers]
+        sig += [(f"param[{k}]", "plain", tuple(p.shape)) for k, p in enumerate(self._plain_params)]
+        return sig
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
