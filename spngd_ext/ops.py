@@ -5,6 +5,13 @@ The optimizer calls only these. ``backend="auto"`` takes the compiled kernel
 pure-PyTorch implementation in :mod:`spngd_ext.reference`. ``backend="cuda"`` insists on the
 kernel and raises if it cannot be used; ``backend="torch"`` always takes the reference.
 
+Dtypes on the kernel path: ``pack_upper``/``unpack_upper`` take float32/float64/bf16/fp16 (the cast
+is fused), ``cholesky_inverse_damped`` float32 or float64. The accumulating ops
+(``accumulate_factor``, ``conv_a_factor``, ``bn_unitwise_fisher``) keep a float32 state and read
+float32/bf16/fp16 inputs (no float64); ``bn_unitwise_solve`` takes float32 only. For other dtypes
+``backend="auto"`` runs the reference (so float64 statistics stay float64) and ``backend="cuda"``
+raises ``TypeError``.
+
 Every function checks its arguments and raises ``ValueError``/``TypeError`` naming the argument.
 Fake (meta) implementations of the compiled ops are registered in :mod:`spngd_ext._extension`,
 so ``torch.compile`` can trace through them.
@@ -40,14 +47,20 @@ __all__ = [
 Backend = str  # "auto" | "cuda" | "torch"
 _BACKENDS = ("auto", "cuda", "torch")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_FP32_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp32 accumulation, no float64
 
 
-def _use_kernel(backend: Backend, tensors: Sequence[Tensor], op: str) -> bool:
+def _use_kernel(
+    backend: Backend, tensors: Sequence[Tensor], op: str, kernel_dtypes: tuple[torch.dtype, ...] = _FLOAT_DTYPES
+) -> bool:
+    """Whether to call the compiled op; ``kernel_dtypes``: the dtypes its kernel takes (others go to
+    the reference under "auto" and raise under "cuda")."""
     if backend not in _BACKENDS:
         raise ValueError(f"{op}: backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "torch" or not tensors:
         return False
     on_cuda = all(t.is_cuda for t in tensors)
+    dtypes_ok = all(t.dtype in kernel_dtypes for t in tensors)
     if backend == "cuda":
         if not cuda_ops_available():
             raise RuntimeError(
@@ -56,8 +69,11 @@ def _use_kernel(backend: Backend, tensors: Sequence[Tensor], op: str) -> bool:
             )
         if not on_cuda:
             raise ValueError(f"{op}: backend='cuda' needs every tensor on a CUDA device")
+        if not dtypes_ok:
+            got = sorted({str(t.dtype) for t in tensors})
+            raise TypeError(f"{op}: backend='cuda' kernel takes {[str(d) for d in kernel_dtypes]}, got {got}; use backend='auto' or 'torch'")
         return True
-    return on_cuda and cuda_ops_available()
+    return on_cuda and dtypes_ok and cuda_ops_available()
 
 
 def _check_tensor(name: str, t: object, op: str, *, dim: int | None = None, float_only: bool = True) -> Tensor:
@@ -158,7 +174,7 @@ def accumulate_factor(state: Tensor, x: Tensor, *, scale: float, decay: float, b
     _check_tensor("x", x, op, dim=2)
     _check_state(op, state, packed_size(x.shape[1]))
     _check_same_device(op, state=state, x=x)
-    if _use_kernel(backend, [state, x], op):
+    if _use_kernel(backend, [state, x], op, _FP32_KERNEL_DTYPES):
         torch.ops.spngd_ext.accumulate_factor(state, x.contiguous(), float(scale), float(decay))
         return state
     return reference.accumulate_factor(state, x, float(scale), float(decay))
@@ -199,7 +215,7 @@ def conv_a_factor(
     dim = x.shape[1] * k[0] * k[1] + int(has_bias)
     _check_state(op, state, packed_size(dim))
     _check_same_device(op, state=state, x=x)
-    if _use_kernel(backend, [state, x], op):
+    if _use_kernel(backend, [state, x], op, _FP32_KERNEL_DTYPES):
         torch.ops.spngd_ext.conv_a_factor(state, x, list(k), list(s), list(p), list(d), bool(has_bias), float(scale), float(decay))
         return state
     return reference.conv_a_factor(state, x, k, s, p, d, bool(has_bias), float(scale), float(decay))
@@ -260,7 +276,10 @@ def bn_unitwise_fisher(
     if state.dtype not in (torch.float32, torch.float64) or not state.is_contiguous():
         raise TypeError(f"{op}: state must be a contiguous float32/float64 tensor, got {state.dtype}")
     _check_same_device(op, state=state, grad_out=grad_out, xhat=xhat)
-    if _use_kernel(backend, [state, grad_out, xhat], op):
+    if _use_kernel(backend, [state, grad_out, xhat], op, _FP32_KERNEL_DTYPES):
+        if grad_out.dtype != xhat.dtype:  # the kernel reads both in one dtype
+            common = torch.promote_types(grad_out.dtype, xhat.dtype)
+            grad_out, xhat = grad_out.to(common), xhat.to(common)
         torch.ops.spngd_ext.bn_unitwise_fisher(state, grad_out.contiguous(), xhat.contiguous(), float(scale), float(decay))
         return state
     return reference.bn_unitwise_fisher(state, grad_out, xhat, float(scale), float(decay))
@@ -280,7 +299,7 @@ def bn_unitwise_solve(
         if t.shape[0] != channels:
             raise ValueError(f"{op}: {name} must have {channels} entries, got {t.shape[0]}")
     _check_same_device(op, fisher=fisher, grad_gamma=grad_gamma, grad_beta=grad_beta)
-    if _use_kernel(backend, [fisher, grad_gamma, grad_beta], op):
+    if _use_kernel(backend, [fisher, grad_gamma, grad_beta], op, (torch.float32,)):
         ug, ub = torch.ops.spngd_ext.bn_unitwise_solve(
             fisher.contiguous(), grad_gamma.contiguous(), grad_beta.contiguous(), float(damping)
         )

@@ -1,0 +1,133 @@
+"""The compiled extension on a machine without a GPU: it loads, declares the expected schemas, and
+its fake implementations let tracing run through every op (and through the ops.py call sites).
+
+Skipped when spngd_ext._C is not built; with SPNGD_REQUIRE_EXTENSION=1 a missing extension fails.
+FakeTensorMode creates fake CUDA tensors without a GPU, so the CUDA dispatch path is traced here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from spngd_ext import _extension
+from spngd_ext import ops as ops_py
+
+REQUIRED = os.environ.get("SPNGD_REQUIRE_EXTENSION", "") not in ("", "0")
+
+EXPECTED_SCHEMAS = {
+    "pack_upper": "spngd_ext::pack_upper(Tensor[] mats, ScalarType? dtype) -> Tensor",
+    "unpack_upper": "spngd_ext::unpack_upper(Tensor buffer, int[] sizes, Tensor scale, int offset, "
+    "ScalarType dtype) -> Tensor[]",
+    "accumulate_factor": "spngd_ext::accumulate_factor(Tensor(a!) state, Tensor x, float scale, float decay) -> ()",
+    "conv_a_factor": "spngd_ext::conv_a_factor(Tensor(a!) state, Tensor x, int[] kernel_size, int[] stride, "
+    "int[] padding, int[] dilation, bool has_bias, float scale, float decay) -> ()",
+    "cholesky_inverse_damped": "spngd_ext::cholesky_inverse_damped(Tensor mats, Tensor damping) -> (Tensor, Tensor)",
+    "bn_unitwise_fisher": "spngd_ext::bn_unitwise_fisher(Tensor(a!) state, Tensor grad_out, Tensor xhat, "
+    "float scale, float decay) -> ()",
+    "bn_unitwise_solve": "spngd_ext::bn_unitwise_solve(Tensor fisher, Tensor grad_gamma, Tensor grad_beta, "
+    "float damping) -> (Tensor, Tensor)",
+    "cholesky_kernel_max_n": "spngd_ext::cholesky_kernel_max_n(int n=-1) -> int",
+}
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    if not _extension.extension_loaded():
+        reason = f"spngd_ext._C is not loaded: {_extension.extension_error()}"
+        if REQUIRED:
+            pytest.fail(reason + " (SPNGD_REQUIRE_EXTENSION=1)")
+        pytest.skip(reason)
+    return torch.ops.spngd_ext
+
+
+def test_extension_loads(kernels):
+    import spngd_ext._C  # noqa: F401  (importable as a module, as setup.py/CMake build it)
+
+    assert _extension.extension_error() is None
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_SCHEMAS))
+def test_schema(kernels, name):
+    assert str(getattr(kernels, name).default._schema) == EXPECTED_SCHEMAS[name]
+
+
+def test_no_unexpected_ops(kernels):
+    declared = {s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("spngd_ext::")}
+    assert declared == set(EXPECTED_SCHEMAS)
+
+
+def test_cholesky_threshold_knob(kernels):
+    old = kernels.cholesky_kernel_max_n(-1)
+    assert old >= 0
+    assert kernels.cholesky_kernel_max_n(17) == old
+    assert kernels.cholesky_kernel_max_n() == 17
+    kernels.cholesky_kernel_max_n(old)
+
+
+def test_cpu_tensors_are_not_dispatched(kernels):
+    """The kernels are registered for CUDA only; ops.py never sends CPU tensors there."""
+    with pytest.raises(NotImplementedError):
+        kernels.pack_upper([torch.eye(3)], None)
+
+
+def _fake(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype, device="cuda")
+
+
+def test_fake_shapes_and_dtypes(kernels):
+    with FakeTensorMode():
+        out = kernels.pack_upper([_fake(3, 3), _fake(5, 5, dtype=torch.bfloat16)], torch.float16)
+        assert out.shape == (6 + 15,) and out.dtype == torch.float16 and out.device.type == "cuda"
+        assert kernels.pack_upper([_fake(4, 4, dtype=torch.float64)], None).dtype == torch.float64
+
+        mats = kernels.unpack_upper(_fake(30), [3, 4], _fake(2), 2, torch.bfloat16)
+        assert [tuple(m.shape) for m in mats] == [(3, 3), (4, 4)] and all(m.dtype == torch.bfloat16 for m in mats)
+
+        state = _fake(10)
+        assert kernels.accumulate_factor(state, _fake(7, 4, dtype=torch.bfloat16), 1.0, 0.0) is None
+        assert kernels.conv_a_factor(_fake(28 * 29 // 2), _fake(2, 3, 8, 8), [3, 3], [1, 1], [1, 1], [1, 1],
+                                     True, 1.0, 0.5) is None
+
+        inv, info = kernels.cholesky_inverse_damped(_fake(6, 9, 9, dtype=torch.float64), _fake(6, dtype=torch.float64))
+        assert inv.shape == (6, 9, 9) and inv.dtype == torch.float64 and info.shape == (6,) and info.dtype == torch.int32
+
+        assert kernels.bn_unitwise_fisher(_fake(5, 3), _fake(4, 5, 2, 2), _fake(4, 5, 2, 2), 1.0, 0.0) is None
+        ug, ub = kernels.bn_unitwise_solve(_fake(5, 3), _fake(5), _fake(5), 1e-3)
+        assert ug.shape == ub.shape == (5,) and ug.dtype == ub.dtype == torch.float32
+
+
+def test_python_seam_traces_through_kernels(kernels, monkeypatch):
+    """ops.py's backend='cuda' call sites, traced with fake CUDA tensors: the dispatcher parses each
+    call against its schema, so a mismatch between ops.py and the C++ declarations fails here."""
+    monkeypatch.setattr(ops_py, "cuda_ops_available", lambda: True)
+    with FakeTensorMode():
+        buf = ops_py.pack_upper([_fake(3, 3), _fake(2, 2)], dtype=torch.bfloat16, backend="cuda")
+        assert buf.shape == (9,) and buf.dtype == torch.bfloat16
+        mats = ops_py.unpack_upper(buf, [3, 2], scale=0.5, dtype=torch.float32, backend="cuda")
+        assert [tuple(m.shape) for m in mats] == [(3, 3), (2, 2)]
+        mats = ops_py.unpack_upper(buf, [3, 2], scale=_fake(2), backend="cuda")
+        assert len(mats) == 2
+
+        state = _fake(10)
+        assert ops_py.accumulate_factor(state, _fake(5, 4), scale=1.0, decay=0.9, backend="cuda") is state
+        conv_state = _fake(28 * 29 // 2)
+        out = ops_py.conv_a_factor(conv_state, _fake(2, 3, 8, 8), kernel_size=3, stride=1, padding=1, has_bias=True,
+                                   scale=1.0, decay=0.0, backend="cuda")
+        assert out is conv_state
+
+        inv, info = ops_py.cholesky_inverse_damped(_fake(4, 6, 6), 1e-3, backend="cuda")
+        assert inv.shape == (4, 6, 6) and info.dtype == torch.int32
+
+        bn_state = _fake(5, 3)
+        assert ops_py.bn_unitwise_fisher(bn_state, _fake(4, 5, 2, 2), _fake(4, 5, 2, 2), scale=1.0, decay=0.0,
+                                         backend="cuda") is bn_state
+        ug, ub = ops_py.bn_unitwise_solve(_fake(5, 3), _fake(5), _fake(5), damping=1e-3, backend="cuda")
+        assert ug.shape == (5,)
+
+        with pytest.raises(TypeError, match="backend='cuda' kernel takes"):
+            ops_py.accumulate_factor(_fake(10, dtype=torch.float64), _fake(5, 4, dtype=torch.float64), scale=1.0,
+                                     decay=0.0, backend="cuda")
