@@ -35,10 +35,14 @@ def plot_accuracy_curves(
 ) -> Path:
     """One row per panel: test accuracy vs optimizer steps (left) and vs training time (right).
 
-    ``panels`` is a list of (title, curves); a single compare run is one panel.
+    ``panels`` is a list of (title, curves); a single compare run is one panel. The y range is
+    ``ylim``, extended downwards when a curve never gets that high (short or failed runs).
     """
     plt = _pyplot()
-    fig, axes = plt.subplots(len(panels), 2, figsize=(12, 4 * len(panels)), squeeze=False)
+    accs = [r.test_acc for _, curves in panels for _, rows in curves for r in rows]
+    if accs and max(accs) < ylim[0] + 0.1:
+        ylim = (math.floor(min(accs) * 20) / 20, ylim[1])
+    fig, axes = plt.subplots(len(panels), 2, figsize=(14, 4 * len(panels)), squeeze=False)
     for (title, curves), (ax_steps, ax_time) in zip(panels, axes):
         for label, rows in curves:
             if not rows:
@@ -53,7 +57,8 @@ def plot_accuracy_curves(
             ax.set_ylim(*ylim)
             ax.grid(True, alpha=0.3)
             ax.set_title(title)
-            ax.legend(loc="lower right", fontsize="small")
+        if any(rows for _, rows in curves):  # one legend per row, outside, so it hides no curve
+            ax_time.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -121,7 +121,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         + (f" ({tps * 1000:.0f} ms/step)" if not math.isnan(tps) else "")
     )
     if summary.get("diverged"):
-        lines.append("stopped early: the training loss became non-finite")
+        lines.append(f"stopped early, diverged: {summary.get('divergence') or 'non-finite loss'}")
     if summary.get("counters"):
         lines.append(f"optimizer counters: {summary['counters']}")
     return "\n".join(lines)

@@ -149,8 +149,8 @@ def _accuracy(text: str) -> float:
 
 def _lr_help() -> str:
     table = ", ".join(f"{name} {lr:g}" for name, lr in DEFAULT_LR.items())
-    return (f"base learning rate (default per optimizer, tuned for batch 4096 with 1 warm-up "
-            f"epoch and poly decay: {table})")
+    return (f"base learning rate; the default depends on the optimizer ({table}): the best of a "
+            "small grid at batch 4096, 10 epochs, 1 warm-up epoch, poly decay, cnn model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=sorted(MODEL_BUILDERS), default="cnn")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="spngd")
     p.add_argument("--compare", default=None, metavar="OPT[:LR],...",
-                   help="run several optimizers (e.g. sgd,lars,spngd or sgd:1.6,lars:4) on the "
+                   help="run several optimizers (e.g. sgd,lars,spngd or sgd:0.2,lars:4) on the "
                         "same data and budget; writes compare.png/.md/.json")
     p.add_argument("--batch-size", type=_positive_int, default=4096, help="global batch size")
     p.add_argument("--epochs", type=_positive_int, default=10)
@@ -214,7 +214,10 @@ def parse_compare(text: str) -> list[tuple[str, Optional[float]]]:
         name, _, lr_text = item.partition(":")
         if name not in OPTIMIZERS:
             raise ValueError(f"--compare: unknown optimizer {name!r}; choose from {OPTIMIZERS}")
-        lr = _positive_float(lr_text) if lr_text else None
+        try:
+            lr = _positive_float(lr_text) if lr_text else None
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"--compare: learning rate of {name}: {exc}") from None
         entries.append((name, lr))
     if not entries:
         raise ValueError("--compare: no optimizer given")
@@ -305,7 +308,7 @@ def _train(cfg: TrainConfig, data: Dataset, env: TrainEnv, out_dir: Path) -> Run
 
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)  # same batch order for every optimizer
     rows: list[EvalRow] = []
-    train_time, step, diverged = 0.0, 0, False
+    train_time, step, diverged, divergence = 0.0, 0, False, None
     # Train-set statistics since the last evaluation, as [loss*n, correct, n] summed over ranks.
     window = torch.zeros(3, dtype=torch.float64)
     model.train()
@@ -321,12 +324,16 @@ def _train(cfg: TrainConfig, data: Dataset, env: TrainEnv, out_dir: Path) -> Run
             batch = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             local = batch.tensor_split(world)[rank]
             x, y = train_x[local], train_y[local]
-            loss, out = step_fn(x, y)
+            try:
+                loss, out = step_fn(x, y)
+            except torch.linalg.LinAlgError as exc:  # e.g. ASDL's Cholesky on a blown-up factor
+                diverged, divergence = True, f"step {step + 1}: {exc}"
+                break
             scheduler.step()
             step += 1
             loss_value = float(loss)
             if not math.isfinite(loss_value):
-                diverged = True
+                diverged, divergence = True, f"step {step}: training loss {loss_value}"
                 break
             stats = torch.tensor([loss_value * len(y), float((out.argmax(1) == y).sum()), len(y)],
                                  dtype=torch.float64)
@@ -373,6 +380,7 @@ def _train(cfg: TrainConfig, data: Dataset, env: TrainEnv, out_dir: Path) -> Run
     summary = summarize(rows, cfg.target_acc, extra=dict(
         optimizer=cfg.optimizer, model=cfg.model, lr=lr, batch_size=cfg.batch_size,
         epochs=cfg.epochs, world_size=world, device=str(device), diverged=diverged,
+        divergence=divergence,
         counters=step_fn.counters, out_dir=str(out_dir)))
     if env.is_main:
         log.finish(summary)
@@ -393,13 +401,17 @@ def run_compare(cfg: TrainConfig, entries: Sequence[tuple[str, Optional[float]]]
     """
     results: list[RunResult] = []
     failures: dict[str, str] = {}
+    names = [name for name, _ in entries]
     for name, lr in entries:
         run_cfg = dataclasses.replace(cfg, optimizer=name, lr=lr)
+        # An optimizer listed more than once (an LR sweep) gets one directory per rate.
+        label = name if names.count(name) == 1 else f"{name}@{run_cfg.resolved_lr:g}"
+        subdir = label.replace("-", "_").replace("@", "_lr")
         try:
-            results.append(run_training(run_cfg, dataset, env, out_dir / name.replace("-", "_")))
+            results.append(run_training(run_cfg, dataset, env, out_dir / subdir))
         except OptimizerUnavailableError as exc:
-            failures[name] = str(exc)
-            print(f"spngd-train: skipping {name}: {exc}", file=sys.stderr)
+            failures[label] = str(exc)
+            print(f"spngd-train: skipping {label}: {exc}", file=sys.stderr)
     if env.is_main:
         write_comparison(results, failures, cfg, out_dir)
     return results, failures
@@ -407,7 +419,7 @@ def run_compare(cfg: TrainConfig, entries: Sequence[tuple[str, Optional[float]]]
 
 def write_comparison(results: Sequence[RunResult], failures: dict[str, str],
                      cfg: TrainConfig, out_dir: Path) -> None:
-    title = (f"{cfg.model}, batch {cfg.batch_size}, {cfg.epochs} epochs, seed {cfg.seed}")
+    title = f"{cfg.model}, batch {cfg.batch_size}, {cfg.epochs} epoch(s), seed {cfg.seed}"
     curves = [(f"{r.name} (lr {r.summary['lr']:g})", r.rows) for r in results]
     plot_accuracy_curves([(title, curves)], out_dir / "compare.png", target_acc=cfg.target_acc)
     header = ["optimizer", "lr", f"steps / time to {cfg.target_acc:.0%}", "best acc",
@@ -438,7 +450,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         entries = parse_compare(args.compare) if args.compare else None
         if entries and cfg.lr is not None:
             raise ValueError("--lr does not apply to --compare; give per-optimizer rates as "
-                             "--compare sgd:1.6,lars:4")
+                             "--compare sgd:0.2,lars:4")
         env = setup_env(cfg.device, cfg.threads)
     except (ValueError, RuntimeError) as exc:
         parser.error(str(exc))  # exits with status 2

@@ -54,7 +54,6 @@ def setup_env(device: str = "auto", threads: Optional[int] = None) -> TrainEnv:
             raise ValueError(f"--threads must be positive, got {threads}")
         torch.set_num_threads(threads)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
     if world_size <= 1:

@@ -1,0 +1,33 @@
+"""Shared fixtures. The real Fashion-MNIST files are required (never skipped): tests that need
+them fail with instructions when the data cannot be found."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from spngd_ext.data import locate_files
+
+# The workspace keeps a copy next to the repository: <workspace>/shared/data/fashion-mnist.
+_SIBLING_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir() -> Path:
+    """Directory with the four Fashion-MNIST IDX files: $SPNGD_DATA_DIR, else ../shared/data."""
+    candidates = []
+    if os.environ.get("SPNGD_DATA_DIR"):
+        candidates.append(Path(os.environ["SPNGD_DATA_DIR"]).expanduser())
+    candidates.append(_SIBLING_DATA_DIR)
+    for directory in candidates:
+        if locate_files(directory) is not None:
+            return directory
+    pytest.fail(
+        "Fashion-MNIST IDX files not found (looked in: "
+        + ", ".join(str(c) for c in candidates)
+        + "). Set SPNGD_DATA_DIR to a directory holding train-images-idx3-ubyte.gz, "
+        "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz "
+        "(e.g. from Debian's dataset-fashion-mnist package: /usr/share/datasets/fashion-mnist)."
+    )

@@ -1,0 +1,49 @@
+"""Model sizes and forward shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from spngd_ext.models import MODEL_BUILDERS, build_model, count_parameters, small_bn_cnn
+
+
+def test_small_cnn_has_about_29k_parameters() -> None:
+    model = small_bn_cnn()
+    n = count_parameters(model)
+    print(f"small_bn_cnn: {n:,} parameters")
+    assert n == 28_474  # change deliberately, and keep it near 29k
+    assert 27_000 <= n <= 31_000
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 32, 64]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 3
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_BUILDERS))
+def test_forward_shape_and_backward(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name)
+    x = torch.randn(8, 1, 28, 28)
+    out = model(x)
+    assert out.shape == (8, 10) and out.dtype == torch.float32
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    assert model(x[:1]).shape == (1, 10)  # BatchNorm in eval mode takes a batch of one
+
+
+def test_resnet_has_inplace_relu_and_residuals() -> None:
+    model = build_model("resnet")
+    assert any(isinstance(m, nn.ReLU) and m.inplace for m in model.modules())
+    assert any(type(m).__name__ == "ResidualBlock" for m in model.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_mlp_uses_batchnorm1d() -> None:
+    assert any(isinstance(m, nn.BatchNorm1d) for m in build_model("mlp").modules())
+
+
+def test_unknown_model() -> None:
+    with pytest.raises(ValueError, match="unknown model 'vgg'"):
+        build_model("vgg")
