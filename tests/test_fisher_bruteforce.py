@@ -15,7 +15,6 @@ from torch import nn
 
 from spngd_ext import SPNGD
 
-torch.set_default_dtype(torch.float64)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 

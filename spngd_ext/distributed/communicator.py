@@ -19,7 +19,8 @@ class Communicator(abc.ABC):
 
     @abc.abstractmethod
     def reduce_scatter(self, buffer: Tensor, chunk_numel: int, *, kind: str) -> Tensor:
-        """Sum chunk ``rank`` of ``buffer`` over ranks; returns that chunk (a view of ``buffer``)."""
+        """Sum chunk ``rank`` of ``buffer`` over ranks; returns that chunk (a view of ``buffer``).
+        The other chunks of ``buffer`` are zero afterwards."""
 
     @abc.abstractmethod
     def all_gather(self, buffer: Tensor, chunk_numel: int, *, kind: str) -> None:

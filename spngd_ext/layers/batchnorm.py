@@ -3,6 +3,11 @@
 x̂ is the normalised input in training mode, recomputed in the forward hook from the input (a new
 tensor, so in-place activations that later overwrite the BN output cannot corrupt it). Per example
 and channel u = [Σ_hw g·x̂, Σ_hw g]; F_c = (1/N) Σ_n u uᵀ, stored as (C, 3) = (γγ, γβ, ββ).
+
+Under data parallelism x̂ follows the module: a plain BatchNorm normalises each rank's shard with
+that shard's statistics (so does x̂ here); a SyncBatchNorm in training mode normalises with the
+whole batch's statistics, so x̂ is recomputed with the global per-channel mean and variance (one
+all-gather of each rank's count, mean and sum of squared deviations per BN layer and refresh).
 """
 
 from __future__ import annotations
@@ -44,9 +49,24 @@ class BatchNormCurvature(CurvatureLayer):
         if m.training or not m.track_running_stats or m.running_mean is None:
             mean = x.mean(dim=reduce_dims)
             var = x.var(dim=reduce_dims, unbiased=False)
+            group = self._sync_group()
+            if group is not None:  # SyncBatchNorm normalised with the statistics of the whole batch
+                mean, var = _global_moments(x, mean, var, group)
         else:
             mean, var = m.running_mean, m.running_var
         return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + m.eps)
+
+    def _sync_group(self):
+        """The process group a SyncBatchNorm in training mode synchronises over (None: local BN)."""
+        m = self.module
+        if not (isinstance(m, nn.SyncBatchNorm) and m.training):
+            return None
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = m.process_group if m.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
 
     def accumulate_forward(self, inputs, output, stats, first, backend):
         return self.normalized_input(inputs), inputs.shape[0]
@@ -63,3 +83,24 @@ class BatchNormCurvature(CurvatureLayer):
         gw = w.grad if w.grad is not None else torch.zeros_like(w)
         gb = b.grad if b.grad is not None else torch.zeros_like(b)
         return gw, gb
+
+
+def _global_moments(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance per channel over every rank's batch (one all-gather of the local
+    count, mean and sum of squared deviations; combined with the parallel-variance formula)."""
+    import torch.distributed as dist
+
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    rows = x.numel() // max(1, x.shape[1])
+    local = torch.cat([x.new_full((1,), float(rows), dtype=dtype), mean.to(dtype), var.to(dtype) * rows])
+    world = dist.get_world_size(group)
+    gathered = torch.empty(world * local.numel(), dtype=dtype, device=x.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(gathered, local, group=group)
+    gathered = gathered.view(world, -1)
+    c = mean.numel()
+    counts, means, m2 = gathered[:, :1], gathered[:, 1 : 1 + c], gathered[:, 1 + c :]
+    total = counts.sum()
+    g_mean = (counts * means).sum(dim=0) / total
+    g_var = (m2 + counts * (means - g_mean) ** 2).sum(dim=0) / total
+    return g_mean.to(x.dtype), g_var.to(x.dtype)

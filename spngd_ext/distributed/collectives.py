@@ -1,0 +1,313 @@
+"""The optimizer's collectives on ``torch.distributed`` (NCCL on GPUs, Gloo on CPUs).
+
+Three operations on a flat buffer cut into ``world_size`` equal chunks (see :mod:`spngd_ext.layout`):
+
+* ``reduce_scatter``: rank r ends up with the sum over ranks of chunk r, and the rest of its
+  buffer is zeroed. Whatever the algorithm (an all-reduce or per-owner reduces leave partial or
+  full sums in the other chunks), a slot that nobody rewrites before the next call (a statistic
+  that is not due under stale statistics) then keeps its value instead of being summed again
+  and again (with an all-reduce it would grow W-fold per call until it overflows);
+* ``all_gather``: in place, chunk r of every rank's buffer becomes rank r's chunk r;
+* ``any_flag``: a logical OR over ranks (``all_reduce`` MAX of an int32).
+
+How the sum is computed (``reduce_impl``):
+
+``"reduce_scatter"``
+    ``dist.reduce_scatter_single`` (``reduce_scatter_tensor`` before torch 2.14): one collective;
+    a ring sends (W−1)/W of the buffer per rank. NCCL's native path. This torch's Gloo has it too
+    (probed: fp32/fp64/bf16/fp16), but measured on 127.0.0.1 it sends as much as an all-reduce
+    (B at W=2, 1.5·B at W=4, counted with /proc/self/io) and is the slowest choice.
+``"all_reduce"``
+    ``dist.all_reduce`` of the whole buffer, then the rank keeps its chunk: same result, 2(W−1)/W
+    of the buffer per rank.
+``"reduce"``
+    one ``dist.reduce`` per owner, all issued asynchronously, then waited on.
+``"all_to_all"``
+    ``dist.all_to_all_single`` sends chunk s to rank s; each rank adds the W contributions it
+    receives itself, in the buffer's dtype (fp32). Exactly (W−1)/W of the buffer per rank (the
+    ring optimum), and the only way to keep fp32 accumulation when the wire dtype is bf16/fp16.
+
+``"auto"`` (the default): NCCL and other backends ``reduce_scatter``; Gloo ``all_reduce`` at
+W=2 and ``reduce`` at W≥3; ``all_to_all`` whenever ``comm_dtype`` is bf16/fp16. Gloo numbers
+(``bench/comm.py`` on 16 idle cores, ResNet-50 statistics buffer; ms and MB sent per rank, see
+``bench/SCALING.md``): W=2 (353 MB): reduce_scatter 538 ms/353 MB, all_reduce 143/353, reduce
+200/439, all_to_all 438/177; W=4 (428 MB): 657/643, 272/643, 210/502, 506/321; W=8 (344 MB):
+601/602, 291/602, 215/368, 456/301.
+
+The all-gather (``gather_impl``): ``"all_gather"`` (``dist.all_gather_single``) or
+``"broadcast"`` (one async broadcast per owner). Both send (W−1)·chunk per rank; on Gloo the
+broadcasts were about 2x faster (gradient buffer: W=2 195 vs 90 ms, W=4 242 vs 111, W=8 235 vs
+116), so ``"auto"`` is ``broadcast`` on Gloo and ``all_gather`` elsewhere.
+
+Reduced-precision communication (``comm_dtype``): the buffer is cast to bf16/fp16 for the wire,
+received values are cast back, and whatever this class adds up is added in the buffer's dtype
+(fp32). Backends add in the wire dtype. Gloo: measured with 4 ranks, 1 + 3·2⁻⁹ in bf16 summed
+by ``all_reduce`` gave 1.0 in 12 of 16 positions (the correctly rounded sum is 1.0078125), i.e.
+each partial sum is rounded to bf16. NCCL's reductions on bf16/fp16 likewise keep every ring
+step's partial sum in the wire dtype before passing it on (whatever precision the add itself
+uses; a property of NCCL's design, not measurable here with one GPU), so a ring of W ranks
+rounds up to W−1 times. ``all_to_all`` (the default for reduced
+precision) rounds each contribution exactly once and adds in fp32. fp16 has a small range (max
+65504; factor sums over ~10⁵ rows overflow it), so fp16 buffers are scaled per chunk by a power
+of two before the cast and unscaled afterwards (exact short of underflow; the scales travel in
+a tiny extra fp32 collective). bf16 has fp32's range and needs no scaling. The all-gather of a
+reduced-precision buffer also overwrites the owner's own chunk with the rounded values, so every
+rank applies bit-identical updates. On Gloo/CPU, bf16 was slower than fp32 in every measurement
+(the casts and CPU bf16 arithmetic cost more than the halved loopback bytes save): it is meant
+for bandwidth-bound links.
+
+Bytes: ``bytes_sent()`` counts what each rank *contributes* to each collective, numel × element
+size of the wire dtype: the whole buffer for a reduce-scatter (whatever the algorithm), its own
+chunk for an all-gather, 4 bytes per flag. ``{"last": {kind: bytes}, "total": {kind: bytes}}``
+with kinds ``stats``, ``grads``, ``precond`` (and ``flag``); the optimizer calls
+:meth:`begin_step` at the start of each step. On-the-wire bytes of a ring implementation are
+(W−1)/W of a reduce-scatter contribution and (W−1)× an all-gather contribution
+(see ``bench/SCALING.md``).
+
+Failures: a collective that raises (a peer exited, or the process group's ``timeout`` expired
+because a peer stalls) is re-raised as a ``RuntimeError`` that names the operation, the kind
+and the rank. Gloo applies the ``timeout`` given to ``init_process_group`` to every collective;
+NCCL needs its watchdog (``TORCH_NCCL_ASYNC_ERROR_HANDLING``, on by default in recent torch),
+which aborts the process when a collective exceeds the timeout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .communicator import Communicator
+
+__all__ = ["TorchDistributedCommunicator", "REDUCE_IMPLS", "GATHER_IMPLS", "KINDS"]
+
+REDUCE_IMPLS = ("auto", "reduce_scatter", "all_reduce", "reduce", "all_to_all")
+GATHER_IMPLS = ("auto", "all_gather", "broadcast")
+KINDS = ("stats", "grads", "precond", "flag")
+_LOW = (torch.bfloat16, torch.float16)
+_FP16_TARGET_EXP = 14  # scale each fp16 chunk so its largest magnitude is below 2**15 (max 65504)
+
+
+# torch 2.14 renamed reduce_scatter_tensor / all_gather_into_tensor (the old names warn).
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _zero_counts() -> dict[str, int]:
+    return {k: 0 for k in KINDS}
+
+
+class TorchDistributedCommunicator(Communicator):
+    """Collectives over a ``torch.distributed`` process group (default: the world group)."""
+
+    def __init__(self, group=None, comm_dtype: torch.dtype | None = None, *, reduce_impl: str = "auto",
+                 gather_impl: str = "auto") -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("TorchDistributedCommunicator: torch.distributed is not initialised (call init_process_group first)")
+        if comm_dtype not in (None, torch.float32, torch.float64) + _LOW:
+            raise ValueError(f"TorchDistributedCommunicator: comm_dtype must be None, float32, bfloat16 or float16, got {comm_dtype!r}")
+        if reduce_impl not in REDUCE_IMPLS:
+            raise ValueError(f"TorchDistributedCommunicator: reduce_impl must be one of {REDUCE_IMPLS}, got {reduce_impl!r}")
+        if gather_impl not in GATHER_IMPLS:
+            raise ValueError(f"TorchDistributedCommunicator: gather_impl must be one of {GATHER_IMPLS}, got {gather_impl!r}")
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.backend = str(dist.get_backend(self.group))
+        # None (or the buffer's own dtype) means "send the buffer as it is".
+        self.comm_dtype = comm_dtype if comm_dtype in _LOW else None
+        self.reduce_impl = reduce_impl
+        self.gather_impl = gather_impl
+        self._global_ranks = [dist.get_global_rank(self.group, r) if self.group is not dist.group.WORLD else r
+                              for r in range(self.world_size)]
+        self._last = _zero_counts()
+        self._total = _zero_counts()
+
+    # ------------------------------------------------------------------ byte counter
+    def begin_step(self) -> None:
+        self._last = _zero_counts()
+
+    def bytes_sent(self) -> dict[str, dict[str, int]]:
+        return {"last": dict(self._last), "total": dict(self._total)}
+
+    def _count(self, kind: str, nbytes: int) -> None:
+        self._last[kind] = self._last.get(kind, 0) + nbytes
+        self._total[kind] = self._total.get(kind, 0) + nbytes
+
+    def _wire_dtype(self, buffer: Tensor) -> torch.dtype:
+        return self.comm_dtype if self.comm_dtype is not None and buffer.is_floating_point() else buffer.dtype
+
+    # ------------------------------------------------------------------ collectives
+    def reduce_scatter(self, buffer: Tensor, chunk_numel: int, *, kind: str) -> Tensor:
+        w, r, c = self.world_size, self.rank, chunk_numel
+        if buffer.dim() != 1 or buffer.numel() != w * c:
+            raise ValueError(f"reduce_scatter({kind}): expected a flat buffer of {w}×{c} elements, got shape {tuple(buffer.shape)}")
+        mine = buffer[r * c : (r + 1) * c]
+        if c == 0:
+            return mine
+        wire = self._wire_dtype(buffer)
+        impl = self.reduce_impl_for(buffer)
+        self._count(kind, buffer.numel() * wire.itemsize)
+        try:
+            if wire == buffer.dtype:
+                self._reduce_full(buffer, mine, c, impl)
+            elif impl == "all_to_all":
+                self._reduce_all_to_all_low(buffer, mine, c, wire, kind)
+            else:
+                self._reduce_native_low(buffer, mine, c, wire, kind, impl)
+        except RuntimeError as exc:
+            raise self._failure("reduce_scatter", kind, exc) from exc
+        buffer[: r * c].zero_()
+        buffer[(r + 1) * c :].zero_()
+        return mine
+
+    def all_gather(self, buffer: Tensor, chunk_numel: int, *, kind: str) -> None:
+        w, r, c = self.world_size, self.rank, chunk_numel
+        if buffer.dim() != 1 or buffer.numel() != w * c:
+            raise ValueError(f"all_gather({kind}): expected a flat buffer of {w}×{c} elements, got shape {tuple(buffer.shape)}")
+        if c == 0:
+            return
+        mine = buffer[r * c : (r + 1) * c]
+        wire = self._wire_dtype(buffer)
+        self._count(kind, c * wire.itemsize)
+        try:
+            if wire == buffer.dtype:
+                self._gather(buffer, mine.clone(), c, buffer)
+                return
+            scale = None
+            if wire == torch.float16:
+                scale = _pow2_scale(mine.unsqueeze(0), 1.0)  # (1,)
+                send = (mine * scale.to(mine.dtype)).to(wire)
+                scales = torch.empty(w, dtype=torch.float32, device=buffer.device)
+                _all_gather_single(scales, scale, group=self.group)
+                self._count(kind, 4)
+            else:
+                send = mine.to(wire)
+            out = torch.empty(w * c, dtype=wire, device=buffer.device)
+            self._gather(out, send, c, buffer)
+            buffer.copy_(out)  # every chunk, the own one included, now holds the rounded values
+            if scale is not None:
+                buffer.view(w, c).div_(scales.to(buffer.dtype).unsqueeze(1))
+        except RuntimeError as exc:
+            raise self._failure("all_gather", kind, exc) from exc
+
+    # ------------------------------------------------------------------ which algorithm
+    def reduce_impl_for(self, buffer: Tensor) -> str:
+        """The reduce-scatter algorithm used for ``buffer`` (``reduce_impl`` unless "auto")."""
+        if self.reduce_impl != "auto":
+            return self.reduce_impl
+        if self.comm_dtype is not None and buffer.is_floating_point():
+            return "all_to_all"  # the only way to keep fp32 accumulation
+        if "gloo" in self.backend and not buffer.is_cuda:
+            # Gloo's reduce-scatter sends as much as an all-reduce and is slower; per-owner
+            # reduces send less than an all-reduce from W=4 on (module docstring)
+            return "all_reduce" if self.world_size == 2 else "reduce"
+        return "reduce_scatter"
+
+    def gather_impl_for(self, buffer: Tensor) -> str:
+        if self.gather_impl != "auto":
+            return self.gather_impl
+        if "gloo" in self.backend and not buffer.is_cuda:
+            return "broadcast"  # same bytes as Gloo's all-gather, about 2x faster (bench/SCALING.md)
+        return "all_gather"
+
+    def _gather(self, out: Tensor, mine: Tensor, c: int, like: Tensor) -> None:
+        """``out`` (W·c) ← every rank's ``mine`` (c), by the configured algorithm."""
+        if self.gather_impl_for(like) == "broadcast":
+            out[self.rank * c : (self.rank + 1) * c].copy_(mine)
+            works = [dist.broadcast(out[s * c : (s + 1) * c], src=self._global_ranks[s], group=self.group, async_op=True)
+                     for s in range(self.world_size)]
+            for work in works:
+                work.wait()
+        else:
+            _all_gather_single(out, mine, group=self.group)
+
+    def any_flag(self, flag: Tensor) -> Tensor:
+        t = flag.detach().reshape(1).to(torch.int32)
+        self._count("flag", t.numel() * t.element_size())
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        except RuntimeError as exc:
+            raise self._failure("any_flag", "flag", exc) from exc
+        return t[0] > 0
+
+    # ------------------------------------------------------------------ implementations
+    def _reduce_full(self, buffer: Tensor, mine: Tensor, c: int, impl: str) -> None:
+        w, g = self.world_size, self.group
+        if impl == "reduce_scatter":
+            out = torch.empty_like(mine)
+            _reduce_scatter_single(out, buffer, group=g)
+            mine.copy_(out)
+        elif impl == "all_reduce":
+            dist.all_reduce(buffer, group=g)
+        elif impl == "reduce":
+            works = [dist.reduce(buffer[s * c : (s + 1) * c], dst=self._global_ranks[s], group=g, async_op=True) for s in range(w)]
+            for work in works:
+                work.wait()
+        elif impl == "all_to_all":
+            recv = torch.empty_like(buffer)
+            dist.all_to_all_single(recv, buffer, group=g)
+            torch.sum(recv.view(w, c), dim=0, out=mine)
+        else:  # pragma: no cover - validated in __init__
+            raise ValueError(impl)
+
+    def _reduce_all_to_all_low(self, buffer: Tensor, mine: Tensor, c: int, wire: torch.dtype, kind: str) -> None:
+        w, g = self.world_size, self.group
+        chunks = buffer.view(w, c)
+        if wire == torch.float16:
+            scale = _pow2_scale(chunks, 1.0)  # (W,): this rank's scale for each destination chunk
+            send = (chunks * scale.to(buffer.dtype).unsqueeze(1)).to(wire)
+            their_scales = torch.empty_like(scale)
+            dist.all_to_all_single(their_scales, scale, group=g)
+            self._count(kind, scale.numel() * 4)
+        else:
+            send, their_scales = buffer.to(wire), None
+        recv = torch.empty(w * c, dtype=wire, device=buffer.device)
+        dist.all_to_all_single(recv, send.reshape(-1), group=g)
+        got = recv.view(w, c)
+        if their_scales is None:
+            torch.sum(got, dim=0, dtype=buffer.dtype, out=mine)  # fp32 accumulation of rounded contributions
+        else:
+            mine.copy_((got.to(buffer.dtype) / their_scales.to(buffer.dtype).unsqueeze(1)).sum(dim=0))
+
+    def _reduce_native_low(self, buffer: Tensor, mine: Tensor, c: int, wire: torch.dtype, kind: str, impl: str) -> None:
+        """The backend sums in the wire dtype (see the module docstring)."""
+        w, g = self.world_size, self.group
+        scale = None
+        if wire == torch.float16:  # one scale for all ranks, so that the sum of W values fits
+            local = _pow2_scale(buffer.view(1, -1), float(w))
+            scale = local.clone()
+            dist.all_reduce(scale, op=dist.ReduceOp.MIN, group=g)
+            self._count(kind, 4)
+            send = (buffer * scale.to(buffer.dtype)).to(wire)
+        else:
+            send = buffer.to(wire)
+        if impl == "all_reduce":
+            dist.all_reduce(send, group=g)
+            out = send[self.rank * c : (self.rank + 1) * c]
+        elif impl == "reduce":
+            works = [dist.reduce(send[s * c : (s + 1) * c], dst=self._global_ranks[s], group=g, async_op=True) for s in range(w)]
+            for work in works:
+                work.wait()
+            out = send[self.rank * c : (self.rank + 1) * c]
+        else:
+            out = torch.empty(c, dtype=wire, device=buffer.device)
+            _reduce_scatter_single(out, send, group=g)
+        mine.copy_(out)
+        if scale is not None:
+            mine.div_(scale.to(buffer.dtype))
+
+    def _failure(self, op: str, kind: str, exc: BaseException) -> RuntimeError:
+        return RuntimeError(
+            f"SPNGD: {op} of the {kind} buffer failed on rank {self.rank} of {self.world_size} "
+            f"({self.backend}): {exc}. A peer process probably exited or stalled past the process group's timeout."
+        )
+
+
+def _pow2_scale(chunks: Tensor, headroom: float) -> Tensor:
+    """Per row of ``chunks``, a power of two s (fp32) with max|finite x|·s·headroom < 2**15; 1 for
+    all-zero rows. Powers of two keep the scaling exact (short of fp16 underflow)."""
+    mag = torch.where(torch.isfinite(chunks), chunks.abs(), torch.zeros((), dtype=chunks.dtype, device=chunks.device))
+    amax = mag.amax(dim=1).float() * headroom
+    exp = torch.where(amax > 0, torch.floor(torch.log2(amax)), torch.full_like(amax, _FP16_TARGET_EXP))
+    return torch.exp2(_FP16_TARGET_EXP - exp).clamp(max=2.0**100, min=2.0**-100)

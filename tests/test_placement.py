@@ -1,0 +1,134 @@
+"""OwnerAssignment (greedy LPT over the layer cost model): pure logic, no processes."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from spngd_ext.distributed.placement import LayerCost, OwnerAssignment
+
+
+def jobs(weights: list[float]) -> list[LayerCost]:
+    """Layers whose compute cost is exactly the given weight (elementwise cost only)."""
+    return [LayerCost(f"l{i}", elementwise=w) for i, w in enumerate(weights)]
+
+
+def makespan(a: OwnerAssignment) -> float:
+    return max(a.compute_load)
+
+
+def optimum(weights: list[float], m: int) -> float:
+    """Exact optimal makespan by enumeration (small instances only)."""
+    best = float("inf")
+    for assign in itertools.product(range(m), repeat=len(weights)):
+        loads = [0.0] * m
+        for w, r in zip(weights, assign):
+            loads[r] += w
+        best = min(best, max(loads))
+    return best
+
+
+def lower_bound(weights: list[float], m: int) -> float:
+    """A lower bound on the optimal makespan: the mean load, the largest job, and the two
+    smallest of the m+1 largest jobs (two of them must share a rank)."""
+    s = sorted(weights, reverse=True)
+    lb = max(sum(weights) / m, s[0] if s else 0.0)
+    if len(s) > m:
+        lb = max(lb, s[m - 1] + s[m])
+    return lb
+
+
+def test_cost_model() -> None:
+    c = LayerCost("conv", factor_dims=(10, 4), grad_shape=(4, 10))
+    assert c.compute() == 10**3 + 4**3 + 4 * 10 * (4 + 10)
+    assert c.memory() == 10**2 + 4**2
+    bn = LayerCost("bn", elementwise=96)
+    assert bn.compute() == 96 and bn.memory() == 96
+
+
+def test_deterministic() -> None:
+    rng = random.Random(0)
+    costs = [LayerCost(f"l{i}", (rng.randint(1, 300), rng.randint(1, 300)), (5, 5)) for i in range(40)]
+    first = OwnerAssignment.balance(costs, 7)
+    for _ in range(3):
+        assert OwnerAssignment.balance(list(costs), 7) == first
+    # every layer has exactly one owner in range, and the loads add up
+    assert len(first.owners) == 40 and all(0 <= o < 7 for o in first.owners)
+    assert sum(first.compute_load) == pytest.approx(sum(c.compute() for c in costs))
+    assert sum(first.memory_load) == pytest.approx(sum(c.memory() for c in costs))
+    assert sorted(i for r in range(7) for i in first.layers_of(r)) == list(range(40))
+
+
+def test_more_ranks_than_layers() -> None:
+    a = OwnerAssignment.balance(jobs([5.0, 9.0, 1.0]), 8)
+    # heaviest first, each onto an empty rank, lowest rank first
+    assert a.owners == (1, 0, 2)
+    assert a.compute_load == (9.0, 5.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    assert [a.layers_of(r) for r in range(4)] == [[1], [0], [2], []]
+    assert makespan(a) == 9.0  # optimal: the largest layer alone
+    one = OwnerAssignment.balance(jobs([3.0]), 3)
+    assert one.owners == (0,)
+
+
+def test_ties_go_to_the_lowest_rank_in_layer_order() -> None:
+    a = OwnerAssignment.balance(jobs([2.0, 2.0, 2.0, 2.0]), 2)
+    assert a.owners == (0, 1, 0, 1)
+    b = OwnerAssignment.balance(jobs([0.0, 0.0, 0.0]), 2)  # zero-cost layers (e.g. empty entries)
+    assert b.owners == (0, 0, 0)  # loads stay tied at 0: always the lowest rank
+    c = OwnerAssignment.balance(jobs([1.0, 3.0, 1.0, 3.0]), 2)
+    assert c.owners == (0, 0, 1, 1)  # 3 (l1)→0, 3 (l3)→1, 1 (l0)→0, 1 (l2)→1
+
+
+def test_one_rank_owns_everything_and_bad_world_size() -> None:
+    a = OwnerAssignment.balance(jobs([1.0, 2.0, 3.0]), 1)
+    assert a.owners == (0, 0, 0) and a.imbalance == 1.0
+    with pytest.raises(ValueError, match="world_size"):
+        OwnerAssignment.balance(jobs([1.0]), 0)
+    assert OwnerAssignment.balance([], 4).owners == ()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_lpt_guarantee_against_the_exact_optimum(seed: int) -> None:
+    """Graham's bound, LPT ≤ (4/3 − 1/(3m))·OPT, on small random instances (OPT by enumeration)."""
+    rng = random.Random(seed)
+    m = rng.choice([2, 3])
+    n = rng.randint(m + 1, 8)
+    weights = [float(rng.randint(1, 50)) for _ in range(n)]
+    a = OwnerAssignment.balance(jobs(weights), m)
+    opt = optimum(weights, m)
+    assert makespan(a) <= (4 / 3 - 1 / (3 * m)) * opt + 1e-9
+
+
+def test_lpt_worst_case_instance() -> None:
+    # the classic tight instance for m = 2: LPT 7, optimum 6 (= 4/3 − 1/6 of it)
+    a = OwnerAssignment.balance(jobs([3.0, 3.0, 2.0, 2.0, 2.0]), 2)
+    assert makespan(a) == 7.0 and optimum([3.0, 3.0, 2.0, 2.0, 2.0], 2) == 6.0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_lpt_within_four_thirds_of_the_lower_bound(seed: int) -> None:
+    """Larger random cost sets (K-FAC-like d³ costs and uniform ones), 2..64 ranks: the LPT
+    makespan stays within 4/3 of a lower bound on the optimum (so within 4/3 of the optimum)."""
+    rng = random.Random(1000 + seed)
+    m = rng.choice([2, 3, 4, 8, 16, 64])
+    n = rng.randint(1, 200)
+    if seed % 2:
+        costs = [LayerCost(f"l{i}", (rng.randint(1, 2000), rng.randint(1, 512)), (3, 3)) for i in range(n)]
+    else:
+        costs = [LayerCost(f"l{i}", elementwise=rng.uniform(0.0, 100.0)) for i in range(n)]
+    a = OwnerAssignment.balance(costs, m)
+    weights = [c.compute() for c in costs]
+    assert makespan(a) <= 4 / 3 * lower_bound(weights, m) * (1 + 1e-12)
+
+
+def test_memory_weight() -> None:
+    rng = random.Random(3)
+    costs = [LayerCost(f"l{i}", (rng.randint(1, 100), rng.randint(1, 100)), (2, 2)) for i in range(30)]
+    assert OwnerAssignment.balance(costs, 4, memory_weight=0.0) == OwnerAssignment.balance(costs, 4)
+    # with memory dominating the objective, the memory loads are what LPT balances
+    heavy = OwnerAssignment.balance(costs, 4, memory_weight=1e9)
+    mems = [c.memory() for c in costs]
+    assert max(heavy.memory_load) <= 4 / 3 * lower_bound(mems, 4)
+    assert sum(heavy.compute_load) == pytest.approx(sum(c.compute() for c in costs))
