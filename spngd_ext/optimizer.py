@@ -291,7 +291,19 @@ class SPNGD(torch.optim.Optimizer):
     def _group_of(self) -> dict[int, dict]:
         return {id(p): g for g in self.param_groups for p in g["params"]}
 
+    def _check_groups(self) -> None:
+        """Hyperparameters written into param_groups mid-run (schedulers, user code) are checked
+        before they can reach the weights (host floats: no synchronisation)."""
+        for k, group in enumerate(self.param_groups):
+            for name, low, high in (("lr", 0.0, None), ("momentum", 0.0, 1.0), ("weight_decay", 0.0, None)):
+                v = group[name]
+                if isinstance(v, Tensor):
+                    continue  # a tensor lr (torch allows it) is used as is
+                if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= low and (high is None or v < high)):
+                    raise ValueError(f"SPNGD.step: param_groups[{k}]['{name}'] is {v!r} at step {self._step_index}; expected a finite number >= {low}" + (f" and < {high}" if high is not None else ""))
+
     def _step_impl(self) -> None:
+        self._check_groups()
         st = self._state
         opts = self.options
         device = self.param_groups[0]["params"][0].device
