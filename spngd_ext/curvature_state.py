@@ -442,6 +442,28 @@ class CurvatureState:
             "inverses": {self.layers[i].name: [None if t is None else t.detach().clone() for t in inv] for i, inv in self.inverses.items()},
         }
 
+    def validate_state_dict(self, sd: object) -> None:
+        """Raise ValueError for a saved curvature state that does not fit this model (before any load)."""
+        where = "SPNGD.load_state_dict"
+        if not isinstance(sd, dict) or any(k not in sd for k in ("est", "est_ready", "inverses")):
+            raise ValueError(f"{where}: the curvature entry must be a dict with est, est_ready and inverses")
+        est = sd["est"]
+        if est is not None and (not isinstance(est, Tensor) or est.numel() != self.stats_layout.chunk_numel):
+            got = est.numel() if isinstance(est, Tensor) else type(est).__name__
+            raise ValueError(f"{where}: curvature estimate has {got} elements, expected {self.stats_layout.chunk_numel}")
+        if len(sd["est_ready"]) != len(self.layers):
+            raise ValueError(f"{where}: est_ready lists {len(sd['est_ready'])} layers, expected {len(self.layers)}")
+        by_name = {layer.name: layer for layer in self.layers}
+        for name, inv in sd["inverses"].items():
+            layer = by_name.get(name)
+            if not isinstance(layer, KroneckerLayer):
+                raise ValueError(f"{where}: saved inverses for {name!r}, which is not a Kronecker layer of this model")
+            for side, dim in ((0, layer.dim_a), (1, layer.dim_g)):
+                t = inv[side]
+                if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != (dim, dim)):
+                    got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                    raise ValueError(f"{where}: saved inverse {'AG'[side]} of {name} has shape {got}, expected {(dim, dim)}")
+
     def load_state_dict(self, sd: dict, device: torch.device) -> None:
         self.ensure_buffers(device)
         if sd["est"] is not None:

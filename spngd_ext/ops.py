@@ -19,13 +19,14 @@ so ``torch.compile`` can trace through them.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from . import reference
-from ._extension import cuda_ops_available
+from ._extension import cuda_ops_available, extension_loaded
 from .reference import packed_size
 
 __all__ = [
@@ -63,6 +64,8 @@ def _use_kernel(
     dtypes_ok = all(t.dtype in kernel_dtypes for t in tensors)
     if backend == "cuda":
         if not cuda_ops_available():
+            if extension_loaded():
+                raise RuntimeError(f"{op}: backend='cuda' but no CUDA GPU is visible (use backend='auto' or 'torch')")
             raise RuntimeError(
                 f"{op}: backend='cuda' but the spngd_ext CUDA extension is not built "
                 "(reinstall with nvcc available, or use backend='auto'/'torch')"
@@ -94,7 +97,7 @@ def _check_same_device(op: str, **tensors: Tensor) -> None:
 
 
 def _check_state(op: str, state: Tensor, numel: int) -> None:
-    _check_tensor("state", state, op, dim=1 if state.dim() == 1 else None)
+    _check_tensor("state", state, op)
     if state.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{op}: state must be float32 or float64 (accumulation is never in half precision), got {state.dtype}")
     if state.numel() != numel:
@@ -115,6 +118,8 @@ def pack_upper(mats: Sequence[Tensor], *, dtype: torch.dtype | None = None, back
     """
     op = "pack_upper"
     mats = list(mats)
+    if dtype is not None and dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: dtype must be a floating dtype (float32/float64/bf16/fp16) or None, got {dtype}")
     for i, m in enumerate(mats):
         _check_tensor(f"mats[{i}]", m, op, dim=2)
         if m.shape[0] != m.shape[1]:
@@ -141,6 +146,8 @@ def unpack_upper(
     """
     op = "unpack_upper"
     _check_tensor("buffer", buffer, op, dim=1)
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: dtype must be a floating dtype (float32/float64/bf16/fp16), got {dtype}")
     sizes = [int(n) for n in sizes]
     if any(n < 1 for n in sizes):
         raise ValueError(f"{op}: sizes must be positive, got {sizes}")
@@ -171,6 +178,7 @@ def accumulate_factor(state: Tensor, x: Tensor, *, scale: float, decay: float, b
     ``decay=0`` overwrites state (NaN in it is ignored). Accumulation is in state's dtype (fp32+).
     """
     op = "accumulate_factor"
+    _check_tensor("state", state, op)
     _check_tensor("x", x, op, dim=2)
     _check_state(op, state, packed_size(x.shape[1]))
     _check_same_device(op, state=state, x=x)
@@ -212,6 +220,11 @@ def conv_a_factor(
     d = _pair("dilation", dilation, op)
     if min(k) < 1 or min(s) < 1 or min(d) < 1 or min(p) < 0:
         raise ValueError(f"{op}: need kernel_size, stride, dilation >= 1 and padding >= 0, got {k}, {s}, {d}, {p}")
+    for axis in (0, 1):
+        if x.shape[2 + axis] + 2 * p[axis] < d[axis] * (k[axis] - 1) + 1:
+            raise ValueError(
+                f"{op}: the kernel does not fit the padded input (input {tuple(x.shape)}, kernel_size {k}, padding {p}, dilation {d})"
+            )
     dim = x.shape[1] * k[0] * k[1] + int(has_bias)
     _check_state(op, state, packed_size(dim))
     _check_same_device(op, state=state, x=x)
@@ -271,6 +284,7 @@ def bn_unitwise_fisher(
     if grad_out.shape != xhat.shape or grad_out.dim() < 2:
         raise ValueError(f"{op}: grad_out and xhat must share one (N, C, *) shape, got {tuple(grad_out.shape)} and {tuple(xhat.shape)}")
     channels = grad_out.shape[1]
+    _check_tensor("state", state, op)
     if state.shape != (channels, 3):
         raise ValueError(f"{op}: state must be ({channels}, 3), got {tuple(state.shape)}")
     if state.dtype not in (torch.float32, torch.float64) or not state.is_contiguous():
@@ -319,11 +333,17 @@ def precondition(g_inv: Tensor, grad: Tensor, a_inv: Tensor, *, backend: Backend
         _check_tensor(name, t, op)
     if grad.dim() not in (2, 3) or g_inv.dim() != grad.dim() or a_inv.dim() != grad.dim():
         raise ValueError(f"{op}: g_inv, grad, a_inv must all be 2-D or all 3-D, got {g_inv.dim()}, {grad.dim()}, {a_inv.dim()}")
+    for name, t in (("g_inv", g_inv), ("a_inv", a_inv)):
+        if t.shape[-1] != t.shape[-2]:
+            raise ValueError(f"{op}: {name} must be square, got shape {tuple(t.shape)}")
     if g_inv.shape[-1] != grad.shape[-2] or a_inv.shape[-2] != grad.shape[-1]:
         raise ValueError(
             f"{op}: shapes do not chain: g_inv {tuple(g_inv.shape)}, grad {tuple(grad.shape)}, a_inv {tuple(a_inv.shape)}"
         )
+    if grad.dim() == 3 and not (g_inv.shape[0] == grad.shape[0] == a_inv.shape[0]):
+        raise ValueError(f"{op}: batch sizes differ: g_inv {g_inv.shape[0]}, grad {grad.shape[0]}, a_inv {a_inv.shape[0]}")
     _check_same_device(op, g_inv=g_inv, grad=grad, a_inv=a_inv)
+    _use_kernel(backend, [grad], op)  # validates backend (the GEMMs below are cuBLAS/MKL either way)
     # Two GEMMs through cuBLAS/MKL are already the fastest form; ordering by cost picks the cheaper
     # association ((Ĝ⁻¹∇)Â⁻¹ vs Ĝ⁻¹(∇Â⁻¹) cost the same flops, so keep the reference order).
     return reference.precondition(g_inv, grad.to(g_inv.dtype), a_inv)
@@ -333,12 +353,17 @@ def kl_clip_coefficient(
     updates: Sequence[Tensor], grads: Sequence[Tensor], lrs: Sequence[float], kl_clip: float
 ) -> Tensor:
     """ν = min(1, sqrt(kl_clip / Σ lr² ⟨U, ∇⟩)) as a 0-dim device tensor (no ``.item()``)."""
-    if not kl_clip > 0:
-        raise ValueError(f"kl_clip_coefficient: kl_clip must be > 0, got {kl_clip}")
+    if not (isinstance(kl_clip, (int, float)) and kl_clip > 0 and math.isfinite(kl_clip)):
+        raise ValueError(f"kl_clip_coefficient: kl_clip must be > 0 and finite, got {kl_clip!r}")
     if not (len(updates) == len(grads) == len(lrs)):
         raise ValueError("kl_clip_coefficient: updates, grads and lrs must have one entry per layer")
     if not updates:
         return torch.ones(())
+    for i, (u, g) in enumerate(zip(updates, grads)):
+        if u.shape != g.shape:
+            raise ValueError(f"kl_clip_coefficient: updates[{i}] has shape {tuple(u.shape)} but grads[{i}] has {tuple(g.shape)}")
+    _check_same_device("kl_clip_coefficient", **{f"updates[{i}]": u for i, u in enumerate(updates)},
+                       **{f"grads[{i}]": g for i, g in enumerate(grads)})
     # One fused reduction: stack the per-layer dot products, then a single weighted sum.
     dots = torch._foreach_mul([u.float() for u in updates], [g.float() for g in grads])
     sums = torch.stack([d.sum() for d in dots])
@@ -348,6 +373,8 @@ def kl_clip_coefficient(
 
 def kl_clip_from_total(total: Tensor, kl_clip: float) -> Tensor:
     """ν = min(1, sqrt(kl_clip / total)) on the device; ν = 1 when total is not positive and finite."""
+    if not (isinstance(kl_clip, (int, float)) and kl_clip > 0 and math.isfinite(kl_clip)):
+        raise ValueError(f"kl_clip_from_total: kl_clip must be > 0 and finite, got {kl_clip!r}")
     ok = torch.isfinite(total) & (total > 0)
     nu = torch.sqrt(kl_clip / torch.where(ok, total, torch.ones_like(total)))
     return torch.where(ok, torch.clamp(nu, max=1.0), torch.ones_like(nu))
@@ -367,8 +394,18 @@ def momentum_update(
     ``momentum_buffers`` must already exist (the optimizer initialises v = d on the first step).
     Uses ``torch._foreach_*`` (one multi-tensor launch per stage on CUDA).
     """
+    op = "momentum_update"
+    if not (len(params) == len(updates) == len(momentum_buffers)):
+        raise ValueError(f"{op}: params, updates and momentum_buffers must have the same length, got "
+                         f"{len(params)}, {len(updates)}, {len(momentum_buffers)}")
     if not params:
         return
+    for i, (p, u, b) in enumerate(zip(params, updates, momentum_buffers)):
+        if u.shape != p.shape or b.shape != p.shape:
+            raise ValueError(f"{op}: updates[{i}] {tuple(u.shape)} and momentum_buffers[{i}] {tuple(b.shape)} must match params[{i}] {tuple(p.shape)}")
+        if not (p.device == u.device == b.device):
+            raise ValueError(f"{op}: all tensors must be on one device, got params[{i}] on {p.device}, "
+                             f"updates[{i}] on {u.device}, momentum_buffers[{i}] on {b.device}")
     d = list(updates)
     if weight_decay != 0:
         d = torch._foreach_add(d, list(params), alpha=weight_decay)

@@ -92,6 +92,14 @@ class SPNGD(torch.optim.Optimizer):
         params = list(model.parameters())
         if not params:
             raise ValueError("SPNGD: the model has no parameters")
+        named = list(inner.named_parameters())
+        first_device = named[0][1].device
+        for pname, p in named:
+            if p.device != first_device:
+                raise ValueError(
+                    f"SPNGD: all parameters must be on one device; {pname} is on {p.device} but "
+                    f"{named[0][0]} is on {first_device}"
+                )
         super().__init__(params, dict(lr=float(lr), momentum=float(momentum), weight_decay=float(weight_decay)))
         self.options = CurvatureOptions(
             damping=damping, fisher=fisher, mc_samples=mc_samples, ema_decay=ema_decay,
@@ -119,11 +127,6 @@ class SPNGD(torch.optim.Optimizer):
         stats_layout, grad_layout = build_layouts(specs, grad_numels, self.assignment.owners, self._comm.world_size)
         self._state = CurvatureState(self._layers, stats_layout, grad_layout, list(self.assignment.owners), self._comm.rank, self.options,
                                      plain_params=self._plain_params)
-        self._capture = ActivationCapture(self._layers, self)
-        # Examples per step (the per-example gradient scale of fisher="emp"): counted once per
-        # forward pass of the whole model, so shared layers and unbatched inputs count right.
-        self._root_hook = inner.register_forward_hook(self._count_examples)
-
         if not isinstance(stale, (bool, StalePolicy)):
             raise ValueError(f"SPNGD: stale must be a bool or a StalePolicy, got {stale!r}")
         policy = (StalePolicy() if stale is True else stale) or None
@@ -144,6 +147,11 @@ class SPNGD(torch.optim.Optimizer):
         self._mc_generator: torch.Generator | None = None
         self._outputs: list[tuple[Tensor, int, Tensor]] = []  # layer outputs of this micro-batch
         self._warned: set[str] = set()
+        # Hooks last: a constructor that raised above leaves the model untouched.
+        self._capture = ActivationCapture(self._layers, self)
+        # Examples per step (the per-example gradient scale of fisher="emp"): counted once per
+        # forward pass of the whole model, so shared layers and unbatched inputs count right.
+        self._root_hook = inner.register_forward_hook(self._count_examples)
         self._counters = {
             "steps": 0, "factor_updates": 0, "inverse_updates": 0, "skipped_steps": 0,
             "inversion_retries": 0, "inversion_fallbacks": 0, "mc_backwards": 0,
@@ -306,7 +314,7 @@ class SPNGD(torch.optim.Optimizer):
         self._check_groups()
         st = self._state
         opts = self.options
-        device = self.param_groups[0]["params"][0].device
+        device = self._state.all_params[0].device
         st.ensure_buffers(device)
         self._comm.begin_step()  # per-step byte counter
         refresh = self._refresh_now and st.any_collected()
@@ -453,7 +461,6 @@ class SPNGD(torch.optim.Optimizer):
             "world_size": self._comm.world_size,
             "rank": self._comm.rank,
             "step_index": self._step_index,
-            "refresh_now": self._refresh_now,
             "counters": dict(self._counters),
             "schedule": self._schedule.state_dict(),
             "inverse_sides_done": self._inverse_sides_done,
@@ -464,21 +471,43 @@ class SPNGD(torch.optim.Optimizer):
         }
         return sd
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    _EXTRA_KEYS = ("signature", "world_size", "rank", "step_index", "counters", "schedule", "inverse_sides_done",
+                   "previous_lr", "seed", "mc_rng", "curvature")
+
+    def _validated_extra(self, state_dict: object) -> dict:
+        """The 'spngd' entry of a state_dict, checked in full before anything is loaded."""
+        where = "SPNGD.load_state_dict"
         if not isinstance(state_dict, dict) or "spngd" not in state_dict:
-            raise ValueError("SPNGD.load_state_dict: not an SPNGD state_dict (no 'spngd' entry)")
+            raise ValueError(f"{where}: not an SPNGD state_dict (no 'spngd' entry)")
         extra = state_dict["spngd"]
+        if not isinstance(extra, dict):
+            raise ValueError(f"{where}: the 'spngd' entry must be a dict, got {type(extra).__name__}")
+        missing = [k for k in self._EXTRA_KEYS if k not in extra]
+        if missing:
+            raise ValueError(f"{where}: the 'spngd' entry lacks {', '.join(missing)} (truncated or from another version)")
         mine = self._signature()
-        theirs = [tuple((n, k, tuple(s))) for n, k, s in extra["signature"]]
+        try:
+            theirs = [(n, k, tuple(shape)) for n, k, shape in extra["signature"]]
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: the signature entry is malformed") from None
         if theirs != mine:
             diff = next(((a, b) for a, b in zip(theirs, mine) if a != b), None)
             raise ValueError(
-                "SPNGD.load_state_dict: the state_dict was saved for another model "
-                f"({len(theirs)} curvature layers vs {len(mine)} here; first difference: saved {diff[0] if diff else theirs[len(mine):][:1]} "
+                f"{where}: the state_dict was saved for another model "
+                f"({len(theirs)} layers/parameters vs {len(mine)} here; first difference: saved {diff[0] if diff else theirs[len(mine):][:1]} "
                 f"vs here {diff[1] if diff else mine[len(theirs):][:1]})"
             )
         if extra["world_size"] != self._comm.world_size:
-            raise ValueError(f"SPNGD.load_state_dict: saved with world_size={extra['world_size']}, running with {self._comm.world_size}")
+            raise ValueError(f"{where}: saved with world_size={extra['world_size']}, running with {self._comm.world_size}")
+        n_stats = len(self._stat_ids)
+        sched = extra["schedule"]
+        if not isinstance(sched, dict) or any(len(sched.get(k, ())) != n_stats for k in ("intervals", "next_due", "refreshes")):
+            raise ValueError(f"{where}: the refresh schedule does not match: {n_stats} statistics here, other statistics saved")
+        self._state.validate_state_dict(extra["curvature"])
+        return extra
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        extra = self._validated_extra(state_dict)
         base = {k: v for k, v in state_dict.items() if k != "spngd"}
         super().load_state_dict(base)
         self._step_index = int(extra["step_index"])
@@ -492,5 +521,5 @@ class SPNGD(torch.optim.Optimizer):
             device, rng_state = extra["mc_rng"]
             self._mc_generator = None
             self._generator(torch.device(device)).set_state(rng_state)
-        device = self.param_groups[0]["params"][0].device
+        device = self._state.all_params[0].device
         self._state.load_state_dict(extra["curvature"], device)
