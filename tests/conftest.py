@@ -31,3 +31,14 @@ def fmnist_dir() -> Path:
         "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz "
         "(e.g. from Debian's dataset-fashion-mnist package: /usr/share/datasets/fashion-mnist)."
     )
+
+
+@pytest.fixture
+def float64_default():
+    """Run a test with float64 as torch's default dtype (exact comparisons), restoring it after."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

@@ -56,17 +56,11 @@ with warnings.catch_warnings():
 
 from spngd_ext import SPNGD
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning"), pytest.mark.usefixtures("float64_default")]
 
 N = 8
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 def _randomize_bn(model: nn.Module) -> None:

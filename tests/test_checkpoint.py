@@ -13,15 +13,9 @@ from torch import nn
 from spngd_ext import SPNGD
 from spngd_ext.stale import StalePolicy
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("float64_default")]
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 def cnn(seed: int = 0, width: int = 4) -> nn.Module:

@@ -14,12 +14,7 @@ from torch import nn
 from spngd_ext import SPNGD
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def mlp_bn(seed: int = 0) -> nn.Module:

@@ -15,15 +15,9 @@ from spngd_ext import SPNGD
 from spngd_ext.recipe import adjusted_momentum, damping_schedule, rescaled_weight_norm_limit
 from spngd_ext.schedules import build_lr_scheduler, lr_factor_fn
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("float64_default")]
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 # ---------------------------------------------------------------------------------------------

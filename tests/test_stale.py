@@ -25,7 +25,7 @@ from torch import nn
 from spngd_ext import SPNGD, ops
 from spngd_ext.stale import DEFAULT_MAX_INTERVAL, RefreshSchedule, StalePolicy
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("float64_default")]
 
 N = 32  # examples per batch
 
@@ -39,12 +39,6 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 # ---------------------------------------------------------------------------------------------
