@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "step_overhead.py"
 
@@ -32,11 +33,15 @@ def test_step_overhead_quick(tmp_path, capsys):
     configs = "sgd,spngd-every-step,spngd-10/100,spngd-stale"
     if importlib.util.find_spec("asdl") is not None:
         configs += ",asdl-every-step"
-    result = bench.main([
-        "--quick", "--batch-sizes", "8", "--rounds", "3", "--warmup", "1", "--threads", "1",
-        "--data", "random", "--n-batches", "2", "--configs", configs,
-        "--profile-steps", "2", "--top-ops", "3", "--json", str(out),
-    ])
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main([
+            "--quick", "--batch-sizes", "8", "--rounds", "3", "--warmup", "1", "--threads", "1",
+            "--data", "random", "--n-batches", "2", "--configs", configs,
+            "--profile-steps", "2", "--top-ops", "3", "--json", str(out),
+        ])
+    finally:
+        torch.set_num_threads(threads)  # main() sets it process-wide
     printed = capsys.readouterr().out
     assert "| config | median | mean |" in printed and "phase breakdown" in printed
 
@@ -56,7 +61,7 @@ def test_step_overhead_quick(tmp_path, capsys):
     assert timing["spngd-every-step"]["counters_in_window"]["factor_updates"] == 3
 
     breakdown = entry["breakdown"]
-    assert set(breakdown) == {"sgd", "spngd-every-step", "spngd-10/100"}
+    assert set(breakdown) == {"sgd", "spngd-every-step", "spngd-10/100", "spngd-stale"}
     every = breakdown["spngd-every-step"]["phases"]
     for phase in ("forward", "backward", "MC backward", "factor accumulation (all)", "  inversion", "  preconditioning", "  update"):
         assert every[phase]["calls_per_step"] > 0, phase

@@ -1,0 +1,779 @@
+"""Step overhead: what a whole SP-NGD training step costs compared with momentum SGD, and where it goes.
+
+    python bench/step_overhead.py [--batch-sizes 256,1024] [--rounds 200] [--quick] [--json PATH]
+    python bench/step_overhead.py --model resnet50 --device cuda --batch-sizes 32,128
+
+Timed configurations (all built through ``spngd_ext.optimizer_registry``, as the train CLI builds
+them):
+
+* ``sgd``               torch.optim.SGD with momentum
+* ``spngd-every-step``  SP-NGD, curvature_interval=1, inverse_interval=1
+* ``spngd-10/100``      SP-NGD, factors every 10 steps, inverses every 100
+* ``spngd-stale``       SP-NGD, stale statistics (stale=True, curvature_interval=100 as the cap)
+* ``asdl-every-step``   ASDL's K-FAC (KfacGradientMaker + torch.optim.SGD), refresh every step
+* ``asdl-10/100``       ASDL's K-FAC, factors every 10 steps, inverses every 100. Without a
+  curvature EMA ASDL inverts whenever it refreshes the factors, so this one is built with
+  intervals 100/100 and then given curvature_upd_interval=10 and ema_decay=1.0: in ASDL's
+  convention (ema = ema·(1−d) + new·d) d=1 replaces the factors with the current estimate, like
+  SP-NGD's ema_decay=None, and the inversion then follows preconditioner_upd_interval.
+
+A step is the whole training step: zero_grad, forward, loss, backward (``opt.backward(loss, out)``
+for SP-NGD, ASDL's ``forward_and_backward`` for ASDL), optimizer step. All configurations run in
+one process, interleaved round-robin (one step of each per round, the order rotated every round),
+on the same batch in a round, so load drift on a shared machine hits all of them alike. Warm-up
+rounds are discarded. The interval configurations refresh rarely and expensively, so the number
+that matters is the MEAN over whole periods: the timed rounds are rounded up to a multiple of 100
+(the longest period) unless --quick. Reported per configuration: median, mean, p10/p90, the
+ratio of its mean to SGD's mean (amortised cost, with a paired bootstrap 95% interval over rounds)
+and of the medians, the ratio of mean process CPU time (all threads; less sensitive than wall time
+to other jobs on a shared machine), plus the mean per kind of step (plain / factor refresh /
+factor + inverse).
+
+By default every optimizer runs with lr=0: every configuration executes exactly the ops of a
+training step, but none can diverge over hundreds of steps on a few batches (a diverged SP-NGD
+skips its steps, which would make it look cheap). --lr trains for real; non-finite losses and
+skipped steps are reported and mark a row invalid either way.
+
+Phase breakdown: after the timed rounds, SGD (20 steps), ``spngd-every-step`` (20 steps),
+``spngd-10/100`` (one whole inverse period, 100 steps) and ``spngd-stale`` (20 steps, the
+intervals it reached by then) run interleaved in one torch.profiler session, each step inside a
+``bench::config=NAME`` range. The bench wraps its own forward and
+backward in ``bench::forward`` / ``bench::backward`` (and zero_grad / step in ``bench::zero_grad``
+/ ``bench::step``); the optimizer marks ``spngd::*`` ranges. Ranges nest (factor accumulation
+runs inside the forward, backward and MC-backward hooks; the MC backward runs inside
+``bench::backward``), so the table gives, per step, each range's INCLUSIVE time and its EXCLUSIVE
+remainder (inclusive minus the ranges nested directly in it, found by time containment, which
+also covers the autograd thread on CUDA). On CPU the time is the range's wall time on its thread;
+on CUDA the kernel time of the ops launched inside it (and the CPU time next to it). The profiler
+adds a few microseconds per op, so the profiled step total is shown next to the unprofiled mean.
+With --top-ops N, the N most expensive ops (self time) inside each phase are listed as well,
+together with the part of the phase spent outside any op (Python and dispatch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from spngd_ext.models import count_parameters, small_bn_cnn  # noqa: E402
+from spngd_ext.optimizer_registry import (  # noqa: E402
+    OptimizerSettings,
+    OptimizerUnavailableError,
+    build_train_step,
+)
+
+PERIOD = 100  # longest refresh period among the configurations (inverses every 100 steps)
+ALL_CONFIGS = ("sgd", "spngd-every-step", "spngd-10/100", "spngd-stale", "asdl-every-step", "asdl-10/100")
+PROFILED = ("sgd", "spngd-every-step", "spngd-10/100", "spngd-stale")
+
+# Rows of the breakdown table: (label, range name, parent filter). A parent filter splits a range
+# by the range it is nested in directly (factor accumulation happens in three places).
+PHASE_ROWS = [
+    ("zero_grad", "bench::zero_grad", None),
+    ("forward", "bench::forward", None),
+    ("backward", "bench::backward", None),
+    ("MC backward", "spngd::mc_backward", None),
+    ("factor accumulation (all)", "spngd::factor_accumulation", None),
+    ("  in forward hooks", "spngd::factor_accumulation", "bench::forward"),
+    ("  in MC-backward hooks", "spngd::factor_accumulation", "spngd::mc_backward"),
+    ("  in backward hooks", "spngd::factor_accumulation", "bench::backward"),
+    ("optimizer step (all)", "bench::step", None),
+    ("  gather gradients", "spngd::gather_gradients", None),
+    ("  communication", "spngd::communication", None),
+    ("  factor finalize", "spngd::factor_finalize", None),
+    ("  inversion", "spngd::inversion", None),
+    ("  preconditioning", "spngd::preconditioning", None),
+    ("  update", "spngd::update", None),
+]
+TOP_LEVEL = ("bench::zero_grad", "bench::forward", "bench::backward", "bench::step")
+
+
+# ------------------------------------------------------------------------------------------------
+# environment
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(args: argparse.Namespace, argv: list[str]) -> dict:
+    env = {
+        "command": " ".join(shlex.quote(a) for a in ["python", "bench/step_overhead.py", *argv]),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "python": platform.python_version(),
+        "device": args.device,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if args.device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import asdl  # noqa: F401
+
+        from importlib.metadata import version
+
+        env["asdl"] = version("asdfghjkl")
+    except Exception:  # noqa: BLE001 - only informative
+        env["asdl"] = None
+    return env
+
+
+# ------------------------------------------------------------------------------------------------
+# model and data
+
+
+def build_base_model(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
+    """The model, the shape of one input example and the number of classes."""
+    if name == "small_bn_cnn":
+        return small_bn_cnn(), (1, 28, 28), 10
+    if name == "resnet50":
+        try:
+            import torchvision
+        except ImportError as exc:
+            raise SystemExit(f"--model resnet50 needs torchvision (pip install torchvision): {exc}") from exc
+        return torchvision.models.resnet50(), (3, 224, 224), 1000
+    raise SystemExit(f"unknown --model {name!r}; choose small_bn_cnn or resnet50")
+
+
+def _fashion_mnist_dir(explicit: str | None) -> Path | None:
+    from spngd_ext.data import DataNotFoundError, find_data_dir, locate_files
+
+    if explicit:
+        return find_data_dir(explicit, download=False)
+    sibling = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
+    if not os.environ.get("SPNGD_DATA_DIR") and locate_files(sibling) is not None:
+        return sibling
+    try:
+        return find_data_dir(None, download=False)
+    except DataNotFoundError:
+        return None
+
+
+def make_batches(kind: str, batch: int, n: int, example_shape: tuple[int, ...], classes: int,
+                 device: torch.device, data_dir: str | None, seed: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], str]:
+    """n batches, each used by every configuration in the same round (round r uses batch r mod n)."""
+    if kind in ("auto", "fmnist") and example_shape == (1, 28, 28):
+        directory = _fashion_mnist_dir(data_dir)
+        if directory is not None:
+            from spngd_ext.data import load_dataset
+
+            ds = load_dataset(directory, limit_train=batch * n, limit_test=1, download=False)
+            if ds.train_x.shape[0] >= batch:
+                n = ds.train_x.shape[0] // batch
+                xs = ds.train_x[: n * batch].to(device).split(batch)
+                ys = ds.train_y[: n * batch].to(device).split(batch)
+                return list(zip(xs, ys)), f"Fashion-MNIST ({directory}), {n} distinct batches of {batch}"
+        if kind == "fmnist":
+            raise SystemExit("--data fmnist: Fashion-MNIST not found (set SPNGD_DATA_DIR or --data-dir)")
+    g = torch.Generator(device=device).manual_seed(seed)
+    batches = [
+        (torch.randn(batch, *example_shape, generator=g, device=device), torch.randint(0, classes, (batch,), generator=g, device=device))
+        for _ in range(n)
+    ]
+    return batches, f"random N(0,1) inputs and uniform labels, {n} distinct batches of {batch}"
+
+
+# ------------------------------------------------------------------------------------------------
+# configurations
+
+
+@dataclass
+class Config:
+    name: str
+    kind: str  # "sgd" | "spngd" | "asdl"
+    train_step: object  # the registry's TrainStep
+    times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)  # process CPU time (all threads)
+    step_kinds: list[str] = field(default_factory=list)
+    losses: list[torch.Tensor] = field(default_factory=list)
+    counters_start: dict = field(default_factory=dict)
+    counters_end: dict = field(default_factory=dict)
+    final_intervals: dict | None = None  # SP-NGD: refresh interval of every statistic at the end
+
+    @property
+    def model(self) -> nn.Module:
+        return self.train_step.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.train_step.optimizer
+
+    def run(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One whole training step; returns the (detached) loss."""
+        if self.kind == "asdl":
+            with record_function("bench::asdl_step"):
+                loss, _ = self.train_step(x, y)  # ASDL's own call sequence (registry)
+            return loss
+        opt = self.optimizer
+        with record_function("bench::zero_grad"):
+            opt.zero_grad(set_to_none=True)
+        with record_function("bench::forward"):
+            out = self.model(x)
+            loss = F.cross_entropy(out, y)
+        with record_function("bench::backward"):
+            if self.kind == "spngd":
+                opt.backward(loss, out)
+            else:
+                loss.backward()
+        with record_function("bench::step"):
+            opt.step()
+        return loss.detach()
+
+    def next_step_kind(self) -> str:
+        """What the coming step will do: plain, factor refresh, or factor refresh + inversion."""
+        if self.kind == "asdl":
+            gm = self.train_step.grad_maker
+            curv = gm.do_update_curvature()
+            inv = curv if not gm.do_accumulate else gm.do_update_preconditioner()
+            return "factors+inverse" if inv else ("factors" if curv else "plain")
+        return "plain"
+
+    def refresh_counts(self) -> tuple[int, int]:
+        if self.kind != "spngd":
+            return (0, 0)
+        c = self.optimizer.counters
+        return c["factor_updates"], c["inverse_updates"]
+
+    @staticmethod
+    def kind_from_counts(before: tuple[int, int], after: tuple[int, int]) -> str:
+        if after[1] > before[1]:
+            return "factors+inverse"
+        return "factors" if after[0] > before[0] else "plain"
+
+    def counters(self) -> dict:
+        if self.kind == "spngd":
+            c = self.optimizer.counters
+            return {k: c[k] for k in ("steps", "factor_updates", "inverse_updates", "skipped_steps", "mc_backwards", "inversion_fallbacks")}
+        if self.kind == "asdl":
+            return {"steps": self.train_step.grad_maker.state["step"], "factor_updates": self.train_step.curvature_updates}
+        return {}
+
+
+def build_configs(names: list[str], base: nn.Module, device: torch.device, lr: float, seed: int) -> tuple[list[Config], dict]:
+    configs, skipped = [], {}
+    for name in names:
+        model = copy.deepcopy(base).to(device)
+        common = dict(lr=lr, momentum=0.9, weight_decay=5e-4, damping=1e-3, seed=seed)
+        try:
+            if name == "sgd":
+                cfg = Config(name, "sgd", build_train_step("sgd", model, OptimizerSettings(**common)))
+            elif name == "spngd-every-step":
+                cfg = Config(name, "spngd", build_train_step("spngd", model, OptimizerSettings(**common, curvature_interval=1, inverse_interval=1)))
+            elif name == "spngd-10/100":
+                cfg = Config(name, "spngd", build_train_step("spngd", model, OptimizerSettings(**common, curvature_interval=10, inverse_interval=100)))
+            elif name == "spngd-stale":
+                cfg = Config(name, "spngd", build_train_step("spngd", model, OptimizerSettings(**common, stale=True, curvature_interval=100, inverse_interval=1)))
+            elif name == "asdl-every-step":
+                cfg = Config(name, "asdl", build_train_step("asdl-kfac", model, OptimizerSettings(**common, curvature_interval=1, inverse_interval=1)))
+            elif name == "asdl-10/100":
+                step = build_train_step("asdl-kfac", model, OptimizerSettings(**common, curvature_interval=100, inverse_interval=100))
+                step.config.curvature_upd_interval = 10
+                step.config.ema_decay = 1.0  # replace (no averaging); inversion every preconditioner_upd_interval
+                cfg = Config(name, "asdl", step)
+            else:
+                raise SystemExit(f"unknown config {name!r}; choose from {', '.join(ALL_CONFIGS)}")
+        except OptimizerUnavailableError as exc:
+            skipped[name] = str(exc)
+            continue
+        configs.append(cfg)
+    if not configs or configs[0].name != "sgd":
+        raise SystemExit("the sgd baseline must be among the configurations (it is the reference)")
+    return configs, skipped
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_rounds(configs: list[Config], batches, rounds: int, warmup: int, device: torch.device, log: Callable[[str], None]) -> float:
+    """Round-robin: one step of each configuration per round, order rotated each round."""
+    n = len(configs)
+    t_start = time.perf_counter()
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # collections at random points would land on random configurations
+    try:
+        for r in range(warmup + rounds):
+            if r == warmup:
+                for c in configs:
+                    c.counters_start = c.counters()
+            x, y = batches[r % len(batches)]
+            for k in range(n):
+                c = configs[(r + k) % n]
+                kind = c.next_step_kind()
+                before = c.refresh_counts()
+                _sync(device)
+                c0 = time.process_time()
+                t0 = time.perf_counter()
+                loss = c.run(x, y)
+                _sync(device)
+                dt = time.perf_counter() - t0
+                dc = time.process_time() - c0
+                if c.kind == "spngd":
+                    kind = c.kind_from_counts(before, c.refresh_counts())
+                if r >= warmup:
+                    c.times.append(dt)
+                    c.cpu_times.append(dc)
+                    c.step_kinds.append(kind)
+                    c.losses.append(loss)
+            if r % 10 == 9:
+                gc.collect()
+            if (r + 1) % max(1, (warmup + rounds) // 10) == 0:
+                log(f"    round {r + 1}/{warmup + rounds}  ({time.perf_counter() - t_start:.0f} s)")
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    for c in configs:
+        c.counters_end = c.counters()
+        if c.kind == "spngd":
+            c.final_intervals = c.optimizer.counters["intervals"]
+    return time.perf_counter() - t_start
+
+
+def bootstrap_ratio_ci(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of mean(a)/mean(b), resampling rounds (pairs) with replacement."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(n, len(a)))
+    r = a[idx].mean(axis=1) / b[idx].mean(axis=1)
+    return float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))
+
+
+def summarise(configs: list[Config]) -> dict:
+    sgd = np.asarray(configs[0].times) * 1e3
+    sgd_cpu = np.asarray(configs[0].cpu_times) * 1e3
+    out = {}
+    for c in configs:
+        t = np.asarray(c.times) * 1e3
+        tc = np.asarray(c.cpu_times) * 1e3
+        losses = torch.stack(c.losses).float().cpu() if c.losses else torch.zeros(0)
+        finite = bool(torch.isfinite(losses).all())
+        start, end = c.counters_start, c.counters_end
+        window = {k: end[k] - start.get(k, 0) for k in end}
+        skipped = window.get("skipped_steps", 0)
+        by_kind = {}
+        for kind in sorted(set(c.step_kinds)):
+            sel = np.asarray([k == kind for k in c.step_kinds])
+            by_kind[kind] = {"steps": int(sel.sum()), "mean_ms": float(t[sel].mean()), "median_ms": float(np.median(t[sel]))}
+        lo, hi = bootstrap_ratio_ci(t, sgd)
+        out[c.name] = {
+            "steps": int(len(t)),
+            "median_ms": float(np.median(t)),
+            "mean_ms": float(t.mean()),
+            "p10_ms": float(np.percentile(t, 10)),
+            "p90_ms": float(np.percentile(t, 90)),
+            "min_ms": float(t.min()),
+            "max_ms": float(t.max()),
+            "ratio_mean": float(t.mean() / sgd.mean()),
+            "ratio_mean_ci95": [lo, hi],
+            "ratio_median": float(np.median(t) / np.median(sgd)),
+            "cpu_mean_ms": float(tc.mean()),
+            "cpu_ratio_mean": float(tc.mean() / sgd_cpu.mean()) if sgd_cpu.mean() > 0 else float("nan"),
+            "by_step_kind": by_kind,
+            "counters_in_window": window,
+            "final_intervals": c.final_intervals,
+            "final_loss": float(losses[-1]) if len(losses) else None,
+            "valid": finite and skipped == 0,
+            "times_ms": [round(float(v), 4) for v in t],
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# profiling
+
+
+@dataclass
+class _Range:
+    name: str
+    start: float
+    end: float
+    parent: "_Range | None" = None
+    self_ops_cpu: float = 0.0  # self CPU time of ops directly inside (not in a nested range)
+    device: float = 0.0  # kernel time of ops launched directly inside
+    children_wall: float = 0.0
+    ops: dict = field(default_factory=dict)  # op name -> [self cpu us, calls, device us]
+
+
+def _is_range(e) -> bool:
+    return e.name.startswith(("bench::", "spngd::")) and e.device_type == torch.autograd.DeviceType.CPU
+
+
+CONFIG_RANGE = "bench::config="
+
+
+def analyse_profile(events, steps: dict[str, int], use_cuda: bool) -> dict[str, dict]:
+    """Per configuration (the ``bench::config=NAME`` range each profiled step runs in): per-step
+    inclusive / exclusive time of each range (see module docstring) and the ops inside each range."""
+    cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and not e.is_async]
+    ranges = [_Range(e.name, e.time_range.start, e.time_range.end) for e in cpu if _is_range(e)]
+    ops = [e for e in cpu if not _is_range(e)]
+    items = [(r.start, 0, -r.end, r) for r in ranges] + [(e.time_range.start, 1, 0.0, e) for e in ops]
+    items.sort(key=lambda t: (t[0], t[1], t[2]))
+    stack: list[_Range] = []
+    for start, is_op, _, obj in items:
+        while stack and stack[-1].end <= start:
+            stack.pop()
+        inner = stack[-1] if stack else None
+        if not is_op:
+            obj.parent = inner
+            if inner is not None:
+                inner.children_wall += obj.end - obj.start
+            stack.append(obj)
+        elif inner is not None:
+            self_cpu = obj.self_cpu_time_total
+            dev = obj.self_device_time_total if use_cuda else 0.0
+            inner.self_ops_cpu += self_cpu
+            inner.device += dev
+            slot = inner.ops.setdefault(obj.name, [0.0, 0, 0.0])
+            slot[0] += self_cpu
+            slot[1] += 1
+            slot[2] += dev
+
+    dev_incl: dict[int, float] = {id(r): r.device for r in ranges}  # own kernels + descendants'
+    for r in sorted(ranges, key=lambda r: r.start, reverse=True):  # children start after parents
+        if r.parent is not None:
+            dev_incl[id(r.parent)] += dev_incl[id(r)]
+
+    def root(r: _Range) -> str | None:
+        while r.parent is not None:
+            r = r.parent
+        return r.name[len(CONFIG_RANGE):] if r.name.startswith(CONFIG_RANGE) else None
+
+    by_config: dict[str, list[_Range]] = {}
+    for r in ranges:
+        name = root(r)
+        if name is not None:
+            by_config.setdefault(name, []).append(r)
+
+    results = {}
+    for cname, n in steps.items():
+        mine = by_config.get(cname, [])
+
+        def agg(name: str, parent: str | None) -> dict:
+            sel = [r for r in mine if r.name == name and (parent is None or (r.parent is not None and r.parent.name == parent))]
+            res = {
+                "calls_per_step": len(sel) / n,
+                "cpu_inclusive_ms": sum(r.end - r.start for r in sel) / n / 1e3,
+                "cpu_exclusive_ms": sum(r.end - r.start - r.children_wall for r in sel) / n / 1e3,
+                "cpu_exclusive_in_ops_ms": sum(r.self_ops_cpu for r in sel) / n / 1e3,
+            }
+            if use_cuda:
+                res["cuda_inclusive_ms"] = sum(dev_incl[id(r)] for r in sel) / n / 1e3
+                res["cuda_exclusive_ms"] = sum(r.device for r in sel) / n / 1e3
+            return res
+
+        top = [r for r in mine if r.name == CONFIG_RANGE + cname]
+        res = {
+            "steps": n,
+            "profiled_step_cpu_ms": sum(r.end - r.start for r in top) / n / 1e3,
+            "phases": {label: agg(name, parent) for label, name, parent in PHASE_ROWS},
+        }
+        if use_cuda:
+            res["profiled_step_cuda_ms"] = sum(dev_incl[id(r)] for r in top) / n / 1e3
+        per_range: dict[str, dict[str, list]] = {}
+        for r in mine:
+            d = per_range.setdefault(r.name, {})
+            for op, (sc, k, dv) in r.ops.items():
+                slot = d.setdefault(op, [0.0, 0, 0.0])
+                slot[0] += sc
+                slot[1] += k
+                slot[2] += dv
+        res["ops"] = {
+            name: sorted(
+                ({"op": op, "self_cpu_ms": sc / n / 1e3, "calls_per_step": k / n, "cuda_ms": dv / n / 1e3} for op, (sc, k, dv) in d.items()),
+                key=lambda o: -(o["cuda_ms"] if use_cuda else o["self_cpu_ms"]),
+            )
+            for name, d in per_range.items()
+        }
+        results[cname] = res
+    return results
+
+
+def profile_configs(configs: list[Config], steps: dict[str, int], batches, device: torch.device) -> dict[str, dict]:
+    """One profiler session over all profiled configurations, interleaved like the timed rounds:
+    the configuration with the most steps runs every round, the others every k-th round. Any
+    `steps` consecutive steps of an interval configuration hold the same number of refreshes when
+    `steps` is a multiple of its period, so no alignment is needed."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    rounds = max(steps.values())
+    every = {c.name: max(1, rounds // steps[c.name]) for c in configs}
+    done = {c.name: 0 for c in configs}
+    start = {c.name: c.counters() for c in configs}
+    gc.collect()
+    with profile(activities=activities, record_shapes=False, with_stack=False) as prof:
+        for r in range(rounds):
+            x, y = batches[r % len(batches)]
+            for c in configs:
+                if r % every[c.name] == 0 and done[c.name] < steps[c.name]:
+                    with record_function(CONFIG_RANGE + c.name):
+                        c.run(x, y)
+                        _sync(device)
+                    done[c.name] += 1
+    results = analyse_profile(prof.events(), done, device.type == "cuda")
+    for c in configs:
+        end = c.counters()
+        results[c.name]["counters"] = {k: end[k] - start[c.name].get(k, 0) for k in end}
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# printing
+
+
+def fmt(v: float | None, digits: int = 1) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    return f"{v:.{digits}f}"
+
+
+def timing_table(summary: dict, batch: int) -> str:
+    lines = [
+        f"#### Batch {batch}: whole training step (ms), interleaved, {next(iter(summary.values()))['steps']} timed steps each",
+        "",
+        "| config | median | mean | p10–p90 | mean / SGD mean (95% CI) | median / SGD median | CPU-time mean / SGD | mean by step kind | refreshes in window |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for name, s in summary.items():
+        kinds = ", ".join(f"{k} {v['mean_ms']:.1f}×{v['steps']}" for k, v in s["by_step_kind"].items())
+        w = s["counters_in_window"]
+        ref = f"f {w['factor_updates']}" + (f", inv {w['inverse_updates']}" if "inverse_updates" in w else "") if "factor_updates" in w else ""
+        if w.get("skipped_steps"):
+            ref += f", SKIPPED {w['skipped_steps']}"
+        flag = "" if s["valid"] else " (INVALID: non-finite loss or skipped steps)"
+        lo, hi = s["ratio_mean_ci95"]
+        lines.append(
+            f"| {name}{flag} | {fmt(s['median_ms'])} | {fmt(s['mean_ms'])} | {fmt(s['p10_ms'])}–{fmt(s['p90_ms'])} | "
+            f"**{s['ratio_mean']:.3f}×** ({lo:.3f}–{hi:.3f}) | {s['ratio_median']:.3f}× | {s['cpu_ratio_mean']:.3f}× | {kinds} | {ref} |"
+        )
+    return "\n".join(lines)
+
+
+def breakdown_table(breakdown: dict, timing: dict, batch: int, use_cuda: bool) -> str:
+    names = list(breakdown)
+    unit = "CUDA kernel ms/step" if use_cuda else "CPU (wall) ms/step"
+    head = "| phase | " + " | ".join(f"{n} incl | {n} excl" for n in names) + " |"
+    lines = [
+        f"#### Batch {batch}: phase breakdown ({unit}, profiled; incl = inclusive, excl = minus nested ranges)",
+        "",
+        head,
+        "|---|" + "---:|---:|" * len(names),
+    ]
+    key_i, key_e = ("cuda_inclusive_ms", "cuda_exclusive_ms") if use_cuda else ("cpu_inclusive_ms", "cpu_exclusive_ms")
+    labels = [label for label, _, _ in PHASE_ROWS]
+    for label in labels:
+        cells = []
+        for n in names:
+            p = breakdown[n]["phases"][label]
+            if p["calls_per_step"] == 0:
+                cells += ["", ""]
+            else:
+                cells += [fmt(p[key_i], 2), fmt(p[key_e], 2)]
+        if any(cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    tot_key = "profiled_step_cuda_ms" if use_cuda else "profiled_step_cpu_ms"
+    lines.append("| **profiled step total** | " + " | ".join(f"**{fmt(breakdown[n][tot_key], 2)}** | " for n in names) + " |")
+    lines.append("| unprofiled mean (timed rounds) | " + " | ".join(f"{fmt(timing[n]['mean_ms'], 2)} | " for n in names if n in timing) + " |")
+    base = breakdown[names[0]][tot_key]
+    lines.append("| overhead vs SGD (profiled) | " + " | ".join(f"{fmt(breakdown[n][tot_key] - base, 2)} | " for n in names) + " |")
+    return "\n".join(lines)
+
+
+def top_ops_text(breakdown: dict, n: int, use_cuda: bool) -> str:
+    out = []
+    for cname, b in breakdown.items():
+        if not cname.startswith("spngd"):
+            continue
+        out.append(f"Top ops per phase, {cname} (self time per step, exclusive of nested ranges; 'outside ops' = Python/dispatch):")
+        key = "cuda_ms" if use_cuda else "self_cpu_ms"
+        for label, rname, parent in PHASE_ROWS:
+            if parent is not None or rname not in b["ops"]:
+                continue
+            p = b["phases"][label]
+            if p["calls_per_step"] == 0:
+                continue
+            ops = b["ops"][rname][:n]
+            outside = p["cpu_exclusive_ms"] - p["cpu_exclusive_in_ops_ms"]
+            nops = sum(o["calls_per_step"] for o in b["ops"][rname])
+            parts = "; ".join(f"{o['op']} {o[key]:.2f} ms ×{o['calls_per_step']:.3g}" for o in ops)
+            out.append(f"  {label.strip():<22} excl {p['cpu_exclusive_ms']:.2f} ms, outside ops {outside:.2f} ms, {nops:.0f} op calls/step: {parts}")
+    return "\n".join(out)
+
+
+def targets(summary: dict) -> list[dict]:
+    def r(name):
+        return summary[name]["ratio_mean"] if name in summary else None
+
+    res = []
+    if r("spngd-every-step") is not None:
+        res.append({"target": "spngd every-step mean ≤ 2.0× SGD", "value": r("spngd-every-step"), "met": r("spngd-every-step") <= 2.0})
+    cand = [(n, r(n)) for n in ("spngd-10/100", "spngd-stale") if r(n) is not None]
+    if cand:
+        best = min(cand, key=lambda t: t[1])
+        res.append({"target": "spngd 10/100 or stale mean ≤ 1.03× SGD", "value": best[1], "which": best[0], "met": best[1] <= 1.03})
+    for sp, asdl in (("spngd-every-step", "asdl-every-step"), ("spngd-10/100", "asdl-10/100")):
+        if sp in summary and asdl in summary:
+            speed = summary[asdl]["mean_ms"] / summary[sp]["mean_ms"]
+            res.append({"target": f"{asdl} / {sp} mean ≥ 1.5 (SP-NGD faster)", "value": speed, "met": speed >= 1.5})
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small_bn_cnn", choices=["small_bn_cnn", "resnet50"])
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cpu for small_bn_cnn, cuda for resnet50")
+    p.add_argument("--batch-sizes", default="256,1024")
+    p.add_argument("--rounds", type=int, default=None, help=f"timed rounds (default 300; rounded up to a multiple of {PERIOD} unless --quick)")
+    p.add_argument("--warmup", type=int, default=None, help="discarded rounds first (default 10; --quick 2)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 20 rounds, short profiles, no period rounding")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
+    p.add_argument("--configs", default=",".join(ALL_CONFIGS), help="comma list; sgd must be first")
+    p.add_argument("--no-asdl", action="store_true", help="drop the ASDL configurations")
+    p.add_argument("--no-profile", action="store_true", help="skip the phase breakdown")
+    p.add_argument("--profile-steps", type=int, default=None, help=f"steps per profiled config (default: 20, and {PERIOD} for interval configs)")
+    p.add_argument("--top-ops", type=int, default=5, help="list the N most expensive ops per SP-NGD phase (0: off)")
+    p.add_argument("--data", default="auto", choices=["auto", "fmnist", "random"])
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--n-batches", type=int, default=8, help="distinct batches cycled through (round r uses batch r mod n)")
+    p.add_argument("--lr", type=float, default=0.0, help="learning rate of every optimizer (default 0: frozen weights, see docstring)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write everything (incl. per-step times) here")
+    args = p.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if args.model == "resnet50" else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    if args.no_asdl:
+        names = [n for n in names if not n.startswith("asdl")]
+    args.config_names = names
+    if args.warmup is None:
+        args.warmup = 2 if args.quick else 10
+    if args.rounds is None:
+        args.rounds = 20 if args.quick else 300
+    if not args.quick and args.rounds % PERIOD:
+        args.rounds = (args.rounds // PERIOD + 1) * PERIOD
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    torch.manual_seed(args.seed)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # ASDL: non-full backward hooks, jit
+    device = torch.device(args.device)
+    env = environment(args, argv)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    print(f"# step overhead: SP-NGD vs SGD vs ASDL K-FAC\n\ncommand: `{env['command']}`  ")
+    print(f"torch {env['torch']}, threads {env['threads']} (interop {env['interop_threads']}), {env['cpu_count']} cores: {env['cpu_model']}"
+          + (f", GPU {env['gpu']}" if "gpu" in env else "") + f", asdl {env['asdl']}, load average at start {env['load_average']}  ")
+
+    base, example_shape, classes = build_base_model(args.model)
+    result: dict = {"environment": env, "settings": {k: v for k, v in vars(args).items()}, "model": {
+        "name": args.model, "parameters": count_parameters(base), "input": list(example_shape), "classes": classes}, "batch_sizes": {}}
+    print(f"model {args.model} ({count_parameters(base):,} parameters), input {example_shape}, device {args.device}, lr {args.lr}, "
+          f"{args.rounds} timed rounds after {args.warmup} warm-up rounds\n")
+
+    for batch in args.batch_sizes:
+        entry: dict = {}
+        result["batch_sizes"][str(batch)] = entry
+        try:
+            batches, data_desc = make_batches(args.data, batch, args.n_batches, example_shape, classes, device, args.data_dir, args.seed)
+            entry["data"] = data_desc
+            configs, skipped = build_configs(args.config_names, base, device, args.lr, args.seed)
+            entry["skipped_configs"] = skipped
+            for name, why in skipped.items():
+                print(f"(skipping {name}: {why})")
+            log(f"batch {batch}: {len(configs)} configs, data: {data_desc}")
+            wall = run_rounds(configs, batches, args.rounds, args.warmup, device, log)
+            summary = summarise(configs)
+            entry["timing"] = summary
+            entry["timing_wall_s"] = wall
+            entry["targets"] = targets(summary)
+            print(timing_table(summary, batch))
+            print(f"\n({data_desc}; timing took {wall:.0f} s)\n")
+            for t in entry["targets"]:
+                print(f"- target {t['target']}: {t['value']:.3f} → {'met' if t['met'] else 'NOT MET'}"
+                      + (f" ({t['which']})" if "which" in t else ""))
+            print()
+
+            if not args.no_profile:
+                steps = {}
+                for c in configs:
+                    if c.name not in PROFILED:
+                        continue
+                    if args.profile_steps is not None:
+                        steps[c.name] = args.profile_steps
+                    elif c.name == "spngd-10/100":
+                        steps[c.name] = 10 if args.quick else PERIOD
+                    else:
+                        steps[c.name] = 3 if args.quick else 20
+                log(f"  profiling (interleaved): {steps}")
+                chosen = [c for c in configs if c.name in steps]
+                breakdown = profile_configs(chosen, steps, batches, device)
+                entry["breakdown"] = breakdown
+                print(breakdown_table(breakdown, summary, batch, device.type == "cuda"))
+                print()
+                if args.top_ops > 0:
+                    print(top_ops_text(breakdown, args.top_ops, device.type == "cuda"))
+                    print()
+                    for b in breakdown.values():
+                        for name in b["ops"]:
+                            b["ops"][name] = b["ops"][name][: max(args.top_ops, 10)]
+        except torch.cuda.OutOfMemoryError as exc:  # one batch size too big must not lose the others
+            entry["error"] = f"out of memory: {exc}".splitlines()[0]
+            print(f"batch {batch}: {entry['error']}\n")
+            torch.cuda.empty_cache()
+
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
