@@ -54,7 +54,7 @@ with warnings.catch_warnings():
     from asdl.matrices import FISHER_EMP, FISHER_EXACT, FISHER_MC, SHAPE_KRON, SHAPE_UNIT_WISE
     from asdl.operations.operation import OP_MEAN_INPUTS, OP_OUT_SPATIAL_SIZE
 
-from spngd_ext import SPNGD
+from steps import one_step_update
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning"), pytest.mark.usefixtures("float64_default")]
 
@@ -170,18 +170,6 @@ def asdl_in_our_convention(model: nn.Module, x, asdl_stats: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ our side
-def ours_one_step(model: nn.Module, x, y, fisher: str, **kw):
-    """One SP-NGD step with lr=1, momentum=0: returns (opt, grads, update) with update = θ_before − θ_after."""
-    opt = SPNGD(model, lr=1.0, momentum=0.0, fisher=fisher, backend="torch", **kw)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt.zero_grad()
-    out = model(x)
-    loss = F.cross_entropy(out, y)
-    opt.backward(loss, out)
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    opt.step()
-    update = {n: before[n] - p.detach() for n, p in model.named_parameters()}
-    return opt, grads, update
 
 
 def _check_factors(ours: dict, ref: dict, rtol: float, atol: float) -> None:
@@ -200,7 +188,7 @@ def test_empirical_fisher_factors_match_asdl(kind, bias):
     x, y = make_batch(kind)
     ref_model = MAKERS[kind](bias)
     ref = asdl_in_our_convention(ref_model, x, asdl_fisher(ref_model, x, y, FISHER_EMP))
-    opt, _, _ = ours_one_step(MAKERS[kind](bias), x, y, "emp")
+    opt, _, _ = one_step_update(MAKERS[kind](bias), x, y, "emp")
     _check_factors(opt.factors(), ref, rtol=1e-10, atol=1e-12)
 
 
@@ -212,7 +200,7 @@ def test_conv_spatial_scaling_is_not_trivially_one():
     raw = asdl_fisher(ref_model, x, y, FISHER_EMP)
     Ts = {name: T for name, (_, T) in asdl_input_stats(ref_model, x).items()}
     assert Ts == {"0": 36, "3": 4, "7": 1}
-    opt, _, _ = ours_one_step(make_cnn(False), x, y, "emp")
+    opt, _, _ = one_step_update(make_cnn(False), x, y, "emp")
     ours = opt.factors()
     for name in ("0", "3"):
         ratio_a = torch.trace(ours[name]["A"]) / torch.trace(raw[name]["A"])
@@ -232,10 +220,10 @@ def test_mc_fisher_with_matched_sampling_matches_asdl(kind):
     seed = 1234
     ref_model = MAKERS[kind](True)
     ref = asdl_in_our_convention(ref_model, x, asdl_fisher(ref_model, x, y, FISHER_MC, seed=seed))
-    opt, _, _ = ours_one_step(MAKERS[kind](True), x, y, "mc", seed=seed)
+    opt, _, _ = one_step_update(MAKERS[kind](True), x, y, "mc", seed=seed)
     _check_factors(opt.factors(), ref, rtol=2e-5, atol=1e-6)
     # a different seed draws different labels: the comparison above is sensitive to the draw
-    other, _, _ = ours_one_step(MAKERS[kind](True), x, y, "mc", seed=seed + 1)
+    other, _, _ = one_step_update(MAKERS[kind](True), x, y, "mc", seed=seed + 1)
     last = [n for n in ref if "G" in ref[n]][-1]
     assert not torch.allclose(other.factors()[last]["G"], ref[last]["G"], rtol=1e-3, atol=1e-5)
 
@@ -282,8 +270,8 @@ def test_mc_fisher_averages_to_asdl_exact_fisher(kind, bn_mode):
 
     ref_model = build()
     exact = asdl_in_our_convention(ref_model, x, asdl_fisher(ref_model, x, y, FISHER_EXACT))
-    mc, _, _ = ours_one_step(build(), x, y, "mc", mc_samples=4, seed=7)
-    emp, _, _ = ours_one_step(build(), x, y, "emp")
+    mc, _, _ = one_step_update(build(), x, y, "mc", mc_samples=4, seed=7)
+    emp, _, _ = one_step_update(build(), x, y, "emp")
     f_mc = {n: v for n, v in mc.factors().items() if v}
     f_emp = emp.factors()
     if bn_mode == "eval":  # eval-mode BatchNorm has no training statistics in SP-NGD
@@ -317,7 +305,7 @@ def test_preconditioned_update_matches_asdl_kfac_without_bias(kind, lam):
     maker.forward_and_backward()
     ref_update = {n: p.grad.detach().clone() for n, p in ref_model.named_parameters()}
 
-    _, grads, update = ours_one_step(MAKERS[kind](False), x, y, "emp", damping=lam)
+    _, grads, update = one_step_update(MAKERS[kind](False), x, y, "emp", damping=lam)
     assert set(update) == set(ref_update)
     for n in ref_update:
         # the update really is preconditioned (differs from the plain gradient)
@@ -335,7 +323,7 @@ def test_preconditioned_update_with_bias_matches_bruteforce_from_asdl_statistics
     ref_model = MAKERS[kind](True)
     mapped = asdl_in_our_convention(ref_model, x, asdl_fisher(ref_model, x, y, FISHER_EMP))
     model = MAKERS[kind](True)
-    _, grads, update = ours_one_step(model, x, y, "emp", damping=lam)
+    _, grads, update = one_step_update(model, x, y, "emp", damping=lam)
     modules = dict(model.named_modules())
     for name, stats in mapped.items():
         m = modules[name]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spngd_ext import SPNGD
+from steps import train_step
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("float64_default")]
 
@@ -250,14 +251,7 @@ def test_shared_layer_factors_average_the_rows_of_both_calls(use_opt_backward):
     G_ref = g_rows.T @ g_rows / g_rows.shape[0]
     ha, hg = _rows(ref, ref.head, x, y, calls=1)
     opt = SPNGD(model, lr=0.1, momentum=0.0, fisher="emp", backend="torch")
-    opt.zero_grad()
-    out = model(x)
-    loss = F.cross_entropy(out, y)
-    if use_opt_backward:
-        opt.backward(loss, out)
-    else:
-        loss.backward()
-    opt.step()
+    train_step(model, opt, x, y, use_opt_backward)
     est = opt.factors()["lin"]
     torch.testing.assert_close(est["A"], A_ref, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(est["G"], G_ref, rtol=1e-10, atol=1e-13)

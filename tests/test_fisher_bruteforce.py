@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spngd_ext import SPNGD
+from steps import one_step_update
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("float64_default")]
 
@@ -49,17 +50,6 @@ def _damped_update(A, G, grad, lam):
     return torch.linalg.solve(big, grad.reshape(-1)).reshape(grad.shape)
 
 
-def _single_step(model, x, y, **kw):
-    opt = SPNGD(model, lr=1.0, momentum=0.0, fisher="emp", backend="torch", **kw)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt.zero_grad()
-    out = model(x)
-    loss = F.cross_entropy(out, y)
-    opt.backward(loss, out)
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    opt.step()
-    deltas = {n: before[n] - p.detach() for n, p in model.named_parameters()}
-    return opt, grads, deltas
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -69,7 +59,7 @@ def test_linear_factors_and_update_match_bruteforce(bias):
     x, y = torch.randn(7, 5), torch.randint(0, 3, (7,))
     lam = 1e-2
     g_list, a_list = _per_example_output_grads(model, model[0], x, y)
-    opt, grads, deltas = _single_step(model, x, y, damping=lam)
+    opt, grads, deltas = one_step_update(model, x, y, damping=lam)
     a = torch.stack([torch.cat([v, torch.ones(1)]) if bias else v for v in a_list])
     g = torch.stack(g_list)
     A_ref = a.T @ a / 7
@@ -96,7 +86,7 @@ def test_one_example_fisher_block_is_kronecker_product():
     F.cross_entropy(model(x), y).backward()
     per_ex = torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], dim=1).reshape(-1)
     fisher_block = torch.outer(per_ex, per_ex)
-    opt, _, _ = _single_step(model, x, y)
+    opt, _, _ = one_step_update(model, x, y)
     est = opt.factors()["0"]
     torch.testing.assert_close(torch.kron(est["G"], est["A"]), fisher_block, rtol=1e-10, atol=1e-12)
 
@@ -112,7 +102,7 @@ def test_conv_factors_follow_kfc_convention(conv_kw):
     x, y = torch.randn(5, 2, 6, 6), torch.randint(0, 4, (5,))
     model(x)  # materialise the lazy layer
     g_list, a_list = _per_example_output_grads(model, conv, x, y)
-    opt, _, _ = _single_step(model, x, y)
+    opt, _, _ = one_step_update(model, x, y)
     k = conv.kernel_size
     A_ref = torch.zeros(2 * k[0] * k[1] + int(conv.bias is not None), 2 * k[0] * k[1] + int(conv.bias is not None))
     G_ref = torch.zeros(3, 3)
@@ -140,7 +130,7 @@ def test_conv_with_one_output_position_fisher_is_kronecker():
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
     per_ex = torch.cat([conv.weight.grad.reshape(3, -1), conv.bias.grad[:, None]], dim=1).reshape(-1)
-    opt, grads, deltas = _single_step(model, x, y, damping=1e-1)
+    opt, grads, deltas = one_step_update(model, x, y, damping=1e-1)
     est = opt.factors()["0"]
     torch.testing.assert_close(torch.kron(est["G"], est["A"]), torch.outer(per_ex, per_ex), rtol=1e-9, atol=1e-12)
     grad = torch.cat([grads["0.weight"].reshape(3, -1), grads["0.bias"][:, None]], dim=1)
@@ -181,7 +171,7 @@ def test_batchnorm_unitwise_fisher_and_update(bn_cls, shape):
     ub = g.reshape(shape[0], 3, -1).sum(-1)
     Fc = torch.stack([torch.stack([(ug * ug).mean(0), (ug * ub).mean(0)], -1), torch.stack([(ug * ub).mean(0), (ub * ub).mean(0)], -1)], -2)
 
-    opt, grads, deltas = _single_step(model, x, y, damping=lam)
+    opt, grads, deltas = one_step_update(model, x, y, damping=lam)
     est = opt.factors()["0"]["F"]
     torch.testing.assert_close(est, torch.stack([Fc[:, 0, 0], Fc[:, 0, 1], Fc[:, 1, 1]], dim=1), rtol=1e-10, atol=1e-12)
     rhs = torch.stack([grads["0.weight"], grads["0.bias"]], dim=1)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spngd_ext import SPNGD
+from steps import train_step
 
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -36,16 +37,6 @@ def batch(kind: str = "mlp", n: int = 16, seed: int = 1):
     return x, torch.randint(0, 3, (n,), generator=g)
 
 
-def train_step(model, opt, x, y, use_opt_backward: bool = True) -> torch.Tensor:
-    opt.zero_grad()
-    out = model(x)
-    loss = F.cross_entropy(out, y)
-    if use_opt_backward:
-        opt.backward(loss, out)
-    else:
-        loss.backward()
-    opt.step()
-    return loss.detach()
 
 
 def clone_model(factory, source: nn.Module) -> nn.Module:

@@ -14,7 +14,6 @@ refresh is at step 0.
 from __future__ import annotations
 
 import io
-import math
 from collections import Counter
 
 import pytest
@@ -24,6 +23,7 @@ from torch import nn
 
 from spngd_ext import SPNGD, ops
 from spngd_ext.stale import DEFAULT_MAX_INTERVAL, RefreshSchedule, StalePolicy
+from steps import train_step
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("float64_default")]
 
@@ -73,14 +73,6 @@ def batch(seed: int, *, shifted: bool = False) -> tuple[torch.Tensor, torch.Tens
         x = 3.0 * x.abs() + 4.0 * pattern
         y = (y + 1 + torch.randint(0, 3, (N,), generator=g)) % 5
     return x, y
-
-
-def train_step(model: nn.Module, opt: SPNGD, x: torch.Tensor, y: torch.Tensor) -> None:
-    opt.zero_grad()
-    out = model(x)
-    loss = F.cross_entropy(out, y)
-    opt.backward(loss, out)
-    opt.step()
 
 
 class Spies:
