@@ -19,33 +19,32 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int = 1) -> list[nn.Module]:
+def _conv_bn_relu_pool(c_in: int, c_out: int) -> list[nn.Module]:
     # No conv bias: the BatchNorm shift that follows makes it redundant.
     return [
-        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False),
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
         nn.BatchNorm2d(c_out),
         nn.ReLU(),
+        nn.MaxPool2d(2),
     ]
 
 
 def small_bn_cnn(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
-    """Three conv+BN+ReLU layers (16, 32, 64 channels), global average pool, a small head.
+    """Three 3x3 conv+BN+ReLU+2x2-max-pool stages (16, 32, 64 channels), then one linear layer.
 
-    28,474 parameters for 10 classes. The first conv is 5x5 at full resolution (cheap with one
-    input channel, and a wider receptive field before downsampling); the other two are 3x3 with
-    stride 2. With 3x3 kernels and a single linear layer the net would have only ~24k parameters,
-    so the head spends the rest of a ~29k budget on a 64-unit hidden layer, which also gives
-    the Linear curvature path a square layer to work on.
+    29,178 parameters for 10 classes: the main job's model (28x28 -> 14 -> 7 -> 3, and the
+    64x3x3 features go straight to the classifier). An earlier version downsampled with stride-2
+    convolutions and global average pooling; at batch 4096 and 150 steps it held momentum SGD to
+    75% test accuracy (this one: 86%), far from the issue's SGD reference, so it was replaced.
+    Every conv here has stride 1 and "same" padding, the case the shifted-correlation A factor
+    (:mod:`spngd_ext.layers.conv_gram`) computes without im2col.
     """
     return nn.Sequential(
-        *_conv_bn_relu(in_channels, 16, kernel=5),
-        *_conv_bn_relu(16, 32, kernel=3, stride=2),
-        *_conv_bn_relu(32, 64, kernel=3, stride=2),
-        nn.AdaptiveAvgPool2d(1),
+        *_conv_bn_relu_pool(in_channels, 16),
+        *_conv_bn_relu_pool(16, 32),
+        *_conv_bn_relu_pool(32, 64),
         nn.Flatten(),
-        nn.Linear(64, 64),
-        nn.ReLU(),
-        nn.Linear(64, num_classes),
+        nn.Linear(64 * 3 * 3, num_classes),
     )
 
 

@@ -281,8 +281,10 @@ def test_mc_fisher_averages_to_asdl_exact_fisher(kind, bn_mode):
         checked = PER_EXAMPLE_IN_TRAIN_MODE[kind]
     assert set(f_mc) == set(exact)
     for name, ref in exact.items():
-        if "A" in ref:  # A does not depend on the labels: agreement to rounding for every layer
-            torch.testing.assert_close(f_mc[name]["A"], ref["A"], rtol=1e-5, atol=1e-6)
+        if "A" in ref:  # A does not depend on the labels: agreement to float32 rounding for every layer
+            # (relative to the whole matrix: our conv A comes from shifted correlations, ASDL's from im2col)
+            err_a = float((f_mc[name]["A"] - ref["A"]).norm() / ref["A"].norm())
+            assert err_a < 2e-5, f"{name}.A: {err_a:.2e} from ASDL's"
         if name not in checked:
             continue
         key = "G" if "G" in ref else "F"

@@ -13,7 +13,7 @@ def test_small_cnn_has_about_29k_parameters() -> None:
     model = small_bn_cnn()
     n = count_parameters(model)
     print(f"small_bn_cnn: {n:,} parameters")
-    assert n == 28_474  # change deliberately, and keep it near 29k
+    assert n == 29_178  # change deliberately, and keep it near 29k
     assert 27_000 <= n <= 31_000
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [16, 32, 64]
