@@ -1,8 +1,9 @@
 """Unit-wise (per-channel 2×2) Fisher of BatchNorm1d/2d, as in SP-NGD.
 
-x̂ is the normalised input in training mode, recomputed in the forward hook from the input (a new
-tensor, so in-place activations that later overwrite the BN output cannot corrupt it). Per example
-and channel u = [Σ_hw g·x̂, Σ_hw g]; F_c = (1/N) Σ_n u uᵀ, stored as (C, 3) = (γγ, γβ, ββ).
+Per example and channel u = [Σ_hw g·x̂, Σ_hw g]; F_c = (1/N) Σ_n u uᵀ, stored as (C, 3) =
+(γγ, γβ, ββ). x̂ is never taken from the BN output (in-place activations overwrite it): the CUDA
+path recomputes x̂ from the input in the forward hook, the pure-PyTorch path keeps the input and
+gets Σ g·x̂ from Σ g·x and the batch moments (cheaper on CPU than writing x̂).
 
 Under data parallelism x̂ follows the module: a plain BatchNorm normalises each rank's shard with
 that shard's statistics (so does x̂ here); a SyncBatchNorm in training mode normalises with the
@@ -12,11 +13,19 @@ all-gather of each rank's count, mean and sum of squared deviations per BN layer
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
-from .. import ops
+from .. import ops, reference
 from .base import CurvatureLayer, StatSpec
+
+
+class _BatchInput(NamedTuple):
+    """Forward-hook context of a BN normalising with its batch statistics: the input itself."""
+
+    x: torch.Tensor
 
 
 class BatchNormCurvature(CurvatureLayer):
@@ -73,12 +82,22 @@ class BatchNormCurvature(CurvatureLayer):
         return group if dist.get_world_size(group) > 1 else None
 
     def accumulate_forward(self, inputs, output, stats, first, backend):
+        m = self.module
+        batch_stats = m.training or not m.track_running_stats or m.running_mean is None
+        if not inputs.is_cuda and batch_stats and self._sync_group() is None:
+            # Pure-PyTorch path: keep the input (autograd keeps it anyway; an in-place change to it
+            # would fail BN's own backward) and skip x̂, see bn_unit_gradients_from_input.
+            return _BatchInput(inputs.detach()), inputs.shape[0]
         return self.normalized_input(inputs), inputs.shape[0]
 
     def accumulate_backward(self, grad_out, context, stats, scale, first, backend):
-        xhat = context
         g = grad_out.detach()
-        ops.bn_unitwise_fisher(stats["F"], g, xhat, scale=scale, decay=0.0 if first else 1.0, backend=backend)
+        decay = 0.0 if first else 1.0
+        if isinstance(context, _BatchInput):
+            ug, ub = reference.bn_unit_gradients_from_input(g, context.x, self.module.eps)
+            reference.bn_unitwise_fisher_from_sums(stats["F"], ug, ub, scale, decay)
+        else:
+            ops.bn_unitwise_fisher(stats["F"], g, context, scale=scale, decay=decay, backend=backend)
         return g.shape[0]
 
     def gradient_pair(self) -> tuple[torch.Tensor, torch.Tensor]:

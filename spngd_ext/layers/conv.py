@@ -48,6 +48,9 @@ class Conv2dCurvature(KroneckerLayer):
         g = grad_out.detach()
         if g.dim() == 3:
             g = g.unsqueeze(0)
-        rows = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])  # (N·T, C_out)
+        if g.is_cuda:  # the kernel reads row-major (N·T, C_out) rows
+            rows = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+        else:  # a (C_out, N·T) copy read as its transpose: contiguous T-runs, ~3x cheaper on CPU
+            rows = g.transpose(0, 1).reshape(g.shape[1], -1).t()
         ops.accumulate_factor(stats["G"], rows, scale=scale, decay=0.0 if first else 1.0, backend=backend)
         return rows.shape[0]
