@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spngd_ext import reference as ref  # noqa: E402
+from spngd_ext.conv_gram import conv_a_factor_shifted  # noqa: E402
 from spngd_ext._extension import extension_error, extension_loaded  # noqa: E402
 
 DEV = "cuda"
@@ -180,8 +181,15 @@ def bench_conv(kernels, quick, budget):
         base = time_ms(lambda i: conv_unfold_factor(state, xs[i], k, s, p, 0.5, 0.9, idx), sets, budget)
         mem_ours = extra_memory(lambda: kernels.conv_a_factor(state, xs[0], *args))
         mem_base = extra_memory(lambda: conv_unfold_factor(state, xs[0], k, s, p, 0.5, 0.9, idx))
+        # The torch path's shifted self-correlations (cuDNN weight-gradient convs), for comparison.
+        shifted = float("nan")
+        if s == 1:
+            try:
+                shifted = time_ms(lambda i: conv_a_factor_shifted(state, xs[i], (k, k), (p, p), False, 0.5, 0.9), sets, budget)
+            except Exception as exc:  # an informational column must not sink the kernel bench
+                print(f"  shifted-correlation path failed: {exc!r}", flush=True)
         row("conv_a_factor", f"{name} N={n} C={c} {h}x{h} d={d}", ours, base, kk=k * k,
-            extra_MB_ours=mem_ours / 2**20, extra_MB_unfold=mem_base / 2**20)
+            extra_MB_ours=mem_ours / 2**20, extra_MB_unfold=mem_base / 2**20, shifted_ms=shifted)
         del xs
 
 

@@ -109,10 +109,17 @@ def _weight_grad(go: Tensor, inp: Tensor, kernel: list[int], groups: int) -> Ten
     c_out, c_in = go.shape[1], inp.shape[1] // groups
     ndim = len(kernel)
     weight = go.new_empty((c_out, c_in, *[2 * k - 1 for k in kernel]))
-    return torch.ops.aten.convolution_backward(
-        go, inp, weight, None, [1] * ndim, [k - 1 for k in kernel], [1] * ndim, False, [0] * ndim,
-        groups, [False, True, False],
-    )[1]
+    tf32 = torch.backends.cudnn.allow_tf32
+    try:
+        # Full fp32 on GPUs: TF32's 10-bit mantissa would cost the statistics ~3 digits, and the
+        # border corrections subtract large sums.
+        torch.backends.cudnn.allow_tf32 = False
+        return torch.ops.aten.convolution_backward(
+            go, inp, weight, None, [1] * ndim, [k - 1 for k in kernel], [1] * ndim, False, [0] * ndim,
+            groups, [False, True, False],
+        )[1]
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _pair_correlations(x: Tensor, pairs: tuple[tuple[int, int], ...], axis: int, kernel: int) -> Tensor:

@@ -37,7 +37,7 @@ def small_bn_cnn(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
     convolutions and global average pooling; at batch 4096 and 150 steps it held momentum SGD to
     75% test accuracy (this one: 86%), far from the issue's SGD reference, so it was replaced.
     Every conv here has stride 1 and "same" padding, the case the shifted-correlation A factor
-    (:mod:`spngd_ext.layers.conv_gram`) computes without im2col.
+    (:mod:`spngd_ext.conv_gram`) computes without im2col.
     """
     return nn.Sequential(
         *_conv_bn_relu_pool(in_channels, 16),

@@ -85,3 +85,14 @@ def test_kernel_that_does_not_fit_is_rejected() -> None:
         patch_gram_shifted(torch.randn(1, 1, 2, 2), (5, 5), (0, 0))
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         patch_gram_shifted(torch.randn(1, 2, 2), (1, 1), (0, 0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape,kernel,padding", GEOMETRIES)
+def test_cuda_matches_float64_im2col(shape, kernel, padding) -> None:
+    """The same algorithm through cuDNN (what the torch backend runs on a GPU), float32."""
+    x = torch.randn(shape, dtype=torch.float64)
+    gram, _ = _im2col_gram(x, kernel, padding)
+    got = patch_gram_shifted(x.float().cuda(), kernel, padding).double().cpu()
+    assert float((got - gram).norm() / gram.norm()) < 1e-5
