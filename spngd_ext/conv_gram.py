@@ -146,8 +146,10 @@ def patch_gram_shifted(x: Tensor, kernel_size: tuple[int, int], padding: tuple[i
     if h + 2 * ph - kh + 1 < 1 or w + 2 * pw - kw + 1 < 1:
         raise ValueError(f"patch_gram_shifted: kernel {kernel_size} with padding {padding} does not fit a {h}x{w} input")
     x = x.to(torch.promote_types(x.dtype, torch.float32)).contiguous()
-    plan = _plan(h, w, kh, kw, ph, pw)
     k = kh * kw
+    if n == 0:  # an empty batch contributes nothing (the im2col Gram of zero rows)
+        return x.new_zeros(c * k, c * k)
+    plan = _plan(h, w, kh, kw, ph, pw)
     # (C, C, 2kh-1, 2kw-1), summed over chunks of about _CHUNK_PIXELS pixels: one float32 sum over
     # a whole large batch loses ~10x more digits (3.9e-4 vs 1.7e-5 relative at 1024x16x28x28,
     # bench/conv_a_cpu.py) and runs no faster.

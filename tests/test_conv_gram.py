@@ -80,6 +80,12 @@ def test_ops_torch_path_uses_it_only_for_stride_1_dilation_1() -> None:
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-11)
 
 
+def test_empty_batch_gives_zero_gram_and_sums() -> None:
+    x = torch.randn(0, 3, 5, 5)
+    assert torch.equal(patch_gram_shifted(x, (3, 3), (1, 1)), torch.zeros(27, 27))
+    assert torch.equal(patch_sums(x, (3, 3), (1, 1)), torch.zeros(27))
+
+
 def test_kernel_that_does_not_fit_is_rejected() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         patch_gram_shifted(torch.randn(1, 1, 2, 2), (5, 5), (0, 0))
