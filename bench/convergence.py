@@ -9,8 +9,8 @@ reference. Reported per batch size and optimizer, best over the grid: steps and 
 Learning-rate grid (unless ``--lrs-<opt>`` gives absolute rates): each optimizer's CLI default
 rate (``spngd_ext.optimizer_registry.DEFAULT_LR``, the best of a grid at batch 4096) times
 {0.5, 1, 2}, scaled to batch B by sqrt(B/4096). The square-root rule is used for every
-optimizer, SGD included: measured optima for SGD here (0.1 at batch 256, 0.2 at 4096) grow far
-more slowly than the linear scaling rule would say. Every trial uses the CLI defaults otherwise
+optimizer, SGD included: measured optima for SGD here (best accuracy at lr 0.1 at both batch 256
+and 4096) grow far more slowly than the linear scaling rule would say. Every trial uses the CLI defaults otherwise
 (1 warm-up epoch, poly decay, momentum 0.9, weight decay 5e-4 (AdamW 5e-2), damping 1e-3, MC
 Fisher).
 
