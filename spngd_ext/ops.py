@@ -232,7 +232,7 @@ def conv_a_factor(
     if _use_kernel(backend, [state, x], op, _FP32_KERNEL_DTYPES):
         torch.ops.spngd_ext.conv_a_factor(state, x, list(k), list(s), list(p), list(d), bool(has_bias), float(scale), float(decay))
         return state
-    if supports_shifted_gram(s, d):  # no im2col: 1.0-12x faster on CPU (bench/RESULTS.md)
+    if supports_shifted_gram(s, d):  # no im2col: 3-11x faster on CPU (bench/conv_a_cpu.py)
         return conv_a_factor_shifted(state, x, k, p, bool(has_bias), float(scale), float(decay))
     return reference.conv_a_factor(state, x, k, s, p, d, bool(has_bias), float(scale), float(decay))
 
