@@ -41,3 +41,17 @@ def test_optimizer_bn_statistics_equal_on_both_paths() -> None:
     via_xhat = {"F": torch.zeros(3, 3, dtype=torch.float64)}
     layer.accumulate_backward(g, layer.normalized_input(x), via_xhat, 1.0, True, "torch")
     torch.testing.assert_close(via_input["F"], via_xhat["F"])
+
+
+def test_op_rejects_bad_input_with_the_argument_named() -> None:
+    from spngd_ext import ops
+
+    g = torch.randn(4, 3, 2, 2)
+    with pytest.raises(ValueError, match="grad_out and x must share"):
+        ops.bn_unitwise_fisher_from_input(torch.zeros(3, 3), g, torch.randn(4, 3, 2, 1), eps=1e-5, scale=1.0, decay=0.0)
+    with pytest.raises(ValueError, match=r"state must be \(3, 3\)"):
+        ops.bn_unitwise_fisher_from_input(torch.zeros(3, 2), g, g, eps=1e-5, scale=1.0, decay=0.0)
+    with pytest.raises(ValueError, match="eps must be"):
+        ops.bn_unitwise_fisher_from_input(torch.zeros(3, 3), g, g, eps=-1.0, scale=1.0, decay=0.0)
+    with pytest.raises(TypeError, match="state must be a contiguous float32/float64"):
+        ops.bn_unitwise_fisher_from_input(torch.zeros(3, 3, dtype=torch.float16), g, g, eps=1e-5, scale=1.0, decay=0.0)

@@ -2,7 +2,7 @@
 
 Everything runs on CPU in float64 with tiny models. The optimizer's work is observed from the
 outside: the statistic kernels (``ops.accumulate_factor``, ``ops.conv_a_factor``,
-``ops.bn_unitwise_fisher``) and the inversion kernel (``ops.cholesky_inverse_damped``) are
+``ops.bn_unitwise_fisher`` and, on CPU, ``ops.bn_unitwise_fisher_from_input``) and the inversion kernel (``ops.cholesky_inverse_damped``) are
 wrapped with counting spies, and every statistic of the test model has its own size, so each
 call can be attributed to exactly one statistic.
 
@@ -83,6 +83,7 @@ class Spies:
         self.inverted: Counter = Counter()  # statistic -> matrices inverted
         self.batches: list[tuple[int, int]] = []  # (B, n) of each inversion call
         acc, conv, bn, chol = ops.accumulate_factor, ops.conv_a_factor, ops.bn_unitwise_fisher, ops.cholesky_inverse_damped
+        bn_in = ops.bn_unitwise_fisher_from_input
 
         def accumulate_factor(state, x, **kw):
             self.stats[PACKED_TO_STAT[state.numel()]] += 1
@@ -96,6 +97,10 @@ class Spies:
             self.stats[BN_F] += 1
             return bn(state, grad_out, xhat, **kw)
 
+        def bn_unitwise_fisher_from_input(state, grad_out, x, **kw):  # the CPU path of the BN Fisher
+            self.stats[BN_F] += 1
+            return bn_in(state, grad_out, x, **kw)
+
         def cholesky_inverse_damped(mats, damping, **kw):
             self.batches.append((mats.shape[0], mats.shape[1]))
             self.inverted[DIM_TO_STAT[mats.shape[1]]] += mats.shape[0]
@@ -104,6 +109,7 @@ class Spies:
         monkeypatch.setattr(ops, "accumulate_factor", accumulate_factor)
         monkeypatch.setattr(ops, "conv_a_factor", conv_a_factor)
         monkeypatch.setattr(ops, "bn_unitwise_fisher", bn_unitwise_fisher)
+        monkeypatch.setattr(ops, "bn_unitwise_fisher_from_input", bn_unitwise_fisher_from_input)
         monkeypatch.setattr(ops, "cholesky_inverse_damped", cholesky_inverse_damped)
 
     def reset(self) -> None:

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .. import ops, reference
+from .. import ops
 from .base import CurvatureLayer, StatSpec
 
 
@@ -86,7 +86,7 @@ class BatchNormCurvature(CurvatureLayer):
         batch_stats = m.training or not m.track_running_stats or m.running_mean is None
         if not inputs.is_cuda and batch_stats and self._sync_group() is None:
             # Pure-PyTorch path: keep the input (autograd keeps it anyway; an in-place change to it
-            # would fail BN's own backward) and skip x̂, see bn_unit_gradients_from_input.
+            # would fail BN's own backward) and skip x̂, see ops.bn_unitwise_fisher_from_input.
             return _BatchInput(inputs.detach()), inputs.shape[0]
         return self.normalized_input(inputs), inputs.shape[0]
 
@@ -94,8 +94,7 @@ class BatchNormCurvature(CurvatureLayer):
         g = grad_out.detach()
         decay = 0.0 if first else 1.0
         if isinstance(context, _BatchInput):
-            ug, ub = reference.bn_unit_gradients_from_input(g, context.x, self.module.eps)
-            reference.bn_unitwise_fisher_from_sums(stats["F"], ug, ub, scale, decay)
+            ops.bn_unitwise_fisher_from_input(stats["F"], g, context.x, eps=self.module.eps, scale=scale, decay=decay)
         else:
             ops.bn_unitwise_fisher(stats["F"], g, context, scale=scale, decay=decay, backend=backend)
         return g.shape[0]
