@@ -35,6 +35,7 @@ from torch import nn
 
 from spngd_ext import SPNGD
 from spngd_ext.layers import BatchNormCurvature, KroneckerLayer
+from steps import train_step
 
 EQUIV_RTOL = 1e-10  # float64: only float reordering separates W ranks from one process (seen: ≤ 6e-16)
 EQUIV_ATOL = 1e-12
@@ -150,14 +151,7 @@ def train(kind: str, steps: int, global_batch: int, rank: int, world: int, *, dd
     for step in range(steps):
         x, y = make_batch(kind, step, global_batch, dtype)
         x, y = x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]
-        opt.zero_grad()
-        out = net(x)
-        loss = F.cross_entropy(out, y)
-        if use_opt_backward:
-            opt.backward(loss, out)
-        else:
-            loss.backward()
-        opt.step()
+        train_step(net, opt, x, y, use_opt_backward)
         params.append(flat_params(model))
         nbytes.append(opt._comm.bytes_sent()["last"])
     return {

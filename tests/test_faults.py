@@ -32,13 +32,7 @@ from spngd_ext.inverse import invert_damped
 from spngd_ext.reference import packed_size
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small problems: one intra-op thread is faster on the shared 2-core machine (and deterministic)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 # ==================================================================================== helpers

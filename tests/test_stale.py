@@ -25,20 +25,9 @@ from spngd_ext import SPNGD, ops
 from spngd_ext.stale import DEFAULT_MAX_INTERVAL, RefreshSchedule, StalePolicy
 from steps import train_step
 
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("float64_default")]
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("float64_default", "one_thread")]
 
 N = 32  # examples per batch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and robust to a loaded machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 
 
 # ---------------------------------------------------------------------------------------------
