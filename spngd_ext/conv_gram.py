@@ -109,15 +109,20 @@ def _weight_grad(go: Tensor, inp: Tensor, kernel: list[int], groups: int) -> Ten
     c_out, c_in = go.shape[1], inp.shape[1] // groups
     ndim = len(kernel)
     weight = go.new_empty((c_out, c_in, *[2 * k - 1 for k in kernel]))
+    def run() -> Tensor:
+        return torch.ops.aten.convolution_backward(
+            go, inp, weight, None, [1] * ndim, [k - 1 for k in kernel], [1] * ndim, False, [0] * ndim,
+            groups, [False, True, False],
+        )[1]
+
+    if not go.is_cuda:
+        return run()
     tf32 = torch.backends.cudnn.allow_tf32
     try:
         # Full fp32 on GPUs: TF32's 10-bit mantissa would cost the statistics ~3 digits, and the
         # border corrections subtract large sums.
         torch.backends.cudnn.allow_tf32 = False
-        return torch.ops.aten.convolution_backward(
-            go, inp, weight, None, [1] * ndim, [k - 1 for k in kernel], [1] * ndim, False, [0] * ndim,
-            groups, [False, True, False],
-        )[1]
+        return run()
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
 
