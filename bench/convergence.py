@@ -6,13 +6,14 @@ For each global batch size (default 1024, 4096, 8192) and optimizer, a small lea
 reference. Reported per batch size and optimizer, best over the grid: steps and training time
 (evaluation excluded) to each accuracy threshold, and the best test accuracy.
 
-Learning-rate grid (unless ``--lrs-<opt>`` gives absolute rates): each optimizer's CLI default
+Learning-rate grid (unless ``--lrs-<opt>`` gives absolute rates, for every batch size or, as
+``--lrs-sgd 8192=0.035,0.07``, for one): each optimizer's CLI default
 rate (``spngd_ext.optimizer_registry.DEFAULT_LR``, the best of a grid at batch 4096) times
 {0.5, 1, 2}, scaled to batch B by sqrt(B/4096). The square-root rule is used for every
 optimizer, SGD included: measured optima for SGD here (best accuracy at lr 0.1 at both batch 256
 and 4096) grow far more slowly than the linear scaling rule would say. Every trial uses the CLI defaults otherwise
 (1 warm-up epoch, poly decay, momentum 0.9, weight decay 5e-4 (AdamW 5e-2), damping 1e-3, MC
-Fisher).
+Fisher, LARS trust coefficient 0.1).
 
 The full study is ~30 runs of 10 epochs (hours on a 2-core CPU, minutes on a GPU):
 
@@ -39,7 +40,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
 from spngd_ext.data import load_dataset  # noqa: E402
-from spngd_ext.optimizer_registry import DEFAULT_LR, OPTIMIZERS  # noqa: E402
+from spngd_ext.optimizer_registry import DEFAULT_LR, LARS_TRUST_COEFFICIENT, OPTIMIZERS  # noqa: E402
 from spngd_ext.reporting import markdown_table, plot_accuracy_curves  # noqa: E402
 from spngd_ext.run_log import EvalRow, reach  # noqa: E402
 from spngd_ext.train import TrainConfig, run_training  # noqa: E402
@@ -51,6 +52,7 @@ LR_SCALING_POWER = 0.5  # lr(B) = lr(4096) * (B / 4096) ** LR_SCALING_POWER
 # Fields that must match for a finished trial to be reused.
 _RESUME_KEYS = ("optimizer", "model", "batch_size", "epochs", "lr", "seed", "limit_train",
                 "limit_test", "warmup_epochs", "schedule", "eval_every", "damping", "fisher")
+_RESUME_KEYS_OF = {"lars": ("trust_coefficient",)}  # settings only that optimizer reads
 
 
 def _floats(text: str) -> list[float]:
@@ -70,6 +72,24 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in values]
 
 
+LrSpec = tuple[Optional[int], list[float]]  # (batch size or None for every batch size, grid)
+
+
+def _lr_spec(text: str) -> LrSpec:
+    """``"0.1,0.2"`` (every batch size) or ``"8192=0.05,0.1"`` (batch size 8192 only)."""
+    batch_text, sep, lrs_text = text.rpartition("=")
+    if not sep:
+        return None, _floats(text)
+    try:
+        batch = int(batch_text)
+    except ValueError:
+        batch = 0
+    if batch <= 0:
+        raise argparse.ArgumentTypeError(f"expected BATCH=LR,LR,... with a positive integer "
+                                         f"batch size, got {text!r}")
+    return batch, _floats(lrs_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -78,11 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", default="sgd,lars,spngd",
                    help=f"comma-separated, from {OPTIMIZERS}")
     p.add_argument("--asdl-kfac", action="store_true", help="add ASDL's K-FAC to --optimizers")
+    p.add_argument("--asdl-kfac-batch-sizes", type=_ints, default=None,
+                   help="run ASDL's K-FAC at these of --batch-sizes only (default: all)")
     for name in OPTIMIZERS:
-        p.add_argument(f"--lrs-{name}", type=_floats, default=None,
-                       help=f"absolute LR grid for {name} at every batch size (default: "
-                            f"{DEFAULT_LR[name]:g} x {GRID_MULTIPLIERS} at batch {REFERENCE_BATCH}, "
-                            f"scaled by (B/{REFERENCE_BATCH})^{LR_SCALING_POWER})")
+        p.add_argument(f"--lrs-{name}", type=_lr_spec, action="append", default=None,
+                       metavar="[BATCH=]LR,...",
+                       help=f"absolute LR grid for {name}, at every batch size or (repeatable) "
+                            f"at BATCH only (default: {DEFAULT_LR[name]:g} x {GRID_MULTIPLIERS} "
+                            f"at batch {REFERENCE_BATCH}, scaled by "
+                            f"(B/{REFERENCE_BATCH})^{LR_SCALING_POWER})")
+    p.add_argument("--trust-coefficient", type=float, default=LARS_TRUST_COEFFICIENT,
+                   help="LARS trust coefficient")
     p.add_argument("--small-batch", type=int, default=256,
                    help="batch size of the SGD reference (0: none)")
     p.add_argument("--lrs-small-sgd", type=_floats, default=None,
@@ -106,11 +132,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def lr_grid(name: str, batch_size: int, explicit: Optional[Sequence[float]]) -> list[float]:
-    if explicit:
-        return list(explicit)
+def lr_grid(name: str, batch_size: int, specs: Optional[Sequence[LrSpec]]) -> list[float]:
+    """The grid given for this batch size, else the one given for every batch size, else the
+    default rule."""
+    given = dict(specs or ())
+    if batch_size in given:
+        return list(given[batch_size])
+    if None in given:
+        return list(given[None])
     scale = (batch_size / REFERENCE_BATCH) ** LR_SCALING_POWER
     return [float(f"{DEFAULT_LR[name] * m * scale:.4g}") for m in GRID_MULTIPLIERS]
+
+
+def build_plan(args: argparse.Namespace, names: Sequence[str]) -> list[tuple[str, int, list[float]]]:
+    """(optimizer, batch size, LR grid) for every group of trials, in run order."""
+    plan = [(name, batch, lr_grid(name, batch, getattr(args, f"lrs_{name.replace('-', '_')}")))
+            for batch in args.batch_sizes for name in names
+            if not (name == "asdl-kfac" and args.asdl_kfac_batch_sizes
+                    and batch not in args.asdl_kfac_batch_sizes)]
+    if args.small_batch:
+        small_grid = [(None, args.lrs_small_sgd)] if args.lrs_small_sgd else None
+        plan.append(("sgd", args.small_batch, lr_grid("sgd", args.small_batch, small_grid)))
+    return plan
 
 
 def _load_finished(out_dir: Path, cfg: TrainConfig) -> Optional[tuple[list[EvalRow], dict]]:
@@ -120,7 +163,8 @@ def _load_finished(out_dir: Path, cfg: TrainConfig) -> Optional[tuple[list[EvalR
     logged = json.loads(log_path.read_text())
     want = dataclasses.asdict(cfg)
     want["lr"] = cfg.resolved_lr
-    if any(logged["config"].get(k) != want[k] for k in _RESUME_KEYS):
+    keys = _RESUME_KEYS + _RESUME_KEYS_OF.get(cfg.optimizer, ())
+    if any(logged["config"].get(k) != want[k] for k in keys):
         return None
     return [EvalRow(**r) for r in logged["rows"]], logged["summary"]
 
@@ -217,11 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    plan: list[tuple[str, int, list[float]]] = [
-        (name, batch, lr_grid(name, batch, getattr(args, f"lrs_{name.replace('-', '_')}")))
-        for batch in args.batch_sizes for name in names]
-    if args.small_batch:
-        plan.append(("sgd", args.small_batch, lr_grid("sgd", args.small_batch, args.lrs_small_sgd)))
+    plan = build_plan(args, names)
     total = sum(len(lrs) for _, _, lrs in plan)
     print(f"{total} trials: " + "; ".join(f"{n}@{b}: {lrs}" for n, b, lrs in plan))
 
@@ -237,6 +277,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 cfg = TrainConfig(
                     model=args.model, optimizer=name, batch_size=batch, epochs=args.epochs, lr=lr,
                     seed=args.seed, device=args.device, target_acc=args.target_acc,
+                    trust_coefficient=args.trust_coefficient,
                     limit_train=args.limit_train, limit_test=args.limit_test,
                     eval_every=max(1, steps_per_epoch // args.evals_per_epoch),
                     progress=args.progress)

@@ -36,6 +36,7 @@ from .models import MODEL_BUILDERS, build_model, count_parameters
 from .optimizer_registry import (
     DEFAULT_LR,
     DEFAULT_WEIGHT_DECAY,
+    LARS_TRUST_COEFFICIENT,
     OPTIMIZERS,
     OptimizerSettings,
     OptimizerUnavailableError,
@@ -72,7 +73,7 @@ class TrainConfig:
     inverse_interval: int = 1
     kl_clip: Optional[float] = None
     backend: str = "auto"
-    trust_coefficient: float = 1e-3
+    trust_coefficient: float = LARS_TRUST_COEFFICIENT
     seed: int = 0
     device: str = "auto"
     amp: bool = False
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=sorted(MODEL_BUILDERS), default="cnn")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="spngd")
     p.add_argument("--compare", default=None, metavar="OPT[:LR],...",
-                   help="run several optimizers (e.g. sgd,lars,spngd or sgd:0.2,lars:4) on the "
+                   help="run several optimizers (e.g. sgd,lars,spngd or sgd:0.2,lars:0.2) on the "
                         "same data and budget; writes compare.png/.md/.json")
     p.add_argument("--batch-size", type=_positive_int, default=4096, help="global batch size")
     p.add_argument("--epochs", type=_positive_int, default=10)
@@ -182,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inverse-interval", type=_positive_int, default=1)
     p.add_argument("--kl-clip", type=_positive_float, default=None, help="spngd")
     p.add_argument("--backend", choices=("auto", "cuda", "torch"), default="auto", help="spngd")
-    p.add_argument("--trust-coefficient", type=_positive_float, default=1e-3, help="lars")
+    p.add_argument("--trust-coefficient", type=_positive_float, default=LARS_TRUST_COEFFICIENT,
+                   help="lars")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA or CPU)")
@@ -450,7 +452,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         entries = parse_compare(args.compare) if args.compare else None
         if entries and cfg.lr is not None:
             raise ValueError("--lr does not apply to --compare; give per-optimizer rates as "
-                             "--compare sgd:0.2,lars:4")
+                             "--compare sgd:0.2,lars:0.2")
         env = setup_env(cfg.device, cfg.threads)
     except (ValueError, RuntimeError) as exc:
         parser.error(str(exc))  # exits with status 2

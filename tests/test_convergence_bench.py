@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -28,3 +30,50 @@ def test_tiny_convergence_study(fmnist_dir: Path, tmp_path: Path) -> None:
     assert "| 512 | sgd | 1 |" in (out / "results.md").read_text()
     second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and second.stderr.count("reusing ") == 2
+
+
+def _load_convergence_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convergence_bench", REPO / "bench/convergence.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reuse_compares_trust_coefficient_for_lars_only(tmp_path: Path) -> None:
+    """A finished trial logged with another LARS trust coefficient is retrained for LARS and
+    reused for SGD, which never reads it."""
+    import dataclasses
+
+    from spngd_ext.train import TrainConfig
+
+    conv = _load_convergence_module()
+    for name, reused in (("sgd", True), ("lars", False)):
+        cfg = TrainConfig(optimizer=name, batch_size=512, epochs=1, lr=0.1, trust_coefficient=0.1)
+        logged = dataclasses.asdict(cfg) | {"trust_coefficient": 1e-3}
+        trial = tmp_path / name
+        trial.mkdir()
+        (trial / "log.json").write_text(json.dumps(
+            {"config": logged, "rows": [], "summary": {"best_test_acc": 0.5}}))
+        assert (conv._load_finished(trial, cfg) is not None) is reused, name
+        assert conv._load_finished(trial, dataclasses.replace(cfg, trust_coefficient=1e-3)) \
+            is not None
+
+
+def test_per_batch_lr_grids_and_asdl_batch_sizes() -> None:
+    conv = _load_convergence_module()
+    args = conv.build_parser().parse_args([
+        "--batch-sizes", "1024,8192", "--asdl-kfac-batch-sizes", "8192",
+        "--lrs-sgd", "8192=0.03,0.06", "--lrs-sgd", "0.5", "--lrs-asdl-kfac", "8192=0.04",
+        "--small-batch", "256", "--lrs-small-sgd", "0.1"])
+    plan = conv.build_plan(args, ["sgd", "spngd", "asdl-kfac"])
+    scale = (1024 / conv.REFERENCE_BATCH) ** conv.LR_SCALING_POWER
+    default_spngd = [float(f"{conv.DEFAULT_LR['spngd'] * m * scale:.4g}")
+                     for m in conv.GRID_MULTIPLIERS]
+    assert plan == [("sgd", 1024, [0.5]), ("spngd", 1024, default_spngd),
+                    ("sgd", 8192, [0.03, 0.06]), ("spngd", 8192, plan[3][2]),
+                    ("asdl-kfac", 8192, [0.04]), ("sgd", 256, [0.1])]
+    for bad in ("x=0.1", "0=0.1", "4096=", "4096=-1"):
+        with pytest.raises(SystemExit):
+            conv.build_parser().parse_args(["--lrs-sgd", bad])

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from spngd_ext.optimizer_registry import DEFAULT_LR
-from spngd_ext.train import build_parser, main, parse_compare
+from spngd_ext.optimizer_registry import DEFAULT_LR, LARS_TRUST_COEFFICIENT, build_train_step
+from spngd_ext.train import build_parser, config_from_args, main, parse_compare
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,6 +39,19 @@ def test_defaults() -> None:
     assert args.target_acc == 0.88 and args.eval_every == 5 and args.schedule == "poly"
     assert args.lr is None and args.fisher == "mc" and args.stale is False
     assert args.device == "auto" and args.amp is False and args.compare is None
+
+
+@pytest.mark.parametrize("extra, trust", [([], LARS_TRUST_COEFFICIENT),
+                                           (["--trust-coefficient", "0.02"], 0.02)])
+def test_trust_coefficient_reaches_lars(extra: list[str], trust: float) -> None:
+    pytest.importorskip("pytorch_optimizer")
+    from torch import nn
+
+    cfg = config_from_args(build_parser().parse_args(["--optimizer", "lars", *extra]))
+    step = build_train_step("lars", nn.Linear(3, 2), cfg.optimizer_settings())
+    group = step.optimizer.param_groups[0]
+    assert type(step.optimizer).__name__ == "LARS"
+    assert group["trust_coefficient"] == trust and group["lr"] == DEFAULT_LR["lars"]
 
 
 @pytest.mark.parametrize("bad, complaint", [
