@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 from .run_log import EvalRow
 
-__all__ = ["Curve", "plot_accuracy_curves", "markdown_table", "format_reach"]
+__all__ = ["Curve", "optimizer_colours", "plot_accuracy_curves", "markdown_table", "format_reach"]
 
 # A curve is (label, rows of one run).
 Curve = tuple[str, Sequence[EvalRow]]
@@ -25,6 +25,17 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def optimizer_colours(panels: Sequence[tuple[str, Sequence[Curve]]],
+                      palette: Sequence[str]) -> dict[str, str]:
+    """One colour per optimizer (a curve label's first word) across all panels, in order of first
+    appearance, so that every panel of a study reads alike."""
+    colour: dict[str, str] = {}
+    for _, curves in panels:
+        for label, _ in curves:
+            colour.setdefault(label.split()[0], palette[len(colour) % len(palette)])
+    return colour
 
 
 def plot_accuracy_curves(
@@ -42,13 +53,15 @@ def plot_accuracy_curves(
     accs = [r.test_acc for _, curves in panels for _, rows in curves for r in rows]
     if accs and max(accs) < ylim[0] + 0.1:
         ylim = (math.floor(min(accs) * 20) / 20, ylim[1])
+    colour = optimizer_colours(panels, plt.rcParams["axes.prop_cycle"].by_key()["color"])
     fig, axes = plt.subplots(len(panels), 2, figsize=(14, 4 * len(panels)), squeeze=False)
     for (title, curves), (ax_steps, ax_time) in zip(panels, axes):
         for label, rows in curves:
             if not rows:
                 continue
-            ax_steps.plot([r.step for r in rows], [r.test_acc for r in rows], marker=".", label=label)
-            ax_time.plot([r.wall_time for r in rows], [r.test_acc for r in rows], marker=".", label=label)
+            style = {"marker": ".", "label": label, "color": colour[label.split()[0]]}
+            ax_steps.plot([r.step for r in rows], [r.test_acc for r in rows], **style)
+            ax_time.plot([r.wall_time for r in rows], [r.test_acc for r in rows], **style)
         for ax, xlabel in ((ax_steps, "optimizer steps"), (ax_time, "training time (s, eval excluded)")):
             if target_acc is not None:
                 ax.axhline(target_acc, color="grey", linestyle="--", linewidth=1)
