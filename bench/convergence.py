@@ -65,6 +65,13 @@ def _floats(text: str) -> list[float]:
     return values
 
 
+def _positive_float(text: str) -> float:
+    values = _floats(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive number, got {text!r}")
+    return values[0]
+
+
 def _ints(text: str) -> list[int]:
     values = _floats(text)
     if any(v != int(v) for v in values):
@@ -107,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                             f"at BATCH only (default: {DEFAULT_LR[name]:g} x {GRID_MULTIPLIERS} "
                             f"at batch {REFERENCE_BATCH}, scaled by "
                             f"(B/{REFERENCE_BATCH})^{LR_SCALING_POWER})")
-    p.add_argument("--trust-coefficient", type=float, default=LARS_TRUST_COEFFICIENT,
+    p.add_argument("--trust-coefficient", type=_positive_float, default=LARS_TRUST_COEFFICIENT,
                    help="LARS trust coefficient")
     p.add_argument("--small-batch", type=int, default=256,
                    help="batch size of the SGD reference (0: none)")

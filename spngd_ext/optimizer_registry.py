@@ -50,7 +50,9 @@ DEFAULT_LR: dict[str, float] = {
 # ||w|| / ||g|| to the rest, so with its default trust 1e-3 one lr cannot suit both: at lr 1 the BN
 # parameters move 10x faster than under SGD's best lr while the weights move 1e-3 of their norm
 # per step. 3-epoch probes at batch 4096 (lr, trust -> accuracy): (1, 1e-3) 59.5%, (0.1, 1e-2)
-# 65.6%, (0.1, 2e-2) 72.3%, (0.1, 5e-2) 78.6%, (0.1, 0.1) 82.6%; SGD lr 0.1 82.7%.
+# 65.6%, (0.2, 1e-2) 68.6%, (0.5, 1e-3) 55.9%, (0.1, 2e-2) 72.3%, (0.1, 5e-2) 78.6%, (0.1, 0.1)
+# 82.6%; SGD lr 0.1 82.7%. Command: python -m spngd_ext.train --optimizer lars --batch-size 4096
+# --epochs 3 --lr LR --trust-coefficient T --eval-every 5 --threads 1 (2026-11-26, this CPU).
 LARS_TRUST_COEFFICIENT = 0.1
 DEFAULT_WEIGHT_DECAY: dict[str, float] = {
     "spngd": 5e-4,

@@ -77,3 +77,7 @@ def test_per_batch_lr_grids_and_asdl_batch_sizes() -> None:
     for bad in ("x=0.1", "0=0.1", "4096=", "4096=-1"):
         with pytest.raises(SystemExit):
             conv.build_parser().parse_args(["--lrs-sgd", bad])
+    assert conv.build_parser().parse_args(["--trust-coefficient", "0.05"]).trust_coefficient == 0.05
+    for bad in ("0", "-1", "0.1,0.2", "x"):
+        with pytest.raises(SystemExit):
+            conv.build_parser().parse_args(["--trust-coefficient", bad])
