@@ -52,6 +52,7 @@ from torch import nn  # noqa: E402
 
 from spngd_ext.distributed.placement import LayerCost, OwnerAssignment  # noqa: E402
 from spngd_ext.layout import build_layouts  # noqa: E402
+from spngd_ext.models import resnet50  # noqa: E402
 
 # ------------------------------------------------------------------------------------ shapes
 
@@ -159,38 +160,6 @@ def memory_model(plan: dict, elem: int = 4) -> dict:
         "owned_inverses": plan["max_owned_dense"] * elem,  # dense Â⁻¹, Ĝ⁻¹ of the owned layers
         "total": (w * cs + cs + w * cg + plan["max_owned_dense"]) * elem,
     }
-
-
-# ------------------------------------------------------------------------------------ ResNet-50 module
-
-
-class _Bottleneck(nn.Module):
-    def __init__(self, cin: int, planes: int, stride: int, down: bool) -> None:
-        super().__init__()
-        out = planes * 4
-        self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes)
-        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
-        self.conv3, self.bn3 = nn.Conv2d(planes, out, 1, bias=False), nn.BatchNorm2d(out)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = nn.Sequential(nn.Conv2d(cin, out, 1, stride, bias=False), nn.BatchNorm2d(out)) if down else None
-
-    def forward(self, x):
-        idt = x if self.downsample is None else self.downsample(x)
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.relu(self.bn2(self.conv2(y)))
-        return self.relu(self.bn3(self.conv3(y)) + idt)
-
-
-def resnet50_module(num_classes: int = 1000) -> nn.Module:
-    blocks, cin = [], 64
-    for li, (planes, n) in enumerate([(64, 3), (128, 4), (256, 6), (512, 3)]):
-        for b in range(n):
-            blocks.append(_Bottleneck(cin, planes, 2 if (b == 0 and li > 0) else 1, b == 0))
-            cin = planes * 4
-    return nn.Sequential(
-        nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1),
-        *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, num_classes),
-    )
 
 
 # ------------------------------------------------------------------------------------ measurement
@@ -310,7 +279,7 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
     # overlap: backward alone, stats reduce-scatter alone, both (async collective issued first)
     if args["overlap"]:
         torch.manual_seed(0)
-        model = resnet50_module().to(device)
+        model = resnet50().to(device)
         x = torch.randn(args["overlap_batch"], 3, args["overlap_size"], args["overlap_size"], device=device)
         y = torch.randint(0, 1000, (args["overlap_batch"],), device=device)
 

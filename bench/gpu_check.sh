@@ -3,8 +3,11 @@
 #   1. build spngd_ext._C in place for the local card (parallel ninja),
 #   2. run the GPU tests: python3 -m pytest -m gpu tests -x -q,
 #   3. run bench/kernels.py --json $OUT/kernels.json,
+#   4. time the curvature phase of a ResNet-50 step, CUDA kernels vs pure PyTorch on this GPU
+#      (bench/step_overhead.py, batch 32, $OUT/curvature_phase.json),
 # logging everything under $OUT (default ./gpu_out) and ending with a short summary table.
-# Budget: under 8 minutes on an H100 (each stage has its own timeout).
+# Budget: one device call (at most 600 s): every stage's timeout is cut so that the whole script
+# ends within GPU_CHECK_BUDGET seconds (default 540) while leaving the later stages a minimum.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,12 +15,21 @@ OUT="${OUT:-$PWD/gpu_out}"
 # GPU_CHECK_QUICK=1: a short lease (about 3 minutes of command time): kernel tests only, the quick
 # benchmark sweep, tight stage timeouts.
 QUICK="${GPU_CHECK_QUICK:-0}"
-if [ "$QUICK" = 1 ]; then T_BUILD=120; T_TEST=55; T_BENCH=45; else T_BUILD=330; T_TEST=200; T_BENCH=240; fi
+if [ "$QUICK" = 1 ]; then T_BUILD=120; T_TEST=55; T_BENCH=45; T_CURV=90; else T_BUILD=330; T_TEST=200; T_BENCH=240; T_CURV=150; fi
+BUDGET="${GPU_CHECK_BUDGET:-540}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
+# stage_timeout CAP RESERVE: CAP, or less so that RESERVE seconds of the budget stay for the stages
+# after this one (never under 20 s: a stage that cannot start is better reported than skipped).
+stage_timeout() {
+  local left=$(( BUDGET - $(elapsed) - $2 ))
+  [ "$left" -lt "$1" ] || left=$1
+  [ "$left" -ge 20 ] || left=20
+  echo "$left"
+}
 
 if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_check: no CUDA GPU visible to PyTorch"
@@ -36,7 +48,7 @@ python3 -c "import ninja" 2>/dev/null || command -v ninja >/dev/null ||
   echo "warning: ninja not found: torch falls back to a serial build (several minutes)"
 rm -f spngd_ext/_C*.so
 set +e
-timeout $T_BUILD python3 setup.py build_ext --inplace --force > "$OUT/build.log" 2>&1
+timeout "$(stage_timeout $T_BUILD 200)" python3 setup.py build_ext --inplace --force > "$OUT/build.log" 2>&1
 build_rc=$?
 set -e
 echo "build: rc=$build_rc after $(elapsed) s" | tee -a "$OUT/build.log"
@@ -54,14 +66,14 @@ build_s=$(elapsed)
 echo "== tests"
 set +e
 if [ "$QUICK" = 1 ]; then
-  timeout $T_TEST python3 -m pytest tests/test_ops_cuda.py tests/test_ops_extension.py -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
+  timeout "$(stage_timeout $T_TEST 140)" python3 -m pytest tests/test_ops_cuda.py tests/test_ops_extension.py -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
 else
-  timeout $T_TEST python3 -m pytest -m gpu tests -x -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
+  timeout "$(stage_timeout $T_TEST 140)" python3 -m pytest -m gpu tests -x -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
 fi
 test_rc=${PIPESTATUS[0]}
 if [ "$test_rc" -ne 0 ] && [ "$QUICK" != 1 ]; then
   echo "== rerun of the kernel tests without -x (first run rc=$test_rc)"
-  timeout 200 python3 -m pytest tests/test_ops_cuda.py tests/test_ops_extension.py -q -p no:cacheprovider \
+  timeout "$(stage_timeout 200 140)" python3 -m pytest tests/test_ops_cuda.py tests/test_ops_extension.py -q -p no:cacheprovider \
     2>&1 | tee "$OUT/pytest_kernels.log"
 fi
 set -e
@@ -72,9 +84,19 @@ echo "== bench"
 quick=""
 { [ "$(elapsed)" -gt 300 ] || [ "$QUICK" = 1 ]; } && quick="--quick"
 set +e
-timeout $T_BENCH python3 bench/kernels.py $quick --json "$OUT/kernels.json" 2>&1 | tee "$OUT/bench.log"
+timeout "$(stage_timeout $T_BENCH 80)" python3 bench/kernels.py $quick --json "$OUT/kernels.json" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 set -e
+
+# 4. Curvature phase of a whole ResNet-50 step (issue 3's last target): both backends, interleaved.
+echo "== curvature phase (ResNet-50, batch 32)"
+set +e
+timeout "$(stage_timeout $T_CURV 5)" python3 bench/step_overhead.py --model resnet50 --batch-sizes 32 --quick --rounds 20 --warmup 3 \
+  --configs sgd,spngd-every-step-cuda,spngd-every-step-torch --profile-steps 5 --top-ops 5 \
+  --json "$OUT/curvature_phase.json" > "$OUT/curvature_phase.md" 2> "$OUT/curvature_phase.log"
+curv_rc=$?
+set -e
+tail -n 25 "$OUT/curvature_phase.md"
 
 # Summary.
 summary() {
@@ -101,7 +123,26 @@ for t in data["targets"]:
     print(f"  {status:>7}  {t['target']}: {t['detail']}")
 PY
   fi
+  echo "curv:    rc=$curv_rc"
+  if [ -f "$OUT/curvature_phase.json" ]; then
+    python3 - "$OUT/curvature_phase.json" <<'PY'
+import json, sys
+entry = json.load(open(sys.argv[1]))["batch_sizes"]["32"]
+if "error" in entry:
+    print(f"  ResNet-50 batch 32: {entry['error']}")
+for name, why in entry.get("skipped_configs", {}).items():
+    print(f"  skipped {name}: {why}")
+timing = entry.get("timing", {})
+if "spngd-every-step-cuda" in timing and "spngd-every-step-torch" in timing:
+    c, t = timing["spngd-every-step-cuda"]["mean_ms"], timing["spngd-every-step-torch"]["mean_ms"]
+    print(f"  whole step: cuda {c:.1f} ms, torch {t:.1f} ms ({t / c:.2f}x), sgd {timing['sgd']['mean_ms']:.1f} ms")
+for t in entry.get("targets", []):
+    if t["target"].startswith("curvature phase"):
+        status = "info" if t["met"] is None else ("met" if t["met"] else "NOT MET")
+        print(f"  {status:>7}  {t['target']}: " + (f"{t['value']:.2f}x, {t['detail']}" if t["value"] is not None else t["why"]))
+PY
+  fi
   echo "logs:    $OUT  (total $(elapsed) s)"
 }
 summary | tee "$OUT/summary.txt"
-[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$curv_rc" -eq 0 ]

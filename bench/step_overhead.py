@@ -2,6 +2,7 @@
 
     python bench/step_overhead.py [--batch-sizes 256,1024] [--rounds 200] [--quick] [--json PATH]
     python bench/step_overhead.py --model resnet50 --device cuda --batch-sizes 32,128
+    python bench/step_overhead.py --model resnet50 --batch-sizes 32 --configs sgd,spngd-every-step-cuda,spngd-every-step-torch
 
 Timed configurations (all built through ``spngd_ext.optimizer_registry``, as the train CLI builds
 them):
@@ -10,6 +11,9 @@ them):
 * ``spngd-every-step``  SP-NGD, curvature_interval=1, inverse_interval=1
 * ``spngd-10/100``      SP-NGD, factors every 10 steps, inverses every 100
 * ``spngd-stale``       SP-NGD, stale statistics (stale=True, curvature_interval=100 as the cap)
+* ``spngd-every-step-cuda`` / ``spngd-every-step-torch``  every-step SP-NGD with the backend pinned:
+  the CUDA kernels, or the pure-PyTorch path on the same device (not in the default list; on a GPU
+  their pair gives the issue-3 target "curvature phase ≥ 3× faster than pure PyTorch")
 * ``asdl-every-step``   ASDL's K-FAC (KfacGradientMaker + torch.optim.SGD), refresh every step
 * ``asdl-10/100``       ASDL's K-FAC, factors every 10 steps, inverses every 100. Without a
   curvature EMA ASDL inverts whenever it refreshes the factors, so this one is built with
@@ -48,6 +52,16 @@ on CUDA the kernel time of the ops launched inside it (and the CPU time next to 
 adds a few microseconds per op, so the profiled step total is shown next to the unprofiled mean.
 With --top-ops N, the N most expensive ops (self time) inside each phase are listed as well,
 together with the part of the phase spent outside any op (Python and dispatch).
+
+Curvature phase: per profiled SP-NGD configuration, the sum of the inclusive times of factor
+accumulation (all hooks), factor finalize, inversion and preconditioning, i.e. the curvature work
+without the sampled-label backward itself (that is ordinary autograd, the same for every backend).
+On CUDA it is kernel time. With both backend-pinned configurations profiled, "torch ÷ cuda" of it
+is the kernels' speedup on the whole curvature phase.
+
+--model resnet50 is ``spngd_ext.models.resnet50`` (torchvision's ResNet-50 v1.5 layer shapes,
+25.6M parameters) on random 3×224×224 inputs (--image-size to change), so no torchvision or
+dataset is needed on the GPU machine.
 """
 
 from __future__ import annotations
@@ -74,7 +88,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spngd_ext.models import count_parameters, small_bn_cnn  # noqa: E402
+from spngd_ext.models import count_parameters, resnet50, small_bn_cnn  # noqa: E402
 from spngd_ext.optimizer_registry import (  # noqa: E402
     OptimizerSettings,
     OptimizerUnavailableError,
@@ -83,7 +97,9 @@ from spngd_ext.optimizer_registry import (  # noqa: E402
 
 PERIOD = 100  # longest refresh period among the configurations (inverses every 100 steps)
 ALL_CONFIGS = ("sgd", "spngd-every-step", "spngd-10/100", "spngd-stale", "asdl-every-step", "asdl-10/100")
-PROFILED = ("sgd", "spngd-every-step", "spngd-10/100", "spngd-stale")
+BACKEND_CONFIGS = {"spngd-every-step-cuda": "cuda", "spngd-every-step-torch": "torch"}  # opt-in
+KNOWN_CONFIGS = ALL_CONFIGS + tuple(BACKEND_CONFIGS)
+PROFILED = ("sgd", "spngd-every-step", "spngd-10/100", "spngd-stale", *BACKEND_CONFIGS)
 
 # Rows of the breakdown table: (label, range name, parent filter). A parent filter splits a range
 # by the range it is nested in directly (factor accumulation happens in three places).
@@ -105,6 +121,9 @@ PHASE_ROWS = [
     ("  update", "spngd::update", None),
 ]
 TOP_LEVEL = ("bench::zero_grad", "bench::forward", "bench::backward", "bench::step")
+# The curvature phase: these ranges never nest in one another, so their inclusive times add up.
+CURVATURE_ROWS = ("factor accumulation (all)", "  factor finalize", "  inversion", "  preconditioning")
+CURVATURE_SPEEDUP_TARGET = 3.0  # issue 3: the whole curvature phase ≥ 3× faster than pure PyTorch
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,6 +155,11 @@ def environment(args: argparse.Namespace, argv: list[str]) -> dict:
     }
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name(0)
+    from spngd_ext._extension import extension_error, extension_loaded
+
+    env["extension_loaded"] = extension_loaded()
+    if not env["extension_loaded"]:
+        env["extension_error"] = extension_error()
     try:
         import asdl  # noqa: F401
 
@@ -151,16 +175,13 @@ def environment(args: argparse.Namespace, argv: list[str]) -> dict:
 # model and data
 
 
-def build_base_model(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
+def build_base_model(name: str, image_size: int | None = None) -> tuple[nn.Module, tuple[int, ...], int]:
     """The model, the shape of one input example and the number of classes."""
     if name == "small_bn_cnn":
         return small_bn_cnn(), (1, 28, 28), 10
     if name == "resnet50":
-        try:
-            import torchvision
-        except ImportError as exc:
-            raise SystemExit(f"--model resnet50 needs torchvision (pip install torchvision): {exc}") from exc
-        return torchvision.models.resnet50(), (3, 224, 224), 1000
+        size = image_size or 224
+        return resnet50(), (3, size, size), 1000
     raise SystemExit(f"unknown --model {name!r}; choose small_bn_cnn or resnet50")
 
 
@@ -290,6 +311,12 @@ def build_configs(names: list[str], base: nn.Module, device: torch.device, lr: f
                 cfg = Config(name, "spngd", build_train_step("spngd", model, OptimizerSettings(**common, curvature_interval=1, inverse_interval=1)))
             elif name == "spngd-10/100":
                 cfg = Config(name, "spngd", build_train_step("spngd", model, OptimizerSettings(**common, curvature_interval=10, inverse_interval=100)))
+            elif name in BACKEND_CONFIGS:
+                settings = OptimizerSettings(**common, curvature_interval=1, inverse_interval=1, backend=BACKEND_CONFIGS[name])
+                try:
+                    cfg = Config(name, "spngd", build_train_step("spngd", model, settings))
+                except (RuntimeError, ValueError) as exc:  # backend="cuda" without kernels or GPU
+                    raise OptimizerUnavailableError(str(exc).splitlines()[0]) from exc
             elif name == "spngd-stale":
                 cfg = Config(name, "spngd", build_train_step("spngd", model, OptimizerSettings(**common, stale=True, curvature_interval=100, inverse_interval=1)))
             elif name == "asdl-every-step":
@@ -300,7 +327,7 @@ def build_configs(names: list[str], base: nn.Module, device: torch.device, lr: f
                 step.config.ema_decay = 1.0  # replace (no averaging); inversion every preconditioner_upd_interval
                 cfg = Config(name, "asdl", step)
             else:
-                raise SystemExit(f"unknown config {name!r}; choose from {', '.join(ALL_CONFIGS)}")
+                raise SystemExit(f"unknown config {name!r}; choose from {', '.join(KNOWN_CONFIGS)}")
         except OptimizerUnavailableError as exc:
             skipped[name] = str(exc)
             continue
@@ -651,6 +678,40 @@ def targets(summary: dict) -> list[dict]:
     return res
 
 
+def curvature_phase(breakdown: dict, use_cuda: bool) -> dict[str, float]:
+    """Per profiled SP-NGD configuration: ms per step in the curvature phase (CURVATURE_ROWS)."""
+    key = "cuda_inclusive_ms" if use_cuda else "cpu_inclusive_ms"
+    return {
+        name: sum(b["phases"][label][key] for label in CURVATURE_ROWS)
+        for name, b in breakdown.items() if name.startswith("spngd")
+    }
+
+
+def curvature_targets(phase_ms: dict[str, float], use_cuda: bool, extension_loaded: bool) -> list[dict]:
+    """Issue 3: the CUDA kernels' curvature phase ≥ 3× faster than the pure-PyTorch path on the
+    same GPU. Only meaningful on CUDA with the kernels loaded; otherwise reported as not measured."""
+    cuda, torch_ms = phase_ms.get("spngd-every-step-cuda"), phase_ms.get("spngd-every-step-torch")
+    if cuda is None or torch_ms is None:
+        return []
+    target = f"curvature phase (factors + inverses + preconditioning): torch ÷ cuda ≥ {CURVATURE_SPEEDUP_TARGET:g}"
+    if not (use_cuda and extension_loaded) or cuda <= 0:
+        return [{"target": target, "value": None, "met": None, "why": "needs a GPU and the built CUDA kernels"}]
+    speedup = torch_ms / cuda
+    return [{"target": target, "value": speedup, "met": speedup >= CURVATURE_SPEEDUP_TARGET,
+             "detail": f"{torch_ms:.2f} ms (torch) vs {cuda:.2f} ms (cuda) of kernel time per step"}]
+
+
+def curvature_table(phase_ms: dict[str, float], breakdown: dict, use_cuda: bool) -> str:
+    unit = "CUDA kernel ms/step" if use_cuda else "CPU (wall) ms/step"
+    key = "cuda_inclusive_ms" if use_cuda else "cpu_inclusive_ms"
+    names = list(phase_ms)
+    lines = [f"Curvature phase ({unit}, inclusive):", "", "| part | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for label in CURVATURE_ROWS:
+        lines.append(f"| {label.strip()} | " + " | ".join(fmt(breakdown[n]["phases"][label][key], 2) for n in names) + " |")
+    lines.append("| **curvature phase** | " + " | ".join(f"**{fmt(phase_ms[n], 2)}**" for n in names) + " |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------
 # main
 
@@ -660,6 +721,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", default="small_bn_cnn", choices=["small_bn_cnn", "resnet50"])
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cpu for small_bn_cnn, cuda for resnet50")
     p.add_argument("--batch-sizes", default="256,1024")
+    p.add_argument("--image-size", type=int, default=None, help="--model resnet50: input height and width (default 224)")
     p.add_argument("--rounds", type=int, default=None, help=f"timed rounds (default 300; rounded up to a multiple of {PERIOD} unless --quick)")
     p.add_argument("--warmup", type=int, default=None, help="discarded rounds first (default 10; --quick 2)")
     p.add_argument("--quick", action="store_true", help="smoke test: 20 rounds, short profiles, no period rounding")
@@ -678,6 +740,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if args.model == "resnet50" else "cpu"
+    if args.image_size is not None and (args.model != "resnet50" or args.image_size < 32):
+        p.error("--image-size applies to --model resnet50 only and must be at least 32")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
@@ -710,7 +774,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"torch {env['torch']}, threads {env['threads']} (interop {env['interop_threads']}), {env['cpu_count']} cores: {env['cpu_model']}"
           + (f", GPU {env['gpu']}" if "gpu" in env else "") + f", asdl {env['asdl']}, load average at start {env['load_average']}  ")
 
-    base, example_shape, classes = build_base_model(args.model)
+    base, example_shape, classes = build_base_model(args.model, args.image_size)
     result: dict = {"environment": env, "settings": {k: v for k, v in vars(args).items()}, "model": {
         "name": args.model, "parameters": count_parameters(base), "input": list(example_shape), "classes": classes}, "batch_sizes": {}}
     print(f"model {args.model} ({count_parameters(base):,} parameters), input {example_shape}, device {args.device}, lr {args.lr}, "
@@ -756,6 +820,19 @@ def main(argv: list[str] | None = None) -> dict:
                 entry["breakdown"] = breakdown
                 print(breakdown_table(breakdown, summary, batch, device.type == "cuda"))
                 print()
+                phase_ms = curvature_phase(breakdown, device.type == "cuda")
+                entry["curvature_phase_ms"] = phase_ms
+                if phase_ms:
+                    print(curvature_table(phase_ms, breakdown, device.type == "cuda"))
+                    print()
+                extra = curvature_targets(phase_ms, device.type == "cuda", env["extension_loaded"])
+                entry["targets"] += extra
+                for t in extra:
+                    verdict = "not measured: " + t["why"] if t["met"] is None else ("met" if t["met"] else "NOT MET")
+                    value = "" if t["value"] is None else f"{t['value']:.2f}× → "
+                    print(f"- target {t['target']}: {value}{verdict}" + (f" ({t['detail']})" if "detail" in t else ""))
+                if extra:
+                    print()
                 if args.top_ops > 0:
                     print(top_ops_text(breakdown, args.top_ops, device.type == "cuda"))
                     print()

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from . import ops
+from ._extension import cuda_ops_available, extension_loaded
 from .capture import ActivationCapture
 from .curvature_state import CurvatureState
 from .distributed.communicator import Communicator, default_communicator
@@ -107,6 +108,12 @@ class SPNGD(torch.optim.Optimizer):
             backend=backend, check_finite=check_finite, max_inverse_retries=max_inverse_retries,
         )
         self._backend = self.options.backend.value
+        if self._backend == "cuda":  # fail here, not at the first refresh several steps later
+            if not cuda_ops_available():
+                why = "no CUDA GPU is visible" if extension_loaded() else "the spngd_ext CUDA extension is not built"
+                raise RuntimeError(f"SPNGD: backend='cuda' but {why} (use backend='auto' or 'torch')")
+            if first_device.type != "cuda":
+                raise ValueError(f"SPNGD: backend='cuda' needs the model on a CUDA device, but its parameters are on {first_device}")
         self._model = model
         self._layers: list[CurvatureLayer] = find_curvature_layers(inner)
         if not self._layers:

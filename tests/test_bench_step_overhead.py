@@ -69,3 +69,70 @@ def test_step_overhead_quick(tmp_path, capsys):
     assert every["forward"]["cpu_inclusive_ms"] > every["forward"]["cpu_exclusive_ms"]  # accumulation nested inside
     assert _positive_finite(breakdown["sgd"]["profiled_step_cpu_ms"])
     assert {t["target"] for t in entry["targets"]}
+
+
+def _phases(**ms: float) -> dict:
+    return {label: {"cpu_inclusive_ms": ms.get(label.strip(), 0.0), "cuda_inclusive_ms": 10 * ms.get(label.strip(), 0.0)}
+            for label in ("factor accumulation (all)", "  factor finalize", "  inversion", "  preconditioning", "  update", "MC backward")}
+
+
+def test_curvature_phase_adds_factors_finalize_inversion_and_preconditioning_only():
+    bench = _load_bench()
+    breakdown = {
+        "sgd": {"phases": _phases()},
+        "spngd-every-step-torch": {"phases": _phases(**{"factor accumulation (all)": 1.0, "factor finalize": 2.0,
+                                                         "inversion": 4.0, "preconditioning": 8.0, "update": 16.0,
+                                                         "MC backward": 32.0})},
+    }
+    assert bench.curvature_phase(breakdown, use_cuda=False) == {"spngd-every-step-torch": 15.0}
+    assert bench.curvature_phase(breakdown, use_cuda=True) == {"spngd-every-step-torch": 150.0}
+
+
+@pytest.mark.parametrize("cuda_ms, met", [(10.0, True), (10.1, False)])
+def test_curvature_target_is_torch_over_cuda_against_three(cuda_ms, met):
+    bench = _load_bench()
+    phase = {"spngd-every-step-cuda": cuda_ms, "spngd-every-step-torch": 30.0}
+    (t,) = bench.curvature_targets(phase, use_cuda=True, extension_loaded=True)
+    assert t["value"] == pytest.approx(30.0 / cuda_ms) and t["met"] is met
+    (t,) = bench.curvature_targets(phase, use_cuda=False, extension_loaded=True)
+    assert t["met"] is None and t["value"] is None and "GPU" in t["why"]
+    (t,) = bench.curvature_targets(phase, use_cuda=True, extension_loaded=False)
+    assert t["met"] is None
+    assert bench.curvature_targets({"spngd-every-step-torch": 30.0}, use_cuda=True, extension_loaded=True) == []
+
+
+@pytest.mark.timeout(120)
+def test_backend_pinned_configs_report_the_curvature_phase(tmp_path, capsys):
+    bench = _load_bench()
+    from spngd_ext import cuda_ops_available
+
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main([
+            "--quick", "--batch-sizes", "8", "--rounds", "2", "--warmup", "1", "--threads", "1",
+            "--data", "random", "--n-batches", "1", "--configs", "sgd,spngd-every-step-cuda,spngd-every-step-torch",
+            "--profile-steps", "1", "--top-ops", "0", "--json", str(tmp_path / "out.json"),
+        ])
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    entry = result["batch_sizes"]["8"]
+    assert "spngd-every-step-torch" in entry["timing"]
+    assert entry["breakdown"]["spngd-every-step-torch"]["counters"]["inverse_updates"] == 1
+    phases = entry["breakdown"]["spngd-every-step-torch"]["phases"]
+    total = sum(phases[label]["cpu_inclusive_ms"] for label in bench.CURVATURE_ROWS)
+    assert entry["curvature_phase_ms"]["spngd-every-step-torch"] == pytest.approx(total) and total > 0
+    assert "Curvature phase (CPU (wall) ms/step" in printed
+    if not cuda_ops_available():  # the CUDA-pinned config cannot run here: skipped, with the reason
+        assert "backend='cuda'" in entry["skipped_configs"]["spngd-every-step-cuda"]
+        assert "spngd-every-step-cuda" not in entry["timing"]
+        assert not [t for t in entry["targets"] if t["target"].startswith("curvature phase")]
+
+
+def test_image_size_is_for_resnet50_only():
+    bench = _load_bench()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--image-size", "64"])
+    assert bench.parse_args(["--model", "resnet50", "--device", "cpu", "--image-size", "64"]).image_size == 64
+    model, shape, classes = bench.build_base_model("resnet50", 64)
+    assert shape == (3, 64, 64) and classes == 1000

@@ -784,15 +784,24 @@ def test_bad_damping_schedule_value_raises_value_error_naming_the_step(schedule,
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters()), "a rejected step moved the weights"
 
 
-def test_backend_cuda_without_kernels_fails_with_runtime_error_by_the_first_step():
+def test_backend_cuda_without_kernels_fails_at_construction():
     if cuda_ops_available():
         pytest.skip("the CUDA kernels are usable here")
     model = Net()
-    x, y = data(1)[0]
-    with pytest.raises(RuntimeError, match="backend='cuda'"):
-        opt = SPNGD(model, backend="cuda", fisher="mc", seed=0)
-        forward_backward(model, opt, x, y)
-        opt.step()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="SPNGD: backend='cuda' but .*(not built|no CUDA GPU)"):
+        SPNGD(model, backend="cuda", fisher="mc", seed=0)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules()), "a failed construction left hooks"
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.gpu
+def test_backend_cuda_with_a_cpu_model_fails_at_construction():
+    if not cuda_ops_available():
+        pytest.skip("needs the CUDA kernels")
+    with pytest.raises(ValueError, match="backend='cuda' needs the model on a CUDA device, but its parameters are on cpu"):
+        SPNGD(Net(), backend="cuda")
 
 
 # ============================================================================ checkpoint / resume

@@ -47,3 +47,32 @@ def test_mlp_uses_batchnorm1d() -> None:
 def test_unknown_model() -> None:
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
         build_model("vgg")
+
+
+def test_resnet50_has_torchvisions_shapes() -> None:
+    """The GPU benchmarks' ResNet-50: torchvision's parameter count, and every conv/BN/fc in the
+    order and shape that bench/comm.py's layer table (the issue's factor sizes) lists."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from spngd_ext.models import resnet50
+
+    spec = importlib.util.spec_from_file_location("bench_comm_shapes", Path(__file__).resolve().parents[1] / "bench" / "comm.py")
+    comm = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = comm
+    spec.loader.exec_module(comm)
+
+    model = resnet50()
+    assert count_parameters(model) == 25_557_032
+    found = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            found.append(dict(kind="conv", cin=m.in_channels, cout=m.out_channels, k=m.kernel_size[0], bias=m.bias is not None))
+        elif isinstance(m, nn.BatchNorm2d):
+            found.append(dict(kind="bn", c=m.num_features))
+        elif isinstance(m, nn.Linear):
+            found.append(dict(kind="fc", cin=m.in_features, cout=m.out_features, k=1, bias=m.bias is not None))
+    expected = [{k: v for k, v in layer.items() if k != "name"} for layer in comm.resnet50_layers()]
+    assert found == expected
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
