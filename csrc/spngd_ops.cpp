@@ -204,8 +204,9 @@ void bn_unitwise_fisher(const at::Tensor& state, const at::Tensor& grad_out, con
                     grad_out.sizes(), " and ", xhat.sizes());
   check_contiguous(op, "grad_out", grad_out);
   check_contiguous(op, "xhat", xhat);
-  TORCH_CHECK_VALUE(c10::multiply_integers(grad_out.sizes().slice(2)) < std::numeric_limits<int32_t>::max(),
-                    "spngd_ext::bn_unitwise_fisher: a (n, c) plane must hold fewer than 2^31 elements");
+  // The kernel walks a plane with an int index that runs up to 4 * 32 lanes past its end.
+  TORCH_CHECK_VALUE(c10::multiply_integers(grad_out.sizes().slice(2)) < std::numeric_limits<int32_t>::max() - 1024,
+                    "spngd_ext::bn_unitwise_fisher: a (n, c) plane must hold fewer than 2^31 - 1024 elements");
   check_cuda(op, "state", state);
   check_same_device(op, "state", state, "grad_out", grad_out);
   check_dtype(op, "state", state, {at::kFloat});

@@ -44,6 +44,13 @@ struct UnpackTable {
   int32_t scale_index[kMaxMats];
 };
 
+// A __grid_constant__ argument list may hold 32,764 bytes from CUDA 12.1 on sm_70+ (4 KB before);
+// the table plus the other kernel arguments must fit, or nvcc fails with "formal parameter space
+// overflowed".
+static_assert(CUDART_VERSION >= 12010, "spngd_ext: pack.cu needs CUDA >= 12.1 (kernel arguments over 4 KB)");
+static_assert(sizeof(PackTable) + sizeof(void*) <= 32764, "PackTable exceeds the kernel-argument limit");
+static_assert(sizeof(UnpackTable) + 2 * sizeof(void*) <= 32764, "UnpackTable exceeds the kernel-argument limit");
+
 // Largest index k < count with starts[k] <= x (starts is non-decreasing, starts[0] = 0).
 __device__ __forceinline__ int find_segment(const int64_t* starts, int count, int64_t x) {
   int lo = 0, hi = count - 1;
