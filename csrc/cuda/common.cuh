@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/index_math.cuh"
+
 // Kernels that accumulate in fp32 take fp32 or half-precision inputs (float64 goes to the reference).
 #define SPNGD_DISPATCH_FLOAT_AND_HALF(TYPE, NAME, ...)            \
   AT_DISPATCH_SWITCH(TYPE, NAME,                                  \
@@ -19,25 +21,6 @@
 namespace spngd::cuda_ops {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Packed upper layout (DESIGN.md): row i starts at i*n - i*(i-1)/2; element (i, j), j >= i, sits
-// (j - i) further on.
-__host__ __device__ __forceinline__ int64_t packed_row_start(int64_t i, int64_t n) {
-  return i * n - i * (i - 1) / 2;
-}
-
-// Inverse of t = a*(a+1)/2 + b with 0 <= b <= a: enumerates a lower triangle of tiles row by row.
-// The approximate hardware square root (no IEEE slow-path call, so no stack spills) only gives a
-// guess; exact integer steps correct it.
-__device__ __forceinline__ void lower_tri_decode(int64_t t, int64_t& a, int64_t& b) {
-  float root;
-  asm("sqrt.approx.f32 %0, %1;" : "=f"(root) : "f"(8.f * static_cast<float>(t) + 1.f));
-  int64_t r = static_cast<int64_t>((root - 1.f) * 0.5f);
-  while (r > 0 && r * (r + 1) / 2 > t) --r;
-  while ((r + 1) * (r + 2) / 2 <= t) ++r;
-  a = r;
-  b = t - r * (r + 1) / 2;
-}
 
 // Conversions between storage dtypes; go through double only when one side is double, so fp32 and
 // half-precision paths never touch FP64 units.

@@ -1,0 +1,148 @@
+// A CPU stand-in for one CUDA thread block, enough to run block-level device code from csrc/cuda
+// unchanged: one std::thread per CUDA thread, std::barrier for __syncthreads, and `smem_ptr<T>`, a
+// shared-memory pointer that checks every access.
+//
+// What the checks catch (each counted in Report):
+// - out of bounds: an index outside the shared allocation;
+// - races: two different threads touching one element between two barriers where at least one
+//   writes (read-after-write, write-after-read, write-after-write);
+// - barrier divergence: threads that passed a different number of __syncthreads.
+// Warp-synchronous code (shuffles, implicit warp lockstep) is NOT modelled: code under test must
+// synchronise through __syncthreads only, as the Cholesky kernel does.
+#pragma once
+
+#define SPNGD_CUDA_EMULATION 1
+#define __host__
+#define __device__
+#define __forceinline__ inline
+
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+using std::fma;
+using std::isfinite;
+using std::max;
+using std::min;
+using std::sqrt;
+
+struct EmuDim3 {
+  unsigned x = 0, y = 1, z = 1;
+};
+inline thread_local EmuDim3 threadIdx, blockDim;
+
+namespace emu {
+
+struct Report {
+  long races = 0, out_of_bounds = 0, barrier_mismatch = 0;
+};
+
+struct Shadow {  // last writer / reader of an element within the current barrier interval
+  long write_epoch = -1, read_epoch = -1;
+  int writer = -1, reader = -1;  // reader -2: several readers
+};
+
+struct Block {
+  std::barrier<>* barrier = nullptr;
+  std::mutex mu;
+  std::vector<Shadow> shadow;
+  Report report;
+  void note(long& counter, const char* what, int64_t idx) {
+    if (counter++ < 5) std::fprintf(stderr, "emu: %s at shared index %lld (thread %u)\n", what, (long long)idx, threadIdx.x);
+  }
+};
+inline Block* g_block = nullptr;
+inline thread_local long t_epoch = 0;
+
+template <typename T>
+struct Ref {
+  T* base;
+  int64_t idx, size;
+  bool ok() const {
+    if (idx >= 0 && idx < size) return true;
+    std::lock_guard<std::mutex> lock(g_block->mu);
+    g_block->note(g_block->report.out_of_bounds, "out-of-bounds access", idx);
+    return false;
+  }
+  T get() const {
+    if (!ok()) return T(NAN);
+    std::lock_guard<std::mutex> lock(g_block->mu);
+    Shadow& s = g_block->shadow[idx];
+    const int me = static_cast<int>(threadIdx.x);
+    if (s.write_epoch == t_epoch && s.writer != me) g_block->note(g_block->report.races, "read after another thread's write", idx);
+    if (s.read_epoch != t_epoch) { s.read_epoch = t_epoch; s.reader = me; }
+    else if (s.reader != me) s.reader = -2;
+    return base[idx];
+  }
+  void put(T v) const {
+    if (!ok()) return;
+    std::lock_guard<std::mutex> lock(g_block->mu);
+    Shadow& s = g_block->shadow[idx];
+    const int me = static_cast<int>(threadIdx.x);
+    if (s.write_epoch == t_epoch && s.writer != me) g_block->note(g_block->report.races, "write after another thread's write", idx);
+    if (s.read_epoch == t_epoch && s.reader != me) g_block->note(g_block->report.races, "write after another thread's read", idx);
+    s.write_epoch = t_epoch;
+    s.writer = me;
+    base[idx] = v;
+  }
+  operator T() const { return get(); }
+  const Ref& operator=(T v) const { put(v); return *this; }
+  const Ref& operator=(const Ref& o) const { put(o.get()); return *this; }
+  const Ref& operator-=(T v) const { put(get() - v); return *this; }
+  const Ref& operator+=(T v) const { put(get() + v); return *this; }
+};
+
+template <typename T>
+struct SharedPtr {
+  T* base;
+  int64_t offset, size;
+  SharedPtr operator+(int64_t d) const { return {base, offset + d, size}; }
+  Ref<T> operator[](int64_t i) const { return {base, offset + i, size}; }
+};
+
+// Runs body() on `threads` CUDA threads of one block over `smem` (its shared memory). The shared
+// array should be pre-filled (e.g. with NaN) by the caller so that reads of unwritten elements show.
+template <typename T>
+Report run_block(int threads, std::vector<T>& smem, const std::function<void()>& body) {
+  Block block;
+  std::barrier<> bar(threads);
+  block.barrier = &bar;
+  block.shadow.assign(smem.size(), Shadow{});
+  g_block = &block;
+  std::vector<long> epochs(threads, 0);
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      threadIdx.x = static_cast<unsigned>(t);
+      blockDim.x = static_cast<unsigned>(threads);
+      t_epoch = 0;
+      body();
+      epochs[t] = t_epoch;
+      bar.arrive_and_drop();  // a thread that skipped a barrier must not leave the others waiting
+    });
+  }
+  for (auto& th : pool) th.join();
+  for (int t = 1; t < threads; ++t)
+    if (epochs[t] != epochs[0]) { ++block.report.barrier_mismatch; break; }
+  g_block = nullptr;
+  return block.report;
+}
+
+}  // namespace emu
+
+inline void __syncthreads() {
+  emu::g_block->barrier->arrive_and_wait();
+  ++emu::t_epoch;
+}
+
+namespace spngd::cuda_ops {
+template <typename T>
+using smem_ptr = emu::SharedPtr<T>;
+}
