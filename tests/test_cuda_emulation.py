@@ -1,16 +1,22 @@
-"""The Cholesky kernel's block-level code, run on the CPU (no GPU needed).
+"""CUDA kernel code run on the CPU (no GPU needed), compiled unchanged with g++.
 
-``csrc/cuda/cholesky_blocked.cuh`` (phases A, B, C of ``cholesky_inverse_damped``'s shared-memory
-kernel) is compiled unchanged with g++ against ``tests/cuda_emulation/block_emulator.h``: one
-std::thread per CUDA thread, a real barrier for ``__syncthreads``, and a shared-memory pointer that
-flags out-of-bounds accesses and unsynchronised conflicting accesses between threads. Each case
-checks the inverse against the float64 reference, the failure flag, that every output element is
-written (outputs and shared memory start as NaN) and that the checks stayed silent; the self-tests
+``tests/cuda_emulation/block_emulator.h`` stands in for the CUDA runtime: one std::thread per CUDA
+thread, a real barrier for ``__syncthreads``, blocks of a grid one after another.
+
+* The Cholesky kernel's block algorithm (``csrc/cuda/cholesky_blocked.cuh``, phases A, B, C of
+  ``cholesky_inverse_damped``) runs with a shared-memory pointer type that flags out-of-bounds
+  accesses and unsynchronised conflicting accesses between threads.
+* The SYRK kernel of ``accumulate_factor`` / ``conv_a_factor`` (``csrc/cuda/syrk_tiles.cuh``: the
+  launch plan, every block, the row-split reduction) runs whole launches built with
+  ``-fsanitize=thread``, which reports any unsynchronised access to its shared tiles.
+
+Each case compares with the float64 reference, checks that every output element is written
+(outputs, workspaces and shared memory start as NaN) and that the checks stayed silent; self-tests
 show each check fires on a deliberately broken block.
 
 What this does not cover: warp-level behaviour and the real memory model (the code under test only
-synchronises through ``__syncthreads``), the launch (grid, shared-memory opt-in) and speed. Those
-need the GPU tests in tests/test_ops_cuda.py.
+synchronises through ``__syncthreads``), the launch limits (grid size, shared-memory opt-in),
+half-precision loads and speed. Those need the GPU tests in tests/test_ops_cuda.py.
 """
 
 from __future__ import annotations
@@ -28,20 +34,38 @@ from spngd_ext import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "tests" / "cuda_emulation" / "cholesky_block.cpp"
+SYRK_HARNESS = ROOT / "tests" / "cuda_emulation" / "syrk_grid.cpp"
 LINE = re.compile(r"info=(-?\d+) threads=(\d+) races=(\d+) out_of_bounds=(\d+) barrier_mismatch=(\d+)")
+
+
+def _build(source: Path, exe: Path, *flags: str) -> subprocess.CompletedProcess:
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no C++ compiler ({cxx}) to build the emulation")
+    cmd = [cxx, "-std=c++20", "-O2", "-pthread", "-Wall", "-Werror=return-type", *flags,
+           f"-I{ROOT / 'csrc'}", f"-I{source.parent}", str(source), "-o", str(exe)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory) -> Path:
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
-        pytest.skip(f"no C++ compiler ({cxx}) to build the emulation")
     exe = tmp_path_factory.mktemp("emu") / "cholesky_block"
-    cmd = [cxx, "-std=c++20", "-O2", "-pthread", "-Wall", "-Werror=return-type",
-           f"-I{ROOT / 'csrc'}", f"-I{HARNESS.parent}", str(HARNESS), "-o", str(exe)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = _build(HARNESS, exe)
     assert done.returncode == 0, f"building the emulation failed:\n{done.stderr[-4000:]}"
     return exe
+
+
+@pytest.fixture(scope="module")
+def syrk_emulator(tmp_path_factory) -> tuple[Path, bool]:
+    """(executable, built with ThreadSanitizer). Without libtsan the kernels still run, unchecked
+    for races, and test_syrk_emulation_has_threadsanitizer says so."""
+    exe = tmp_path_factory.mktemp("emu") / "syrk_grid"
+    done = _build(SYRK_HARNESS, exe, "-g", "-fsanitize=thread")
+    if done.returncode == 0:
+        return exe, True
+    plain = _build(SYRK_HARNESS, exe)
+    assert plain.returncode == 0, f"building the emulation failed:\n{plain.stderr[-4000:]}"
+    return exe, False
 
 
 def _run(exe: Path, *args: str) -> dict:
@@ -121,3 +145,108 @@ def test_block_inverse_flags_the_failed_pivot(emulator, tmp_path, n, fault):
 def test_emulator_checks_fire_on_a_broken_block(emulator, broken, check):
     res = _run(emulator, "selftest", broken)
     assert res[check] > 0, f"the {check} check did not fire on the {broken!r} self-test"
+
+
+# ------------------------------------------------------------------------------------------ SYRK
+
+SYRK_LINE = re.compile(r"large=(\d) tiles=(\d+) splits=(\d+) rows_per_split=(\d+) barrier_mismatch=(\d+)")
+
+
+def _syrk(exe: Path, tmp_path: Path, mode: str, storage: torch.Tensor, state: torch.Tensor, **keys) -> tuple[dict, torch.Tensor]:
+    (tmp_path / "x.bin").write_bytes(storage.contiguous().numpy().tobytes())
+    (tmp_path / "state.bin").write_bytes(state.numpy().tobytes())
+    args = [f"{k}={v}" for k, v in keys.items()]
+    args += [f"x={tmp_path / 'x.bin'}", f"state={tmp_path / 'state.bin'}", f"out={tmp_path / 'out.bin'}"]
+    env = dict(os.environ, TSAN_OPTIONS="exitcode=66 halt_on_error=0 report_signal_unsafe=0")
+    done = subprocess.run([str(exe), mode, *args], capture_output=True, text=True, timeout=300, env=env)
+    assert "ThreadSanitizer" not in done.stderr, done.stderr[-6000:]
+    assert done.returncode == 0, done.stderr[-2000:]
+    m = SYRK_LINE.search(done.stdout)
+    assert m, done.stdout
+    plan = dict(zip(("large", "tiles", "splits", "rows_per_split", "barrier_mismatch"), map(int, m.groups())))
+    assert plan["barrier_mismatch"] == 0
+    out = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.float32)
+    return plan, out
+
+
+def _state(d: int, seed: int, nan: bool) -> torch.Tensor:
+    n = d * (d + 1) // 2
+    if nan:  # decay 0 must overwrite the state without reading it
+        return torch.full((n,), float("nan"))
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    assert torch.isfinite(got).all(), "a packed entry was not written (NaN left)"
+    err = float((got.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+    assert err < 2e-6, err
+
+
+# (rows, cols, sms, transposed x, decay): one tile, tile edges (64, 65), 0 and 1 rows, row splits
+# (few tiles for the SM count), a partial last stage, the 128-wide tiles (cols >= 512), decay 0.
+DENSE = [(7, 5, 4, False, 0.9), (0, 3, 4, False, 0.9), (1, 1, 4, False, 0.9), (131, 64, 4, False, 0.9),
+         (300, 65, 4, False, 0.0), (1000, 130, 8, True, 0.95), (29, 33, 132, True, 0.0), (200, 513, 1, False, 0.9),
+         (257, 520, 16, True, 0.0)]
+
+
+@pytest.mark.parametrize("rows, cols, sms, transposed, decay", DENSE,
+                         ids=[f"r{r}-c{c}-sm{s}{'-T' if t else ''}-decay{d}" for r, c, s, t, d in DENSE])
+def test_syrk_accumulate_factor_matches_float64_reference(syrk_emulator, tmp_path, rows, cols, sms, transposed, decay):
+    exe, _ = syrk_emulator
+    g = torch.Generator().manual_seed(rows * 131 + cols)
+    x = torch.randn(rows, cols, generator=g)
+    state = _state(cols, rows + cols, nan=decay == 0.0)
+    storage, s0, s1 = (x.T.contiguous(), 1, rows) if transposed else (x, cols, 1)
+    plan, got = _syrk(exe, tmp_path, "dense", storage, state, rows=rows, cols=cols, s0=s0, s1=s1, scale=0.5,
+                      decay=decay, sms=sms, max_ws=rows * cols)
+    assert plan["large"] == (cols >= 512)
+    expected = reference.accumulate_factor(state.double().nan_to_num(), x.double(), 0.5, decay)
+    _close(got, expected)
+
+
+def test_syrk_plan_splits_rows_when_tiles_are_few(syrk_emulator, tmp_path):
+    """The split path (workspace + reduction kernel) must really run in the cases above."""
+    exe, _ = syrk_emulator
+    x = torch.randn(1000, 130)
+    plan, _ = _syrk(exe, tmp_path, "dense", x, _state(130, 0, False), rows=1000, cols=130, s0=130, s1=1, scale=1.0,
+                    decay=0.5, sms=8, max_ws=1000 * 130)
+    assert plan["splits"] > 1 and plan["rows_per_split"] % 8 == 0
+
+
+# (n, c, h, w, kernel, stride, padding, dilation, bias, channels_last)
+CONV = [(2, 3, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1), False, False),
+        (2, 3, 9, 9, (3, 3), (2, 2), (1, 1), (1, 1), True, True),
+        (1, 5, 7, 6, (2, 3), (1, 2), (0, 1), (2, 1), True, False),
+        (3, 4, 5, 5, (1, 1), (1, 1), (0, 0), (1, 1), False, True),
+        (1, 3, 20, 20, (7, 7), (2, 2), (3, 3), (1, 1), False, False),
+        (1, 1, 1, 1, (1, 1), (1, 1), (0, 0), (1, 1), True, False)]
+
+
+@pytest.mark.parametrize("n, c, h, w, kernel, stride, padding, dilation, bias, channels_last", CONV,
+                         ids=[f"{n}x{c}x{h}x{w}-k{k[0]}{k[1]}-s{s[0]}{s[1]}-p{p[0]}{p[1]}-d{d[0]}{d[1]}"
+                              f"{'-bias' if b else ''}{'-cl' if cl else ''}" for n, c, h, w, k, s, p, d, b, cl in CONV])
+def test_syrk_conv_a_factor_matches_float64_reference(syrk_emulator, tmp_path, n, c, h, w, kernel, stride, padding,
+                                                      dilation, bias, channels_last):
+    exe, _ = syrk_emulator
+    x = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(n * c * h * w))
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    d = c * kernel[0] * kernel[1] + int(bias)
+    state = _state(d, d, nan=False)
+    # the kernel reads x through its strides: pass the storage in memory order
+    storage = x.permute(0, 2, 3, 1).contiguous() if channels_last else x.contiguous()
+    sn, sc, sh, sw = x.stride()
+    oh = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    _, got = _syrk(exe, tmp_path, "conv", storage, state, n=n, c=c, h=h, w=w, sn=sn, sc=sc, sh=sh, sw=sw,
+                   kh=kernel[0], kw=kernel[1], sth=stride[0], stw=stride[1], ph=padding[0], pw=padding[1],
+                   dh=dilation[0], dw=dilation[1], bias=int(bias), scale=0.25, decay=0.8, sms=4,
+                   max_ws=n * oh * ow * c // 2)  # factor.cu's workspace cap for conv
+    expected = reference.conv_a_factor(state.double(), x.double(), kernel, stride, padding, dilation, bias, 0.25, 0.8)
+    _close(got, expected)
+
+
+def test_syrk_emulation_has_threadsanitizer(syrk_emulator):
+    _, tsan = syrk_emulator
+    if not tsan:
+        pytest.skip("g++ -fsanitize=thread is unavailable (libtsan missing): the SYRK cases ran without the race check")

@@ -33,16 +33,4 @@ __device__ __forceinline__ D cast_to(S v) {
   }
 }
 
-// Unsigned division by a fixed runtime divisor via multiply-high (Granlund–Montgomery); exact for
-// numerators below 2^31. Used where an index decode sits in a kernel's inner loop.
-struct FastDivmod {
-  uint32_t d = 1, mul = 0, shift = 0;
-  FastDivmod() = default;
-  explicit FastDivmod(uint32_t divisor) : d(divisor) {
-    while ((uint64_t{1} << shift) < d) ++shift;
-    mul = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1);
-  }
-  __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, mul) + n) >> shift; }
-};
-
 }  // namespace spngd::cuda_ops

@@ -1,4 +1,4 @@
-// Index arithmetic of the packed and tiled triangles, for device and host code alike (no ATen here,
+// Index arithmetic (packed and tiled triangles, fixed-divisor division), for device and host code alike (no ATen here,
 // so the CPU emulation in tests/cuda_emulation can include it).
 #pragma once
 
@@ -29,5 +29,23 @@ __host__ __device__ __forceinline__ void lower_tri_decode(int64_t t, int64_t& a,
   a = r;
   b = t - r * (r + 1) / 2;
 }
+
+// Unsigned division by a fixed runtime divisor via multiply-high (Granlund–Montgomery); exact for
+// numerators below 2^31. Used where an index decode sits in a kernel's inner loop.
+struct FastDivmod {
+  uint32_t d = 1, mul = 0, shift = 0;
+  FastDivmod() = default;
+  explicit FastDivmod(uint32_t divisor) : d(divisor) {
+    while ((uint64_t{1} << shift) < d) ++shift;
+    mul = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1);
+  }
+  __host__ __device__ __forceinline__ uint32_t div(uint32_t n) const {
+#ifdef __CUDA_ARCH__
+    return (__umulhi(n, mul) + n) >> shift;
+#else
+    return static_cast<uint32_t>(((static_cast<uint64_t>(n) * mul >> 32) + n) >> shift);
+#endif
+  }
+};
 
 }  // namespace spngd::cuda_ops

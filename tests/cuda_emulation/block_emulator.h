@@ -8,13 +8,22 @@
 //   writes (read-after-write, write-after-read, write-after-write);
 // - barrier divergence: threads that passed a different number of __syncthreads.
 // Warp-synchronous code (shuffles, implicit warp lockstep) is NOT modelled: code under test must
-// synchronise through __syncthreads only, as the Cholesky kernel does.
+// synchronise through __syncthreads only, as the Cholesky and SYRK kernels do.
+//
+// Whole kernels run through run_grid: blocks one after another, each with its own threads. A
+// kernel's static `__shared__` arrays become function-local statics, which is right while one block
+// runs at a time; accesses to them are not checked here, so such kernels are built with
+// -fsanitize=thread, whose happens-before model understands std::barrier.
 #pragma once
 
 #define SPNGD_CUDA_EMULATION 1
 #define __host__
 #define __device__
+#define __global__
 #define __forceinline__ inline
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
 
 #include <algorithm>
 #include <barrier>
@@ -27,15 +36,24 @@
 #include <vector>
 
 using std::fma;
+using std::fmaf;
 using std::isfinite;
 using std::max;
 using std::min;
 using std::sqrt;
 
+inline void __syncthreads();
+
 struct EmuDim3 {
   unsigned x = 0, y = 1, z = 1;
 };
 inline thread_local EmuDim3 threadIdx, blockDim;
+inline thread_local EmuDim3 blockIdx;
+inline EmuDim3 gridDim;
+
+struct float4 {
+  float x, y, z, w;
+};
 
 namespace emu {
 
@@ -106,15 +124,17 @@ struct SharedPtr {
   Ref<T> operator[](int64_t i) const { return {base, offset + i, size}; }
 };
 
-// Runs body() on `threads` CUDA threads of one block over `smem` (its shared memory). The shared
-// array should be pre-filled (e.g. with NaN) by the caller so that reads of unwritten elements show.
-template <typename T>
-Report run_block(int threads, std::vector<T>& smem, const std::function<void()>& body) {
+// Runs body() as a grid on one pool of `threads` threads: every block in turn (x fastest), with a
+// barrier between blocks, so shared memory is handed from block to block as to a new block on the
+// GPU. (One pool rather than new threads per block: thread start-up dominates under
+// ThreadSanitizer.) `shadowed` elements of shared memory get the access checks of Ref.
+inline Report launch(EmuDim3 grid, int threads, size_t shadowed, const std::function<void()>& body) {
   Block block;
   std::barrier<> bar(threads);
   block.barrier = &bar;
-  block.shadow.assign(smem.size(), Shadow{});
+  block.shadow.assign(shadowed, Shadow{});
   g_block = &block;
+  gridDim = grid;
   std::vector<long> epochs(threads, 0);
   std::vector<std::thread> pool;
   pool.reserve(threads);
@@ -123,7 +143,12 @@ Report run_block(int threads, std::vector<T>& smem, const std::function<void()>&
       threadIdx.x = static_cast<unsigned>(t);
       blockDim.x = static_cast<unsigned>(threads);
       t_epoch = 0;
-      body();
+      for (unsigned y = 0; y < grid.y; ++y)
+        for (unsigned x = 0; x < grid.x; ++x) {
+          blockIdx = EmuDim3{x, y, 0};
+          body();
+          __syncthreads();
+        }
       epochs[t] = t_epoch;
       bar.arrive_and_drop();  // a thread that skipped a barrier must not leave the others waiting
     });
@@ -133,6 +158,19 @@ Report run_block(int threads, std::vector<T>& smem, const std::function<void()>&
     if (epochs[t] != epochs[0]) { ++block.report.barrier_mismatch; break; }
   g_block = nullptr;
   return block.report;
+}
+
+// One block over `smem`, its shared memory as seen through smem_ptr. The caller should pre-fill
+// it (e.g. with NaN) so that reads of unwritten elements show.
+template <typename T>
+Report run_block(int threads, std::vector<T>& smem, const std::function<void()>& body) {
+  return launch(EmuDim3{1, 1, 1}, threads, smem.size(), body);
+}
+
+// A whole grid of a kernel whose shared memory is static `__shared__` arrays (unchecked here: build
+// with -fsanitize=thread).
+inline Report run_grid(EmuDim3 grid, int threads, const std::function<void()>& body) {
+  return launch(grid, threads, 0, body);
 }
 
 }  // namespace emu
