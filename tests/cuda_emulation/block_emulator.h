@@ -10,7 +10,7 @@
 // Warp-synchronous code (shuffles, implicit warp lockstep) is NOT modelled: code under test must
 // synchronise through __syncthreads only, as the Cholesky and SYRK kernels do.
 //
-// Whole kernels run through run_grid: blocks one after another, each with its own threads. A
+// Whole kernels run through run_grid: blocks one after another on one pool of threads. A
 // kernel's static `__shared__` arrays become function-local statics, which is right while one block
 // runs at a time; accesses to them are not checked here, so such kernels are built with
 // -fsanitize=thread, whose happens-before model understands std::barrier.
