@@ -9,14 +9,18 @@ thread, a real barrier for ``__syncthreads``, blocks of a grid one after another
 * The SYRK kernel of ``accumulate_factor`` / ``conv_a_factor`` (``csrc/cuda/syrk_tiles.cuh``: the
   launch plan, every block, the row-split reduction) runs whole launches built with
   ``-fsanitize=thread``, which reports any unsynchronised access to its shared tiles.
+* The BatchNorm kernels (``csrc/cuda/batchnorm_kernels.cuh``: the unit-wise Fisher with its warp
+  shuffles, batch split and cross-block ticket; the 2x2 solve), whole launches under
+  ThreadSanitizer as well.
 
 Each case compares with the float64 reference, checks that every output element is written
 (outputs, workspaces and shared memory start as NaN) and that the checks stayed silent; self-tests
 show each check fires on a deliberately broken block.
 
-What this does not cover: warp-level behaviour and the real memory model (the code under test only
-synchronises through ``__syncthreads``), the launch limits (grid size, shared-memory opt-in),
-half-precision loads and speed. Those need the GPU tests in tests/test_ops_cuda.py.
+What this does not cover: implicit warp lockstep and the real memory model (blocks run one after
+another, so the ticket's fences are not exercised), the launch limits (grid size, shared-memory
+opt-in), half-precision loads, pack/unpack and speed. Those need the GPU tests in
+tests/test_ops_cuda.py.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from spngd_ext import reference
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "tests" / "cuda_emulation" / "cholesky_block.cpp"
 SYRK_HARNESS = ROOT / "tests" / "cuda_emulation" / "syrk_grid.cpp"
+BN_HARNESS = ROOT / "tests" / "cuda_emulation" / "bn_grid.cpp"
 LINE = re.compile(r"info=(-?\d+) threads=(\d+) races=(\d+) out_of_bounds=(\d+) barrier_mismatch=(\d+)")
 
 
@@ -55,17 +60,33 @@ def emulator(tmp_path_factory) -> Path:
     return exe
 
 
-@pytest.fixture(scope="module")
-def syrk_emulator(tmp_path_factory) -> tuple[Path, bool]:
+def _build_with_tsan(source: Path, exe: Path) -> tuple[Path, bool]:
     """(executable, built with ThreadSanitizer). Without libtsan the kernels still run, unchecked
-    for races, and test_syrk_emulation_has_threadsanitizer says so."""
-    exe = tmp_path_factory.mktemp("emu") / "syrk_grid"
-    done = _build(SYRK_HARNESS, exe, "-g", "-fsanitize=thread")
+    for races, and test_emulation_has_threadsanitizer says so."""
+    done = _build(source, exe, "-g", "-fsanitize=thread")
     if done.returncode == 0:
         return exe, True
-    plain = _build(SYRK_HARNESS, exe)
+    plain = _build(source, exe)
     assert plain.returncode == 0, f"building the emulation failed:\n{plain.stderr[-4000:]}"
     return exe, False
+
+
+@pytest.fixture(scope="module")
+def syrk_emulator(tmp_path_factory) -> tuple[Path, bool]:
+    return _build_with_tsan(SYRK_HARNESS, tmp_path_factory.mktemp("emu") / "syrk_grid")
+
+
+@pytest.fixture(scope="module")
+def bn_emulator(tmp_path_factory) -> tuple[Path, bool]:
+    return _build_with_tsan(BN_HARNESS, tmp_path_factory.mktemp("emu") / "bn_grid")
+
+
+def _run_checked(exe: Path, *args: str, deadlock_s: int = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TSAN_OPTIONS="exitcode=66 halt_on_error=0 report_signal_unsafe=0",
+               SPNGD_EMU_DEADLOCK_SECONDS=str(deadlock_s))
+    done = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300, env=env)
+    assert "ThreadSanitizer" not in done.stderr, done.stderr[-6000:]
+    return done
 
 
 def _run(exe: Path, *args: str) -> dict:
@@ -157,9 +178,7 @@ def _syrk(exe: Path, tmp_path: Path, mode: str, storage: torch.Tensor, state: to
     (tmp_path / "state.bin").write_bytes(state.numpy().tobytes())
     args = [f"{k}={v}" for k, v in keys.items()]
     args += [f"x={tmp_path / 'x.bin'}", f"state={tmp_path / 'state.bin'}", f"out={tmp_path / 'out.bin'}"]
-    env = dict(os.environ, TSAN_OPTIONS="exitcode=66 halt_on_error=0 report_signal_unsafe=0")
-    done = subprocess.run([str(exe), mode, *args], capture_output=True, text=True, timeout=300, env=env)
-    assert "ThreadSanitizer" not in done.stderr, done.stderr[-6000:]
+    done = _run_checked(exe, mode, *args)
     assert done.returncode == 0, done.stderr[-2000:]
     m = SYRK_LINE.search(done.stdout)
     assert m, done.stdout
@@ -246,7 +265,84 @@ def test_syrk_conv_a_factor_matches_float64_reference(syrk_emulator, tmp_path, n
     _close(got, expected)
 
 
-def test_syrk_emulation_has_threadsanitizer(syrk_emulator):
-    _, tsan = syrk_emulator
+# ------------------------------------------------------------------------------------- BatchNorm
+
+BN_LINE = re.compile(r"sub=(\d+) blocks_per_channel=(\d+) barrier_mismatch=(\d+) shuffle_mismatch=(\d+)")
+
+
+def _bn_run(exe: Path, *args: str) -> dict:
+    done = _run_checked(exe, *args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    m = BN_LINE.search(done.stdout)
+    assert m, done.stdout
+    res = dict(zip(("sub", "blocks_per_channel", "barrier_mismatch", "shuffle_mismatch"), map(int, m.groups())))
+    assert res["barrier_mismatch"] == 0 and res["shuffle_mismatch"] == 0, res
+    return res
+
+
+def _floats(path: Path) -> torch.Tensor:
+    return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.float32)
+
+
+# (N, C, HW, sms, decay): 1x1 planes, planes shorter than a warp (sub 4, 2), the unrolled loop's
+# tail, large planes, and batch splits across blocks (ticket and workspace), decay 0 over NaN state.
+BN = [(1, 1, 1, 4, 0.9), (2, 3, 5, 4, 0.9), (3, 2, 4, 4, 0.0), (5, 3, 1000, 4, 0.5), (40, 2, 33, 4, 0.9),
+      (300, 1, 3, 8, 0.0), (64, 16, 49, 4, 0.95), (9, 5, 130, 132, 0.9)]
+
+
+@pytest.mark.parametrize("n, c, hw, sms, decay", BN, ids=[f"N{n}-C{c}-HW{hw}-sm{s}-decay{d}" for n, c, hw, s, d in BN])
+def test_bn_fisher_matches_float64_reference(bn_emulator, tmp_path, n, c, hw, sms, decay):
+    exe, _ = bn_emulator
+    gen = torch.Generator().manual_seed(n * 1000 + c * 10 + hw)
+    g, xh = torch.randn(n, c, hw, generator=gen), torch.randn(n, c, hw, generator=gen)
+    state = torch.full((c, 3), float("nan")) if decay == 0.0 else torch.randn(c, 3, generator=gen)
+    for name, t in (("g", g), ("xh", xh), ("state", state)):
+        (tmp_path / f"{name}.bin").write_bytes(t.contiguous().numpy().tobytes())
+    res = _bn_run(exe, "fisher", str(n), str(c), str(hw), "0.5", str(decay), str(sms), str(tmp_path / "g.bin"),
+                  str(tmp_path / "xh.bin"), str(tmp_path / "state.bin"), str(tmp_path / "out.bin"))
+    expected = reference.bn_unitwise_fisher(state.double().nan_to_num(), g.double(), xh.double(), 0.5, decay)
+    got = _floats(tmp_path / "out.bin").reshape(c, 3)
+    assert torch.isfinite(got).all()
+    err = float((got.double() - expected).abs().max() / expected.abs().max())
+    assert err < 2e-6, err
+    if (n, hw) == (40, 33) or n == 300:
+        assert res["blocks_per_channel"] > 1, "this case is meant to split the batch across blocks"
+
+
+def test_bn_solve_matches_float64_reference(bn_emulator, tmp_path):
+    exe, _ = bn_emulator
+    c = 300  # two blocks of 256 threads
+    gen = torch.Generator().manual_seed(7)
+    u = torch.randn(c, 2, 5, generator=gen, dtype=torch.float64)
+    full = u @ u.transpose(1, 2)  # PSD 2x2 blocks
+    fisher = torch.stack([full[:, 0, 0], full[:, 0, 1], full[:, 1, 1]], dim=1).float()
+    fisher[3] = torch.tensor([-5.0, 0.0, 1.0])  # damped block not positive definite
+    fisher[4] = torch.tensor([float("nan"), 0.0, 1.0])
+    fisher[5] = torch.tensor([1.0, 1.0, 1.0])  # singular before damping
+    gg, gb = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+    for name, t in (("f", fisher), ("gg", gg), ("gb", gb)):
+        (tmp_path / f"{name}.bin").write_bytes(t.contiguous().numpy().tobytes())
+    _bn_run(exe, "solve", str(c), "0.001", str(tmp_path / "f.bin"), str(tmp_path / "gg.bin"), str(tmp_path / "gb.bin"),
+            str(tmp_path / "out.bin"))
+    got = _floats(tmp_path / "out.bin").reshape(2, c)
+    eg, eb = reference.bn_unitwise_solve(fisher.double(), gg.double(), gb.double(), float(torch.tensor(0.001, dtype=torch.float32)))
+    assert torch.isfinite(got).all()
+    assert torch.equal(got[0, 3:5], gg[3:5]) and torch.equal(got[1, 3:5], gb[3:5]), "fallback to the plain gradient"
+    well = torch.ones(c, dtype=torch.bool)
+    well[5] = False  # condition number ~1e3 after damping: fp32 loses ~3 digits there
+    for out, exp in ((got[0], eg), (got[1], eb)):
+        torch.testing.assert_close(out[well].double(), exp[well], rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(out[5].double(), exp[5], rtol=1e-3, atol=0.0)
+
+
+def test_emulator_reports_a_shuffle_only_some_lanes_make(bn_emulator):
+    exe, _ = bn_emulator
+    done = _run_checked(exe, "selftest-shuffle", deadlock_s=2)
+    assert done.returncode == 3 and "deadlock" in done.stderr, (done.returncode, done.stderr[-2000:])
+
+
+@pytest.mark.parametrize("which", ["syrk", "bn"])
+def test_emulation_has_threadsanitizer(request, which):
+    _, tsan = request.getfixturevalue(f"{which}_emulator")
     if not tsan:
-        pytest.skip("g++ -fsanitize=thread is unavailable (libtsan missing): the SYRK cases ran without the race check")
+        pytest.skip(f"g++ -fsanitize=thread is unavailable (libtsan missing): the {which} cases ran without the race check")

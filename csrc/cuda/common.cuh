@@ -6,7 +6,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "cuda/index_math.cuh"
@@ -21,6 +23,13 @@
 namespace spngd::cuda_ops {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// An EMA decay for the fp32 kernels. A nonzero decay must stay nonzero: the kernels take
+// decay == 0 to mean "overwrite, never read the state" (BLAS beta = 0), which would silently drop a
+// NaN/Inf that the reference propagates.
+inline float fp32_decay(double decay) {
+  return decay == 0.0 ? 0.f : std::max(static_cast<float>(decay), std::numeric_limits<float>::denorm_min());
+}
 
 // Conversions between storage dtypes; go through double only when one side is double, so fp32 and
 // half-precision paths never touch FP64 units.

@@ -19,9 +19,6 @@
 //    1/(kh kw) of an unfold).
 //  * decay == 0 never reads state, so NaN in it is ignored (BLAS beta = 0 semantics).
 
-#include <algorithm>
-#include <limits>
-
 #include "cuda/common.cuh"
 #include "cuda/factor.h"
 #include "cuda/syrk_tiles.cuh"
@@ -47,14 +44,11 @@ void launch_syrk(const Loader& ld, int64_t d, int64_t rows, const at::Tensor& st
   }
   const auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
-  // A nonzero decay must stay nonzero in fp32: the kernels take decay == 0 to mean "overwrite, never
-  // read the state" (BLAS beta = 0), which would silently drop a NaN/Inf the reference propagates.
-  const float fs = static_cast<float>(scale);
-  const float fd = decay == 0.0 ? 0.f : std::max(static_cast<float>(decay), std::numeric_limits<float>::denorm_min());
+  const float fs = static_cast<float>(scale), fd = fp32_decay(decay);
   if (large) {
-    syrk_upper_kernel<8, Loader><<<grid, kThreads, 0, stream>>>(ld, d, rows, rows_per_split, out, np, fs, fd, splits > 1);
+    syrk_upper_kernel<8, Loader><<<grid, kSyrkThreads, 0, stream>>>(ld, d, rows, rows_per_split, out, np, fs, fd, splits > 1);
   } else {
-    syrk_upper_kernel<4, Loader><<<grid, kThreads, 0, stream>>>(ld, d, rows, rows_per_split, out, np, fs, fd, splits > 1);
+    syrk_upper_kernel<4, Loader><<<grid, kSyrkThreads, 0, stream>>>(ld, d, rows, rows_per_split, out, np, fs, fd, splits > 1);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {

@@ -13,7 +13,7 @@
 
 namespace spngd::cuda_ops {
 
-constexpr int kThreads = 256;  // 16 x 16 threads
+constexpr int kSyrkThreads = 256;  // 16 x 16 threads
 constexpr int kBK = 8;         // rows of X per shared-memory stage
 
 // Linear: X = x, (rows, cols) with arbitrary strides.
@@ -87,12 +87,12 @@ struct ConvLoader {
 
 // Two blocks per SM: caps the TM = 8 variant at 128 registers, enough to hide global-load latency.
 template <int TM, typename Loader>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kSyrkThreads, 2)
     syrk_upper_kernel(const Loader ld, int64_t d, int64_t rows, int64_t rows_per_split, float* __restrict__ out,
                       int64_t split_stride, float scale, float decay, bool raw) {
   constexpr int BM = 16 * TM;                 // tile edge
-  constexpr int LPT = kBK * BM / kThreads;    // values each thread stages per side and stage
-  constexpr int RSTEP = kThreads / BM;        // row distance between a thread's staged values
+  constexpr int LPT = kBK * BM / kSyrkThreads;    // values each thread stages per side and stage
+  constexpr int RSTEP = kSyrkThreads / BM;        // row distance between a thread's staged values
   // [operand][buffer]: one array, so choosing B's operand is an index (the compiler keeps plain
   // shared-memory loads) rather than a select between two shared pointers.
   __shared__ __align__(16) float tiles[2][2][kBK][BM];

@@ -1,19 +1,23 @@
 // A CPU stand-in for one CUDA thread block, enough to run block-level device code from csrc/cuda
-// unchanged: one std::thread per CUDA thread, std::barrier for __syncthreads, and `smem_ptr<T>`, a
+// unchanged: one std::thread per CUDA thread, a real barrier for __syncthreads, and `smem_ptr<T>`, a
 // shared-memory pointer that checks every access.
 //
 // What the checks catch (each counted in Report):
 // - out of bounds: an index outside the shared allocation;
 // - races: two different threads touching one element between two barriers where at least one
 //   writes (read-after-write, write-after-read, write-after-write);
-// - barrier divergence: threads that passed a different number of __syncthreads.
-// Warp-synchronous code (shuffles, implicit warp lockstep) is NOT modelled: code under test must
-// synchronise through __syncthreads only, as the Cholesky and SYRK kernels do.
+// - barrier divergence: threads that passed a different number of __syncthreads;
+// - shuffle divergence: lanes of one warp that made a different number of __shfl_*_sync calls;
+// - deadlock: divergence that leaves threads waiting for good ends the process (see Barrier).
+// Warp shuffles (__shfl_xor_sync, __shfl_down_sync, full mask) are exchanges through a per-warp
+// buffer between two warp barriers. Implicit warp lockstep (code that relies on lanes running in step
+// without a shuffle or barrier) is NOT modelled.
 //
 // Whole kernels run through run_grid: blocks one after another on one pool of threads. A
 // kernel's static `__shared__` arrays become function-local statics, which is right while one block
 // runs at a time; accesses to them are not checked here, so such kernels are built with
-// -fsanitize=thread, whose happens-before model understands std::barrier.
+// -fsanitize=thread, whose happens-before model understands the barrier's mutex and condition
+// variable.
 #pragma once
 
 #define SPNGD_CUDA_EMULATION 1
@@ -26,11 +30,16 @@
 #define __launch_bounds__(...)
 
 #include <algorithm>
-#include <barrier>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -57,8 +66,47 @@ struct float4 {
 
 namespace emu {
 
+// A barrier like std::barrier, but one that gives up: divergent control flow (a thread that skips a
+// __syncthreads or a shuffle its partners make) would otherwise hang the emulation forever. After
+// SPNGD_EMU_DEADLOCK_SECONDS (default 60) of waiting the process exits with status 3 and says so.
+class Barrier {
+ public:
+  explicit Barrier(int count) : count_(count) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const long gen = generation_;
+    if (++arrived_ >= count_) { next_phase(); return; }
+    if (!cv_.wait_for(lock, timeout(), [&] { return generation_ != gen; })) {
+      std::fprintf(stderr, "emu: deadlock: threads waited %lld s at a barrier or shuffle that others never reached "
+                   "(divergent control flow)\n", static_cast<long long>(timeout().count()));
+      std::fflush(stderr);
+      std::_Exit(3);
+    }
+  }
+  void arrive_and_drop() {
+    std::lock_guard<std::mutex> lock(mu_);
+    --count_;
+    if (arrived_ >= count_ && arrived_ > 0) next_phase();
+  }
+
+ private:
+  static std::chrono::seconds timeout() {
+    const char* env = std::getenv("SPNGD_EMU_DEADLOCK_SECONDS");
+    return std::chrono::seconds(env ? std::atol(env) : 60);
+  }
+  void next_phase() {
+    arrived_ = 0;
+    ++generation_;
+    cv_.notify_all();
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int count_, arrived_ = 0;
+  long generation_ = 0;
+};
+
 struct Report {
-  long races = 0, out_of_bounds = 0, barrier_mismatch = 0;
+  long races = 0, out_of_bounds = 0, barrier_mismatch = 0, shuffle_mismatch = 0;
 };
 
 struct Shadow {  // last writer / reader of an element within the current barrier interval
@@ -67,7 +115,9 @@ struct Shadow {  // last writer / reader of an element within the current barrie
 };
 
 struct Block {
-  std::barrier<>* barrier = nullptr;
+  Barrier* barrier = nullptr;
+  std::vector<std::unique_ptr<Barrier>> warp_barriers;  // one per warp, for shuffles
+  std::vector<uint64_t> lanes;                                 // shuffle exchange: 32 slots per warp
   std::mutex mu;
   std::vector<Shadow> shadow;
   Report report;
@@ -77,6 +127,23 @@ struct Block {
 };
 inline Block* g_block = nullptr;
 inline thread_local long t_epoch = 0;
+inline thread_local long t_shuffles = 0;
+
+// Every lane publishes v, then reads lane src's value (its own when src is outside the warp).
+template <typename T>
+T warp_exchange(T v, int src) {
+  static_assert(sizeof(T) <= sizeof(uint64_t));
+  const int lane = static_cast<int>(threadIdx.x & 31), warp = static_cast<int>(threadIdx.x >> 5);
+  uint64_t* slots = g_block->lanes.data() + 32 * warp;
+  Barrier& wb = *g_block->warp_barriers[warp];
+  ++t_shuffles;
+  std::memcpy(&slots[lane], &v, sizeof(T));
+  wb.arrive_and_wait();
+  T out = v;
+  if (src >= 0 && src < 32) std::memcpy(&out, &slots[src], sizeof(T));
+  wb.arrive_and_wait();  // nobody overwrites a slot before every lane has read
+  return out;
+}
 
 template <typename T>
 struct Ref {
@@ -130,12 +197,15 @@ struct SharedPtr {
 // ThreadSanitizer.) `shadowed` elements of shared memory get the access checks of Ref.
 inline Report launch(EmuDim3 grid, int threads, size_t shadowed, const std::function<void()>& body) {
   Block block;
-  std::barrier<> bar(threads);
+  Barrier bar(threads);
   block.barrier = &bar;
   block.shadow.assign(shadowed, Shadow{});
+  for (int w = 0; w < (threads + 31) / 32; ++w)
+    block.warp_barriers.push_back(std::make_unique<Barrier>(std::min(32, threads - 32 * w)));
+  block.lanes.assign(static_cast<size_t>(32 * block.warp_barriers.size()), 0);
   g_block = &block;
   gridDim = grid;
-  std::vector<long> epochs(threads, 0);
+  std::vector<long> epochs(threads, 0), shuffles(threads, 0);
   std::vector<std::thread> pool;
   pool.reserve(threads);
   for (int t = 0; t < threads; ++t) {
@@ -143,6 +213,7 @@ inline Report launch(EmuDim3 grid, int threads, size_t shadowed, const std::func
       threadIdx.x = static_cast<unsigned>(t);
       blockDim.x = static_cast<unsigned>(threads);
       t_epoch = 0;
+      t_shuffles = 0;
       for (unsigned y = 0; y < grid.y; ++y)
         for (unsigned x = 0; x < grid.x; ++x) {
           blockIdx = EmuDim3{x, y, 0};
@@ -150,12 +221,16 @@ inline Report launch(EmuDim3 grid, int threads, size_t shadowed, const std::func
           __syncthreads();
         }
       epochs[t] = t_epoch;
+      shuffles[t] = t_shuffles;
       bar.arrive_and_drop();  // a thread that skipped a barrier must not leave the others waiting
+      block.warp_barriers[t / 32]->arrive_and_drop();  // nor one that skipped a shuffle, its warp
     });
   }
   for (auto& th : pool) th.join();
   for (int t = 1; t < threads; ++t)
     if (epochs[t] != epochs[0]) { ++block.report.barrier_mismatch; break; }
+  for (int t = 1; t < threads; ++t)
+    if (shuffles[t] != shuffles[t - (t & 31)]) { ++block.report.shuffle_mismatch; break; }
   g_block = nullptr;
   return block.report;
 }
@@ -174,6 +249,27 @@ inline Report run_grid(EmuDim3 grid, int threads, const std::function<void()>& b
 }
 
 }  // namespace emu
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+  if (mask != 0xffffffffu) std::abort();  // only full-warp shuffles are modelled
+  return emu::warp_exchange(v, static_cast<int>(threadIdx.x & 31) ^ lane_mask);
+}
+
+template <typename T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
+  if (mask != 0xffffffffu) std::abort();
+  return emu::warp_exchange(v, static_cast<int>(threadIdx.x & 31) + static_cast<int>(delta));
+}
+
+// Blocks run one after another with a barrier in between, so whatever one block wrote is visible to
+// the next without a fence (and ThreadSanitizer does not model bare fences).
+inline void __threadfence() {}
+
+inline int atomicAdd(int* address, int v) { return std::atomic_ref<int>(*address).fetch_add(v); }
+
+template <typename T>
+T __ldcg(const T* p) { return *p; }
 
 inline void __syncthreads() {
   emu::g_block->barrier->arrive_and_wait();

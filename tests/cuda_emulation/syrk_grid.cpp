@@ -8,10 +8,10 @@
 // state (file: packed float32 state, read then updated), out (file written with the new state).
 // Prints: large=.. tiles=.. splits=.. rows_per_split=.. barrier_mismatch=..
 #include "block_emulator.h"
+#include "harness_io.h"
 
 #include "cuda/syrk_tiles.cuh"
 
-#include <fstream>
 #include <map>
 #include <string>
 
@@ -19,19 +19,10 @@ using namespace spngd::cuda_ops;
 
 namespace {
 
-std::vector<float> read_floats(const std::string& path) {
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
-  const auto bytes = static_cast<size_t>(in.tellg());
-  std::vector<float> v(bytes / sizeof(float));
-  in.seekg(0);
-  in.read(reinterpret_cast<char*>(v.data()), static_cast<std::streamsize>(bytes));
-  return v;
-}
-
 template <typename Loader>
 int run(const Loader& ld, int64_t d, int64_t rows, std::map<std::string, std::string>& kv) {
   const float scale = std::stof(kv.at("scale")), decay = std::stof(kv.at("decay"));
-  std::vector<float> state = read_floats(kv.at("state"));
+  std::vector<float> state = emu::read_floats(kv.at("state"));
   const int64_t np = d * (d + 1) / 2;
   if (static_cast<int64_t>(state.size()) != np) { std::fprintf(stderr, "state has %zu floats, expected %lld\n", state.size(), (long long)np); return 2; }
   const SyrkPlan plan = plan_syrk(d, rows, std::stoi(kv.at("sms")), std::stoll(kv.at("max_ws")));
@@ -39,7 +30,7 @@ int run(const Loader& ld, int64_t d, int64_t rows, std::map<std::string, std::st
   float* out = plan.splits > 1 ? ws.data() : state.data();
   const bool raw = plan.splits > 1;
 
-  emu::Report r = emu::run_grid(EmuDim3{static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.splits), 1}, kThreads, [&] {
+  emu::Report r = emu::run_grid(EmuDim3{static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.splits), 1}, kSyrkThreads, [&] {
     if (plan.large) syrk_upper_kernel<8, Loader>(ld, d, rows, plan.rows_per_split, out, np, scale, decay, raw);
     else syrk_upper_kernel<4, Loader>(ld, d, rows, plan.rows_per_split, out, np, scale, decay, raw);
   });
@@ -50,8 +41,7 @@ int run(const Loader& ld, int64_t d, int64_t rows, std::map<std::string, std::st
     });
     r.barrier_mismatch += r2.barrier_mismatch;
   }
-  std::ofstream(kv.at("out"), std::ios::binary)
-      .write(reinterpret_cast<const char*>(state.data()), static_cast<std::streamsize>(state.size() * sizeof(float)));
+  emu::write_floats(kv.at("out"), state);
   std::printf("large=%d tiles=%lld splits=%lld rows_per_split=%lld barrier_mismatch=%ld\n", plan.large ? 1 : 0,
               (long long)plan.tiles, (long long)plan.splits, (long long)plan.rows_per_split, r.barrier_mismatch);
   return 0;
@@ -69,7 +59,7 @@ int main(int argc, char** argv) {
     kv[a.substr(0, eq)] = a.substr(eq + 1);
   }
   auto I = [&](const char* k) { return std::stoll(kv.at(k)); };
-  const std::vector<float> x = read_floats(kv.at("x"));
+  const std::vector<float> x = emu::read_floats(kv.at("x"));
   const std::string mode = argv[1];
   if (mode == "dense") {
     const DenseLoader<float> ld{x.data(), I("cols"), I("s0"), I("s1")};
