@@ -12,6 +12,9 @@ thread, a real barrier for ``__syncthreads``, blocks of a grid one after another
 * The BatchNorm kernels (``csrc/cuda/batchnorm_kernels.cuh``: the unit-wise Fisher with its warp
   shuffles, batch split and cross-block ticket; the 2x2 solve), whole launches under
   ThreadSanitizer as well.
+* pack_upper / unpack_upper (``csrc/cuda/pack_kernels.cuh``: the kernels and the per-launch tables,
+  in every storage dtype, strided sources, more matrices than one launch takes), under
+  ThreadSanitizer too; compiled against c10's dtype headers.
 
 Each case compares with the float64 reference, checks that every output element is written
 (outputs, workspaces and shared memory start as NaN) and that the checks stayed silent; self-tests
@@ -19,8 +22,8 @@ show each check fires on a deliberately broken block.
 
 What this does not cover: implicit warp lockstep and the real memory model (blocks run one after
 another, so the ticket's fences are not exercised), the launch limits (grid size, shared-memory
-opt-in), half-precision loads, pack/unpack and speed. Those need the GPU tests in
-tests/test_ops_cuda.py.
+opt-in), half-precision inputs of the SYRK and BatchNorm kernels, and speed. Those need the GPU tests
+in tests/test_ops_cuda.py.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "tests" / "cuda_emulation" / "cholesky_block.cpp"
 SYRK_HARNESS = ROOT / "tests" / "cuda_emulation" / "syrk_grid.cpp"
 BN_HARNESS = ROOT / "tests" / "cuda_emulation" / "bn_grid.cpp"
+PACK_HARNESS = ROOT / "tests" / "cuda_emulation" / "pack_grid.cpp"
 LINE = re.compile(r"info=(-?\d+) threads=(\d+) races=(\d+) out_of_bounds=(\d+) barrier_mismatch=(\d+)")
 
 
@@ -47,7 +51,7 @@ def _build(source: Path, exe: Path, *flags: str) -> subprocess.CompletedProcess:
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         pytest.skip(f"no C++ compiler ({cxx}) to build the emulation")
-    cmd = [cxx, "-std=c++20", "-O2", "-pthread", "-Wall", "-Werror=return-type", *flags,
+    cmd = [cxx, "-std=c++20", "-O2", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-Werror=return-type", *flags,
            f"-I{ROOT / 'csrc'}", f"-I{source.parent}", str(source), "-o", str(exe)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
@@ -60,13 +64,13 @@ def emulator(tmp_path_factory) -> Path:
     return exe
 
 
-def _build_with_tsan(source: Path, exe: Path) -> tuple[Path, bool]:
+def _build_with_tsan(source: Path, exe: Path, *flags: str) -> tuple[Path, bool]:
     """(executable, built with ThreadSanitizer). Without libtsan the kernels still run, unchecked
     for races, and test_emulation_has_threadsanitizer says so."""
-    done = _build(source, exe, "-g", "-fsanitize=thread")
+    done = _build(source, exe, *flags, "-g", "-fsanitize=thread")
     if done.returncode == 0:
         return exe, True
-    plain = _build(source, exe)
+    plain = _build(source, exe, *flags)
     assert plain.returncode == 0, f"building the emulation failed:\n{plain.stderr[-4000:]}"
     return exe, False
 
@@ -79,6 +83,13 @@ def syrk_emulator(tmp_path_factory) -> tuple[Path, bool]:
 @pytest.fixture(scope="module")
 def bn_emulator(tmp_path_factory) -> tuple[Path, bool]:
     return _build_with_tsan(BN_HARNESS, tmp_path_factory.mktemp("emu") / "bn_grid")
+
+
+@pytest.fixture(scope="module")
+def pack_emulator(tmp_path_factory) -> tuple[Path, bool]:
+    from torch.utils.cpp_extension import include_paths
+
+    return _build_with_tsan(PACK_HARNESS, tmp_path_factory.mktemp("emu") / "pack_grid", *(f"-I{p}" for p in include_paths()))
 
 
 def _run_checked(exe: Path, *args: str, deadlock_s: int = 120) -> subprocess.CompletedProcess:
@@ -341,8 +352,81 @@ def test_emulator_reports_a_shuffle_only_some_lanes_make(bn_emulator):
     assert done.returncode == 3 and "deadlock" in done.stderr, (done.returncode, done.stderr[-2000:])
 
 
-@pytest.mark.parametrize("which", ["syrk", "bn"])
+@pytest.mark.parametrize("which", ["syrk", "bn", "pack"])
 def test_emulation_has_threadsanitizer(request, which):
     _, tsan = request.getfixturevalue(f"{which}_emulator")
     if not tsan:
         pytest.skip(f"g++ -fsanitize=thread is unavailable (libtsan missing): the {which} cases ran without the race check")
+
+
+# ------------------------------------------------------------------------------------ pack / unpack
+
+PACK_LINE = re.compile(r"launches=(\d+) barrier_mismatch=(\d+)")
+DTYPES = {"f64": torch.float64, "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _pack_run(exe: Path, *args: str) -> int:
+    done = _run_checked(exe, *args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    m = PACK_LINE.search(done.stdout)
+    assert m and int(m.group(2)) == 0, done.stdout
+    return int(m.group(1))
+
+
+def _doubles(path: Path) -> torch.Tensor:
+    return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.float64)
+
+
+# (sizes, source dtypes, layouts, out dtype): 1x1 and odd sizes, all four dtypes mixed in one
+# launch with casts both ways, column-major and strided sources, and 300 matrices (two launches).
+PACK = [
+    ([1, 2, 5, 33], ["f32"] * 4, "rrrr", "f32"),
+    ([7, 1, 40, 3], ["f32", "f64", "f16", "bf16"], "rcsr", "bf16"),
+    ([17, 9], ["bf16", "f16"], "cs", "f64"),
+    ([65, 4], ["f64", "f32"], "sr", "f16"),
+    ([2] * 150 + [3] * 150, ["f32"] * 300, "r" * 300, "f32"),
+]
+
+
+@pytest.mark.parametrize("sizes, dtypes, layouts, out", PACK, ids=[f"{len(p[0])}mats-{p[3]}-{i}" for i, p in enumerate(PACK)])
+def test_pack_upper_matches_reference(pack_emulator, tmp_path, sizes, dtypes, layouts, out):
+    exe, _ = pack_emulator
+    gen = torch.Generator().manual_seed(len(sizes))
+    mats = [torch.randn(n, n, generator=gen, dtype=torch.float64) for n in sizes]
+    (tmp_path / "in.bin").write_bytes(torch.cat([m.reshape(-1) for m in mats]).numpy().tobytes())
+    specs = [f"{n}:{d}:{lay}" for n, d, lay in zip(sizes, dtypes, layouts)]
+    launches = _pack_run(exe, "pack", out, str(tmp_path / "in.bin"), str(tmp_path / "out.bin"), *specs)
+    assert launches == (2 if len(sizes) > 256 else 1)
+    got = _doubles(tmp_path / "out.bin")
+    expected = reference.pack_upper([m.to(DTYPES[d]) for m, d in zip(mats, dtypes)], dtype=DTYPES[out]).double()
+    assert not torch.isnan(got).any(), "a packed entry was not written"
+    assert torch.equal(got, expected), float((got - expected).abs().max())
+
+
+UNPACK = [([1, 2, 5, 33], "f32", "f32", 0), ([7, 40, 3], "bf16", "f32", 5), ([33, 64, 65], "f32", "bf16", 0),
+          ([9, 1], "f16", "f64", 3), ([31], "f64", "f16", 0), ([2] * 130 + [3] * 130, "f32", "f32", 1)]
+
+
+@pytest.mark.parametrize("sizes, src, out, offset", UNPACK, ids=[f"{len(u[0])}mats-{u[1]}-{u[2]}-off{u[3]}" for u in UNPACK])
+def test_unpack_upper_matches_reference(pack_emulator, tmp_path, sizes, src, out, offset):
+    exe, _ = pack_emulator
+    gen = torch.Generator().manual_seed(len(sizes) + offset)
+    total = offset + sum(n * (n + 1) // 2 for n in sizes)
+    buffer = torch.randn(total, generator=gen, dtype=torch.float64).to(DTYPES[src])  # values the source dtype holds
+    scale = torch.rand(len(sizes), generator=gen) + 0.5
+    (tmp_path / "in.bin").write_bytes(buffer.double().numpy().tobytes())
+    (tmp_path / "scale.bin").write_bytes(scale.numpy().tobytes())
+    launches = _pack_run(exe, "unpack", src, out, str(offset), str(tmp_path / "in.bin"), str(tmp_path / "scale.bin"),
+                         str(tmp_path / "out.bin"), *map(str, sizes))
+    assert launches == (2 if len(sizes) > 256 else 1)
+    got = _doubles(tmp_path / "out.bin")
+    expected = reference.unpack_upper(buffer.double(), sizes, scale.double(), torch.float64, offset)
+    pos = 0
+    for n, e in zip(sizes, expected):
+        g = got[pos:pos + n * n].view(n, n)
+        pos += n * n
+        assert not torch.isnan(g).any(), f"an element of the {n}x{n} output was not written"
+        assert torch.equal(g, g.T)
+        # the kernel scales in fp32 (fp64 when either side is) and rounds once to the output dtype
+        eps = torch.finfo(DTYPES[out]).eps if out != "f64" else torch.finfo(torch.float32).eps
+        torch.testing.assert_close(g, e, rtol=eps, atol=0.0)

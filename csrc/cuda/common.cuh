@@ -11,6 +11,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "cuda/cast.cuh"
 #include "cuda/index_math.cuh"
 
 // Kernels that accumulate in fp32 take fp32 or half-precision inputs (float64 goes to the reference).
@@ -29,17 +30,6 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // NaN/Inf that the reference propagates.
 inline float fp32_decay(double decay) {
   return decay == 0.0 ? 0.f : std::max(static_cast<float>(decay), std::numeric_limits<float>::denorm_min());
-}
-
-// Conversions between storage dtypes; go through double only when one side is double, so fp32 and
-// half-precision paths never touch FP64 units.
-template <typename D, typename S>
-__device__ __forceinline__ D cast_to(S v) {
-  if constexpr (std::is_same_v<S, double> || std::is_same_v<D, double>) {
-    return static_cast<D>(static_cast<double>(v));
-  } else {
-    return static_cast<D>(static_cast<float>(v));
-  }
 }
 
 }  // namespace spngd::cuda_ops

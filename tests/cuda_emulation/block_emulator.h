@@ -28,6 +28,7 @@
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
+#define __grid_constant__
 
 #include <algorithm>
 #include <atomic>
@@ -109,6 +110,10 @@ struct Report {
   long races = 0, out_of_bounds = 0, barrier_mismatch = 0, shuffle_mismatch = 0;
 };
 
+inline thread_local long t_epoch = 0;
+inline thread_local long t_shuffles = 0;
+inline thread_local int t_linear = 0;  // the thread's index in its block (x fastest): warps and lanes
+
 struct Shadow {  // last writer / reader of an element within the current barrier interval
   long write_epoch = -1, read_epoch = -1;
   int writer = -1, reader = -1;  // reader -2: several readers
@@ -122,18 +127,16 @@ struct Block {
   std::vector<Shadow> shadow;
   Report report;
   void note(long& counter, const char* what, int64_t idx) {
-    if (counter++ < 5) std::fprintf(stderr, "emu: %s at shared index %lld (thread %u)\n", what, (long long)idx, threadIdx.x);
+    if (counter++ < 5) std::fprintf(stderr, "emu: %s at shared index %lld (thread %d)\n", what, (long long)idx, t_linear);
   }
 };
 inline Block* g_block = nullptr;
-inline thread_local long t_epoch = 0;
-inline thread_local long t_shuffles = 0;
 
 // Every lane publishes v, then reads lane src's value (its own when src is outside the warp).
 template <typename T>
 T warp_exchange(T v, int src) {
   static_assert(sizeof(T) <= sizeof(uint64_t));
-  const int lane = static_cast<int>(threadIdx.x & 31), warp = static_cast<int>(threadIdx.x >> 5);
+  const int lane = t_linear & 31, warp = t_linear >> 5;
   uint64_t* slots = g_block->lanes.data() + 32 * warp;
   Barrier& wb = *g_block->warp_barriers[warp];
   ++t_shuffles;
@@ -159,7 +162,7 @@ struct Ref {
     if (!ok()) return T(NAN);
     std::lock_guard<std::mutex> lock(g_block->mu);
     Shadow& s = g_block->shadow[idx];
-    const int me = static_cast<int>(threadIdx.x);
+    const int me = t_linear;
     if (s.write_epoch == t_epoch && s.writer != me) g_block->note(g_block->report.races, "read after another thread's write", idx);
     if (s.read_epoch != t_epoch) { s.read_epoch = t_epoch; s.reader = me; }
     else if (s.reader != me) s.reader = -2;
@@ -169,7 +172,7 @@ struct Ref {
     if (!ok()) return;
     std::lock_guard<std::mutex> lock(g_block->mu);
     Shadow& s = g_block->shadow[idx];
-    const int me = static_cast<int>(threadIdx.x);
+    const int me = t_linear;
     if (s.write_epoch == t_epoch && s.writer != me) g_block->note(g_block->report.races, "write after another thread's write", idx);
     if (s.read_epoch == t_epoch && s.reader != me) g_block->note(g_block->report.races, "write after another thread's read", idx);
     s.write_epoch = t_epoch;
@@ -195,7 +198,8 @@ struct SharedPtr {
 // barrier between blocks, so shared memory is handed from block to block as to a new block on the
 // GPU. (One pool rather than new threads per block: thread start-up dominates under
 // ThreadSanitizer.) `shadowed` elements of shared memory get the access checks of Ref.
-inline Report launch(EmuDim3 grid, int threads, size_t shadowed, const std::function<void()>& body) {
+inline Report launch(EmuDim3 grid, EmuDim3 block_dim, size_t shadowed, const std::function<void()>& body) {
+  const int threads = static_cast<int>(block_dim.x * block_dim.y);  // thread t: x = t % bx, y = t / bx
   Block block;
   Barrier bar(threads);
   block.barrier = &bar;
@@ -210,8 +214,9 @@ inline Report launch(EmuDim3 grid, int threads, size_t shadowed, const std::func
   pool.reserve(threads);
   for (int t = 0; t < threads; ++t) {
     pool.emplace_back([&, t] {
-      threadIdx.x = static_cast<unsigned>(t);
-      blockDim.x = static_cast<unsigned>(threads);
+      threadIdx = EmuDim3{t % block_dim.x, t / block_dim.x, 0};
+      t_linear = t;
+      blockDim = EmuDim3{block_dim.x, block_dim.y, 1};
       t_epoch = 0;
       t_shuffles = 0;
       for (unsigned y = 0; y < grid.y; ++y)
@@ -239,13 +244,17 @@ inline Report launch(EmuDim3 grid, int threads, size_t shadowed, const std::func
 // it (e.g. with NaN) so that reads of unwritten elements show.
 template <typename T>
 Report run_block(int threads, std::vector<T>& smem, const std::function<void()>& body) {
-  return launch(EmuDim3{1, 1, 1}, threads, smem.size(), body);
+  return launch(EmuDim3{1, 1, 1}, EmuDim3{static_cast<unsigned>(threads), 1, 1}, smem.size(), body);
 }
 
 // A whole grid of a kernel whose shared memory is static `__shared__` arrays (unchecked here: build
 // with -fsanitize=thread).
+inline Report run_grid(EmuDim3 grid, EmuDim3 block, const std::function<void()>& body) {
+  return launch(grid, block, 0, body);
+}
+
 inline Report run_grid(EmuDim3 grid, int threads, const std::function<void()>& body) {
-  return launch(grid, threads, 0, body);
+  return run_grid(grid, EmuDim3{static_cast<unsigned>(threads), 1, 1}, body);
 }
 
 }  // namespace emu
@@ -253,13 +262,13 @@ inline Report run_grid(EmuDim3 grid, int threads, const std::function<void()>& b
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   if (mask != 0xffffffffu) std::abort();  // only full-warp shuffles are modelled
-  return emu::warp_exchange(v, static_cast<int>(threadIdx.x & 31) ^ lane_mask);
+  return emu::warp_exchange(v, (emu::t_linear & 31) ^ lane_mask);
 }
 
 template <typename T>
 T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
   if (mask != 0xffffffffu) std::abort();
-  return emu::warp_exchange(v, static_cast<int>(threadIdx.x & 31) + static_cast<int>(delta));
+  return emu::warp_exchange(v, (emu::t_linear & 31) + static_cast<int>(delta));
 }
 
 // Blocks run one after another with a barrier in between, so whatever one block wrote is visible to
