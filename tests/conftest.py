@@ -10,6 +10,10 @@ import pytest
 
 from spngd_ext.data import locate_files
 
+# The emulated-kernel fixtures (cholesky_emulator, syrk_emulator, bn_emulator, pack_emulator) live with the
+# rest of the emulation support in tests/emulation.py.
+pytest_plugins = ("emulation",)
+
 # The workspace keeps a copy next to the repository: <workspace>/shared/data/fashion-mnist.
 _SIBLING_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
 

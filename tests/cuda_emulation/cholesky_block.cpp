@@ -1,5 +1,5 @@
 // Runs the Cholesky kernel's block-level code (csrc/cuda/cholesky_blocked.cuh, unchanged) on the
-// CPU through block_emulator.h, for tests/test_cuda_emulation.py.
+// CPU through block_emulator.h, for tests/test_emulated_cholesky.py.
 //
 //   cholesky_block cholesky f32|f64 N THREADS IN OUT   one matrix: IN holds A (N x N, row major)
 //                                                      then the damping, in the given dtype; OUT

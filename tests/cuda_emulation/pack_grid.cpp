@@ -1,5 +1,5 @@
 // Runs pack_upper's and unpack_upper's kernels and launch tables (csrc/cuda/pack_kernels.cuh,
-// unchanged) on the CPU through block_emulator.h, for tests/test_cuda_emulation.py. Values travel
+// unchanged) on the CPU through block_emulator.h, for tests/test_emulated_pack.py. Values travel
 // as float64 files; the harness converts them to and from the storage dtypes (f64 f32 f16 bf16).
 //
 //   pack_grid pack OUT_DTYPE IN OUT n:dtype:layout...
@@ -10,34 +10,17 @@
 //       n x n outputs one after another.
 // Prints: launches=.. barrier_mismatch=..
 #include "block_emulator.h"
+#include "dtypes.h"
 #include "harness_io.h"
 
 #include "cuda/pack_kernels.cuh"
 
-#include <cstring>
 #include <memory>
 #include <string>
 
 using namespace spngd::cuda_ops;
 
 namespace {
-
-// Calls f(T{}) with T the C++ type of a dtype name.
-template <typename F>
-void with_dtype(const std::string& name, F&& f) {
-  if (name == "f64") f(double{});
-  else if (name == "f32") f(float{});
-  else if (name == "f16") f(c10::Half{});
-  else if (name == "bf16") f(c10::BFloat16{});
-  else { std::fprintf(stderr, "unknown dtype %s\n", name.c_str()); std::exit(2); }
-}
-
-c10::ScalarType scalar_type(const std::string& name) {
-  if (name == "f64") return c10::ScalarType::Double;
-  if (name == "f32") return c10::ScalarType::Float;
-  if (name == "f16") return c10::ScalarType::Half;
-  return c10::ScalarType::BFloat16;
-}
 
 // Storage of any dtype, filled from / read back to doubles.
 struct Buffer {
@@ -67,13 +50,13 @@ int pack(int argc, char** argv) {
     int64_t s0 = span, s1 = 1;
     if (layout == 'c') { s0 = 1; s1 = n; }
     if (layout == 's') { s0 = 2 * span; s1 = 2; }
-    with_dtype(dt, [&](auto tag) {
+    emu::with_dtype(dt, [&](auto tag) {
       using T = decltype(tag);
       Buffer b = Buffer::of<T>(static_cast<size_t>(span * span), NAN);  // the unused part stays NaN
       T* p = static_cast<T*>(b.data.get());
       for (int64_t i = 0; i < n; ++i)
         for (int64_t j = 0; j < n; ++j) p[i * s0 + j * s1] = static_cast<T>(in[pos + i * n + j]);
-      sources.push_back({p, n, s0, s1, static_cast<int8_t>(scalar_type(dt))});
+      sources.push_back({p, n, s0, s1, static_cast<int8_t>(emu::scalar_type(dt))});
       storage.push_back(b);
     });
     pos += static_cast<size_t>(n * n);
@@ -81,7 +64,7 @@ int pack(int argc, char** argv) {
   }
   std::vector<double> result(static_cast<size_t>(total));
   long launches = 0, mismatch = 0;
-  with_dtype(out_dtype, [&](auto tag) {
+  emu::with_dtype(out_dtype, [&](auto tag) {
     using D = decltype(tag);
     std::vector<D> out(static_cast<size_t>(total), static_cast<D>(NAN));  // poisoned
     for_each_pack_launch(sources.data(), sources.size(), [&](const PackTable& t, int64_t rows) {
@@ -106,11 +89,11 @@ int unpack(int argc, char** argv) {
   for (int a = 8; a < argc; ++a) sizes.push_back(std::stoll(argv[a]));
   std::vector<double> result;
   long launches = 0, mismatch = 0;
-  with_dtype(src_dtype, [&](auto src_tag) {
+  emu::with_dtype(src_dtype, [&](auto src_tag) {
     using S = decltype(src_tag);
     std::vector<S> buf(in.size());
     for (size_t i = 0; i < in.size(); ++i) buf[i] = static_cast<S>(in[i]);
-    with_dtype(out_dtype, [&](auto out_tag) {
+    emu::with_dtype(out_dtype, [&](auto out_tag) {
       using D = decltype(out_tag);
       std::vector<std::vector<D>> outs;
       std::vector<void*> dsts;

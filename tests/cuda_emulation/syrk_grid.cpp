@@ -1,5 +1,5 @@
 // Runs accumulate_factor's and conv_a_factor's kernels (csrc/cuda/syrk_tiles.cuh, unchanged) on the
-// CPU through block_emulator.h, for tests/test_cuda_emulation.py: the launch plan, every block of
+// CPU through block_emulator.h, for tests/test_emulated_syrk.py: the launch plan, every block of
 // the SYRK kernel and, with row splits, the reduction kernel, as launch_syrk in factor.cu runs them.
 //
 //   syrk_grid dense key=value...   X is (rows, cols) with element strides s0, s1
@@ -8,6 +8,7 @@
 // state (file: packed float32 state, read then updated), out (file written with the new state).
 // Prints: large=.. tiles=.. splits=.. rows_per_split=.. barrier_mismatch=..
 #include "block_emulator.h"
+#include "dtypes.h"
 #include "harness_io.h"
 
 #include "cuda/syrk_tiles.cuh"
@@ -58,30 +59,36 @@ int main(int argc, char** argv) {
     if (eq == std::string::npos) { std::fprintf(stderr, "bad argument %s\n", argv[i]); return 2; }
     kv[a.substr(0, eq)] = a.substr(eq + 1);
   }
-  auto I = [&](const char* k) { return std::stoll(kv.at(k)); };
-  const std::vector<float> x = emu::read_floats(kv.at("x"));
   const std::string mode = argv[1];
-  if (mode == "dense") {
-    const DenseLoader<float> ld{x.data(), I("cols"), I("s0"), I("s1")};
-    return run(ld, I("cols"), I("rows"), kv);
-  }
-  if (mode == "conv") {
-    const int64_t H = I("h"), W = I("w"), kh = I("kh"), kw = I("kw");
-    const int64_t oh = (H + 2 * I("ph") - I("dh") * (kh - 1) - 1) / I("sth") + 1;
-    const int64_t ow = (W + 2 * I("pw") - I("dw") * (kw - 1) - 1) / I("stw") + 1;
-    ConvLoader<float> ld;
-    ld.x = x.data();
-    ld.sN = I("sn"); ld.sC = I("sc"); ld.sH = I("sh"); ld.sW = I("sw");
-    ld.H = static_cast<int>(H); ld.W = static_cast<int>(W);
-    ld.KW = static_cast<int>(kw); ld.KHW = static_cast<int>(kh * kw); ld.patch = static_cast<int>(I("c") * kh * kw);
-    ld.stride_h = static_cast<int>(I("sth")); ld.stride_w = static_cast<int>(I("stw"));
-    ld.pad_h = static_cast<int>(I("ph")); ld.pad_w = static_cast<int>(I("pw"));
-    ld.dil_h = static_cast<int>(I("dh")); ld.dil_w = static_cast<int>(I("dw"));
-    ld.bias = I("bias") != 0;
-    ld.per_image = FastDivmod(static_cast<uint32_t>(oh * ow));
-    ld.per_row = FastDivmod(static_cast<uint32_t>(ow));
-    return run(ld, I("c") * kh * kw + (ld.bias ? 1 : 0), I("n") * oh * ow, kv);
-  }
+  const std::vector<float> values = emu::read_floats(kv.at("x"));
+  int rc = -1;
+  emu::with_dtype(kv.count("dtype") ? kv.at("dtype") : "f32", [&](auto tag) {
+    using T = decltype(tag);
+    const std::vector<T> x(values.begin(), values.end());  // the input in its storage dtype
+    auto I = [&](const char* k) { return std::stoll(kv.at(k)); };
+    if (mode == "dense") {
+      const DenseLoader<T> ld{x.data(), I("cols"), I("s0"), I("s1")};
+      rc = run(ld, I("cols"), I("rows"), kv);
+    }
+    if (mode == "conv") {
+      const int64_t H = I("h"), W = I("w"), kh = I("kh"), kw = I("kw");
+      const int64_t oh = (H + 2 * I("ph") - I("dh") * (kh - 1) - 1) / I("sth") + 1;
+      const int64_t ow = (W + 2 * I("pw") - I("dw") * (kw - 1) - 1) / I("stw") + 1;
+      ConvLoader<T> ld;
+      ld.x = x.data();
+      ld.sN = I("sn"); ld.sC = I("sc"); ld.sH = I("sh"); ld.sW = I("sw");
+      ld.H = static_cast<int>(H); ld.W = static_cast<int>(W);
+      ld.KW = static_cast<int>(kw); ld.KHW = static_cast<int>(kh * kw); ld.patch = static_cast<int>(I("c") * kh * kw);
+      ld.stride_h = static_cast<int>(I("sth")); ld.stride_w = static_cast<int>(I("stw"));
+      ld.pad_h = static_cast<int>(I("ph")); ld.pad_w = static_cast<int>(I("pw"));
+      ld.dil_h = static_cast<int>(I("dh")); ld.dil_w = static_cast<int>(I("dw"));
+      ld.bias = I("bias") != 0;
+      ld.per_image = FastDivmod(static_cast<uint32_t>(oh * ow));
+      ld.per_row = FastDivmod(static_cast<uint32_t>(ow));
+      rc = run(ld, I("c") * kh * kw + (ld.bias ? 1 : 0), I("n") * oh * ow, kv);
+    }
+  });
+  if (rc >= 0) return rc;
   std::fprintf(stderr, "unknown mode %s\n", mode.c_str());
   return 2;
 }

@@ -1,0 +1,74 @@
+"""The emulator's checks themselves: ThreadSanitizer is there, and deleting a barrier a kernel needs
+is reported (see tests/emulation.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from emulation import BN_HARNESS, HARNESS, LINE, PACK_HARNESS, ROOT, SYRK_HARNESS, build, spd, torch_includes
+
+
+@pytest.mark.parametrize("which", ["syrk", "bn", "pack"])
+def test_emulation_has_threadsanitizer(request, which):
+    _, tsan = request.getfixturevalue(f"{which}_emulator")
+    if not tsan:
+        pytest.skip(f"g++ -fsanitize=thread is unavailable (libtsan missing): the {which} cases ran without the race check")
+
+
+# ------------------------------------------------------------------- a missing barrier is caught
+
+# (header, the barrier to delete: the text right after it, harness). Each is a __syncthreads the
+# kernel needs; with it gone, the emulation of an ordinary case must report the race.
+MUTANTS = {
+    "cholesky": ("cholesky_blocked.cuh", "      for (int r = tid; r < m; r += nt) {  // x L11 = -b", HARNESS),
+    "syrk": ("syrk_tiles.cuh", "    }\n  }\n\n  // Epilogue", SYRK_HARNESS),
+    "bn": ("batchnorm_kernels.cuh", "  if (tid != 0) return;", BN_HARNESS),
+    "unpack": ("pack_kernels.cuh", "  // The tile in place;", PACK_HARNESS),
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(MUTANTS))
+def test_removing_a_needed_barrier_is_reported(kernel, tmp_path):
+    header, anchor, harness = MUTANTS[kernel]
+    mutant = tmp_path / "cuda"
+    shutil.copytree(ROOT / "csrc" / "cuda", mutant)
+    text = (mutant / header).read_text()
+    at = text.index(anchor)
+    cut = text.rindex("__syncthreads();", 0, at)
+    (mutant / header).write_text(text[:cut] + "/* barrier removed */" + text[cut + len("__syncthreads();"):])
+    exe = tmp_path / "mutant"
+    tsan = () if kernel == "cholesky" else ("-g", "-fsanitize=thread")
+    done = build(harness, exe, f"-I{tmp_path}", *torch_includes(), *tsan)
+    if done.returncode != 0 and tsan:
+        pytest.skip("g++ -fsanitize=thread is unavailable here")
+    assert done.returncode == 0, done.stderr[-3000:]
+    env = dict(os.environ, TSAN_OPTIONS="exitcode=66", SPNGD_EMU_DEADLOCK_SECONDS="30")
+    if kernel == "cholesky":
+        a = spd(65, 1, torch.float32)
+        (tmp_path / "in.bin").write_bytes(torch.cat([a.reshape(-1), torch.tensor([0.03])]).numpy().tobytes())
+        args = ["cholesky", "f32", "65", "0", str(tmp_path / "in.bin"), str(tmp_path / "out.bin")]
+    elif kernel == "syrk":
+        (tmp_path / "x.bin").write_bytes(torch.randn(300, 65).numpy().tobytes())
+        (tmp_path / "s.bin").write_bytes(torch.zeros(65 * 66 // 2).numpy().tobytes())
+        args = ["dense", "rows=300", "cols=65", "s0=65", "s1=1", "scale=1", "decay=0.5", "sms=4", "max_ws=19500",
+                f"x={tmp_path / 'x.bin'}", f"state={tmp_path / 's.bin'}", f"out={tmp_path / 'o.bin'}"]
+    elif kernel == "bn":
+        for name in ("g", "xh"):
+            (tmp_path / f"{name}.bin").write_bytes(torch.randn(40, 2, 33).numpy().tobytes())
+        (tmp_path / "s.bin").write_bytes(torch.zeros(2, 3).numpy().tobytes())
+        args = ["fisher", "f32", "40", "2", "33", "1", "0.5", "4", str(tmp_path / "g.bin"), str(tmp_path / "xh.bin"),
+                str(tmp_path / "s.bin"), str(tmp_path / "o.bin")]
+    else:
+        (tmp_path / "in.bin").write_bytes(torch.randn(33 * 34 // 2, dtype=torch.float64).numpy().tobytes())
+        (tmp_path / "sc.bin").write_bytes(torch.ones(1).numpy().tobytes())
+        args = ["unpack", "f32", "f32", "0", str(tmp_path / "in.bin"), str(tmp_path / "sc.bin"), str(tmp_path / "o.bin"), "33"]
+    run = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300, env=env)
+    if kernel == "cholesky":
+        assert int(LINE.search(run.stdout).group(3)) > 0, "the race detector missed the removed barrier"
+    else:
+        assert "ThreadSanitizer: data race" in run.stderr, "ThreadSanitizer missed the removed barrier"
