@@ -7,16 +7,22 @@
 #      (bench/step_overhead.py, batch 32, $OUT/curvature_phase.json),
 # logging everything under $OUT (default ./gpu_out) and ending with a short summary table.
 # Budget: one device call (at most 600 s): every stage's timeout is cut so that the whole script
-# ends within GPU_CHECK_BUDGET seconds (default 540) while leaving the later stages a minimum.
+# ends within GPU_CHECK_BUDGET seconds (default 540; 300 with GPU_CHECK_QUICK=1) while leaving the
+# later stages a minimum.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT="${OUT:-$PWD/gpu_out}"
-# GPU_CHECK_QUICK=1: a short lease (about 3 minutes of command time): kernel tests only, the quick
+# GPU_CHECK_QUICK=1: a short lease (at most 5 minutes of command time): kernel tests only, the quick
 # benchmark sweep, tight stage timeouts.
 QUICK="${GPU_CHECK_QUICK:-0}"
-if [ "$QUICK" = 1 ]; then T_BUILD=120; T_TEST=55; T_BENCH=45; T_CURV=90; else T_BUILD=330; T_TEST=200; T_BENCH=240; T_CURV=150; fi
-BUDGET="${GPU_CHECK_BUDGET:-540}"
+# T_*: each stage's own cap; R_*: what a stage leaves of the budget for the stages after it.
+if [ "$QUICK" = 1 ]; then
+  T_BUILD=120; T_TEST=55; T_BENCH=45; T_CURV=90; R_BUILD=150; R_TEST=120; R_BENCH=90
+else
+  T_BUILD=330; T_TEST=200; T_BENCH=240; T_CURV=150; R_BUILD=270; R_TEST=210; R_BENCH=150
+fi
+if [ "$QUICK" = 1 ]; then BUDGET="${GPU_CHECK_BUDGET:-300}"; else BUDGET="${GPU_CHECK_BUDGET:-540}"; fi
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -48,7 +54,7 @@ python3 -c "import ninja" 2>/dev/null || command -v ninja >/dev/null ||
   echo "warning: ninja not found: torch falls back to a serial build (several minutes)"
 rm -f spngd_ext/_C*.so
 set +e
-timeout "$(stage_timeout $T_BUILD 200)" python3 setup.py build_ext --inplace --force > "$OUT/build.log" 2>&1
+timeout "$(stage_timeout $T_BUILD $R_BUILD)" python3 setup.py build_ext --inplace --force > "$OUT/build.log" 2>&1
 build_rc=$?
 set -e
 echo "build: rc=$build_rc after $(elapsed) s" | tee -a "$OUT/build.log"
@@ -66,14 +72,14 @@ build_s=$(elapsed)
 echo "== tests"
 set +e
 if [ "$QUICK" = 1 ]; then
-  timeout "$(stage_timeout $T_TEST 140)" python3 -m pytest tests/test_ops_cuda.py tests/test_ops_extension.py -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
+  timeout "$(stage_timeout $T_TEST $R_TEST)" python3 -m pytest tests/test_ops_cuda.py tests/test_ops_extension.py -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
 else
-  timeout "$(stage_timeout $T_TEST 140)" python3 -m pytest -m gpu tests -x -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
+  timeout "$(stage_timeout $T_TEST $R_TEST)" python3 -m pytest -m gpu tests -x -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
 fi
 test_rc=${PIPESTATUS[0]}
 if [ "$test_rc" -ne 0 ] && [ "$QUICK" != 1 ]; then
   echo "== rerun of the kernel tests without -x (first run rc=$test_rc)"
-  timeout "$(stage_timeout 200 140)" python3 -m pytest tests/test_ops_cuda.py tests/test_ops_extension.py -q -p no:cacheprovider \
+  timeout "$(stage_timeout 200 $R_TEST)" python3 -m pytest tests/test_ops_cuda.py tests/test_ops_extension.py -q -p no:cacheprovider \
     2>&1 | tee "$OUT/pytest_kernels.log"
 fi
 set -e
@@ -84,7 +90,7 @@ echo "== bench"
 quick=""
 { [ "$(elapsed)" -gt 300 ] || [ "$QUICK" = 1 ]; } && quick="--quick"
 set +e
-timeout "$(stage_timeout $T_BENCH 80)" python3 bench/kernels.py $quick --json "$OUT/kernels.json" 2>&1 | tee "$OUT/bench.log"
+timeout "$(stage_timeout $T_BENCH $R_BENCH)" python3 bench/kernels.py $quick --json "$OUT/kernels.json" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 set -e
 

@@ -2,11 +2,12 @@
 needed), compiled unchanged with g++.
 
 ``tests/cuda_emulation/block_emulator.h`` stands in for the CUDA runtime: one std::thread per CUDA
-thread, a real barrier for ``__syncthreads``, blocks of a grid one after another.
+thread, a real barrier for ``__syncthreads``, warp shuffles through a per-warp exchange, and the
+blocks of a grid one after another in a shuffled order.
 
-* The Cholesky kernel's block algorithm (``csrc/cuda/cholesky_blocked.cuh``, phases A, B, C of
-  ``cholesky_inverse_damped``) runs with a shared-memory pointer type that flags out-of-bounds
-  accesses and unsynchronised conflicting accesses between threads.
+* The Cholesky kernel's block (``cholesky_inverse_block`` in ``csrc/cuda/cholesky_blocked.cuh``,
+  the very function the kernel calls) runs with a shared-memory pointer type that flags
+  out-of-bounds accesses and unsynchronised conflicting accesses between threads.
 * The SYRK kernel of ``accumulate_factor`` / ``conv_a_factor`` (``csrc/cuda/syrk_tiles.cuh``: the
   launch plan, every block, the row-split reduction) runs whole launches built with
   ``-fsanitize=thread``, which reports any unsynchronised access to its shared tiles.
@@ -18,14 +19,18 @@ thread, a real barrier for ``__syncthreads``, blocks of a grid one after another
   ThreadSanitizer too; compiled against c10's dtype headers.
 
 Each case compares with the float64 reference, checks that every output element is written
-(outputs, workspaces and shared memory start as NaN) and that the checks stayed silent; self-tests
-show each check fires on a deliberately broken block.
+(outputs, split workspaces and the Cholesky shared memory start as NaN; the grid kernels' static
+shared arrays do not) and that the checks stayed silent. tests/test_emulation_checks.py shows the
+checks fire: deleting a needed barrier is reported, a ticket that assumes the block order fails.
+Divergent shuffles or barriers that would hang end the run (status 3) instead.
 
-What this does not cover: implicit warp lockstep and the real memory model (blocks run one after
-another, so the ticket's fences are not exercised), the launch limits (grid size, shared-memory
+The SYRK and BatchNorm harnesses mirror their launch glue (workspace, reduction launch, ticket
+counters) from factor.cu / batchnorm.cu; the launch plans themselves are shared.
+
+What this does not cover: implicit warp lockstep and the real memory model (blocks never run at the
+same time, so the ticket's fences are not exercised), the launch limits (grid size, shared-memory
 opt-in) and speed. Those need the GPU tests in tests/test_ops_cuda.py.
 """
-
 
 from __future__ import annotations
 
@@ -71,6 +76,8 @@ def build_with_tsan(source: Path, exe: Path, *flags: str) -> tuple[Path, bool]:
     done = build(source, exe, *flags, "-g", "-fsanitize=thread")
     if done.returncode == 0:
         return exe, True
+    if os.environ.get("SPNGD_REQUIRE_TSAN", "") not in ("", "0"):  # CI: the race checks must run
+        raise AssertionError(f"SPNGD_REQUIRE_TSAN is set but g++ -fsanitize=thread failed:\n{done.stderr[-4000:]}")
     plain = build(source, exe, *flags)
     assert plain.returncode == 0, f"building the emulation failed:\n{plain.stderr[-4000:]}"
     return exe, False

@@ -22,7 +22,9 @@ def test_ci_fails_when_the_install_fails(tmp_path):
     stub = tmp_path / "pip"
     stub.write_text("#!/bin/sh\necho stub pip failing >&2\nexit 7\n")
     stub.chmod(0o755)
-    env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    # .ci/run puts $CUDA_HOME/bin first on PATH: point it at an empty directory so the stub wins.
+    (tmp_path / "cuda" / "bin").mkdir(parents=True)
+    env = dict(os.environ, CUDA_HOME=str(tmp_path / "cuda"), PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     done = subprocess.run(["bash", str(ROOT / ".ci" / "run")], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 7, (done.returncode, done.stdout[-2000:], done.stderr[-2000:])
     assert re.search(r"exit status 7", done.stdout)

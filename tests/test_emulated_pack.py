@@ -36,6 +36,7 @@ PACK = [
     ([17, 9], ["bf16", "f16"], "cs", "f64"),
     ([65, 4], ["f64", "f32"], "sr", "f16"),
     ([2] * 150 + [3] * 150, ["f32"] * 300, "r" * 300, "f32"),
+    ([3, 0, 5, 0], ["f32", "f16", "f32", "bf16"], "rrcr", "f32"),  # empty matrices are skipped
 ]
 
 
@@ -55,7 +56,8 @@ def test_pack_upper_matches_reference(pack_emulator, tmp_path, sizes, dtypes, la
 
 
 UNPACK = [([1, 2, 5, 33], "f32", "f32", 0), ([7, 40, 3], "bf16", "f32", 5), ([33, 64, 65], "f32", "bf16", 0),
-          ([9, 1], "f16", "f64", 3), ([31], "f64", "f16", 0), ([2] * 130 + [3] * 130, "f32", "f32", 1)]
+          ([9, 1], "f16", "f64", 3), ([31], "f64", "f16", 0), ([2] * 130 + [3] * 130, "f32", "f32", 1),
+          ([0, 4, 0, 7], "f32", "f32", 2)]
 
 
 @pytest.mark.parametrize("sizes, src, out, offset", UNPACK, ids=[f"{len(u[0])}mats-{u[1]}-{u[2]}-off{u[3]}" for u in UNPACK])

@@ -33,19 +33,9 @@ __global__ void __launch_bounds__(kMaxThreads)
                             int* __restrict__ info, int n) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int s_info, s_bad;
-  T* S = reinterpret_cast<T*>(smem_raw);
-  T* P = S + panel_offset(n);
-  T* col = S + col_offset(n);
-
   const int64_t b = blockIdx.x;
-  const T* A = mats + b * n * n;
-  if (threadIdx.x == 0) { s_info = 0; s_bad = 0; }
-  load_damped_lower(A, damping[b], S, n);
-  factor_lower(S, P, col, n, &s_info);
-  invert_lower(S, P, n);
-  write_product(S, out + b * n * n, n, &s_bad);
-  __syncthreads();
-  if (threadIdx.x == 0) info[b] = s_info != 0 ? s_info : (s_bad ? -1 : 0);
+  cholesky_inverse_block(mats + b * n * n, damping[b], reinterpret_cast<T*>(smem_raw), out + b * n * n, n, &s_info,
+                         &s_bad, info + b);
 }
 
 std::tuple<at::Tensor, at::Tensor> cholesky_inverse_aten(const at::Tensor& mats, const at::Tensor& damping) {

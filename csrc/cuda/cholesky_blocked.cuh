@@ -218,4 +218,20 @@ __device__ void load_damped_lower(const T* A, T damp, smem_ptr<T> S, int n) {
   __syncthreads();
 }
 
+// The whole of one block's work: (A + damp·I)⁻¹ into out, the failure flag into *info (0 ok, j > 0
+// pivot j failed, -1 non-finite result). S is the block's shared memory laid out as panel_offset /
+// col_offset say; s_info and s_bad are two shared ints.
+template <typename T>
+__device__ __forceinline__ void cholesky_inverse_block(const T* A, T damp, smem_ptr<T> S, T* out, int n, int* s_info,
+                                                       int* s_bad, int* info) {
+  const smem_ptr<T> P = S + panel_offset(n), col = S + col_offset(n);
+  if (threadIdx.x == 0) { *s_info = 0; *s_bad = 0; }
+  load_damped_lower(A, damp, S, n);
+  factor_lower(S, P, col, n, s_info);
+  invert_lower(S, P, n);
+  write_product(S, out, n, s_bad);
+  __syncthreads();
+  if (threadIdx.x == 0) *info = *s_info != 0 ? *s_info : (*s_bad ? -1 : 0);
+}
+
 }  // namespace spngd::cuda_ops

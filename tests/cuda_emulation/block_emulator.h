@@ -7,17 +7,19 @@
 // - races: two different threads touching one element between two barriers where at least one
 //   writes (read-after-write, write-after-read, write-after-write);
 // - barrier divergence: threads that passed a different number of __syncthreads;
-// - shuffle divergence: lanes of one warp that made a different number of __shfl_*_sync calls;
-// - deadlock: divergence that leaves threads waiting for good ends the process (see Barrier).
+// - deadlock: divergence that leaves threads waiting for good (a shuffle only some lanes of a warp
+//   make, for instance) ends the process with status 3 (see Barrier).
 // Warp shuffles (__shfl_xor_sync, __shfl_down_sync, full mask) are exchanges through a per-warp
 // buffer between two warp barriers. Implicit warp lockstep (code that relies on lanes running in step
 // without a shuffle or barrier) is NOT modelled.
 //
-// Whole kernels run through run_grid: blocks one after another on one pool of threads. A
-// kernel's static `__shared__` arrays become function-local statics, which is right while one block
-// runs at a time; accesses to them are not checked here, so such kernels are built with
-// -fsanitize=thread, whose happens-before model understands the barrier's mutex and condition
-// variable.
+// Whole kernels run through run_grid: blocks one after another on one pool of threads, in a
+// shuffled order (SPNGD_EMU_BLOCK_ORDER=forward|reverse|shuffle, SPNGD_EMU_SEED), so a kernel that
+// assumes which block finishes last is caught. A kernel's static `__shared__` arrays become
+// function-local statics, which is right while one block runs at a time; they are neither poisoned
+// (they start zeroed, then hold the previous block's data) nor checked here, so such kernels are
+// built with -fsanitize=thread, whose happens-before model understands the barrier's mutex and
+// condition variable.
 #pragma once
 
 #define SPNGD_CUDA_EMULATION 1
@@ -42,6 +44,9 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <random>
+#include <string>
+#include <utility>
 #include <thread>
 #include <vector>
 
@@ -107,11 +112,10 @@ class Barrier {
 };
 
 struct Report {
-  long races = 0, out_of_bounds = 0, barrier_mismatch = 0, shuffle_mismatch = 0;
+  long races = 0, out_of_bounds = 0, barrier_mismatch = 0;
 };
 
 inline thread_local long t_epoch = 0;
-inline thread_local long t_shuffles = 0;
 inline thread_local int t_linear = 0;  // the thread's index in its block (x fastest): warps and lanes
 
 struct Shadow {  // last writer / reader of an element within the current barrier interval
@@ -139,7 +143,6 @@ T warp_exchange(T v, int src) {
   const int lane = t_linear & 31, warp = t_linear >> 5;
   uint64_t* slots = g_block->lanes.data() + 32 * warp;
   Barrier& wb = *g_block->warp_barriers[warp];
-  ++t_shuffles;
   std::memcpy(&slots[lane], &v, sizeof(T));
   wb.arrive_and_wait();
   T out = v;
@@ -194,7 +197,27 @@ struct SharedPtr {
   Ref<T> operator[](int64_t i) const { return {base, offset + i, size}; }
 };
 
-// Runs body() as a grid on one pool of `threads` threads: every block in turn (x fastest), with a
+// The order blocks run in: see the file comment.
+inline std::vector<std::pair<unsigned, unsigned>> block_order(EmuDim3 grid) {
+  std::vector<std::pair<unsigned, unsigned>> order;
+  for (unsigned y = 0; y < grid.y; ++y)
+    for (unsigned x = 0; x < grid.x; ++x) order.emplace_back(x, y);
+  const char* how = std::getenv("SPNGD_EMU_BLOCK_ORDER");
+  const std::string mode = how ? how : "shuffle";
+  if (mode == "reverse") {
+    std::reverse(order.begin(), order.end());
+  } else if (mode == "shuffle") {
+    const char* seed = std::getenv("SPNGD_EMU_SEED");
+    std::mt19937 rng(seed ? static_cast<unsigned>(std::atol(seed)) : 0u);
+    std::shuffle(order.begin(), order.end(), rng);
+  } else if (mode != "forward") {
+    std::fprintf(stderr, "emu: SPNGD_EMU_BLOCK_ORDER must be forward, reverse or shuffle, got %s\n", mode.c_str());
+    std::exit(2);
+  }
+  return order;
+}
+
+// Runs body() as a grid on one pool of `threads` threads: every block in turn (in block_order), with a
 // barrier between blocks, so shared memory is handed from block to block as to a new block on the
 // GPU. (One pool rather than new threads per block: thread start-up dominates under
 // ThreadSanitizer.) `shadowed` elements of shared memory get the access checks of Ref.
@@ -209,7 +232,8 @@ inline Report launch(EmuDim3 grid, EmuDim3 block_dim, size_t shadowed, const std
   block.lanes.assign(static_cast<size_t>(32 * block.warp_barriers.size()), 0);
   g_block = &block;
   gridDim = grid;
-  std::vector<long> epochs(threads, 0), shuffles(threads, 0);
+  std::vector<long> epochs(threads, 0);
+  const std::vector<std::pair<unsigned, unsigned>> order = block_order(grid);
   std::vector<std::thread> pool;
   pool.reserve(threads);
   for (int t = 0; t < threads; ++t) {
@@ -218,15 +242,12 @@ inline Report launch(EmuDim3 grid, EmuDim3 block_dim, size_t shadowed, const std
       t_linear = t;
       blockDim = EmuDim3{block_dim.x, block_dim.y, 1};
       t_epoch = 0;
-      t_shuffles = 0;
-      for (unsigned y = 0; y < grid.y; ++y)
-        for (unsigned x = 0; x < grid.x; ++x) {
-          blockIdx = EmuDim3{x, y, 0};
-          body();
-          __syncthreads();
-        }
+      for (const auto& [x, y] : order) {
+        blockIdx = EmuDim3{x, y, 0};
+        body();
+        __syncthreads();
+      }
       epochs[t] = t_epoch;
-      shuffles[t] = t_shuffles;
       bar.arrive_and_drop();  // a thread that skipped a barrier must not leave the others waiting
       block.warp_barriers[t / 32]->arrive_and_drop();  // nor one that skipped a shuffle, its warp
     });
@@ -234,8 +255,6 @@ inline Report launch(EmuDim3 grid, EmuDim3 block_dim, size_t shadowed, const std
   for (auto& th : pool) th.join();
   for (int t = 1; t < threads; ++t)
     if (epochs[t] != epochs[0]) { ++block.report.barrier_mismatch; break; }
-  for (int t = 1; t < threads; ++t)
-    if (shuffles[t] != shuffles[t - (t & 31)]) { ++block.report.shuffle_mismatch; break; }
   g_block = nullptr;
   return block.report;
 }

@@ -6,7 +6,7 @@
 //       g and x̂ are (N, C, HW) float32 files, stored as DTYPE (f32 f16 bf16) for the kernel; state (C, 3) float32 is read, updated and written to OUT.
 //   bn_grid solve C DAMPING F_FILE GG_FILE GB_FILE OUT_FILE
 //       F (C, 3), grad_gamma (C), grad_beta (C); OUT gets the two solved vectors, gamma first.
-// Prints: sub=.. blocks_per_channel=.. barrier_mismatch=.. shuffle_mismatch=..
+// Prints: sub=.. blocks_per_channel=.. barrier_mismatch=..
 #include "block_emulator.h"
 #include "dtypes.h"
 #include "harness_io.h"
@@ -39,8 +39,7 @@ int main(int argc, char** argv) {
       });
     });
     emu::write_floats(argv[12], state);
-    std::printf("sub=%d blocks_per_channel=%lld barrier_mismatch=%ld shuffle_mismatch=%ld\n", plan.sub, (long long)G,
-                r.barrier_mismatch, r.shuffle_mismatch);
+    std::printf("sub=%d blocks_per_channel=%lld barrier_mismatch=%ld\n", plan.sub, (long long)G, r.barrier_mismatch);
     return 0;
   }
   if (mode == "solve" && argc == 8) {
@@ -53,8 +52,7 @@ int main(int argc, char** argv) {
       bn_solve_kernel(F.data(), gg.data(), gb.data(), out.data(), out.data() + C, C, damping);
     });
     emu::write_floats(argv[7], out);
-    std::printf("sub=0 blocks_per_channel=0 barrier_mismatch=%ld shuffle_mismatch=%ld\n", r.barrier_mismatch,
-                r.shuffle_mismatch);
+    std::printf("sub=0 blocks_per_channel=0 barrier_mismatch=%ld\n", r.barrier_mismatch);
     return 0;
   }
   if (mode == "selftest-shuffle") {  // lane 0 of each warp skips one shuffle
@@ -63,8 +61,7 @@ int main(int argc, char** argv) {
       if ((threadIdx.x & 31) != 0) v = __shfl_xor_sync(0xffffffffu, v, 1);
       (void)v;
     });
-    std::printf("sub=0 blocks_per_channel=0 barrier_mismatch=%ld shuffle_mismatch=%ld\n", r.barrier_mismatch,
-                r.shuffle_mismatch);
+    std::printf("sub=0 blocks_per_channel=0 barrier_mismatch=%ld\n", r.barrier_mismatch);
     return 0;
   }
   std::fprintf(stderr, "usage: %s fisher DTYPE N C HW SCALE DECAY SMS G XHAT STATE OUT | solve C DAMPING F GG GB OUT | selftest-shuffle\n", argv[0]);

@@ -33,20 +33,12 @@ int run_cholesky(int n, int threads, const char* in_path, const char* out_path) 
   std::vector<T> smem(static_cast<size_t>(col_offset(n)) + n, std::numeric_limits<T>::quiet_NaN());
   std::vector<T> out(static_cast<size_t>(n) * n, std::numeric_limits<T>::quiet_NaN());
   const int64_t size = static_cast<int64_t>(smem.size());
-  smem_ptr<T> S{smem.data(), 0, size};
-  smem_ptr<T> P = S + panel_offset(n);
-  smem_ptr<T> col = S + col_offset(n);
-  int s_info = -7, s_bad = -7, info = -7;
+  const smem_ptr<T> S{smem.data(), 0, size};
+  int s_info = -7, s_bad = -7, info = -7;  // the kernel's two shared ints, and its info[b]
 
-  // The body of cholesky_inverse_kernel, line for line.
+  // What cholesky_inverse_kernel's block does (the kernel only adds its block's offsets).
   const emu::Report r = emu::run_block(threads, smem, [&] {
-    if (threadIdx.x == 0) { s_info = 0; s_bad = 0; }
-    load_damped_lower(a.data(), damp, S, n);
-    factor_lower(S, P, col, n, &s_info);
-    invert_lower(S, P, n);
-    write_product(S, out.data(), n, &s_bad);
-    __syncthreads();
-    if (threadIdx.x == 0) info = s_info != 0 ? s_info : (s_bad ? -1 : 0);
+    cholesky_inverse_block(a.data(), damp, S, out.data(), n, &s_info, &s_bad, &info);
   });
   std::ofstream(out_path, std::ios::binary)
       .write(reinterpret_cast<const char*>(out.data()), static_cast<std::streamsize>(out.size() * sizeof(T)));
