@@ -86,6 +86,7 @@ class OptimizerSettings:
     trust_coefficient: float = LARS_TRUST_COEFFICIENT
     seed: Optional[int] = None  # SP-NGD's MC sampling
     amp: bool = False
+    label_smoothing: float = 0.0  # of the training loss, for every optimizer
 
 
 class TrainStep:
@@ -96,11 +97,17 @@ class TrainStep:
     """
 
     optimizer: torch.optim.Optimizer
+    label_smoothing: float = 0.0  # build_train_step sets it from OptimizerSettings
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, amp: bool) -> None:
         self.model = model
         self.optimizer = optimizer
         self.amp = amp
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss: mean cross-entropy, with the configured label smoothing. (SP-NGD's
+        MC Fisher samples its own labels from the model, so smoothing changes the gradient only.)"""
+        return F.cross_entropy(out, y, label_smoothing=self.label_smoothing)
 
     def _autocast(self, x: torch.Tensor):
         # bf16 needs no loss scaling, so autocast alone is enough on both CPU and CUDA.
@@ -122,7 +129,7 @@ class GradientStep(TrainStep):
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast(x):
             out = self.model(x)
-            loss = F.cross_entropy(out, y)
+            loss = self.loss(out, y)
         loss.backward()
         self.optimizer.step()
         return loss.detach(), out.detach()
@@ -136,7 +143,7 @@ class SpngdStep(TrainStep):
         opt.zero_grad()
         with self._autocast(x):
             out = self.model(x)
-            loss = F.cross_entropy(out, y)
+            loss = self.loss(out, y)
         opt.backward(loss, out)
         opt.step()
         return loss.detach(), out.detach()
@@ -165,7 +172,8 @@ class AsdlKfacStep(TrainStep):
         # Logits in fp32 even under bf16 autocast: ASDL samples MC labels from softmax(logits),
         # and bf16 probabilities fail torch.distributions' simplex check.
         dummy_out = self.grad_maker.setup_model_call(lambda inp: self.model(inp).float(), x)
-        self.grad_maker.setup_loss_call(F.cross_entropy, dummy_out, y)
+        # ASDL sets the loss's `reduction` itself, so it gets F.cross_entropy, not self.loss.
+        self.grad_maker.setup_loss_call(F.cross_entropy, dummy_out, y, label_smoothing=self.label_smoothing)
         with self._autocast(x), warnings.catch_warnings():
             # ASDL's module hooks trigger torch's "non-full backward hook" deprecation warning.
             warnings.simplefilter("ignore", FutureWarning)
@@ -276,6 +284,21 @@ def build_train_step(
         raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
     if settings.fisher not in ("mc", "emp"):
         raise ValueError(f"fisher must be 'mc' or 'emp', got {settings.fisher!r}")
+    ls = settings.label_smoothing
+    if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not 0.0 <= ls < 1.0:
+        raise ValueError(f"label_smoothing must be a number in [0, 1), got {ls!r}")
+    step = _build_train_step(name, model, settings, distributed, ddp_model)
+    step.label_smoothing = float(ls)
+    return step
+
+
+def _build_train_step(
+    name: str,
+    model: nn.Module,
+    settings: OptimizerSettings,
+    distributed: bool,
+    ddp_model: Optional[nn.Module],
+) -> TrainStep:
     if name == "spngd":
         return _build_spngd(model, settings, distributed)
     if name == "asdl-kfac":

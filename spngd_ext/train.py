@@ -64,6 +64,7 @@ class TrainConfig:
     schedule: str = "poly"
     momentum: float = 0.9
     weight_decay: Optional[float] = None  # None: DEFAULT_WEIGHT_DECAY[optimizer]
+    label_smoothing: float = 0.0
     damping: float = 1e-3
     fisher: str = "mc"
     mc_samples: int = 1
@@ -104,7 +105,7 @@ class TrainConfig:
             ema_decay=self.ema_decay, curvature_interval=self.curvature_interval,
             inverse_interval=self.inverse_interval, kl_clip=self.kl_clip, backend=self.backend,
             stale=self.stale, trust_coefficient=self.trust_coefficient, amp=self.amp,
-            seed=self.seed,
+            seed=self.seed, label_smoothing=self.label_smoothing,
         )
 
 
@@ -148,6 +149,13 @@ def _accuracy(text: str) -> float:
     return value
 
 
+def _label_smoothing(text: str) -> float:
+    value = _nonneg_float(text)
+    if value >= 1.0:
+        raise argparse.ArgumentTypeError(f"a label smoothing in [0, 1), got {text}")
+    return value
+
+
 def _lr_help() -> str:
     table = ", ".join(f"{name} {lr:g}" for name, lr in DEFAULT_LR.items())
     return (f"base learning rate; the default depends on the optimizer ({table}): the best of a "
@@ -174,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=_nonneg_float, default=0.9)
     p.add_argument("--weight-decay", type=_nonneg_float, default=None,
                    help="default: 5e-4, or 5e-2 for adamw")
+    p.add_argument("--label-smoothing", type=_label_smoothing, default=0.0,
+                   help="label smoothing of the training loss (every optimizer; test loss is plain)")
     p.add_argument("--damping", type=_positive_float, default=1e-3, help="spngd and asdl-kfac")
     p.add_argument("--fisher", choices=("mc", "emp"), default="mc", help="spngd and asdl-kfac")
     p.add_argument("--mc-samples", type=_positive_int, default=1)

@@ -67,12 +67,49 @@ def test_trust_coefficient_reaches_lars(extra: list[str], trust: float) -> None:
     (["--compare", "sgd,rmsprop"], "unknown optimizer 'rmsprop'"),
     (["--compare", "sgd", "--lr", "0.1"], "--compare sgd:0.2"),
     (["--compare", "sgd:-1"], "must be > 0"),
+    (["--label-smoothing", "1.0"], "label smoothing in [0, 1)"),
+    (["--label-smoothing", "-0.1"], ">= 0"),
 ])
 def test_bad_values_exit_with_usage_error(bad: list[str], complaint: str, capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main(bad)
     assert info.value.code == 2
     assert complaint in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["sgd", "spngd", "asdl-kfac"])
+def test_label_smoothing_reaches_the_training_loss(name: str) -> None:
+    """--label-smoothing 0.1: the loss every optimizer trains on is the smoothed cross-entropy."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from spngd_ext.optimizer_registry import OptimizerUnavailableError
+
+    cfg = config_from_args(build_parser().parse_args(["--optimizer", name, "--label-smoothing", "0.1", "--lr", "0.01"]))
+    assert cfg.label_smoothing == 0.1
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    x, y = torch.randn(8, 3, 4), torch.randint(0, 4, (8,))
+    try:
+        step = build_train_step(name, model, cfg.optimizer_settings())
+    except OptimizerUnavailableError as exc:
+        pytest.skip(str(exc))
+    with torch.no_grad():
+        logits = model(x)
+    loss, _ = step(x, y)  # the loss of the weights before this step
+    assert float(loss) == pytest.approx(float(F.cross_entropy(logits, y, label_smoothing=0.1)), rel=1e-5)
+    assert float(loss) != pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-3)
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, float("nan"), True, "0.1"])
+def test_build_train_step_rejects_bad_label_smoothing(bad) -> None:
+    from torch import nn
+
+    from spngd_ext.optimizer_registry import OptimizerSettings
+
+    with pytest.raises(ValueError, match=r"label_smoothing must be a number in \[0, 1\)"):
+        build_train_step("sgd", nn.Linear(3, 2), OptimizerSettings(lr=0.1, label_smoothing=bad))
 
 
 def test_parse_compare() -> None:
