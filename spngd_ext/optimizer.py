@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from .capture import ActivationCapture
 from .curvature_state import CurvatureState
 from .distributed.communicator import Communicator, default_communicator
 from .distributed.placement import LayerCost, OwnerAssignment
-from .layers import BatchNormCurvature, CurvatureLayer, KroneckerLayer, find_curvature_layers
+from .layers import CurvatureLayer, KroneckerLayer, find_curvature_layers
 from .layout import build_layouts
 from .options import CurvatureOptions, DampingSchedule, FisherType
 from .recipe import adjusted_momentum, rescaled_weight_norm_limit

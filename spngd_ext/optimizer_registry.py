@@ -7,12 +7,11 @@ loss and logits. The training loop then treats them all alike.
 
 None of the baselines is implemented here: LARS is ``pytorch_optimizer.LARS``, K-FAC is ASDL's
 ``KfacGradientMaker`` followed by ``torch.optim.SGD``, and SP-NGD is :class:`spngd_ext.SPNGD`
-(imported only when asked for, so everything else works while it is being written).
+(imported only when asked for).
 """
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -87,6 +86,7 @@ class OptimizerSettings:
     seed: Optional[int] = None  # SP-NGD's MC sampling
     amp: bool = False
     label_smoothing: float = 0.0  # of the training loss, for every optimizer
+    weight_rescale: bool = False  # SP-NGD: keep Linear/Conv weight norms at most sqrt(2*fan_out)
 
 
 class TrainStep:
@@ -187,26 +187,12 @@ class AsdlKfacStep(TrainStep):
 
 
 def _build_spngd(model: nn.Module, s: OptimizerSettings, distributed: bool) -> TrainStep:
-    try:
-        from spngd_ext import SPNGD  # lazy: the optimizer may still be under construction
-    except ImportError as exc:
-        raise OptimizerUnavailableError(
-            f"--optimizer spngd: `from spngd_ext import SPNGD` failed ({exc}). The SP-NGD "
-            "optimizer (spngd_ext/optimizer.py) is not available in this checkout; use "
-            "--optimizer sgd|lars|adamw|asdl-kfac meanwhile."
-        ) from exc
-    params = inspect.signature(SPNGD.__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    # SP-NGD does its own communication (never wrap it in DDP); it is distributed-capable when it
-    # says so or when it takes a process group.
-    supports_distributed = getattr(SPNGD, "supports_distributed", "process_group" in params)
-    if distributed and not supports_distributed:
-        raise OptimizerUnavailableError(
-            "--optimizer spngd under torchrun (WORLD_SIZE>1): this SPNGD has no distributed "
-            "support yet (no process_group argument), and SP-NGD must not be wrapped in DDP "
-            "because it does its own communication. Run spngd on a single process."
-        )
-    kwargs = dict(
+    from .optimizer import SPNGD  # lazy: keeps this registry importable without the optimizer
+
+    # SP-NGD does its own communication (data-parallel gradients, model-parallel curvature), so
+    # the model is never wrapped in DDP; under torchrun it joins the default process group.
+    opt = SPNGD(
+        model,
         lr=s.lr,
         momentum=s.momentum,
         weight_decay=s.weight_decay,
@@ -218,22 +204,10 @@ def _build_spngd(model: nn.Module, s: OptimizerSettings, distributed: bool) -> T
         inverse_interval=s.inverse_interval,
         kl_clip=s.kl_clip,
         backend=s.backend,
+        stale=s.stale,
+        weight_rescale=s.weight_rescale,
+        seed=s.seed,  # reproducible MC label sampling
     )
-    if "seed" in params or takes_any:
-        kwargs["seed"] = s.seed  # reproducible MC label sampling
-    if s.stale:
-        if "stale" not in params and not takes_any:
-            raise OptimizerUnavailableError(
-                "--stale: this SPNGD does not accept stale=True yet (stale statistics are not "
-                "implemented in spngd_ext/optimizer.py); run without --stale."
-            )
-        kwargs["stale"] = True
-    opt = SPNGD(model, **kwargs)
-    if not isinstance(opt, torch.optim.Optimizer):
-        raise OptimizerUnavailableError(
-            "SPNGD must subclass torch.optim.Optimizer (its param_groups carry the LR the "
-            "scheduler sets)"
-        )
     return SpngdStep(model, opt, s.amp)
 
 

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .augment import Augmentation, apply_shift_flip, draw_shift_flip
 from .data import Dataset, DataNotFoundError, IdxFormatError, load_dataset
 from .models import MODEL_BUILDERS, build_model, count_parameters
 from .optimizer_registry import (
@@ -65,6 +66,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: Optional[float] = None  # None: DEFAULT_WEIGHT_DECAY[optimizer]
     label_smoothing: float = 0.0
+    augment: str = Augmentation.NONE.value
+    max_shift: int = 2
     damping: float = 1e-3
     fisher: str = "mc"
     mc_samples: int = 1
@@ -73,6 +76,7 @@ class TrainConfig:
     curvature_interval: int = 1
     inverse_interval: int = 1
     kl_clip: Optional[float] = None
+    weight_rescale: bool = False
     backend: str = "auto"
     trust_coefficient: float = LARS_TRUST_COEFFICIENT
     seed: int = 0
@@ -106,6 +110,7 @@ class TrainConfig:
             inverse_interval=self.inverse_interval, kl_clip=self.kl_clip, backend=self.backend,
             stale=self.stale, trust_coefficient=self.trust_coefficient, amp=self.amp,
             seed=self.seed, label_smoothing=self.label_smoothing,
+            weight_rescale=self.weight_rescale,
         )
 
 
@@ -184,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: 5e-4, or 5e-2 for adamw")
     p.add_argument("--label-smoothing", type=_label_smoothing, default=0.0,
                    help="label smoothing of the training loss (every optimizer; test loss is plain)")
+    p.add_argument("--augment", choices=[a.value for a in Augmentation],
+                   default=Augmentation.NONE.value,
+                   help="training-batch augmentation (shift-flip: random shifts of up to "
+                        "--max-shift pixels, then a left-right flip of half the images)")
+    p.add_argument("--max-shift", type=_nonneg_int, default=2, help="shift-flip's largest shift")
     p.add_argument("--damping", type=_positive_float, default=1e-3, help="spngd and asdl-kfac")
     p.add_argument("--fisher", choices=("mc", "emp"), default="mc", help="spngd and asdl-kfac")
     p.add_argument("--mc-samples", type=_positive_int, default=1)
@@ -192,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curvature-interval", type=_positive_int, default=1)
     p.add_argument("--inverse-interval", type=_positive_int, default=1)
     p.add_argument("--kl-clip", type=_positive_float, default=None, help="spngd")
+    p.add_argument("--weight-rescale", action="store_true",
+                   help="spngd: rescale Linear/Conv weights whose norm exceeds sqrt(2*fan_out)")
     p.add_argument("--backend", choices=("auto", "cuda", "torch"), default="auto", help="spngd")
     p.add_argument("--trust-coefficient", type=_positive_float, default=LARS_TRUST_COEFFICIENT,
                    help="lars")
@@ -319,6 +331,9 @@ def _train(cfg: TrainConfig, data: Dataset, env: TrainEnv, out_dir: Path) -> Run
     from tqdm import tqdm
 
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)  # same batch order for every optimizer
+    augment = Augmentation(cfg.augment)
+    augment_gen = torch.Generator().manual_seed(cfg.seed + 1)  # same shifts for every optimizer
+    blank = (0.0 - data.mean) / data.std  # a black pixel, normalised
     rows: list[EvalRow] = []
     train_time, step, diverged, divergence = 0.0, 0, False, None
     # Train-set statistics since the last evaluation, as [loss*n, correct, n] summed over ranks.
@@ -334,8 +349,12 @@ def _train(cfg: TrainConfig, data: Dataset, env: TrainEnv, out_dir: Path) -> Run
         segment_start = time.perf_counter()
         for i in range(steps_per_epoch):
             batch = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            local = batch.tensor_split(world)[rank]
+            mine = torch.arange(len(batch)).tensor_split(world)[rank]
+            local = batch[mine.to(device)]
             x, y = train_x[local], train_y[local]
+            if augment is Augmentation.SHIFT_FLIP:
+                params = draw_shift_flip(len(batch), max_shift=cfg.max_shift, generator=augment_gen)
+                x = apply_shift_flip(x, params.select(mine), fill=blank)
             try:
                 loss, out = step_fn(x, y)
             except torch.linalg.LinAlgError as exc:  # e.g. ASDL's Cholesky on a blown-up factor

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import os
 import subprocess
@@ -39,6 +38,7 @@ def test_defaults() -> None:
     assert args.target_acc == 0.88 and args.eval_every == 5 and args.schedule == "poly"
     assert args.lr is None and args.fisher == "mc" and args.stale is False
     assert args.device == "auto" and args.amp is False and args.compare is None
+    assert args.augment == "none" and args.max_shift == 2 and args.weight_rescale is False
 
 
 @pytest.mark.parametrize("extra, trust", [([], LARS_TRUST_COEFFICIENT),
@@ -69,6 +69,8 @@ def test_trust_coefficient_reaches_lars(extra: list[str], trust: float) -> None:
     (["--compare", "sgd:-1"], "must be > 0"),
     (["--label-smoothing", "1.0"], "label smoothing in [0, 1)"),
     (["--label-smoothing", "-0.1"], ">= 0"),
+    (["--augment", "mixup"], "invalid choice"),
+    (["--max-shift", "-1"], ">= 0"),
 ])
 def test_bad_values_exit_with_usage_error(bad: list[str], complaint: str, capsys) -> None:
     with pytest.raises(SystemExit) as info:
@@ -170,17 +172,68 @@ def test_spngd_smoke_run(fmnist_dir: Path, tmp_path: Path) -> None:
     assert summary["counters"]["factor_updates"] >= 1
 
 
-def test_spngd_stale_flag(fmnist_dir: Path, tmp_path: Path, capsys) -> None:
-    from spngd_ext import SPNGD
-
+def test_spngd_stale_flag(fmnist_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "stale"
-    status = main(small_run_args(fmnist_dir, out, "--optimizer", "spngd", "--stale",
-                                 "--epochs", "1"))
-    if "stale" in inspect.signature(SPNGD.__init__).parameters:
-        assert status == 0
-    else:  # not implemented yet: a clear error, not a TypeError traceback
-        assert status == 1
-        assert "--stale: this SPNGD does not accept stale=True" in capsys.readouterr().err
+    assert main(small_run_args(fmnist_dir, out, "--optimizer", "spngd", "--stale", "--epochs", "1")) == 0
+    assert json.loads((out / "log.json").read_text())["config"]["stale"] is True
+
+
+def test_augment_reaches_every_training_batch(fmnist_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """--augment shift-flip: each step trains on shifted/flipped images, the blank pixel as fill."""
+    import torch
+
+    import spngd_ext.train as train_module
+
+    calls = []
+    real = train_module.apply_shift_flip
+
+    def recording(x, params, *, fill):
+        out = real(x, params, fill=fill)
+        calls.append((x.clone(), out, fill))
+        return out
+
+    monkeypatch.setattr(train_module, "apply_shift_flip", recording)
+    out = tmp_path / "augment"
+    assert main(small_run_args(fmnist_dir, out, "--optimizer", "sgd", "--augment", "shift-flip",
+                               "--max-shift", "3")) == 0
+    assert len(calls) == 8  # 2 epochs x 4 steps
+    assert all(x.shape == y.shape == (256, 1, 28, 28) for x, y, _ in calls)
+    assert sum(not torch.equal(x, y) for x, y, _ in calls) == 8
+    data = train_module.load_dataset(fmnist_dir, limit_train=8, limit_test=8)
+    assert calls[0][2] == pytest.approx(-data.mean / data.std)  # a black pixel, normalised
+    config = json.loads((out / "log.json").read_text())["config"]
+    assert (config["augment"], config["max_shift"]) == ("shift-flip", 3)
+
+
+def test_no_augmentation_by_default(fmnist_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import spngd_ext.train as train_module
+
+    def fail(*args, **kwargs):
+        raise AssertionError("augmentation ran without --augment")
+
+    monkeypatch.setattr(train_module, "apply_shift_flip", fail)
+    assert main(small_run_args(fmnist_dir, tmp_path / "plain", "--optimizer", "sgd",
+                               "--epochs", "1")) == 0
+
+
+def test_weight_rescale_reaches_spngd() -> None:
+    """--weight-rescale: after a step every Linear weight norm is at most sqrt(2 * fan_out)."""
+    import math
+
+    import torch
+    from torch import nn
+
+    cfg = config_from_args(build_parser().parse_args(["--optimizer", "spngd", "--weight-rescale"]))
+    assert cfg.weight_rescale is True
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 4))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(50.0)  # both weights far above their limits
+    step = build_train_step("spngd", model, cfg.optimizer_settings())
+    step(torch.randn(8, 3, 4), torch.randint(0, 4, (8,)))
+    for layer in (model[1], model[3]):
+        assert float(layer.weight.detach().norm()) == pytest.approx(math.sqrt(2 * layer.out_features), rel=1e-5)
 
 
 def test_asdl_kfac_smoke_run(fmnist_dir: Path, tmp_path: Path) -> None:
@@ -217,7 +270,7 @@ def test_torchrun_two_ranks_sgd(fmnist_dir: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "spngd_ext.train", "--optimizer", "sgd", "--lr", "0.4",
-         *small_run_args(fmnist_dir, out, "--epochs", "1")],
+         *small_run_args(fmnist_dir, out, "--epochs", "1", "--augment", "shift-flip")],
         cwd=REPO, capture_output=True, text=True, timeout=180, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

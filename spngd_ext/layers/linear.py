@@ -7,7 +7,7 @@ dimensions are flattened into rows; every row counts for A and G alike (DESIGN.m
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .. import ops
 from .base import KroneckerLayer
