@@ -326,9 +326,7 @@ def test_preconditioned_update_with_bias_matches_bruteforce_from_asdl_statistics
     mapped = asdl_in_our_convention(ref_model, x, asdl_fisher(ref_model, x, y, FISHER_EMP))
     model = MAKERS[kind](True)
     _, grads, update = one_step_update(model, x, y, "emp", damping=lam)
-    modules = dict(model.named_modules())
     for name, stats in mapped.items():
-        m = modules[name]
         if "F" in stats:
             Fc = stats["F"]
             blocks = torch.stack([torch.stack([Fc[:, 0], Fc[:, 1]], -1), torch.stack([Fc[:, 1], Fc[:, 2]], -1)], -2)

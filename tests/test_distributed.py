@@ -298,7 +298,10 @@ def _w_collectives(rank: int, world: int, payload) -> dict:
             first = buf.clone()
             for _ in range(3):  # nothing rewritten in between: the result must not change
                 comm.reduce_scatter(buf, c, kind="stats")
+            # The returned chunk is this rank's part of the buffer itself, not a copy.
+            returns_view = mine.numel() == c and mine.data_ptr() == buf[rank * c :].data_ptr()
             res[(impl, str(dtype))] = {"got": first[rank * c : (rank + 1) * c], "exact": exact.float(),
+                                       "returns_view": returns_view,
                                        "bytes": comm.bytes_sent(), "first": first, "again": buf.clone()}
     for gather_impl in ("all_gather", "broadcast"):
         for dtype in (None, torch.bfloat16, torch.float16):
@@ -467,6 +470,7 @@ def test_collectives_all_implementations() -> None:
     for rank, res in enumerate(results):
         for (impl, dtype), v in ((k, v) for k, v in res.items() if isinstance(k, tuple) and k[0] != "gather"):
             got, exact = v["got"], v["exact"]
+            assert v["returns_view"], f"{impl}/{dtype}: reduce_scatter must return a view of its chunk"
             if dtype == "None":
                 torch.testing.assert_close(got, exact, rtol=1e-6, atol=1e-6)
                 elem = 4
