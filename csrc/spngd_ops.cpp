@@ -1,5 +1,5 @@
 // The spngd_ext operator library: schemas (declared once, here), argument checks, and the CUDA
-// registrations. Kernels live in csrc/cuda/, one .cu and one header per op family. The Python side
+// and CPU registrations. Kernels live in csrc/cuda/, one .cu and one header per op family. The Python side
 // (spngd_ext/ops.py) calls torch.ops.spngd_ext.<op> with exactly these signatures; shape-only fake
 // implementations for tracing are registered in spngd_ext/_extension.py.
 
@@ -41,6 +41,14 @@ std::string dtype_name(at::ScalarType dt) {
     case at::kDouble: return "float64";
     case at::kHalf: return "float16";
     case at::kBFloat16: return "bfloat16";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    case at::kComplexFloat: return "complex64";
+    case at::kComplexDouble: return "complex128";
     default: return c10::toString(dt);
   }
 }
@@ -75,7 +83,6 @@ void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
 }
 
 void check_state(const char* op, const at::Tensor& state, int64_t numel, const at::Tensor& ref) {
-  check_cuda(op, "state", state);
   check_same_device(op, "state", state, "x", ref);
   check_dtype(op, "state", state, {at::kFloat});
   check_contiguous(op, "state", state);
@@ -86,12 +93,16 @@ void check_state(const char* op, const at::Tensor& state, int64_t numel, const a
 // ----------------------------------------------------------------------------------------------
 // Symmetric packing
 
-at::Tensor pack_upper(at::TensorList mats, std::optional<at::ScalarType> dtype) {
+// Each op below has a device-agnostic check_<op> (everything but "is it a CUDA tensor"), used by
+// both registrations: the CUDA one checks the device first, then the arguments, then launches; the
+// CPU one (see the end of this file) checks the arguments, then refuses, so that every message
+// can be exercised on a machine without a GPU.
+
+void check_pack_upper(at::TensorList mats, std::optional<at::ScalarType> dtype) {
   const char* op = "pack_upper";
   TORCH_CHECK_VALUE(!mats.empty(), "spngd_ext::pack_upper: mats must hold at least one matrix");
   for (size_t i = 0; i < mats.size(); ++i) {
     const std::string name = "mats[" + std::to_string(i) + "]";
-    check_cuda(op, name.c_str(), mats[i]);
     check_same_device(op, name.c_str(), mats[i], "mats[0]", mats[0]);
     check_dtype(op, name.c_str(), mats[i], kFloatTypes);
     TORCH_CHECK_VALUE(mats[i].dim() == 2 && mats[i].size(0) == mats[i].size(1), "spngd_ext::pack_upper: ", name,
@@ -99,13 +110,17 @@ at::Tensor pack_upper(at::TensorList mats, std::optional<at::ScalarType> dtype) 
   }
   const at::ScalarType out_dtype = dtype.value_or(mats[0].scalar_type());
   check_dtype(op, "dtype", out_dtype);
-  return ops::pack_upper(mats, out_dtype);
 }
 
-std::vector<at::Tensor> unpack_upper(const at::Tensor& buffer, at::IntArrayRef sizes, const at::Tensor& scale,
-                                     int64_t offset, at::ScalarType dtype) {
+at::Tensor pack_upper(at::TensorList mats, std::optional<at::ScalarType> dtype) {
+  for (size_t i = 0; i < mats.size(); ++i) check_cuda("pack_upper", ("mats[" + std::to_string(i) + "]").c_str(), mats[i]);
+  check_pack_upper(mats, dtype);
+  return ops::pack_upper(mats, dtype.value_or(mats[0].scalar_type()));
+}
+
+void check_unpack_upper(const at::Tensor& buffer, at::IntArrayRef sizes, const at::Tensor& scale,
+                                           int64_t offset, at::ScalarType dtype) {
   const char* op = "unpack_upper";
-  check_cuda(op, "buffer", buffer);
   check_dtype(op, "buffer", buffer, kFloatTypes);
   TORCH_CHECK_VALUE(buffer.dim() == 1, "spngd_ext::unpack_upper: buffer must be 1-D, got shape ", buffer.sizes());
   check_contiguous(op, "buffer", buffer);
@@ -117,32 +132,43 @@ std::vector<at::Tensor> unpack_upper(const at::Tensor& buffer, at::IntArrayRef s
   }
   TORCH_CHECK_VALUE(offset >= 0 && need <= buffer.numel(), "spngd_ext::unpack_upper: buffer has ", buffer.numel(),
                     " elements, sizes ", sizes, " at offset ", offset, " need ", need);
-  check_cuda(op, "scale", scale);
   check_same_device(op, "scale", scale, "buffer", buffer);
   check_dtype(op, "scale", scale, {at::kFloat});
   check_contiguous(op, "scale", scale);
   TORCH_CHECK_VALUE(scale.dim() == 1 && scale.numel() == static_cast<int64_t>(sizes.size()),
                     "spngd_ext::unpack_upper: scale must be 1-D with one entry per matrix (", sizes.size(),
                     "), got shape ", scale.sizes());
+}
+
+std::vector<at::Tensor> unpack_upper(const at::Tensor& buffer, at::IntArrayRef sizes, const at::Tensor& scale,
+                                     int64_t offset, at::ScalarType dtype) {
+  check_cuda("unpack_upper", "buffer", buffer);
+  check_cuda("unpack_upper", "scale", scale);
+  check_unpack_upper(buffer, sizes, scale, offset, dtype);
   return ops::unpack_upper(buffer, sizes, scale, offset, dtype);
 }
 
 // ----------------------------------------------------------------------------------------------
 // Factor accumulation
 
-void accumulate_factor(const at::Tensor& state, const at::Tensor& x, double scale, double decay) {
+void check_accumulate_factor(const at::Tensor& state, const at::Tensor& x, double, double) {
   const char* op = "accumulate_factor";
-  check_cuda(op, "x", x);
   check_dtype(op, "x", x, kKernelInputTypes);
   TORCH_CHECK_VALUE(x.dim() == 2, "spngd_ext::accumulate_factor: x must be 2-D (rows, d), got shape ", x.sizes());
   check_state(op, state, packed_size(x.size(1)), x);
+}
+
+void accumulate_factor(const at::Tensor& state, const at::Tensor& x, double scale, double decay) {
+  check_cuda("accumulate_factor", "x", x);
+  check_cuda("accumulate_factor", "state", state);
+  check_accumulate_factor(state, x, scale, decay);
   ops::accumulate_factor(state, x, scale, decay);
 }
 
-void conv_a_factor(const at::Tensor& state, const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                   at::IntArrayRef padding, at::IntArrayRef dilation, bool has_bias, double scale, double decay) {
+void check_conv_a_factor(const at::Tensor& state, const at::Tensor& x, at::IntArrayRef kernel_size,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool has_bias,
+                         double, double) {
   const char* op = "conv_a_factor";
-  check_cuda(op, "x", x);
   check_dtype(op, "x", x, kKernelInputTypes);
   TORCH_CHECK_VALUE(x.dim() == 4, "spngd_ext::conv_a_factor: x must be 4-D (N, C, H, W), got shape ", x.sizes());
   TORCH_CHECK_VALUE(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
@@ -163,20 +189,25 @@ void conv_a_factor(const at::Tensor& state, const at::Tensor& x, at::IntArrayRef
                         x.size(2) * x.size(3) < std::numeric_limits<int32_t>::max(),
                     "spngd_ext::conv_a_factor: too many patches (", x.size(0) * oh * ow, "); split the batch");
   check_state(op, state, packed_size(x.size(1) * kernel_size[0] * kernel_size[1] + (has_bias ? 1 : 0)), x);
+}
+
+void conv_a_factor(const at::Tensor& state, const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation, bool has_bias, double scale, double decay) {
+  check_cuda("conv_a_factor", "x", x);
+  check_cuda("conv_a_factor", "state", state);
+  check_conv_a_factor(state, x, kernel_size, stride, padding, dilation, has_bias, scale, decay);
   ops::conv_a_factor(state, x, kernel_size, stride, padding, dilation, has_bias, scale, decay);
 }
 
 // ----------------------------------------------------------------------------------------------
 // Inversion
 
-std::tuple<at::Tensor, at::Tensor> cholesky_inverse_damped(const at::Tensor& mats, const at::Tensor& damping) {
+void check_cholesky_inverse_damped(const at::Tensor& mats, const at::Tensor& damping) {
   const char* op = "cholesky_inverse_damped";
-  check_cuda(op, "mats", mats);
   check_dtype(op, "mats", mats, {at::kFloat, at::kDouble});
   TORCH_CHECK_VALUE(mats.dim() == 3 && mats.size(1) == mats.size(2),
                     "spngd_ext::cholesky_inverse_damped: mats must be (B, n, n), got shape ", mats.sizes());
   check_contiguous(op, "mats", mats);
-  check_cuda(op, "damping", damping);
   check_same_device(op, "damping", damping, "mats", mats);
   TORCH_CHECK_TYPE(damping.scalar_type() == mats.scalar_type(), "spngd_ext::cholesky_inverse_damped: damping must have ",
                    "the dtype of mats (", dtype_name(mats.scalar_type()), "), got ", dtype_name(damping.scalar_type()));
@@ -184,17 +215,21 @@ std::tuple<at::Tensor, at::Tensor> cholesky_inverse_damped(const at::Tensor& mat
                     "spngd_ext::cholesky_inverse_damped: damping must be (", mats.size(0), ",), got shape ",
                     damping.sizes());
   check_contiguous(op, "damping", damping);
+}
+
+std::tuple<at::Tensor, at::Tensor> cholesky_inverse_damped(const at::Tensor& mats, const at::Tensor& damping) {
+  check_cuda("cholesky_inverse_damped", "mats", mats);
+  check_cuda("cholesky_inverse_damped", "damping", damping);
+  check_cholesky_inverse_damped(mats, damping);
   return ops::cholesky_inverse_damped(mats, damping);
 }
 
 // ----------------------------------------------------------------------------------------------
 // BatchNorm, unit-wise
 
-void bn_unitwise_fisher(const at::Tensor& state, const at::Tensor& grad_out, const at::Tensor& xhat, double scale,
-                        double decay) {
+void check_bn_unitwise_fisher(const at::Tensor& state, const at::Tensor& grad_out, const at::Tensor& xhat, double,
+                              double) {
   const char* op = "bn_unitwise_fisher";
-  check_cuda(op, "grad_out", grad_out);
-  check_cuda(op, "xhat", xhat);
   check_same_device(op, "xhat", xhat, "grad_out", grad_out);
   check_dtype(op, "grad_out", grad_out, kKernelInputTypes);
   TORCH_CHECK_TYPE(xhat.scalar_type() == grad_out.scalar_type(), "spngd_ext::bn_unitwise_fisher: xhat must have the ",
@@ -207,26 +242,31 @@ void bn_unitwise_fisher(const at::Tensor& state, const at::Tensor& grad_out, con
   // The kernel walks a plane with an int index that runs up to 4 * 32 lanes past its end.
   TORCH_CHECK_VALUE(c10::multiply_integers(grad_out.sizes().slice(2)) < std::numeric_limits<int32_t>::max() - 1024,
                     "spngd_ext::bn_unitwise_fisher: a (n, c) plane must hold fewer than 2^31 - 1024 elements");
-  check_cuda(op, "state", state);
   check_same_device(op, "state", state, "grad_out", grad_out);
   check_dtype(op, "state", state, {at::kFloat});
   check_contiguous(op, "state", state);
   TORCH_CHECK_VALUE(state.dim() == 2 && state.size(0) == grad_out.size(1) && state.size(1) == 3,
                     "spngd_ext::bn_unitwise_fisher: state must be (", grad_out.size(1), ", 3), got shape ",
                     state.sizes());
+}
+
+void bn_unitwise_fisher(const at::Tensor& state, const at::Tensor& grad_out, const at::Tensor& xhat, double scale,
+                        double decay) {
+  check_cuda("bn_unitwise_fisher", "grad_out", grad_out);
+  check_cuda("bn_unitwise_fisher", "xhat", xhat);
+  check_cuda("bn_unitwise_fisher", "state", state);
+  check_bn_unitwise_fisher(state, grad_out, xhat, scale, decay);
   ops::bn_unitwise_fisher(state, grad_out, xhat, scale, decay);
 }
 
-std::tuple<at::Tensor, at::Tensor> bn_unitwise_solve(const at::Tensor& fisher, const at::Tensor& grad_gamma,
-                                                     const at::Tensor& grad_beta, double damping) {
+void check_bn_unitwise_solve(const at::Tensor& fisher, const at::Tensor& grad_gamma,
+                                                           const at::Tensor& grad_beta, double) {
   const char* op = "bn_unitwise_solve";
-  check_cuda(op, "fisher", fisher);
   check_dtype(op, "fisher", fisher, {at::kFloat});
   check_contiguous(op, "fisher", fisher);
   TORCH_CHECK_VALUE(fisher.dim() == 2 && fisher.size(1) == 3,
                     "spngd_ext::bn_unitwise_solve: fisher must be (C, 3), got shape ", fisher.sizes());
   auto check_grad = [&](const char* name, const at::Tensor& t) {
-    check_cuda(op, name, t);
     check_same_device(op, name, t, "fisher", fisher);
     check_dtype(op, name, t, {at::kFloat});
     check_contiguous(op, name, t);
@@ -235,8 +275,42 @@ std::tuple<at::Tensor, at::Tensor> bn_unitwise_solve(const at::Tensor& fisher, c
   };
   check_grad("grad_gamma", grad_gamma);
   check_grad("grad_beta", grad_beta);
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_unitwise_solve(const at::Tensor& fisher, const at::Tensor& grad_gamma,
+                                                     const at::Tensor& grad_beta, double damping) {
+  check_cuda("bn_unitwise_solve", "fisher", fisher);
+  check_cuda("bn_unitwise_solve", "grad_gamma", grad_gamma);
+  check_cuda("bn_unitwise_solve", "grad_beta", grad_beta);
+  check_bn_unitwise_solve(fisher, grad_gamma, grad_beta, damping);
   return ops::bn_unitwise_solve(fisher, grad_gamma, grad_beta, damping);
 }
+
+// ----------------------------------------------------------------------------------------------
+// CPU: the same argument checks, then a clear refusal. The kernels need a GPU; ops.py routes CPU
+// tensors to the pure-PyTorch path and never gets here.
+
+template <auto Check, typename R, const char* Name>
+struct CheckThenRefuse;
+
+// R: the op's return type; Args: deduced from the check, which takes the op's arguments.
+template <typename... Args, void (*Check)(Args...), typename R, const char* Name>
+struct CheckThenRefuse<Check, R, Name> {
+  static R call(Args... args) {
+    Check(args...);
+    TORCH_CHECK_VALUE(false, "spngd_ext::", Name, ": the kernels take CUDA tensors, got CPU tensors; on the CPU use ",
+                      "spngd_ext.ops.", Name, "(..., backend=\"torch\")");
+    return R();  // not reached
+  }
+};
+
+constexpr char kPackUpper[] = "pack_upper";
+constexpr char kUnpackUpper[] = "unpack_upper";
+constexpr char kAccumulateFactor[] = "accumulate_factor";
+constexpr char kConvAFactor[] = "conv_a_factor";
+constexpr char kCholeskyInverseDamped[] = "cholesky_inverse_damped";
+constexpr char kBnUnitwiseFisher[] = "bn_unitwise_fisher";
+constexpr char kBnUnitwiseSolve[] = "bn_unitwise_solve";
 
 }  // namespace
 }  // namespace spngd
@@ -264,4 +338,15 @@ TORCH_LIBRARY_IMPL(spngd_ext, CUDA, m) {
   m.impl("cholesky_inverse_damped", &spngd::cholesky_inverse_damped);
   m.impl("bn_unitwise_fisher", &spngd::bn_unitwise_fisher);
   m.impl("bn_unitwise_solve", &spngd::bn_unitwise_solve);
+}
+
+TORCH_LIBRARY_IMPL(spngd_ext, CPU, m) {
+  using namespace spngd;
+  m.impl("pack_upper", &CheckThenRefuse<&check_pack_upper, at::Tensor, kPackUpper>::call);
+  m.impl("unpack_upper", &CheckThenRefuse<&check_unpack_upper, std::vector<at::Tensor>, kUnpackUpper>::call);
+  m.impl("accumulate_factor", &CheckThenRefuse<&check_accumulate_factor, void, kAccumulateFactor>::call);
+  m.impl("conv_a_factor", &CheckThenRefuse<&check_conv_a_factor, void, kConvAFactor>::call);
+  m.impl("cholesky_inverse_damped", &CheckThenRefuse<&check_cholesky_inverse_damped, std::tuple<at::Tensor, at::Tensor>, kCholeskyInverseDamped>::call);
+  m.impl("bn_unitwise_fisher", &CheckThenRefuse<&check_bn_unitwise_fisher, void, kBnUnitwiseFisher>::call);
+  m.impl("bn_unitwise_solve", &CheckThenRefuse<&check_bn_unitwise_solve, std::tuple<at::Tensor, at::Tensor>, kBnUnitwiseSolve>::call);
 }

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import subprocess
-import sys
 import zlib
 
 import pytest
@@ -20,6 +19,8 @@ import torch
 from spngd_ext import ops as ops_py
 from spngd_ext import reference as ref
 from spngd_ext._extension import extension_error, extension_loaded
+
+from op_error_cases import child_command
 
 pytestmark = [
     pytest.mark.gpu,
@@ -359,60 +360,11 @@ def test_bn_unitwise_solve(kernels, channels):
 # --------------------------------------------------------------------------------------------
 
 
-def _error_cases(kernels):
-    """(name, exception type, message pattern, call) for the C++ argument checks."""
-    x = torch.randn(10, 4, device=DEV)
-    state = torch.zeros(10, device=DEV)
-    z = lambda *shape, **kw: torch.zeros(*shape, device=DEV, **kw)  # noqa: E731
-    conv = lambda x_, stride: kernels.conv_a_factor(z(ref.packed_size(9)), x_, [3, 3], stride, [0, 0], [1, 1],  # noqa: E731
-                                                     False, 1.0, 0.0)
-    return [
-        ("state dtype", TypeError, "state must be float32", lambda: kernels.accumulate_factor(state.double(), x, 1.0, 0.0)),
-        ("x rank", ValueError, "x must be 2-D", lambda: kernels.accumulate_factor(state, x[None], 1.0, 0.0)),
-        ("state size", ValueError, "state must have 10 elements", lambda: kernels.accumulate_factor(z(9), x, 1.0, 0.0)),
-        ("state device", ValueError, "state must be a CUDA tensor", lambda: kernels.accumulate_factor(state.cpu(), x, 1.0, 0.0)),
-        ("x dtype", TypeError, "x must be float32/float16/bfloat16", lambda: kernels.accumulate_factor(state, x.double(), 1.0, 0.0)),
-        ("mats device", ValueError, r"mats\[1\] must be a CUDA tensor",
-         lambda: kernels.pack_upper([torch.eye(3, device=DEV), torch.eye(3)], None)),
-        ("mats square", ValueError, r"mats\[0\] must be a square matrix", lambda: kernels.pack_upper([z(3, 4)], None)),
-        ("buffer size", ValueError, "need 7", lambda: kernels.unpack_upper(z(6), [3], torch.ones(1, device=DEV), 1, torch.float32)),
-        ("scale size", ValueError, "scale must be 1-D with one entry per matrix",
-         lambda: kernels.unpack_upper(z(6), [3], torch.ones(2, device=DEV), 0, torch.float32)),
-        ("mats shape", ValueError, r"mats must be \(B, n, n\)", lambda: kernels.cholesky_inverse_damped(z(2, 3, 4), z(2))),
-        ("mats contiguous", ValueError, "mats must be contiguous", lambda: kernels.cholesky_inverse_damped(z(2, 4, 4).mT, z(2))),
-        ("damping dtype", TypeError, "damping must have the dtype of mats",
-         lambda: kernels.cholesky_inverse_damped(z(2, 4, 4), z(2).double())),
-        ("conv fit", ValueError, "kernel does not fit", lambda: conv(z(1, 1, 2, 2), [1, 1])),
-        ("conv stride", ValueError, "stride, dilation >= 1", lambda: conv(z(1, 1, 4, 4), [0, 1])),
-        ("bn state", ValueError, r"state must be \(3, 3\)", lambda: kernels.bn_unitwise_fisher(z(3, 2), z(2, 3), z(2, 3), 1.0, 0.0)),
-        ("bn dtypes", TypeError, "xhat must have the dtype of grad_out",
-         lambda: kernels.bn_unitwise_fisher(z(3, 3), z(2, 3), z(2, 3).half(), 1.0, 0.0)),
-        ("solve shape", ValueError, "grad_beta must be", lambda: kernels.bn_unitwise_solve(z(3, 3), z(3), z(4), 0.0)),
-        ("seam dtype", TypeError, "backend='cuda' kernel takes",
-         lambda: ops_py.accumulate_factor(state.double(), x.double(), scale=1.0, decay=0.0, backend="cuda")),
-    ]
-
-
-def _run_error_cases() -> None:
-    """Entry point of the child process of test_error_messages."""
-    assert extension_loaded(), extension_error()  # registers torch.ops.spngd_ext in this process
-    for name, exc, pattern, call in _error_cases(torch.ops.spngd_ext):
-        print("case:", name, flush=True)
-        with pytest.raises(exc, match=pattern):
-            call()
-    print("all error cases raised", flush=True)
-
-
 def test_error_messages(kernels):
-    """Wrong device/dtype/shape raise the right exception naming the argument. Run in a child
-    process, so that a crash in an error path fails this test (showing the case) instead of ending
-    the whole test run."""
-    code = (
-        "import faulthandler, importlib.util; faulthandler.enable(); "
-        f"spec = importlib.util.spec_from_file_location('ops_cuda_child', {__file__!r}); "
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); m._run_error_cases()"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    """Wrong device/dtype/shape raise the right exception naming the argument (the cases are in
+    tests/op_error_cases.py). Run in a child process, so that a crash in an error path fails this
+    test (showing the case) instead of ending the whole test run."""
+    proc = subprocess.run(child_command("cuda"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "all error cases raised" in proc.stdout, (
         f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 

@@ -8,6 +8,7 @@ FakeTensorMode creates fake CUDA tensors without a GPU, so the CUDA dispatch pat
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from spngd_ext import _extension
 from spngd_ext import ops as ops_py
+
+from op_error_cases import child_command, error_cases
 
 REQUIRED = os.environ.get("SPNGD_REQUIRE_EXTENSION", "") not in ("", "0")
 
@@ -68,10 +71,43 @@ def test_cholesky_threshold_knob(kernels):
     kernels.cholesky_kernel_max_n(old)
 
 
-def test_cpu_tensors_are_not_dispatched(kernels):
-    """The kernels are registered for CUDA only; ops.py never sends CPU tensors there."""
-    with pytest.raises(NotImplementedError):
-        kernels.pack_upper([torch.eye(3)], None)
+def _valid_cpu_calls(kernels) -> dict:
+    """One call per tensor op with arguments that pass every check, on CPU tensors."""
+    z = torch.zeros
+    return {
+        "pack_upper": lambda: kernels.pack_upper([torch.eye(3)], None),
+        "unpack_upper": lambda: kernels.unpack_upper(z(6), [3], torch.ones(1), 0, torch.float32),
+        "accumulate_factor": lambda: kernels.accumulate_factor(z(10), z(5, 4), 1.0, 0.0),
+        "conv_a_factor": lambda: kernels.conv_a_factor(z(45), z(1, 1, 4, 4), [3, 3], [1, 1], [0, 0], [1, 1], False, 1.0, 0.0),
+        "cholesky_inverse_damped": lambda: kernels.cholesky_inverse_damped(torch.eye(3).expand(2, 3, 3).contiguous(), z(2)),
+        "bn_unitwise_fisher": lambda: kernels.bn_unitwise_fisher(z(3, 3), z(2, 3), z(2, 3), 1.0, 0.0),
+        "bn_unitwise_solve": lambda: kernels.bn_unitwise_solve(z(3, 3), z(3), z(3), 0.0),
+    }
+
+
+def test_every_tensor_op_has_a_cpu_registration(kernels):
+    assert set(_valid_cpu_calls(kernels)) == set(EXPECTED_SCHEMAS) - {"cholesky_kernel_max_n"}
+
+
+@pytest.mark.parametrize("name", sorted(set(EXPECTED_SCHEMAS) - {"cholesky_kernel_max_n"}))
+def test_cpu_tensors_get_a_clear_refusal(kernels, name):
+    """Valid arguments on CPU tensors: the op says it needs CUDA tensors and where the CPU path is
+    (ops.py itself never sends CPU tensors here)."""
+    message = rf'spngd_ext::{name}: the kernels take CUDA tensors, got CPU tensors; .*spngd_ext\.ops\.{name}\(\.\.\., backend="torch"\)'
+    with pytest.raises(ValueError, match=message):
+        _valid_cpu_calls(kernels)[name]()
+
+
+def test_argument_checks_on_cpu(kernels):
+    """Every C++ argument check that is not about the device (tests/op_error_cases.py) raises the
+    right exception, naming the argument, through the CPU registration. In a child process, so a
+    crash in an error path fails this test and names the case."""
+    proc = subprocess.run(child_command("cpu"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "all error cases raised" in proc.stdout, (
+        f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    ran = [line for line in proc.stdout.splitlines() if line.startswith("case: ")]
+    cpu_cases = [c for c in error_cases(None, "cpu") if not c.needs_cuda]
+    assert len(ran) == len(cpu_cases) >= 25
 
 
 def _fake(*shape, dtype=torch.float32):
