@@ -77,6 +77,7 @@ from spngd_ext.optimizer_registry import (  # noqa: E402
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, also when loaded by path
+import step_profile  # noqa: E402,F401  (the module too: tests read its constants through this one)
 from step_profile import (  # noqa: E402
     breakdown_table,
     curvature_phase,

@@ -94,7 +94,8 @@ void check_state(const char* op, const at::Tensor& state, int64_t numel, const a
 // Symmetric packing
 
 // Each op below has a device-agnostic check_<op> (everything but "is it a CUDA tensor"), used by
-// both registrations: the CUDA one checks the device first, then the arguments, then launches; the
+// both registrations: the CUDA one checks that every tensor is on the GPU first (so a CPU tensor
+// is reported as such even when its dtype is wrong too), then the arguments, then launches; the
 // CPU one (see the end of this file) checks the arguments, then refuses, so that every message
 // can be exercised on a machine without a GPU.
 
@@ -115,7 +116,7 @@ void check_pack_upper(at::TensorList mats, std::optional<at::ScalarType> dtype) 
 at::Tensor pack_upper(at::TensorList mats, std::optional<at::ScalarType> dtype) {
   for (size_t i = 0; i < mats.size(); ++i) check_cuda("pack_upper", ("mats[" + std::to_string(i) + "]").c_str(), mats[i]);
   check_pack_upper(mats, dtype);
-  return ops::pack_upper(mats, dtype.value_or(mats[0].scalar_type()));
+  return ops::pack_upper(mats, dtype.value_or(mats[0].scalar_type()));  // checked: mats is not empty
 }
 
 void check_unpack_upper(const at::Tensor& buffer, at::IntArrayRef sizes, const at::Tensor& scale,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Augmentation", "ShiftFlip", "draw_shift_flip", "apply_shift_flip"]
+__all__ = ["Augmentation", "ShiftFlip", "check_max_shift", "draw_shift_flip", "apply_shift_flip"]
 
 
 class Augmentation(str, enum.Enum):
@@ -41,6 +41,13 @@ class ShiftFlip:
     def select(self, index: torch.Tensor) -> "ShiftFlip":
         """The parameters of the examples ``index`` (a rank's slice of the global batch)."""
         return ShiftFlip(self.dy[index], self.dx[index], self.flip[index])
+
+
+def check_max_shift(shift_y: int, shift_x: int, height: int, width: int) -> None:
+    """A shift must leave part of the image in view: |dy| < height and |dx| < width."""
+    if shift_y >= height or shift_x >= width:
+        raise ValueError(f"a shift of up to ({shift_y}, {shift_x}) pixels (rows, columns) empties a "
+                         f"{height}x{width} image; use a smaller --max-shift")
 
 
 def draw_shift_flip(n: int, *, max_shift: int, generator: torch.Generator) -> ShiftFlip:
@@ -68,9 +75,8 @@ def apply_shift_flip(x: torch.Tensor, params: ShiftFlip, *, fill: float) -> torc
         raise ValueError(f"apply_shift_flip: {len(params)} shift/flip parameters for {n} images")
     if n == 0:
         return x.clone()
+    check_max_shift(int(params.dy.abs().max()), int(params.dx.abs().max()), h, w)
     shift = int(max(params.dy.abs().max(), params.dx.abs().max()))
-    if shift >= min(h, w):
-        raise ValueError(f"apply_shift_flip: a shift of {shift} pixels empties a {h}x{w} image")
     padded = F.pad(x, (shift, shift, shift, shift), value=fill)
     dy, dx, flip = (t.to(x.device) for t in (params.dy, params.dx, params.flip))
     rows = torch.arange(h, device=x.device) + shift - dy[:, None]  # (N, H)

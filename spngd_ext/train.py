@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import Augmentation, apply_shift_flip, draw_shift_flip
+from .augment import Augmentation, apply_shift_flip, check_max_shift, draw_shift_flip
 from .data import Dataset, DataNotFoundError, IdxFormatError, load_dataset
 from .models import MODEL_BUILDERS, build_model, count_parameters
 from .optimizer_registry import (
@@ -304,6 +304,8 @@ def _train(cfg: TrainConfig, data: Dataset, env: TrainEnv, out_dir: Path) -> Run
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
     n_train = train_x.shape[0]
+    if Augmentation(cfg.augment) is Augmentation.SHIFT_FLIP:  # up front, so every rank fails alike
+        check_max_shift(cfg.max_shift, cfg.max_shift, train_x.shape[-2], train_x.shape[-1])
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
 

@@ -69,6 +69,26 @@ def test_select_takes_a_ranks_slice() -> None:
     assert torch.equal(part.flip, p.flip[index]) and torch.equal(part.dy, p.dy[index])
 
 
+def test_a_wide_image_takes_a_shift_as_tall_as_itself_sideways() -> None:
+    """The limit is per axis: a 2x5 image can move 4 columns but only 1 row."""
+    x = torch.randn(1, 1, 2, 5)
+    p = ShiftFlip(torch.tensor([1]), torch.tensor([4]), torch.tensor([False]))
+    assert torch.equal(apply_shift_flip(x, p, fill=0.0), shifted_and_flipped_by_loop(x, p, 0.0))
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_rank_slices_add_up_to_the_single_process_batch(world: int) -> None:
+    """What the training loop does: parameters drawn for the global batch, each rank applying its
+    slice to its examples. Concatenated over ranks, that is the single-process augmented batch."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(11, 1, 6, 6, generator=gen)
+    params = draw_shift_flip(11, max_shift=2, generator=gen)
+    whole = apply_shift_flip(x, params, fill=-1.0)
+    parts = [apply_shift_flip(x[mine], params.select(mine), fill=-1.0)
+             for mine in torch.arange(11).tensor_split(world)]
+    assert torch.equal(torch.cat(parts), whole)
+
+
 def test_empty_batch() -> None:
     p = draw_shift_flip(0, max_shift=2, generator=torch.Generator())
     assert apply_shift_flip(torch.empty(0, 1, 4, 4), p, fill=0.0).shape == (0, 1, 4, 4)
@@ -80,9 +100,9 @@ def test_empty_batch() -> None:
      r"x must be \(N, C, H, W\)"),
     (lambda: apply_shift_flip(torch.zeros(3, 1, 4, 4), draw_shift_flip(2, max_shift=1, generator=torch.Generator()),
                               fill=0.0), "2 shift/flip parameters for 3 images"),
-    (lambda: apply_shift_flip(torch.zeros(1, 1, 2, 2), ShiftFlip(torch.tensor([2]), torch.tensor([0]),
+    (lambda: apply_shift_flip(torch.zeros(1, 1, 2, 5), ShiftFlip(torch.tensor([2]), torch.tensor([0]),
                                                                  torch.tensor([False])), fill=0.0),
-     "a shift of 2 pixels empties a 2x2 image"),
+     r"a shift of up to \(2, 0\) pixels \(rows, columns\) empties a 2x5 image"),
     (lambda: draw_shift_flip(3, max_shift=-1, generator=torch.Generator()), "max_shift must be >= 0"),
     (lambda: draw_shift_flip(-1, max_shift=1, generator=torch.Generator()), "n must be >= 0"),
 ])

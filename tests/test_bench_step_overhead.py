@@ -120,7 +120,7 @@ def test_backend_pinned_configs_report_the_curvature_phase(tmp_path, capsys):
     assert "spngd-every-step-torch" in entry["timing"]
     assert entry["breakdown"]["spngd-every-step-torch"]["counters"]["inverse_updates"] == 1
     phases = entry["breakdown"]["spngd-every-step-torch"]["phases"]
-    total = sum(phases[label]["cpu_inclusive_ms"] for label in sys.modules["step_profile"].CURVATURE_ROWS)
+    total = sum(phases[label]["cpu_inclusive_ms"] for label in bench.step_profile.CURVATURE_ROWS)
     assert entry["curvature_phase_ms"]["spngd-every-step-torch"] == pytest.approx(total) and total > 0
     assert "Curvature phase (CPU (wall) ms/step" in printed
     if not cuda_ops_available():  # the CUDA-pinned config cannot run here: skipped, with the reason

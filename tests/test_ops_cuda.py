@@ -20,7 +20,7 @@ from spngd_ext import ops as ops_py
 from spngd_ext import reference as ref
 from spngd_ext._extension import extension_error, extension_loaded
 
-from op_error_cases import child_command
+from op_error_cases import child_command, error_cases
 
 pytestmark = [
     pytest.mark.gpu,
@@ -367,6 +367,8 @@ def test_error_messages(kernels):
     proc = subprocess.run(child_command("cuda"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "all error cases raised" in proc.stdout, (
         f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    ran = [line for line in proc.stdout.splitlines() if line.startswith("case: ")]
+    assert len(ran) == len(error_cases(None, "cuda"))  # every case, the device ones included
 
 
 def test_no_host_sync(kernels):

@@ -205,6 +205,12 @@ def test_augment_reaches_every_training_batch(fmnist_dir: Path, tmp_path: Path, 
     assert (config["augment"], config["max_shift"]) == ("shift-flip", 3)
 
 
+def test_a_max_shift_that_empties_the_image_fails_before_training(fmnist_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(small_run_args(fmnist_dir, tmp_path / "big", "--augment", "shift-flip", "--max-shift", "28")) != 0
+    assert "empties a 28x28 image; use a smaller --max-shift" in capsys.readouterr().err
+    assert not (tmp_path / "big" / "log.csv").exists()  # nothing ran
+
+
 def test_no_augmentation_by_default(fmnist_dir: Path, tmp_path: Path, monkeypatch) -> None:
     import spngd_ext.train as train_module
 
@@ -263,14 +269,15 @@ def test_compare_sgd_lars(fmnist_dir: Path, tmp_path: Path) -> None:
     assert [r["steps"] for r in runs] == [4, 4]
 
 
-def test_torchrun_two_ranks_sgd(fmnist_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("augment", ["none", "shift-flip"])
+def test_torchrun_two_ranks_sgd(fmnist_dir: Path, tmp_path: Path, augment: str) -> None:
     """Two Gloo ranks on CPU: each takes half of every global batch; rank 0 alone writes."""
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "spngd_ext.train", "--optimizer", "sgd", "--lr", "0.4",
-         *small_run_args(fmnist_dir, out, "--epochs", "1", "--augment", "shift-flip")],
+         *small_run_args(fmnist_dir, out, "--epochs", "1", "--augment", augment)],
         cwd=REPO, capture_output=True, text=True, timeout=180, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
