@@ -351,11 +351,12 @@ def _train(cfg: TrainConfig, data: Dataset, env: TrainEnv, out_dir: Path) -> Run
         segment_start = time.perf_counter()
         for i in range(steps_per_epoch):
             batch = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            mine = torch.arange(len(batch)).tensor_split(world)[rank]
-            local = batch[mine.to(device)]
+            local = batch.tensor_split(world)[rank]
             x, y = train_x[local], train_y[local]
             if augment is Augmentation.SHIFT_FLIP:
+                # Drawn for the whole global batch, so a rank's slice does not depend on the world size.
                 params = draw_shift_flip(len(batch), max_shift=cfg.max_shift, generator=augment_gen)
+                mine = torch.arange(len(batch)).tensor_split(world)[rank]  # the same cut as `local`
                 x = apply_shift_flip(x, params.select(mine), fill=blank)
             try:
                 loss, out = step_fn(x, y)
