@@ -75,10 +75,12 @@ def apply_shift_flip(x: torch.Tensor, params: ShiftFlip, *, fill: float) -> torc
         raise ValueError(f"apply_shift_flip: {len(params)} shift/flip parameters for {n} images")
     if n == 0:
         return x.clone()
-    check_max_shift(int(params.dy.abs().max()), int(params.dx.abs().max()), h, w)
-    shift = int(max(params.dy.abs().max(), params.dx.abs().max()))
+    shift_y, shift_x = int(params.dy.abs().max()), int(params.dx.abs().max())  # CPU: no device sync
+    check_max_shift(shift_y, shift_x, h, w)
+    shift = max(shift_y, shift_x)
     padded = F.pad(x, (shift, shift, shift, shift), value=fill)
-    dy, dx, flip = (t.to(x.device) for t in (params.dy, params.dx, params.flip))
+    dy, dx, flip = torch.stack([params.dy, params.dx, params.flip.long()]).to(x.device)  # one copy
+    flip = flip.bool()
     rows = torch.arange(h, device=x.device) + shift - dy[:, None]  # (N, H)
     cols = torch.arange(w, device=x.device) + shift - dx[:, None]  # (N, W)
     cols = torch.where(flip[:, None], cols.flip(-1), cols)
