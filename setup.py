@@ -85,13 +85,17 @@ setup(
     description="SP-NGD: a K-FAC natural-gradient optimizer for PyTorch with fused CUDA curvature kernels",
     python_requires=">=3.9",
     packages=find_namespace_packages(include=[NAME, f"{NAME}.*"]),
-    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
+    # The optimizer needs torch (and numpy through it) alone; the training application's progress
+    # bars and plots come with the "train" extra.
+    install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "test": ["pytest", "hypothesis", "asdfghjkl==0.1a5", "pytorch-optimizer==3.10.0"],
+        "train": ["tqdm", "matplotlib"],
+        "test": ["tqdm", "matplotlib", "pytest", "hypothesis", "torchvision", "asdfghjkl==0.1a5",
+                 "pytorch-optimizer==3.10.0", "ruff", "mypy"],
         "peers": ["asdfghjkl==0.1a5", "pytorch-optimizer==3.10.0"],
         "bench": ["cupy-cuda13x"],
     },
-    entry_points={"console_scripts": ["spngd-train = spngd_ext.train:main"]},
+    entry_points={"console_scripts": ["spngd-train = spngd_ext.train.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

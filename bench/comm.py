@@ -52,7 +52,7 @@ from torch import nn  # noqa: E402
 
 from spngd_ext.distributed.placement import LayerCost, OwnerAssignment  # noqa: E402
 from spngd_ext.layout import build_layouts  # noqa: E402
-from spngd_ext.models import resnet50  # noqa: E402
+from spngd_ext.train.models import resnet50  # noqa: E402
 
 # ------------------------------------------------------------------------------------ shapes
 

@@ -8,7 +8,7 @@ reference. Reported per batch size and optimizer, best over the grid: steps and 
 
 Learning-rate grid (unless ``--lrs-<opt>`` gives absolute rates, for every batch size or, as
 ``--lrs-sgd 8192=0.035,0.07``, for one): each optimizer's CLI default
-rate (``spngd_ext.optimizer_registry.DEFAULT_LR``, the best of a grid at batch 4096) times
+rate (``spngd_ext.train.baselines.DEFAULT_LR``, the best of a grid at batch 4096) times
 {0.5, 1, 2}, scaled to batch B by sqrt(B/4096). The square-root rule is used for every
 optimizer, SGD included: measured optima for SGD here (best accuracy at lr 0.1 at both batch 256
 and 4096) grow far more slowly than the linear scaling rule would say. Every trial uses the CLI defaults otherwise
@@ -39,12 +39,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
-from spngd_ext.data import load_dataset  # noqa: E402
-from spngd_ext.optimizer_registry import DEFAULT_LR, LARS_TRUST_COEFFICIENT, OPTIMIZERS  # noqa: E402
-from spngd_ext.reporting import markdown_table, plot_accuracy_curves  # noqa: E402
-from spngd_ext.run_log import EvalRow, reach  # noqa: E402
+from spngd_ext.train.data import load_dataset  # noqa: E402
+from spngd_ext.train.baselines import DEFAULT_LR, LARS_TRUST_COEFFICIENT, OPTIMIZERS  # noqa: E402
+from spngd_ext.train.reporting import markdown_table, plot_accuracy_curves  # noqa: E402
+from spngd_ext.train.run_log import EvalRow, reach  # noqa: E402
 from spngd_ext.train import TrainConfig, run_training  # noqa: E402
-from spngd_ext.train_env import setup_env, teardown_env  # noqa: E402
+from spngd_ext.train.env import setup_env, teardown_env  # noqa: E402
 
 REFERENCE_BATCH = 4096
 GRID_MULTIPLIERS = (0.5, 1.0, 2.0)

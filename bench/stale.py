@@ -1,6 +1,6 @@
 """Stale statistics vs fixed refresh intervals (issue 5): work done, step time, accuracy.
 
-SP-NGD trains the small BN CNN (``spngd_ext.models``, the CLI's ``cnn``) on Fashion-MNIST under
+SP-NGD trains the small BN CNN (``spngd_ext.train.models``, the CLI's ``cnn``) on Fashion-MNIST under
 the same budget, initial weights and batch order in several refresh configurations:
 
 * ``every``          — every statistic and every inverse refreshed at every step;
@@ -50,15 +50,15 @@ if str(REPO) not in sys.path:  # run as a script from a checkout
 import torch  # noqa: E402
 
 from spngd_ext import SPNGD  # noqa: E402
-from spngd_ext.data import Dataset, load_dataset  # noqa: E402
+from spngd_ext.train.data import Dataset, load_dataset  # noqa: E402
 from spngd_ext.layers import KroneckerLayer  # noqa: E402
-from spngd_ext.models import build_model  # noqa: E402
-from spngd_ext.optimizer_registry import SpngdStep  # noqa: E402
-from spngd_ext.reporting import markdown_table  # noqa: E402
-from spngd_ext.schedules import build_lr_scheduler  # noqa: E402
+from spngd_ext.train.models import build_model  # noqa: E402
+from spngd_ext.train.baselines import SpngdStep  # noqa: E402
+from spngd_ext.train.reporting import markdown_table  # noqa: E402
+from spngd_ext.train.schedules import build_lr_scheduler  # noqa: E402
 from spngd_ext.stale import StalePolicy  # noqa: E402
 from spngd_ext.train import TrainConfig, evaluate  # noqa: E402
-from spngd_ext.train_env import resolve_device  # noqa: E402
+from spngd_ext.train.env import resolve_device  # noqa: E402
 
 SECTION = "## Stale statistics (issue 5)"
 _SIBLING_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"

@@ -4,7 +4,7 @@
     python bench/step_overhead.py --model resnet50 --device cuda --batch-sizes 32,128
     python bench/step_overhead.py --model resnet50 --batch-sizes 32 --configs sgd,spngd-every-step-cuda,spngd-every-step-torch
 
-Timed configurations (all built through ``spngd_ext.optimizer_registry``, as the train CLI builds
+Timed configurations (all built through ``spngd_ext.train.baselines``, as the train CLI builds
 them):
 
 * ``sgd``               torch.optim.SGD with momentum
@@ -41,7 +41,7 @@ skipped steps are reported and mark a row invalid either way.
 After the timed rounds a profiled run breaks each step into phases and sums the curvature phase
 (factor accumulation, finalize, inversion, preconditioning); how, in bench/step_profile.py.
 
---model resnet50 is ``spngd_ext.models.resnet50`` (torchvision's ResNet-50 v1.5 layer shapes,
+--model resnet50 is ``spngd_ext.train.models.resnet50`` (torchvision's ResNet-50 v1.5 layer shapes,
 25.6M parameters) on random 3×224×224 inputs (--image-size to change), so no torchvision or
 dataset is needed on the GPU machine.
 """
@@ -69,8 +69,8 @@ from torch import nn
 from torch.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spngd_ext.models import count_parameters, resnet50, small_bn_cnn  # noqa: E402
-from spngd_ext.optimizer_registry import (  # noqa: E402
+from spngd_ext.train.models import count_parameters, resnet50, small_bn_cnn  # noqa: E402
+from spngd_ext.train.baselines import (  # noqa: E402
     OptimizerSettings,
     OptimizerUnavailableError,
     build_train_step,
@@ -156,7 +156,7 @@ def build_base_model(name: str, image_size: int | None = None) -> tuple[nn.Modul
 
 
 def _fashion_mnist_dir(explicit: str | None) -> Path | None:
-    from spngd_ext.data import DataNotFoundError, find_data_dir, locate_files
+    from spngd_ext.train.data import DataNotFoundError, find_data_dir, locate_files
 
     if explicit:
         return find_data_dir(explicit, download=False)
@@ -175,7 +175,7 @@ def make_batches(kind: str, batch: int, n: int, example_shape: tuple[int, ...], 
     if kind in ("auto", "fmnist") and example_shape == (1, 28, 28):
         directory = _fashion_mnist_dir(data_dir)
         if directory is not None:
-            from spngd_ext.data import load_dataset
+            from spngd_ext.train.data import load_dataset
 
             ds = load_dataset(directory, limit_train=batch * n, limit_test=1, download=False)
             if ds.train_x.shape[0] >= batch:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from spngd_ext.data import locate_files
+from spngd_ext.train.data import locate_files
 
 # The emulated-kernel fixtures (cholesky_emulator, syrk_emulator, bn_emulator, pack_emulator) live with the
 # rest of the emulation support in tests/emulation.py.
@@ -29,7 +29,7 @@ def fmnist_dir() -> Path:
         if locate_files(directory) is not None:
             return directory
     try:  # the library's own search: Debian's dataset-fashion-mnist, then ~/.cache (download)
-        from spngd_ext.data import find_data_dir
+        from spngd_ext.train.data import find_data_dir
 
         return Path(find_data_dir())
     except Exception:  # noqa: BLE001 — reported below with every place that was tried

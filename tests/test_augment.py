@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spngd_ext.augment import ShiftFlip, apply_shift_flip, draw_shift_flip
+from spngd_ext.train.augment import ShiftFlip, apply_shift_flip, draw_shift_flip
 
 
 def shifted_and_flipped_by_loop(x: torch.Tensor, p: ShiftFlip, fill: float) -> torch.Tensor:

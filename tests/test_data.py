@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from spngd_ext import data
-from spngd_ext.data import (
+from spngd_ext.train import data
+from spngd_ext.train.data import (
     DataNotFoundError,
     IdxFormatError,
     find_data_dir,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from spngd_ext.models import MODEL_BUILDERS, build_model, count_parameters, small_bn_cnn
+from spngd_ext.train.models import MODEL_BUILDERS, build_model, count_parameters, small_bn_cnn
 
 
 def test_small_cnn_has_about_29k_parameters() -> None:
@@ -56,7 +56,7 @@ def test_resnet50_has_torchvisions_shapes() -> None:
     import sys
     from pathlib import Path
 
-    from spngd_ext.models import resnet50
+    from spngd_ext.train.models import resnet50
 
     spec = importlib.util.spec_from_file_location("bench_comm_shapes", Path(__file__).resolve().parents[1] / "bench" / "comm.py")
     comm = importlib.util.module_from_spec(spec)

@@ -13,7 +13,7 @@ from torch import nn
 
 from spngd_ext import SPNGD
 from spngd_ext.recipe import adjusted_momentum, damping_schedule, rescaled_weight_norm_limit
-from spngd_ext.schedules import build_lr_scheduler, lr_factor_fn
+from spngd_ext.train.schedules import build_lr_scheduler, lr_factor_fn
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("float64_default")]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spngd_ext.reporting import optimizer_colours
+from spngd_ext.train.reporting import optimizer_colours
 
 
 def test_one_colour_per_optimizer_across_panels() -> None:

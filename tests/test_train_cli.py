@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from spngd_ext.optimizer_registry import DEFAULT_LR, LARS_TRUST_COEFFICIENT, build_train_step
+from spngd_ext.train.baselines import DEFAULT_LR, LARS_TRUST_COEFFICIENT, build_train_step
 from spngd_ext.train import build_parser, config_from_args, main, parse_compare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def test_label_smoothing_reaches_the_training_loss(name: str) -> None:
     import torch.nn.functional as F
     from torch import nn
 
-    from spngd_ext.optimizer_registry import OptimizerUnavailableError
+    from spngd_ext.train.baselines import OptimizerUnavailableError
 
     cfg = config_from_args(build_parser().parse_args(["--optimizer", name, "--label-smoothing", "0.1", "--lr", "0.01"]))
     assert cfg.label_smoothing == 0.1
@@ -108,7 +108,7 @@ def test_label_smoothing_reaches_the_training_loss(name: str) -> None:
 def test_build_train_step_rejects_bad_label_smoothing(bad) -> None:
     from torch import nn
 
-    from spngd_ext.optimizer_registry import OptimizerSettings
+    from spngd_ext.train.baselines import OptimizerSettings
 
     with pytest.raises(ValueError, match=r"label_smoothing must be a number in \[0, 1\)"):
         build_train_step("sgd", nn.Linear(3, 2), OptimizerSettings(lr=0.1, label_smoothing=bad))
@@ -182,7 +182,7 @@ def test_augment_reaches_every_training_batch(fmnist_dir: Path, tmp_path: Path, 
     """--augment shift-flip: each step trains on shifted/flipped images, the blank pixel as fill."""
     import torch
 
-    import spngd_ext.train as train_module
+    import spngd_ext.train.cli as train_module
 
     calls = []
     real = train_module.apply_shift_flip
@@ -212,7 +212,7 @@ def test_a_max_shift_that_empties_the_image_fails_before_training(fmnist_dir: Pa
 
 
 def test_no_augmentation_by_default(fmnist_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    import spngd_ext.train as train_module
+    import spngd_ext.train.cli as train_module
 
     def fail(*args, **kwargs):
         raise AssertionError("augmentation ran without --augment")

@@ -41,7 +41,7 @@ def _data_dir() -> Path:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    """Minimal IDX reader (ubyte payloads), used only if spngd_ext.data offers no loader."""
+    """Minimal IDX reader (ubyte payloads), used only if spngd_ext.train.data offers no loader."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as fh:
         raw = fh.read()
@@ -55,7 +55,7 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def load_subset(directory: Path) -> tuple[torch.Tensor, torch.Tensor]:
     try:
-        from spngd_ext.data import load_dataset
+        from spngd_ext.train.data import load_dataset
     except ImportError:
         load_dataset = None
     if load_dataset is not None:
