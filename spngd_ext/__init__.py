@@ -1,7 +1,7 @@
 """spngd_ext: SP-NGD (Scalable and Practical Natural Gradient, Osawa et al., TPAMI 2020) for PyTorch."""
 
 from . import ops
-from ._extension import cuda_ops_available, extension_loaded
+from .ops.extension import cuda_ops_available, extension_loaded
 from .optimizer import SPNGD
 
 __version__ = "0.1.0"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spngd_ext import ops, reference
-from spngd_ext.conv_gram import conv_a_factor_shifted, patch_gram_shifted, patch_sums, supports_shifted_gram
+from spngd_ext import ops
+from spngd_ext.ops import torch_path
+from spngd_ext.ops.conv_gram import conv_a_factor_shifted, patch_gram_shifted, patch_sums, supports_shifted_gram
 
 # (N, C, H, W), kernel, padding: odd sizes, 1x1 images and kernels, kernels larger than the
 # image with enough padding, padding larger than kernel-1 (outputs that see only zeros),
@@ -26,7 +27,7 @@ GEOMETRIES = [
 
 
 def _im2col_gram(x, kernel, padding):
-    cols = reference.conv_patches(x, kernel, (1, 1), padding, (1, 1))
+    cols = torch_path.conv_patches(x, kernel, (1, 1), padding, (1, 1))
     return cols.T @ cols, cols.sum(0)
 
 
@@ -44,9 +45,9 @@ def test_gram_and_sums_match_im2col(shape, kernel, padding) -> None:
 def test_accumulate_matches_reference_op(shape, kernel, padding, has_bias) -> None:
     x = torch.randn(shape, dtype=torch.float64)
     d = shape[1] * kernel[0] * kernel[1] + int(has_bias)
-    start = torch.randn(reference.packed_size(d), dtype=torch.float64)
+    start = torch.randn(torch_path.packed_size(d), dtype=torch.float64)
     for decay in (0.0, 0.7):
-        want = reference.conv_a_factor(start.clone(), x, kernel, (1, 1), padding, (1, 1), has_bias, 0.3, decay)
+        want = torch_path.conv_a_factor(start.clone(), x, kernel, (1, 1), padding, (1, 1), has_bias, 0.3, decay)
         got = start.clone()
         if decay == 0.0:
             got.fill_(float("nan"))  # poisoned: decay 0 must overwrite, not scale, the old state
@@ -73,7 +74,7 @@ def test_ops_torch_path_uses_it_only_for_stride_1_dilation_1() -> None:
     x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
     for stride, dilation in [((1, 1), (1, 1)), ((2, 2), (1, 1)), ((1, 1), (2, 2))]:
         d = 2 * 9 + 1
-        want = reference.conv_a_factor(torch.zeros(reference.packed_size(d), dtype=torch.float64), x,
+        want = torch_path.conv_a_factor(torch.zeros(torch_path.packed_size(d), dtype=torch.float64), x,
                                        (3, 3), stride, (1, 1), dilation, True, 1.0, 0.0)
         got = ops.conv_a_factor(torch.zeros_like(want), x, kernel_size=3, stride=stride, padding=1,
                                 dilation=dilation, has_bias=True, scale=1.0, decay=0.0, backend="torch")

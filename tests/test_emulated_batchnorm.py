@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spngd_ext import reference
+from spngd_ext.ops import torch_path
 
 from emulation import DTYPES, run_checked
 
@@ -50,7 +50,7 @@ def test_bn_fisher_matches_float64_reference(bn_emulator, tmp_path, n, c, hw, sm
         (tmp_path / f"{name}.bin").write_bytes(t.contiguous().numpy().tobytes())
     res = _bn_run(exe, "fisher", dtype, str(n), str(c), str(hw), "0.5", str(decay), str(sms), str(tmp_path / "g.bin"),
                   str(tmp_path / "xh.bin"), str(tmp_path / "state.bin"), str(tmp_path / "out.bin"))
-    expected = reference.bn_unitwise_fisher(state.double().nan_to_num(), g.double(), xh.double(), 0.5, decay)
+    expected = torch_path.bn_unitwise_fisher(state.double().nan_to_num(), g.double(), xh.double(), 0.5, decay)
     got = _floats(tmp_path / "out.bin").reshape(c, 3)
     assert torch.isfinite(got).all()
     err = float((got.double() - expected).abs().max() / expected.abs().max())
@@ -75,7 +75,7 @@ def test_bn_solve_matches_float64_reference(bn_emulator, tmp_path):
     _bn_run(exe, "solve", str(c), "0.001", str(tmp_path / "f.bin"), str(tmp_path / "gg.bin"), str(tmp_path / "gb.bin"),
             str(tmp_path / "out.bin"))
     got = _floats(tmp_path / "out.bin").reshape(2, c)
-    eg, eb = reference.bn_unitwise_solve(fisher.double(), gg.double(), gb.double(), float(torch.tensor(0.001, dtype=torch.float32)))
+    eg, eb = torch_path.bn_unitwise_solve(fisher.double(), gg.double(), gb.double(), float(torch.tensor(0.001, dtype=torch.float32)))
     assert torch.isfinite(got).all()
     assert torch.equal(got[0, 3:5], gg[3:5]) and torch.equal(got[1, 3:5], gb[3:5]), "fallback to the plain gradient"
     well = torch.ones(c, dtype=torch.bool)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spngd_ext import reference
+from spngd_ext.ops import torch_path
 
 from emulation import DTYPES, run_checked
 
@@ -50,7 +50,7 @@ def test_pack_upper_matches_reference(pack_emulator, tmp_path, sizes, dtypes, la
     launches = _pack_run(exe, "pack", out, str(tmp_path / "in.bin"), str(tmp_path / "out.bin"), *specs)
     assert launches == (2 if len(sizes) > 256 else 1)
     got = _doubles(tmp_path / "out.bin")
-    expected = reference.pack_upper([m.to(DTYPES[d]) for m, d in zip(mats, dtypes)], dtype=DTYPES[out]).double()
+    expected = torch_path.pack_upper([m.to(DTYPES[d]) for m, d in zip(mats, dtypes)], dtype=DTYPES[out]).double()
     assert not torch.isnan(got).any(), "a packed entry was not written"
     assert torch.equal(got, expected), float((got - expected).abs().max())
 
@@ -73,7 +73,7 @@ def test_unpack_upper_matches_reference(pack_emulator, tmp_path, sizes, src, out
                          str(tmp_path / "out.bin"), *map(str, sizes))
     assert launches == (2 if len(sizes) > 256 else 1)
     got = _doubles(tmp_path / "out.bin")
-    expected = reference.unpack_upper(buffer.double(), sizes, scale.double(), torch.float64, offset)
+    expected = torch_path.unpack_upper(buffer.double(), sizes, scale.double(), torch.float64, offset)
     pos = 0
     for n, e in zip(sizes, expected):
         g = got[pos:pos + n * n].view(n, n)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spngd_ext import reference
+from spngd_ext.ops import torch_path
 
 from emulation import DTYPES, run_checked
 
@@ -64,7 +64,7 @@ def test_syrk_accumulate_factor_matches_float64_reference(syrk_emulator, tmp_pat
     plan, got = _syrk(exe, tmp_path, "dense", storage, state, rows=rows, cols=cols, s0=s0, s1=s1, scale=0.5,
                       decay=decay, sms=sms, max_ws=rows * cols, dtype=dtype)
     assert plan["large"] == (cols >= 512)
-    expected = reference.accumulate_factor(state.double().nan_to_num(), x.double(), 0.5, decay)
+    expected = torch_path.accumulate_factor(state.double().nan_to_num(), x.double(), 0.5, decay)
     _close(got, expected)
 
 
@@ -108,5 +108,5 @@ def test_syrk_conv_a_factor_matches_float64_reference(syrk_emulator, tmp_path, n
                    kh=kernel[0], kw=kernel[1], sth=stride[0], stw=stride[1], ph=padding[0], pw=padding[1],
                    dh=dilation[0], dw=dilation[1], bias=int(bias), scale=0.25, decay=0.8, sms=4,
                    max_ws=n * oh * ow * c // 2, dtype=dtype)  # factor.cu's workspace cap for conv
-    expected = reference.conv_a_factor(state.double(), x.double(), kernel, stride, padding, dilation, bias, 0.25, 0.8)
+    expected = torch_path.conv_a_factor(state.double(), x.double(), kernel, stride, padding, dilation, bias, 0.25, 0.8)
     _close(got, expected)

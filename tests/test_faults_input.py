@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from spngd_ext import SPNGD, cuda_ops_available, extension_loaded, ops
-from spngd_ext.reference import packed_size
+from spngd_ext.ops.torch_path import packed_size
 
 from fault_helpers import (
     Net,

@@ -1,4 +1,4 @@
-"""The CUDA kernels (torch.ops.spngd_ext.*) against the float64 reference (spngd_ext.reference).
+"""The CUDA kernels (torch.ops.spngd_ext.*) against the float64 reference (spngd_ext.ops.torch_path).
 
 Every test needs a GPU and the built extension. Inputs are fresh random tensors of many shapes (odd
 sizes, 1x1, single rows, sizes off the tile grids); outputs are compared as ‖out − ref‖ / ‖ref‖
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from spngd_ext import ops as ops_py
-from spngd_ext import reference as ref
-from spngd_ext._extension import extension_error, extension_loaded
+from spngd_ext.ops import torch_path as ref
+from spngd_ext.ops.extension import extension_error, extension_loaded
 
 from op_error_cases import child_command, error_cases
 

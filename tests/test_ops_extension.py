@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from spngd_ext import _extension
+from spngd_ext.ops import extension as _extension
 from spngd_ext import ops as ops_py
+from spngd_ext.ops import dispatch as ops_dispatch
 
 from op_error_cases import child_command, error_cases
 
@@ -140,9 +141,9 @@ def test_fake_shapes_and_dtypes(kernels):
 
 
 def test_python_seam_traces_through_kernels(kernels, monkeypatch):
-    """ops.py's backend='cuda' call sites, traced with fake CUDA tensors: the dispatcher parses each
-    call against its schema, so a mismatch between ops.py and the C++ declarations fails here."""
-    monkeypatch.setattr(ops_py, "cuda_ops_available", lambda: True)
+    """spngd_ext.ops's backend='cuda' call sites, traced with fake CUDA tensors: the dispatcher parses each
+    call against its schema, so a mismatch between spngd_ext.ops and the C++ declarations fails here."""
+    monkeypatch.setattr(ops_dispatch, "cuda_ops_available", lambda: True)
     with FakeTensorMode():
         buf = ops_py.pack_upper([_fake(3, 3), _fake(2, 2)], dtype=torch.bfloat16, backend="cuda")
         assert buf.shape == (9,) and buf.dtype == torch.bfloat16

@@ -2,7 +2,7 @@
 
 Hypothesis draws shapes, dtypes, hyperparameters and a seed; the tensors come from a seeded torch
 generator (fast, and still reproducible and shrinkable through the seed). Oracles are written
-independently of :mod:`spngd_ext.reference` where that reference is itself the thing under test
+independently of :mod:`spngd_ext.ops.torch_path` where that reference is itself the thing under test
 (explicit patch extraction for convolutions, explicit 2×2 solves, a Kronecker-product solve, the
 packed-index formula of DESIGN.md, ``torch.optim.SGD``).
 
@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from spngd_ext import cuda_ops_available, ops
-from spngd_ext.reference import packed_size
+from spngd_ext.ops.torch_path import packed_size
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 ALL_FLOAT = [F32, F64, BF16, F16]

@@ -1,20 +1,26 @@
-"""The curvature primitives: one function per op, dispatching to CUDA kernels or pure PyTorch.
+"""The curvature primitives: one public function per op, dispatching to CUDA kernels or pure PyTorch.
 
-The optimizer calls only these. ``backend="auto"`` takes the compiled kernel
+The optimizer calls only these. Where each op runs is decided in one place,
+:func:`spngd_ext.ops.dispatch.use_kernel`: ``backend="auto"`` takes the compiled kernel
 (``torch.ops.spngd_ext.<op>``) when the extension is built and the tensors are on a GPU, else the
-pure-PyTorch implementation in :mod:`spngd_ext.reference`. ``backend="cuda"`` insists on the
-kernel and raises if it cannot be used; ``backend="torch"`` always takes the reference.
+pure-PyTorch implementation in :mod:`spngd_ext.ops.torch_path` (the production CPU path, and the
+float64 oracle the kernels are tested against). ``backend="cuda"`` insists on the kernel and
+raises if it cannot be used; ``backend="torch"`` always takes the PyTorch path. ``backend`` is a
+:class:`~spngd_ext.options.Backend` or its string value.
 
 Dtypes on the kernel path: ``pack_upper``/``unpack_upper`` take float32/float64/bf16/fp16 (the cast
 is fused), ``cholesky_inverse_damped`` float32 or float64. The accumulating ops
 (``accumulate_factor``, ``conv_a_factor``, ``bn_unitwise_fisher``) keep a float32 state and read
 float32/bf16/fp16 inputs (no float64); ``bn_unitwise_solve`` takes float32 only. For other dtypes
-``backend="auto"`` runs the reference (so float64 statistics stay float64) and ``backend="cuda"``
+``backend="auto"`` runs the PyTorch path (so float64 statistics stay float64) and ``backend="cuda"``
 raises ``TypeError``.
 
-Every function checks its arguments and raises ``ValueError``/``TypeError`` naming the argument.
-Fake (meta) implementations of the compiled ops are registered in :mod:`spngd_ext._extension`,
-so ``torch.compile`` can trace through them.
+Every function checks its arguments (:mod:`spngd_ext.ops.checks`) and raises
+``ValueError``/``TypeError`` naming the argument. Loading the compiled extension and the fake (meta)
+implementations that let ``torch.compile`` trace through the ops are in :mod:`spngd_ext.ops.extension`.
+
+Modules: ``dispatch`` (kernel or PyTorch), ``checks`` (argument checks), ``torch_path`` (pure
+PyTorch), ``conv_gram`` (the im2col-free conv A factor for stride 1), ``extension`` (the compiled ops).
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import reference
-from ._extension import cuda_ops_available, extension_loaded
+from . import torch_path
+from .checks import check_bn_fisher_args, check_same_device, check_state, check_tensor, pair
 from .conv_gram import conv_a_factor_shifted, supports_shifted_gram
-from .reference import packed_size
+from .dispatch import FLOAT_DTYPES, FP32_KERNEL_DTYPES, Backend, use_kernel
+from .extension import cuda_ops_available, extension_error, extension_loaded
+from .torch_path import packed_size
 
 __all__ = [
     "Backend",
@@ -45,92 +53,34 @@ __all__ = [
     "kl_clip_coefficient",
     "kl_clip_from_total",
     "momentum_update",
+    "cuda_ops_available",
+    "extension_loaded",
+    "extension_error",
 ]
-
-Backend = str  # "auto" | "cuda" | "torch"
-_BACKENDS = ("auto", "cuda", "torch")
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_FP32_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp32 accumulation, no float64
-
-
-def _use_kernel(
-    backend: Backend, tensors: Sequence[Tensor], op: str, kernel_dtypes: tuple[torch.dtype, ...] = _FLOAT_DTYPES
-) -> bool:
-    """Whether to call the compiled op; ``kernel_dtypes``: the dtypes its kernel takes (others go to
-    the reference under "auto" and raise under "cuda")."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "torch" or not tensors:
-        return False
-    on_cuda = all(t.is_cuda for t in tensors)
-    dtypes_ok = all(t.dtype in kernel_dtypes for t in tensors)
-    if backend == "cuda":
-        if not cuda_ops_available():
-            if extension_loaded():
-                raise RuntimeError(f"{op}: backend='cuda' but no CUDA GPU is visible (use backend='auto' or 'torch')")
-            raise RuntimeError(
-                f"{op}: backend='cuda' but the spngd_ext CUDA extension is not built "
-                "(reinstall with nvcc available, or use backend='auto'/'torch')"
-            )
-        if not on_cuda:
-            raise ValueError(f"{op}: backend='cuda' needs every tensor on a CUDA device")
-        if not dtypes_ok:
-            got = sorted({str(t.dtype) for t in tensors})
-            raise TypeError(f"{op}: backend='cuda' kernel takes {[str(d) for d in kernel_dtypes]}, got {got}; use backend='auto' or 'torch'")
-        return True
-    return on_cuda and dtypes_ok and cuda_ops_available()
-
-
-def _check_tensor(name: str, t: object, op: str, *, dim: int | None = None, float_only: bool = True) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if float_only and t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be a floating tensor (float32/float64/bf16/fp16), got {t.dtype}")
-    if dim is not None and t.dim() != dim:
-        raise ValueError(f"{op}: {name} must be {dim}-D, got shape {tuple(t.shape)}")
-    return t
-
-
-def _check_same_device(op: str, **tensors: Tensor) -> None:
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
-        raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
-
-
-def _check_state(op: str, state: Tensor, numel: int) -> None:
-    _check_tensor("state", state, op)
-    if state.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{op}: state must be float32 or float64 (accumulation is never in half precision), got {state.dtype}")
-    if state.numel() != numel:
-        raise ValueError(f"{op}: state must have {numel} elements, got {state.numel()} (shape {tuple(state.shape)})")
-    if not state.is_contiguous():
-        raise ValueError(f"{op}: state must be contiguous")
-
 
 # --------------------------------------------------------------------------------------------
 # Symmetric packing
 # --------------------------------------------------------------------------------------------
 
 
-def pack_upper(mats: Sequence[Tensor], *, dtype: torch.dtype | None = None, backend: Backend = "auto") -> Tensor:
+def pack_upper(mats: Sequence[Tensor], *, dtype: torch.dtype | None = None, backend: Backend | str = Backend.AUTO) -> Tensor:
     """Upper triangles (row by row) of square matrices, concatenated into one 1-D buffer.
 
     ``dtype`` casts on the way (e.g. fp32 factors to bf16 for communication).
     """
     op = "pack_upper"
     mats = list(mats)
-    if dtype is not None and dtype not in _FLOAT_DTYPES:
+    if dtype is not None and dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: dtype must be a floating dtype (float32/float64/bf16/fp16) or None, got {dtype}")
     for i, m in enumerate(mats):
-        _check_tensor(f"mats[{i}]", m, op, dim=2)
+        check_tensor(f"mats[{i}]", m, op, dim=2)
         if m.shape[0] != m.shape[1]:
             raise ValueError(f"{op}: mats[{i}] must be square, got shape {tuple(m.shape)}")
     if mats:
-        _check_same_device(op, **{f"mats[{i}]": m for i, m in enumerate(mats)})
-    if _use_kernel(backend, mats, op):
+        check_same_device(op, **{f"mats[{i}]": m for i, m in enumerate(mats)})
+    if use_kernel(backend, mats, op):
         return torch.ops.spngd_ext.pack_upper(mats, dtype)
-    return reference.pack_upper(mats, dtype=dtype)
+    return torch_path.pack_upper(mats, dtype=dtype)
 
 
 def unpack_upper(
@@ -140,15 +90,15 @@ def unpack_upper(
     scale: float | Tensor = 1.0,
     dtype: torch.dtype = torch.float32,
     offset: int = 0,
-    backend: Backend = "auto",
+    backend: Backend | str = Backend.AUTO,
 ) -> list[Tensor]:
     """Full symmetric matrices of the given sizes from ``buffer[offset:]``, each times ``scale``.
 
     ``scale``: a float, or a 1-D tensor with one entry per matrix on the buffer's device.
     """
     op = "unpack_upper"
-    _check_tensor("buffer", buffer, op, dim=1)
-    if dtype not in _FLOAT_DTYPES:
+    check_tensor("buffer", buffer, op, dim=1)
+    if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: dtype must be a floating dtype (float32/float64/bf16/fp16), got {dtype}")
     sizes = [int(n) for n in sizes]
     if any(n < 1 for n in sizes):
@@ -161,12 +111,12 @@ def unpack_upper(
             scale = scale.reshape(1).expand(len(sizes))
         if scale.dim() != 1 or scale.numel() != len(sizes):
             raise ValueError(f"{op}: scale must be a float or a 1-D tensor of {len(sizes)} entries, got shape {tuple(scale.shape)}")
-        _check_same_device(op, buffer=buffer, scale=scale)
-    if _use_kernel(backend, [buffer], op):
+        check_same_device(op, buffer=buffer, scale=scale)
+    if use_kernel(backend, [buffer], op):
         if not isinstance(scale, Tensor):
             scale = torch.full((len(sizes),), float(scale), dtype=torch.float32, device=buffer.device)
         return list(torch.ops.spngd_ext.unpack_upper(buffer, sizes, scale.float().contiguous(), offset, dtype))
-    return reference.unpack_upper(buffer, sizes, scale=scale, dtype=dtype, offset=offset)
+    return torch_path.unpack_upper(buffer, sizes, scale=scale, dtype=dtype, offset=offset)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,27 +124,20 @@ def unpack_upper(
 # --------------------------------------------------------------------------------------------
 
 
-def accumulate_factor(state: Tensor, x: Tensor, *, scale: float, decay: float, backend: Backend = "auto") -> Tensor:
+def accumulate_factor(state: Tensor, x: Tensor, *, scale: float, decay: float, backend: Backend | str = Backend.AUTO) -> Tensor:
     """In place ``state = decay·state + scale·packed_upper(xᵀx)``; x is (rows, d). Returns state.
 
     ``decay=0`` overwrites state (NaN in it is ignored). Accumulation is in state's dtype (fp32+).
     """
     op = "accumulate_factor"
-    _check_tensor("state", state, op)
-    _check_tensor("x", x, op, dim=2)
-    _check_state(op, state, packed_size(x.shape[1]))
-    _check_same_device(op, state=state, x=x)
-    if _use_kernel(backend, [state, x], op, _FP32_KERNEL_DTYPES):
+    check_tensor("state", state, op)
+    check_tensor("x", x, op, dim=2)
+    check_state(op, state, packed_size(x.shape[1]))
+    check_same_device(op, state=state, x=x)
+    if use_kernel(backend, [state, x], op, FP32_KERNEL_DTYPES):
         torch.ops.spngd_ext.accumulate_factor(state, x.contiguous(), float(scale), float(decay))
         return state
-    return reference.accumulate_factor(state, x, float(scale), float(decay))
-
-
-def _pair(name: str, v: int | Sequence[int], op: str) -> tuple[int, int]:
-    t = (v, v) if isinstance(v, int) else tuple(int(e) for e in v)
-    if len(t) != 2:
-        raise ValueError(f"{op}: {name} must be an int or a pair, got {v!r}")
-    return t  # type: ignore[return-value]
+    return torch_path.accumulate_factor(state, x, float(scale), float(decay))
 
 
 def conv_a_factor(
@@ -208,18 +151,18 @@ def conv_a_factor(
     has_bias: bool,
     scale: float,
     decay: float,
-    backend: Backend = "auto",
+    backend: Backend | str = Backend.AUTO,
 ) -> Tensor:
     """In place ``state = decay·state + scale·Σ_{n,t} a aᵀ`` for conv patches a (+1 if has_bias).
 
     x is (N, C, H, W) in NCHW or channels-last memory layout; the kernel never builds im2col.
     """
     op = "conv_a_factor"
-    _check_tensor("x", x, op, dim=4)
-    k = _pair("kernel_size", kernel_size, op)
-    s = _pair("stride", stride, op)
-    p = _pair("padding", padding, op)
-    d = _pair("dilation", dilation, op)
+    check_tensor("x", x, op, dim=4)
+    k = pair("kernel_size", kernel_size, op)
+    s = pair("stride", stride, op)
+    p = pair("padding", padding, op)
+    d = pair("dilation", dilation, op)
     if min(k) < 1 or min(s) < 1 or min(d) < 1 or min(p) < 0:
         raise ValueError(f"{op}: need kernel_size, stride, dilation >= 1 and padding >= 0, got {k}, {s}, {d}, {p}")
     for axis in (0, 1):
@@ -228,14 +171,14 @@ def conv_a_factor(
                 f"{op}: the kernel does not fit the padded input (input {tuple(x.shape)}, kernel_size {k}, padding {p}, dilation {d})"
             )
     dim = x.shape[1] * k[0] * k[1] + int(has_bias)
-    _check_state(op, state, packed_size(dim))
-    _check_same_device(op, state=state, x=x)
-    if _use_kernel(backend, [state, x], op, _FP32_KERNEL_DTYPES):
+    check_state(op, state, packed_size(dim))
+    check_same_device(op, state=state, x=x)
+    if use_kernel(backend, [state, x], op, FP32_KERNEL_DTYPES):
         torch.ops.spngd_ext.conv_a_factor(state, x, list(k), list(s), list(p), list(d), bool(has_bias), float(scale), float(decay))
         return state
     if supports_shifted_gram(s, d):  # no im2col: 3-11x faster on CPU (bench/conv_a_cpu.py)
         return conv_a_factor_shifted(state, x, k, p, bool(has_bias), float(scale), float(decay))
-    return reference.conv_a_factor(state, x, k, s, p, d, bool(has_bias), float(scale), float(decay))
+    return torch_path.conv_a_factor(state, x, k, s, p, d, bool(has_bias), float(scale), float(decay))
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,7 +187,7 @@ def conv_a_factor(
 
 
 def cholesky_inverse_damped(
-    mats: Tensor, damping: Tensor | float, *, backend: Backend = "auto"
+    mats: Tensor, damping: Tensor | float, *, backend: Backend | str = Backend.AUTO
 ) -> tuple[Tensor, Tensor]:
     """Batched ``(M_b + damping_b·I)⁻¹`` via Cholesky; returns ``(inverses, info)``.
 
@@ -253,7 +196,7 @@ def cholesky_inverse_damped(
     or a non-finite result); no exception, no host synchronisation.
     """
     op = "cholesky_inverse_damped"
-    _check_tensor("mats", mats, op, dim=3)
+    check_tensor("mats", mats, op, dim=3)
     if mats.shape[1] != mats.shape[2]:
         raise ValueError(f"{op}: mats must be (B, n, n), got shape {tuple(mats.shape)}")
     if mats.dtype not in (torch.float32, torch.float64):
@@ -261,13 +204,13 @@ def cholesky_inverse_damped(
     if isinstance(damping, Tensor):
         if damping.shape != (mats.shape[0],):
             raise ValueError(f"{op}: damping must be a float or a ({mats.shape[0]},) tensor, got shape {tuple(damping.shape)}")
-        _check_same_device(op, mats=mats, damping=damping)
-    if _use_kernel(backend, [mats], op):
+        check_same_device(op, mats=mats, damping=damping)
+    if use_kernel(backend, [mats], op):
         if not isinstance(damping, Tensor):
             damping = torch.full((mats.shape[0],), float(damping), dtype=mats.dtype, device=mats.device)
         inv, info = torch.ops.spngd_ext.cholesky_inverse_damped(mats.contiguous(), damping.to(mats.dtype).contiguous())
         return inv, info
-    return reference.cholesky_inverse_damped(mats, damping)
+    return torch_path.cholesky_inverse_damped(mats, damping)
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,37 +218,22 @@ def cholesky_inverse_damped(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_bn_fisher_args(op: str, state: Tensor, grad_out: Tensor, other_name: str, other: Tensor) -> None:
-    """grad_out and ``other`` (x̂ or x) of one (N, C, *) shape; state a contiguous fp32/fp64 (C, 3)."""
-    _check_tensor("grad_out", grad_out, op)
-    _check_tensor(other_name, other, op)
-    if grad_out.shape != other.shape or grad_out.dim() < 2:
-        raise ValueError(f"{op}: grad_out and {other_name} must share one (N, C, *) shape, got {tuple(grad_out.shape)} and {tuple(other.shape)}")
-    channels = grad_out.shape[1]
-    _check_tensor("state", state, op)
-    if state.shape != (channels, 3):
-        raise ValueError(f"{op}: state must be ({channels}, 3), got {tuple(state.shape)}")
-    if state.dtype not in (torch.float32, torch.float64) or not state.is_contiguous():
-        raise TypeError(f"{op}: state must be a contiguous float32/float64 tensor, got {state.dtype}")
-    _check_same_device(op, state=state, grad_out=grad_out, **{other_name: other})
-
-
 def bn_unitwise_fisher(
-    state: Tensor, grad_out: Tensor, xhat: Tensor, *, scale: float, decay: float, backend: Backend = "auto"
+    state: Tensor, grad_out: Tensor, xhat: Tensor, *, scale: float, decay: float, backend: Backend | str = Backend.AUTO
 ) -> Tensor:
     """In place ``state = decay·state + scale·Σ_n u uᵀ`` per channel, stored (C, 3) = (γγ, γβ, ββ).
 
     u_{n,c} = [Σ_hw g·x̂, Σ_hw g]; grad_out and xhat are (N, C) or (N, C, *) of one shape.
     """
     op = "bn_unitwise_fisher"
-    _check_bn_fisher_args(op, state, grad_out, "xhat", xhat)
-    if _use_kernel(backend, [state, grad_out, xhat], op, _FP32_KERNEL_DTYPES):
+    check_bn_fisher_args(op, state, grad_out, "xhat", xhat)
+    if use_kernel(backend, [state, grad_out, xhat], op, FP32_KERNEL_DTYPES):
         if grad_out.dtype != xhat.dtype:  # the kernel reads both in one dtype
             common = torch.promote_types(grad_out.dtype, xhat.dtype)
             grad_out, xhat = grad_out.to(common), xhat.to(common)
         torch.ops.spngd_ext.bn_unitwise_fisher(state, grad_out.contiguous(), xhat.contiguous(), float(scale), float(decay))
         return state
-    return reference.bn_unitwise_fisher(state, grad_out, xhat, float(scale), float(decay))
+    return torch_path.bn_unitwise_fisher(state, grad_out, xhat, float(scale), float(decay))
 
 
 def bn_unitwise_fisher_from_input(
@@ -315,33 +243,33 @@ def bn_unitwise_fisher_from_input(
     batch statistics (training mode): x̂ is never materialised. Pure PyTorch on any device (no
     kernel); the optimizer uses it on CPU, where it is 1.0–4.2x cheaper than writing x̂."""
     op = "bn_unitwise_fisher_from_input"
-    _check_bn_fisher_args(op, state, grad_out, "x", x)
+    check_bn_fisher_args(op, state, grad_out, "x", x)
     if not (isinstance(eps, (int, float)) and eps >= 0):
         raise ValueError(f"{op}: eps must be a number >= 0, got {eps!r}")
-    ug, ub = reference.bn_unit_gradients_from_input(grad_out, x, float(eps))
-    return reference.bn_unitwise_fisher_from_sums(state, ug, ub, float(scale), float(decay))
+    ug, ub = torch_path.bn_unit_gradients_from_input(grad_out, x, float(eps))
+    return torch_path.bn_unitwise_fisher_from_sums(state, ug, ub, float(scale), float(decay))
 
 
 def bn_unitwise_solve(
-    fisher: Tensor, grad_gamma: Tensor, grad_beta: Tensor, *, damping: float, backend: Backend = "auto"
+    fisher: Tensor, grad_gamma: Tensor, grad_beta: Tensor, *, damping: float, backend: Backend | str = Backend.AUTO
 ) -> tuple[Tensor, Tensor]:
     """Per channel ``(F_c + damping·I)⁻¹ [∇γ_c, ∇β_c]``; a singular channel keeps its gradient."""
     op = "bn_unitwise_solve"
-    _check_tensor("fisher", fisher, op, dim=2)
+    check_tensor("fisher", fisher, op, dim=2)
     channels = fisher.shape[0]
     if fisher.shape[1] != 3:
         raise ValueError(f"{op}: fisher must be (C, 3), got {tuple(fisher.shape)}")
     for name, t in (("grad_gamma", grad_gamma), ("grad_beta", grad_beta)):
-        _check_tensor(name, t, op, dim=1)
+        check_tensor(name, t, op, dim=1)
         if t.shape[0] != channels:
             raise ValueError(f"{op}: {name} must have {channels} entries, got {t.shape[0]}")
-    _check_same_device(op, fisher=fisher, grad_gamma=grad_gamma, grad_beta=grad_beta)
-    if _use_kernel(backend, [fisher, grad_gamma, grad_beta], op, (torch.float32,)):
+    check_same_device(op, fisher=fisher, grad_gamma=grad_gamma, grad_beta=grad_beta)
+    if use_kernel(backend, [fisher, grad_gamma, grad_beta], op, (torch.float32,)):
         ug, ub = torch.ops.spngd_ext.bn_unitwise_solve(
             fisher.contiguous(), grad_gamma.contiguous(), grad_beta.contiguous(), float(damping)
         )
         return ug, ub
-    return reference.bn_unitwise_solve(fisher, grad_gamma, grad_beta, damping)
+    return torch_path.bn_unitwise_solve(fisher, grad_gamma, grad_beta, damping)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,11 +277,11 @@ def bn_unitwise_solve(
 # --------------------------------------------------------------------------------------------
 
 
-def precondition(g_inv: Tensor, grad: Tensor, a_inv: Tensor, *, backend: Backend = "auto") -> Tensor:
+def precondition(g_inv: Tensor, grad: Tensor, a_inv: Tensor, *, backend: Backend | str = Backend.AUTO) -> Tensor:
     """U = Ĝ⁻¹ · grad · Â⁻¹ (grad d_out × d_in), or batched over a leading dimension."""
     op = "precondition"
     for name, t in (("g_inv", g_inv), ("grad", grad), ("a_inv", a_inv)):
-        _check_tensor(name, t, op)
+        check_tensor(name, t, op)
     if grad.dim() not in (2, 3) or g_inv.dim() != grad.dim() or a_inv.dim() != grad.dim():
         raise ValueError(f"{op}: g_inv, grad, a_inv must all be 2-D or all 3-D, got {g_inv.dim()}, {grad.dim()}, {a_inv.dim()}")
     for name, t in (("g_inv", g_inv), ("a_inv", a_inv)):
@@ -365,11 +293,11 @@ def precondition(g_inv: Tensor, grad: Tensor, a_inv: Tensor, *, backend: Backend
         )
     if grad.dim() == 3 and not (g_inv.shape[0] == grad.shape[0] == a_inv.shape[0]):
         raise ValueError(f"{op}: batch sizes differ: g_inv {g_inv.shape[0]}, grad {grad.shape[0]}, a_inv {a_inv.shape[0]}")
-    _check_same_device(op, g_inv=g_inv, grad=grad, a_inv=a_inv)
-    _use_kernel(backend, [grad], op)  # validates backend (the GEMMs below are cuBLAS/MKL either way)
+    check_same_device(op, g_inv=g_inv, grad=grad, a_inv=a_inv)
+    use_kernel(backend, [grad], op)  # validates backend (the GEMMs below are cuBLAS/MKL either way)
     # Two GEMMs through cuBLAS/MKL are already the fastest form; ordering by cost picks the cheaper
-    # association ((Ĝ⁻¹∇)Â⁻¹ vs Ĝ⁻¹(∇Â⁻¹) cost the same flops, so keep the reference order).
-    return reference.precondition(g_inv, grad.to(g_inv.dtype), a_inv)
+    # association ((Ĝ⁻¹∇)Â⁻¹ vs Ĝ⁻¹(∇Â⁻¹) cost the same flops, so keep the PyTorch path's order).
+    return torch_path.precondition(g_inv, grad.to(g_inv.dtype), a_inv)
 
 
 def kl_clip_coefficient(
@@ -385,7 +313,7 @@ def kl_clip_coefficient(
     for i, (u, g) in enumerate(zip(updates, grads)):
         if u.shape != g.shape:
             raise ValueError(f"kl_clip_coefficient: updates[{i}] has shape {tuple(u.shape)} but grads[{i}] has {tuple(g.shape)}")
-    _check_same_device("kl_clip_coefficient", **{f"updates[{i}]": u for i, u in enumerate(updates)},
+    check_same_device("kl_clip_coefficient", **{f"updates[{i}]": u for i, u in enumerate(updates)},
                        **{f"grads[{i}]": g for i, g in enumerate(grads)})
     # One fused reduction: stack the per-layer dot products, then a single weighted sum.
     dots = torch._foreach_mul([u.float() for u in updates], [g.float() for g in grads])
