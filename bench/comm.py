@@ -25,8 +25,8 @@ element size handed to each collective) and ``wire`` (what a ring algorithm send
 reduce-scatter or all-reduce contribution, twice for the all-reduce, (W−1)× an all-gather
 contribution).
 
-    python bench/comm.py --worlds 2,4 --repeats 3 --out bench/results/comm.json
-    python bench/comm.py --model-only          # the 1..1024-rank model of bench/SCALING.md
+    python bench/comm.py --worlds 2,4 --repeats 3     # writes runs/comm/results.json
+    python bench/comm.py --model-only          # the 1..1024-rank model of docs/scaling.md
 """
 
 from __future__ import annotations
@@ -449,13 +449,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overlap-size", type=int, default=64, help="input image side for the overlap backward")
     ap.add_argument("--deadline", type=float, default=1800.0, help="seconds per world before the ranks are killed")
     ap.add_argument("--model-only", action="store_true", help="print the 1..1024-rank model and exit")
-    ap.add_argument("--out", default=None, help="JSON output path")
+    ap.add_argument("--out", default=str(REPO / "runs" / "comm" / "results.json"),
+                    help="JSON output path (default: runs/comm/results.json in the checkout)")
     a = ap.parse_args(argv)
     model_worlds = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
     table, rows = model_table(model_worlds)
     if a.model_only:
         print(table)
         if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
             Path(a.out).write_text(json.dumps({"model": rows}, indent=1))
         return 0
     backend = a.backend

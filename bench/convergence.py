@@ -17,11 +17,13 @@ Fisher, LARS trust coefficient 0.1).
 
 The full study is ~30 runs of 10 epochs (hours on a 2-core CPU, minutes on a GPU):
 
-    python bench/convergence.py --out bench/results/convergence
+    python bench/convergence.py                       # writes runs/convergence/
     python bench/convergence.py --batch-sizes 4096 --epochs 2 --limit-train 8192 --out /tmp/conv
 
 Finished trials are reused when their summary exists with the same settings (``--no-resume``
-retrains). Writes results.json, results.md and convergence.png into ``--out``.
+retrains). Writes results.json, results.md and convergence.png into ``--out`` (default
+``runs/convergence/`` in the checkout, which git ignores; the curated study is in
+``bench/results/convergence/``).
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="picks the plotted trial of each grid: fewest steps to this accuracy")
     p.add_argument("--evals-per-epoch", type=int, default=8,
                    help="evaluation points per epoch (equal epoch resolution at every batch size)")
-    p.add_argument("--out", default="bench/results/convergence")
+    p.add_argument("--out", default=str(REPO / "runs" / "convergence"),
+                   help="output folder (runs/ is git-ignored)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--limit-test", type=int, default=None)

@@ -1,4 +1,4 @@
-"""Stale statistics vs fixed refresh intervals (issue 5): work done, step time, accuracy.
+"""Stale statistics vs fixed refresh intervals: work done, step time, accuracy.
 
 SP-NGD trains the small BN CNN (``spngd_ext.train.models``, the CLI's ``cnn``) on Fashion-MNIST under
 the same budget, initial weights and batch order in several refresh configurations:
@@ -18,12 +18,13 @@ default for SP-NGD (lr 0.1, momentum 0.9, weight decay 5e-4, damping 1e-3, MC Fi
 epoch, polynomial decay).
 
     python bench/stale.py                                   # batch 4096, 10 epochs, full data
-    python bench/stale.py --epochs 3 --batch-size 1024 --limit-train 10240 --threads 1 \\
-        --results-md bench/RESULTS.md                       # the short CPU run in RESULTS.md
+    python bench/stale.py --epochs 2 --batch-size 512 --limit-train 8192 --lr 0.03 --threads 1 \\
+        --results-md runs/stale/results.md                  # the short CPU run of bench/results/stale
 
-Writes ``--out`` (JSON: settings, machine, per-configuration results and step times), prints a
-markdown table and the exact command; ``--results-md`` also writes the table into that file
-under the heading "Stale statistics (issue 5)" (replacing an earlier such section).
+Writes ``--out`` (JSON: settings, machine, per-configuration results and step times; default
+``runs/stale/results.json`` in the checkout, which git ignores), prints a markdown table and the
+exact command; ``--results-md`` also writes the table into that file under the heading
+"Stale statistics" (replacing a section of that name if the file has one).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from spngd_ext.stale import StalePolicy  # noqa: E402
 from spngd_ext.train import TrainConfig, evaluate  # noqa: E402
 from spngd_ext.train.env import resolve_device  # noqa: E402
 
-SECTION = "## Stale statistics (issue 5)"
+SECTION = "## Stale statistics"
 _SIBLING_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
 
 
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None,
                    help="default: $SPNGD_DATA_DIR, else ../shared/data/fashion-mnist beside the "
                         "checkout, else the loader's own search")
-    p.add_argument("--out", default="bench/results/stale.json")
+    p.add_argument("--out", default=str(REPO / "runs" / "stale" / "results.json"))
     p.add_argument("--results-md", default=None, help="also write the section into this markdown file")
     return p
 
@@ -265,7 +266,7 @@ def machine_description(device: torch.device) -> dict[str, Any]:
 
 
 def write_section(path: Path, section: str) -> None:
-    """Replace the existing "Stale statistics (issue 5)" section of ``path`` or append one."""
+    """Replace the existing "Stale statistics" section of ``path`` or append one."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     lines = text.splitlines()
     start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
