@@ -68,7 +68,7 @@ class FlakyCholesky:
 
 
 def _pi_shift_a(opt: SPNGD, layer: str, damping: float) -> float:
-    """π·√λ for the A side of a layer, from its current factors (DESIGN.md damping formula)."""
+    """π·√λ for the A side of a layer, from its current factors (docs/design.md damping formula)."""
     f = opt.factors()[layer]
     a, g = f["A"].double(), f["G"].double()
     pi = math.sqrt((a.trace().item() / a.shape[0]) / (g.trace().item() / g.shape[0]))

@@ -4,7 +4,7 @@ Hypothesis draws shapes, dtypes, hyperparameters and a seed; the tensors come fr
 generator (fast, and still reproducible and shrinkable through the seed). Oracles are written
 independently of :mod:`spngd_ext.ops.torch_path` where that reference is itself the thing under test
 (explicit patch extraction for convolutions, explicit 2×2 solves, a Kronecker-product solve, the
-packed-index formula of DESIGN.md, ``torch.optim.SGD``).
+packed-index formula of docs/design.md, ``torch.optim.SGD``).
 
 Every property runs on the CPU (backend="torch") and, marked ``gpu`` and skipped without a GPU and
 the built extension, on CUDA (backend="cuda", restricted to the dtypes the kernels take).
@@ -64,7 +64,7 @@ def is_cuda(target) -> bool:
 
 
 def packed_upper_f64(m: torch.Tensor) -> torch.Tensor:
-    """Packed upper triangle by the DESIGN.md index formula (not triu_indices)."""
+    """Packed upper triangle by the docs/design.md index formula (not triu_indices)."""
     n = m.shape[0]
     out = torch.empty(packed_size(n), dtype=F64)
     for i in range(n):
@@ -139,7 +139,7 @@ def test_pack_unpack_round_trip(target, sizes, src, packed, out, scale_kind, off
 
 # ============================================================================ accumulate_factor
 def acc_eps(state_dtype, *input_dtypes) -> float:
-    """Unit roundoff the accumulating ops guarantee: float32 at least (DESIGN.md: "accumulation is
+    """Unit roundoff the accumulating ops guarantee: float32 at least (docs/design.md: "accumulation is
     always in fp32"), float64 only when the state and every input are float64. (The reference forms
     products in promote(first input, float32): a float32 input into a float64 state accumulates in
     float32, although ops.accumulate_factor's docstring says "in state's dtype".)"""

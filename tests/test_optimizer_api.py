@@ -1,6 +1,6 @@
 """The public API of SPNGD: argument validation, param_groups and LR schedulers, zero_grad,
 unsupported layers (plain momentum SGD), refresh counters, the fisher='mc'/'emp' backward
-contract, KL clipping and the torch-SGD update convention (DESIGN.md)."""
+contract, KL clipping and the torch-SGD update convention (docs/design.md)."""
 
 from __future__ import annotations
 

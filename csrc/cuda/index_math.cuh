@@ -7,7 +7,7 @@
 
 namespace spngd::cuda_ops {
 
-// Packed upper layout (DESIGN.md): row i starts at i*n - i*(i-1)/2; element (i, j), j >= i, sits
+// Packed upper layout (docs/design.md): row i starts at i*n - i*(i-1)/2; element (i, j), j >= i, sits
 // (j - i) further on.
 __host__ __device__ __forceinline__ int64_t packed_row_start(int64_t i, int64_t n) {
   return i * n - i * (i - 1) / 2;

@@ -30,7 +30,7 @@ How the sum is computed (``reduce_impl``):
 ``"auto"`` (the default): NCCL and other backends ``reduce_scatter``; Gloo ``all_reduce`` at
 W=2 and ``reduce`` at W≥3; ``all_to_all`` whenever ``comm_dtype`` is bf16/fp16. Gloo numbers
 (``bench/comm.py`` on 16 idle cores, ResNet-50 statistics buffer; ms and MB sent per rank, see
-``bench/SCALING.md``): W=2 (353 MB): reduce_scatter 538 ms/353 MB, all_reduce 143/353, reduce
+``docs/scaling.md``): W=2 (353 MB): reduce_scatter 538 ms/353 MB, all_reduce 143/353, reduce
 200/439, all_to_all 438/177; W=4 (428 MB): 657/643, 272/643, 210/502, 506/321; W=8 (344 MB):
 601/602, 291/602, 215/368, 456/301.
 
@@ -62,7 +62,7 @@ chunk for an all-gather, 4 bytes per flag. ``{"last": {kind: bytes}, "total": {k
 with kinds ``stats``, ``grads``, ``precond`` (and ``flag``); the optimizer calls
 :meth:`begin_step` at the start of each step. On-the-wire bytes of a ring implementation are
 (W−1)/W of a reduce-scatter contribution and (W−1)× an all-gather contribution
-(see ``bench/SCALING.md``).
+(see ``docs/scaling.md``).
 
 Failures: a collective that raises (a peer exited, or the process group's ``timeout`` expired
 because a peer stalls) is re-raised as a ``RuntimeError`` that names the operation, the kind
@@ -208,7 +208,7 @@ class TorchDistributedCommunicator(Communicator):
         if self.gather_impl != "auto":
             return self.gather_impl
         if "gloo" in self.backend and not buffer.is_cuda:
-            return "broadcast"  # same bytes as Gloo's all-gather, about 2x faster (bench/SCALING.md)
+            return "broadcast"  # same bytes as Gloo's all-gather, about 2x faster (docs/scaling.md)
         return "all_gather"
 
     def _gather(self, out: Tensor, mine: Tensor, c: int, like: Tensor) -> None:

@@ -1,7 +1,7 @@
 """Kronecker factors of nn.Linear.
 
 a_n = input row (+1 for the bias), g_n = per-example output gradient. Inputs with extra leading
-dimensions are flattened into rows; every row counts for A and G alike (DESIGN.md).
+dimensions are flattened into rows; every row counts for A and G alike (docs/design.md).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ each function is written for clarity first and works in any floating dtype. The 
 entry points are in :mod:`spngd_ext.ops`; these functions take positional arguments and do not
 validate them.
 
-Packed layout (DESIGN.md): a symmetric n×n matrix is stored as its upper triangle, row by row —
+Packed layout (docs/design.md): a symmetric n×n matrix is stored as its upper triangle, row by row —
 element (i, j), i <= j, at ``i*n - i*(i-1)/2 + (j - i)`` — which is exactly the order of
 ``torch.triu_indices(n, n)``.
 """
