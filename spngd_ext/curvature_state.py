@@ -38,6 +38,9 @@ class CurvatureState:
         self.rank = rank
         self.options = options
         self.owned = [i for i in range(len(layers)) if owners[i] == rank]
+        # The parameters outside curvature layers form one more gradient segment, with its own owner.
+        self.plain_params = list(plain_params or [])
+        self.plain_owned = bool(self.plain_params) and owners[len(layers)] == rank
         self._names = [[s.name for s in layer.stat_specs()] for layer in layers]
         self._counts = [{n: 0 for n in names} for names in self._names]
         self._first = [{n: True for n in names} for names in self._names]
@@ -210,14 +213,15 @@ class CurvatureState:
     def finalize_stats(self, track_changes: bool = False) -> None:
         """est ← X (or the EMA b·est + (1−b)·X) for each refreshed statistic this rank owns.
 
-        With ``track_changes``, the relative Frobenius change of every owned statistic's estimate
-        is written into its change slot of the gradient buffer (returned to all ranks by the
-        all-gather), computed for all statistics in a few whole-chunk ops.
+        With ``track_changes``, r = ‖X − Ê‖_F / ‖Ê‖_F of every owned statistic — the newly
+        collected X against the current (bias-corrected) estimate Ê, before X enters it — is
+        written into its change slot of the gradient buffer (returned to all ranks by the
+        all-gather), computed for all statistics in a few whole-chunk ops. Comparing two EMA
+        estimates instead would read a change of X as only (1−b)·r.
         """
-        old = self.est.clone() if track_changes else None
-        self._finalize_owned()
         if track_changes:
-            self._write_changes(old)
+            self._write_changes()
+        self._finalize_owned()
 
     def _change_index(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per element of the estimate chunk: its statistic (owned index, or a spare bin) and its
@@ -251,22 +255,26 @@ class CurvatureState:
                               torch.tensor(slots, dtype=torch.long, device=dev))
         return self._change_cache
 
-    def _write_changes(self, old: Tensor) -> None:
+    def _write_changes(self) -> None:
         seg_id, weight, count_pos, slots = self._change_index()
         if slots.numel() == 0:
             return
+        base = self.rank * self.stats_layout.chunk_numel
+        collected = self.acc[base : base + self.stats_layout.chunk_numel]
+        rows = collected[count_pos]
+        # X = sum / count per statistic; a statistic not collected this step (count 0) gives inf/NaN
+        # here, but only the fresh statistics' slots are read (read_changes).
+        new = collected * torch.cat([1.0 / rows, rows.new_ones(1)])[seg_id]
+        old = self.est
         b = self.options.ema_decay
-        new = self.est
-        if b is not None:  # compare the bias-corrected estimates
-            def corrected(est: Tensor) -> Tensor:
-                k = est[count_pos]
-                corr = torch.cat([1.0 / (1.0 - torch.pow(torch.full_like(k, b), k)), k.new_ones(1)])
-                return est * corr[seg_id]
-            new, old = corrected(new), corrected(old)
+        if b is not None:  # the bias-corrected estimate; no refresh yet (k = 0) leaves it zero: "large"
+            k = self.est[count_pos]
+            corr = torch.where(k > 0, 1.0 / (1.0 - torch.pow(torch.full_like(k, b), k)), torch.zeros_like(k))
+            old = old * torch.cat([corr, k.new_ones(1)])[seg_id]
         n_bins = slots.numel() + 1
         diff = torch.zeros(n_bins, dtype=self.dtype, device=self.device).index_add_(0, seg_id, weight * (new - old) ** 2)
-        base = torch.zeros(n_bins, dtype=self.dtype, device=self.device).index_add_(0, seg_id, weight * old**2)
-        change = torch.sqrt(diff / base)[:-1]  # 0/0 or x/0 (no previous estimate) gives NaN/inf: "large"
+        norm = torch.zeros(n_bins, dtype=self.dtype, device=self.device).index_add_(0, seg_id, weight * old**2)
+        change = torch.sqrt(diff / norm)[:-1]  # 0/0 or x/0 (no previous estimate) gives NaN/inf: "large"
         self.grad_buffer.index_copy_(0, slots, change.to(self.grad_buffer.dtype))
 
     def read_changes(self, stats: list[tuple[int, str]]) -> list[float]:
@@ -310,8 +318,13 @@ class CurvatureState:
         )
 
     def refresh_inverses(self, damping: float, backend: str, only_fresh: bool = False) -> InversionEvents:
-        """Damped inverses of the owned Kronecker layers; with ``only_fresh`` just the sides whose
-        statistic was refreshed this step (or that have no inverse yet)."""
+        """Damped inverses of the owned Kronecker layers; with ``only_fresh`` just the layers with a
+        statistic refreshed this step (or without an inverse yet).
+
+        Both sides of a layer are always inverted together, with the current π and λ: π-damping's
+        cross term (π√λ·I ⊗ (√λ/π)·I = λ·I) holds only when Â and Ĝ use the same π, so a side kept
+        from an older refresh would turn it into λ·π_new/π_old (see docs/design.md, "Stale
+        statistics and π-damping")."""
         events = InversionEvents()
         base = self.rank * self.stats_layout.chunk_numel
         offset, sizes, items = self.stats_layout.packed_runs[self.rank]
@@ -333,10 +346,11 @@ class CurvatureState:
         todo = []
         for j, i in enumerate(ready):
             have = self.inverses.get(i)
-            for side, name, mats_, shifts in ((0, "A", a_mats, shift_a), (1, "G", g_mats, shift_g)):
-                if only_fresh and have is not None and have[side] is not None and not self._fresh(i, name):
-                    continue
-                todo.append(((i, side), mats_[j], shifts[j]))
+            complete = have is not None and have[0] is not None and have[1] is not None
+            if only_fresh and complete and not (self._fresh(i, "A") or self._fresh(i, "G")):
+                continue
+            todo.append(((i, 0), a_mats[j], shift_a[j]))
+            todo.append(((i, 1), g_mats[j], shift_g[j]))
         results = invert_damped(todo, backend=backend, max_retries=self.options.max_inverse_retries)
         events.inverted = len(todo)
         for i in ready:
@@ -355,8 +369,12 @@ class CurvatureState:
             self.inverses[i] = new
         return events
 
-    def precondition_owned(self, damping: float, lrs: list[float] | None, backend: str) -> None:
-        """Overwrite this rank's gradient chunk with the preconditioned gradients (and its KL sum)."""
+    def precondition_owned(self, damping: float, lrs: list[float] | None, backend: str,
+                           plain_lrs: list[float] | None = None) -> None:
+        """Overwrite this rank's gradient chunk with the preconditioned gradients, and with ``lrs``
+        (one per layer; ``plain_lrs`` one per parameter outside curvature layers) write this rank's
+        share of the KL sum Σ lr²·⟨U, ∇⟩ over every parameter the optimizer updates: U = ∇ where
+        there is no curvature (yet), so those terms are lr²·‖∇‖²."""
         buf = self.grad_buffer
         kl_terms: list[Tensor] = []
         batched: dict[tuple, list[int]] = {}
@@ -371,7 +389,11 @@ class CurvatureState:
                     continue
                 key = (layer.dim_g, layer.dim_a, inv[0] is None, inv[1] is None)
                 batched.setdefault(key, []).append(i)
-            elif isinstance(layer, BatchNormCurvature) and self.est_ready[i]["F"]:
+            elif isinstance(layer, BatchNormCurvature) and not self.est_ready[i]["F"]:
+                if lrs is not None:
+                    g = self.update_view(i)
+                    kl_terms.append(lrs[i] ** 2 * (g * g).sum())
+            elif isinstance(layer, BatchNormCurvature):
                 seg = self.grad_layout.grads[i]
                 c = layer.channels
                 fisher = self._est_view(i, "F").view(-1, 3) * self._bias_correction([self.stats_layout.counts[i]["F"]])
@@ -392,6 +414,13 @@ class CurvatureState:
                 if lrs is not None:
                     kl_terms.append(lrs[i] ** 2 * (u[j] * grads[j]).sum())
                 self._grad_view(i).copy_(u[j])
+        if lrs is not None and self.plain_owned:
+            flat = self.update_view(len(self.layers))
+            pos = 0
+            for p, lr in zip(self.plain_params, plain_lrs or []):
+                g = flat[pos : pos + p.numel()]
+                kl_terms.append(lr**2 * (g * g).sum())
+                pos += p.numel()
         if lrs is not None:
             slot = self.grad_layout.kl_slots[self.rank]
             total = torch.stack(kl_terms).sum() if kl_terms else torch.zeros((), device=self.device)

@@ -26,7 +26,7 @@ from .distributed.placement import LayerCost, OwnerAssignment
 from .layers import CurvatureLayer, KroneckerLayer, find_curvature_layers
 from .layout import build_layouts
 from .options import CurvatureOptions, DampingSchedule, FisherType
-from .recipe import adjusted_momentum, rescaled_weight_norm_limit
+from .recipe import rescaled_weight_norm_limit
 from .stale import RefreshSchedule, StalePolicy
 
 __all__ = ["SPNGD"]
@@ -45,7 +45,7 @@ class SPNGD(torch.optim.Optimizer):
     """Scalable and Practical Natural Gradient Descent (Osawa et al., TPAMI 2020).
 
     Kronecker-factored Fisher for Linear and Conv2d, unit-wise 2×2 Fisher for BatchNorm, other
-    parameters momentum SGD. See DESIGN.md for the formulas; ``opt.counters`` reports the work done.
+    parameters momentum SGD. See docs/design.md for the formulas; ``opt.counters`` reports the work done.
 
     With ``torch.amp.GradScaler``: ``scaler.step(opt)`` hands this optimizer the scale and the
     found-inf flag (``_step_supports_amp_scaling``); the step unscales the gradients (and, with
@@ -142,14 +142,17 @@ class SPNGD(torch.optim.Optimizer):
         self._kron_sides = sum(2 for layer in self._layers if isinstance(layer, KroneckerLayer))
         self._inverse_sides_done = 0
 
+        # torch's form (v ← m·v + d; θ −= η·v) already is Goyal et al.'s corrected update
+        # u ← m·(η_t/η_{t−1})·u + η_t·d with u = η·v: the recipe's correction needs no extra
+        # factor here (docs/design.md, "Momentum correction").
         self._momentum_correction = bool(momentum_correction)
         self._weight_rescale = bool(weight_rescale)
-        self._previous_lr: list[float | None] = [None] * len(self.param_groups)
 
         self._step_index = 0
         self._set_due()
         self._phase: str | None = None
         self._examples = 0
+        self._loss_terms = 0  # label positions of the losses passed to opt.backward this step
         self._seed = int(seed) if seed is not None else int(torch.initial_seed() % (2**62))
         self._mc_generator: torch.Generator | None = None
         self._outputs: list[tuple[Tensor, int, Tensor]] = []  # layer outputs of this micro-batch
@@ -205,6 +208,11 @@ class SPNGD(torch.optim.Optimizer):
             if out is None:
                 raise ValueError("SPNGD.backward: fisher='mc' needs the model output: opt.backward(loss, out)")
             self._mc_backward(out)
+        if out is not None:
+            # The loss averages over one term per label position (N, or N·L for token-mean losses on
+            # (N·L, C) or (N, C, L) logits): the empirical Fisher's per-term gradients are the
+            # output gradients times that count (docs/design.md, "Empirical Fisher on sequence inputs").
+            self._loss_terms += out.numel() // out.shape[1]
         self._outputs = []
         loss.backward()
 
@@ -341,7 +349,7 @@ class SPNGD(torch.optim.Optimizer):
             if amp_scale is not None:
                 st.grad_buffer.mul_(torch.reciprocal(amp_scale.to(st.grad_buffer)))
             if refresh:
-                examples = self._examples if self._examples > 0 else st.examples_seen()
+                examples = self._loss_terms or self._examples or st.examples_seen()
                 grad_scale = float(examples) if opts.fisher is FisherType.EMP else 1.0
                 loss_scale = amp_scale if opts.fisher is FisherType.EMP else None
                 st.prepare_local_stats(grad_scale, loss_scale)
@@ -372,17 +380,21 @@ class SPNGD(torch.optim.Optimizer):
             with record_function("spngd::inversion"):
                 events = st.refresh_inverses(lam, self._backend, only_fresh=adaptive)
             self._counters["inverse_updates"] += 1
-            kron_fresh = sum(1 for i, n in fresh if isinstance(self._layers[i], KroneckerLayer))
-            self._inverse_sides_done += kron_fresh if adaptive else self._kron_sides
+            # Both sides of a layer are inverted whenever either is fresh (CurvatureState.refresh_inverses).
+            kron_fresh = len({i for i, n in fresh if isinstance(self._layers[i], KroneckerLayer)})
+            self._inverse_sides_done += 2 * kron_fresh if adaptive else self._kron_sides
             self._counters["inversion_retries"] += events.retries
             self._counters["inversion_fallbacks"] += len(events.fallbacks)
             for name in events.fallbacks:
                 self._warn_once(f"inv:{name}", f"SPNGD: inverting the factors of {name} failed even with more damping; using its last good inverse (or the plain gradient)")
 
-        groups = self._group_of()
-        lrs = [groups[id(layer.module.weight)]["lr"] for layer in self._layers]
+        lrs = plain_lrs = None
+        if opts.kl_clip is not None:
+            groups = self._group_of()
+            lrs = [groups[id(layer.module.weight)]["lr"] for layer in self._layers]
+            plain_lrs = [groups[id(p)]["lr"] for p in self._plain_params]
         with record_function("spngd::preconditioning"):
-            st.precondition_owned(lam, lrs if opts.kl_clip is not None else None, self._backend)
+            st.precondition_owned(lam, lrs, self._backend, plain_lrs=plain_lrs)
         with record_function("spngd::communication"):
             self._comm.all_gather(st.grad_buffer, st.grad_layout.chunk_numel, kind="precond")
         with record_function("spngd::update"):
@@ -396,6 +408,7 @@ class SPNGD(torch.optim.Optimizer):
         self._counters["steps"] += 1
         self._step_index += 1
         self._examples = 0
+        self._loss_terms = 0
         self._outputs = []
         st.reset_accumulation()
         self._set_due()
@@ -405,6 +418,7 @@ class SPNGD(torch.optim.Optimizer):
         where = ", ".join(names[:5]) + (" …" if len(names) > 5 else "") if names else "unknown layer"
         warnings.warn(f"SPNGD: non-finite gradient or curvature statistics in {where}; step skipped, state unchanged", stacklevel=3)
         self._examples = 0
+        self._loss_terms = 0
         self._state.reset_accumulation()
 
     def _apply_updates(self, nu: Tensor | None) -> None:
@@ -423,11 +437,13 @@ class SPNGD(torch.optim.Optimizer):
                 updates[id(p)] = part.view_as(p)
         if self._plain_params:
             flat = st.update_view(len(self._layers))
+            if nu is not None:  # the KL sum counted these parameters too
+                flat = flat * nu
             pos = 0
             for p in self._plain_params:
                 updates[id(p)] = flat[pos : pos + p.numel()].view_as(p)
                 pos += p.numel()
-        for g_index, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             ps, us, bufs = [], [], []
             for p in group["params"]:
                 if p.grad is None or id(p) not in updates:
@@ -438,11 +454,7 @@ class SPNGD(torch.optim.Optimizer):
                 ps.append(p)
                 us.append(updates[id(p)].to(p.dtype))
                 bufs.append(state["momentum_buffer"])
-            momentum = group["momentum"]
-            if self._momentum_correction and g_index < len(self._previous_lr):
-                momentum = adjusted_momentum(momentum, group["lr"], self._previous_lr[g_index])
-                self._previous_lr[g_index] = group["lr"]
-            ops.momentum_update(ps, us, bufs, lr=group["lr"], momentum=momentum, weight_decay=group["weight_decay"])
+            ops.momentum_update(ps, us, bufs, lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"])
         if self._weight_rescale:
             self._rescale_weights()
 
@@ -471,7 +483,6 @@ class SPNGD(torch.optim.Optimizer):
             "counters": dict(self._counters),
             "schedule": self._schedule.state_dict(),
             "inverse_sides_done": self._inverse_sides_done,
-            "previous_lr": list(self._previous_lr),
             "seed": self._seed,
             "mc_rng": None if self._mc_generator is None else (str(self._mc_generator.device), self._mc_generator.get_state()),
             "curvature": self._state.state_dict(),
@@ -479,7 +490,7 @@ class SPNGD(torch.optim.Optimizer):
         return sd
 
     _EXTRA_KEYS = ("signature", "world_size", "rank", "step_index", "counters", "schedule", "inverse_sides_done",
-                   "previous_lr", "seed", "mc_rng", "curvature")
+                   "seed", "mc_rng", "curvature")
 
     def _validated_extra(self, state_dict: object) -> dict:
         """The 'spngd' entry of a state_dict, checked in full before anything is loaded."""
@@ -522,7 +533,6 @@ class SPNGD(torch.optim.Optimizer):
         self._schedule.load_state_dict(extra["schedule"])
         self._set_due()
         self._inverse_sides_done = int(extra["inverse_sides_done"])
-        self._previous_lr = list(extra["previous_lr"])
         self._seed = int(extra["seed"])
         if extra["mc_rng"] is not None:
             device, rng_state = extra["mc_rng"]

@@ -3,10 +3,8 @@
 * :func:`damping_schedule` — start from a larger damping and move geometrically to the base value
   over a warm-up, then optionally decay geometrically to a final value (pass it as ``damping=``).
 * :func:`rescaled_weight_norm_limit` — the norm bound √(2·fan_out) used by ``SPNGD(weight_rescale=True)``.
-* :func:`adjusted_momentum` — m_t = m·η_t/η_{t−1} when the learning rate drops
-  (``SPNGD(momentum_correction=True)``).
 
-Polynomial learning-rate decay with warm-up lives in :mod:`spngd_ext.schedules`.
+Polynomial learning-rate decay with warm-up lives in :mod:`spngd_ext.train.schedules`.
 """
 
 from __future__ import annotations
@@ -59,10 +57,3 @@ def rescaled_weight_norm_limit(module: nn.Module) -> float:
     else:
         raise TypeError(f"rescaled_weight_norm_limit: Linear or Conv2d expected, got {type(module).__name__}")
     return math.sqrt(2.0 * fan_out)
-
-
-def adjusted_momentum(momentum: float, lr: float, previous_lr: float | None) -> float:
-    """m·η_t/η_{t−1} when the learning rate dropped since the last step, else m."""
-    if previous_lr is None or previous_lr <= 0 or lr >= previous_lr:
-        return momentum
-    return momentum * lr / previous_lr

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from spngd_ext import SPNGD
+from spngd_ext.stale import StalePolicy
 
 from fault_helpers import (
     Net,
@@ -29,9 +30,9 @@ def test_resume_with_stale_statistics_mc_and_ema_is_bit_identical():
     the save: the state_dict holds factors, inverses, intervals and the MC RNG, and a fresh model +
     optimizer continue exactly like the uninterrupted run. (Single features: tests/test_checkpoint.py.)"""
     kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, damping=1e-2, fisher="mc", mc_samples=2, ema_decay=0.8,
-              stale=True, kl_clip=1e-2, seed=17, backend="torch")
+              stale=StalePolicy(threshold=0.5), kl_clip=1e-2, seed=17, backend="torch")
     batches = data(12, seed=5)
-    k = 7  # the intervals of fc2's G and bn's F have just doubled: the next step skips their refresh
+    k = 7  # saved with some intervals lengthened (asserted below): the resumed run skips refreshes
 
     def run(model, opt, part, inject_at=None):
         for i, (x, y) in enumerate(part):

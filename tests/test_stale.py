@@ -1,4 +1,4 @@
-"""Stale statistics (DESIGN.md, "Stale statistics"): per-statistic adaptive refresh intervals.
+"""Stale statistics (docs/design.md, "Stale statistics"): per-statistic adaptive refresh intervals.
 
 Everything runs on CPU in float64 with tiny models. The optimizer's work is observed from the
 outside: the statistic kernels (``ops.accumulate_factor``, ``ops.conv_a_factor``,
@@ -14,6 +14,7 @@ refresh is at step 0.
 from __future__ import annotations
 
 import io
+import math
 from collections import Counter
 
 import pytest
@@ -298,8 +299,9 @@ def test_intervals_halve_down_to_one_under_constant_change():
 def test_only_due_statistics_are_computed_and_inverted(monkeypatch):
     """A label switch changes G and F but not A (lr=0, same inputs): the intervals desynchronise,
     so there are steps on which only some statistics are due. On every step exactly the due
-    statistics are computed (once each), exactly the refreshed Kronecker sides are re-inverted,
-    and the other sides keep the very same inverse tensors."""
+    statistics are computed (once each), both sides of every Kronecker layer with a refreshed
+    side are re-inverted (π-damping couples them), and the other layers keep the very same
+    inverse tensors."""
     spies = Spies(monkeypatch)
     model = make_model()
     opt = SPNGD(model, lr=0.0, fisher="emp", damping=1e-2, stale=StalePolicy(threshold=0.05, max_interval=8))
@@ -307,14 +309,15 @@ def test_only_due_statistics_are_computed_and_inverted(monkeypatch):
     y2 = (y1 + 2) % 5
     shadow = Shadow()
     prev_inv = None
-    partial_steps = idle_steps = 0
+    partial_steps = idle_steps = one_sided = 0
     for step in range(48):
         due = shadow.due(step)
         spies.reset()
         train_step(model, opt, x, y1 if step < 20 else y2)
         assert dict(spies.stats) == {s: 1 for s in due}, f"step {step}: computed {dict(spies.stats)}, due {sorted(due)}"
-        kron_due = {s for s in due if s in KRON_STATS}
-        assert dict(spies.inverted) == {s: 1 for s in kron_due}, f"step {step}: inverted {dict(spies.inverted)}, due {sorted(kron_due)}"
+        layers_due = {layer for layer, _ in due if (layer, "A") in KRON_STATS}
+        kron_due = {(layer, side) for layer in layers_due for side in ("A", "G")}
+        assert dict(spies.inverted) == {s: 1 for s in kron_due}, f"step {step}: inverted {dict(spies.inverted)}, due {sorted(due)}"
         # equal sizes are batched: at most one inversion call per matrix size
         assert len({n for _, n in spies.batches}) == len(spies.batches)
         inv = {name: pair for name, pair in opt.inverses().items()}
@@ -322,12 +325,14 @@ def test_only_due_statistics_are_computed_and_inverted(monkeypatch):
             for layer, (a_inv, g_inv) in inv.items():
                 for side, tensor in (("A", a_inv), ("G", g_inv)):
                     same = tensor is prev_inv[layer][0 if side == "A" else 1]
-                    assert same == ((layer, side) not in due), f"step {step}: {layer}.{side} inverse identity"
+                    assert same == (layer not in layers_due), f"step {step}: {layer}.{side} inverse identity"
         prev_inv = inv
         shadow.record(step, set(spies.stats), opt)
         partial_steps += 0 < len(due) < len(ALL_STATS)
         idle_steps += not due
+        one_sided += any(len({n for lay, n in due if lay == layer}) == 1 for layer in layers_due)
     assert partial_steps >= 3 and idle_steps >= 10, (partial_steps, idle_steps)
+    assert one_sided >= 2, one_sided  # steps that refreshed one side of a layer: the coupling was exercised
     # A never changed (lr=0, same inputs): it stays at the cap; G and F were halved at the switch
     assert interval(opt, CONV_A) == interval(opt, LIN_A) == 8
     assert opt.counters["inversion_retries"] == 0
@@ -416,6 +421,44 @@ def test_skipped_fractions_match_a_hand_count_stale(monkeypatch):
     assert c["factor_work_skipped"] == pytest.approx(1 - computed / (len(ALL_STATS) * steps), abs=1e-12)
     assert c["inverse_work_skipped"] == pytest.approx(1 - inverted / (len(KRON_STATS) * steps), abs=1e-12)
     assert 0.5 < c["factor_work_skipped"] < 1 and 0.5 < c["inverse_work_skipped"] < 1
+
+
+def _damped_inverses_from_factors(factors: dict, damping: float) -> dict:
+    """(Â⁻¹, Ĝ⁻¹) from the current estimates with π-damping, in float64 by dense inversion."""
+    out = {}
+    for name, f in factors.items():
+        if "A" not in f:
+            continue
+        a, g = f["A"].double(), f["G"].double()
+        pi = math.sqrt((torch.trace(a) / a.shape[0]) / (torch.trace(g) / g.shape[0]))
+        eye_a, eye_g = torch.eye(a.shape[0], dtype=a.dtype), torch.eye(g.shape[0], dtype=g.dtype)
+        out[name] = (torch.linalg.inv(a + pi * math.sqrt(damping) * eye_a), torch.linalg.inv(g + math.sqrt(damping) / pi * eye_g))
+    return out
+
+
+def test_stale_inverses_use_the_current_pi_and_damping(monkeypatch):
+    """On every step that refreshes a side of a layer, both of its inverses equal those built
+    from the current A and G with the current π and λ — also when only one side was refreshed,
+    and under a damping schedule. A side kept from an older refresh would carry the old π and λ."""
+    spies = Spies(monkeypatch)
+    model = make_model()
+    damping = lambda step: 1e-2 * (0.8 ** step)  # noqa: E731 — the schedule moves every step
+    opt = SPNGD(model, lr=0.0, fisher="emp", damping=damping, stale=StalePolicy(threshold=0.05, max_interval=8))
+    x, y1 = batch(1)
+    one_sided = compared = 0
+    for step in range(30):
+        spies.reset()
+        train_step(model, opt, x, y1 if step < 12 else (y1 + 2) % 5)
+        want = _damped_inverses_from_factors(opt.factors(), damping(step))
+        for layer, (a_inv, g_inv) in opt.inverses().items():
+            fresh = {n for lay, n in spies.stats if lay == layer}
+            if not fresh:
+                continue
+            one_sided += len(fresh) == 1
+            compared += 1
+            torch.testing.assert_close(a_inv, want[layer][0], rtol=1e-9, atol=1e-12, msg=f"step {step}, {layer} A")
+            torch.testing.assert_close(g_inv, want[layer][1], rtol=1e-9, atol=1e-12, msg=f"step {step}, {layer} G")
+    assert one_sided >= 2 and compared >= 6, (one_sided, compared)
 
 
 def test_skipped_fractions_match_a_hand_count_fixed(monkeypatch):
