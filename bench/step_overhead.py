@@ -38,7 +38,9 @@ training step, but none can diverge over hundreds of steps on a few batches (a d
 skips its steps, which would make it look cheap). --lr trains for real; non-finite losses and
 skipped steps are reported and mark a row invalid either way.
 
-After the timed rounds a profiled run breaks each step into phases and sums the curvature phase
+The timing core (interleaved rounds, summary, table, targets) is :mod:`spngd_ext.bench.step`, shared
+with ``python -m spngd_ext.bench``; this script adds ASDL's K-FAC, Fashion-MNIST batches and the
+profiled breakdown. After the timed rounds a profiled run breaks each step into phases and sums the curvature phase
 (factor accumulation, finalize, inversion, preconditioning); how, in bench/step_profile.py.
 
 --model resnet50 is ``spngd_ext.train.models.resnet50`` (torchvision's ResNet-50 v1.5 layer shapes,
@@ -50,25 +52,26 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
 import platform
 import shlex
 import sys
-import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from spngd_ext.bench.step import (  # noqa: E402  (the timing core, shared with python -m spngd_ext.bench)
+    PERIOD,
+    Config,
+    run_rounds,
+    summarise,
+    targets,
+    timing_table,
+)
 from spngd_ext.train.models import count_parameters, resnet50, small_bn_cnn  # noqa: E402
 from spngd_ext.train.baselines import (  # noqa: E402
     OptimizerSettings,
@@ -83,13 +86,10 @@ from step_profile import (  # noqa: E402
     curvature_phase,
     curvature_table,
     curvature_targets,
-    fmt,
     profile_configs,
-    sync as _sync,
     top_ops_text,
 )
 
-PERIOD = 100  # longest refresh period among the configurations (inverses every 100 steps)
 ALL_CONFIGS = ("sgd", "spngd-every-step", "spngd-10/100", "spngd-stale", "asdl-every-step", "asdl-10/100")
 BACKEND_CONFIGS = {"spngd-every-step-cuda": "cuda", "spngd-every-step-torch": "torch"}  # opt-in
 KNOWN_CONFIGS = ALL_CONFIGS + tuple(BACKEND_CONFIGS)
@@ -125,7 +125,7 @@ def environment(args: argparse.Namespace, argv: list[str]) -> dict:
     }
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name(0)
-    from spngd_ext._extension import extension_error, extension_loaded
+    from spngd_ext.ops.extension import extension_error, extension_loaded
 
     env["extension_loaded"] = extension_loaded()
     if not env["extension_loaded"]:
@@ -197,76 +197,21 @@ def make_batches(kind: str, batch: int, n: int, example_shape: tuple[int, ...], 
 # configurations
 
 
-@dataclass
-class Config:
-    name: str
-    kind: str  # "sgd" | "spngd" | "asdl"
-    train_step: object  # the registry's TrainStep
-    times: list[float] = field(default_factory=list)
-    cpu_times: list[float] = field(default_factory=list)  # process CPU time (all threads)
-    step_kinds: list[str] = field(default_factory=list)
-    losses: list[torch.Tensor] = field(default_factory=list)
-    counters_start: dict = field(default_factory=dict)
-    counters_end: dict = field(default_factory=dict)
-    final_intervals: dict | None = None  # SP-NGD: refresh interval of every statistic at the end
+def _asdl_config(name: str, step) -> Config:
+    """ASDL's K-FAC as a timed configuration: its own call sequence is the whole step."""
+    grad_maker = step.grad_maker
 
-    @property
-    def model(self) -> nn.Module:
-        return self.train_step.model
+    def next_kind() -> str:
+        curv = grad_maker.do_update_curvature()
+        inv = curv if not grad_maker.do_accumulate else grad_maker.do_update_preconditioner()
+        return "factors+inverse" if inv else ("factors" if curv else "plain")
 
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        return self.train_step.optimizer
+    return Config(name, "asdl", step.model, step.optimizer, step_fn=lambda x, y: step(x, y)[0], next_kind_fn=next_kind,
+                  counters_fn=lambda: {"steps": grad_maker.state["step"], "factor_updates": step.curvature_updates})
 
-    def run(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One whole training step; returns the (detached) loss."""
-        if self.kind == "asdl":
-            with record_function("bench::asdl_step"):
-                loss, _ = self.train_step(x, y)  # ASDL's own call sequence (registry)
-            return loss
-        opt = self.optimizer
-        with record_function("bench::zero_grad"):
-            opt.zero_grad(set_to_none=True)
-        with record_function("bench::forward"):
-            out = self.model(x)
-            loss = F.cross_entropy(out, y)
-        with record_function("bench::backward"):
-            if self.kind == "spngd":
-                opt.backward(loss, out)
-            else:
-                loss.backward()
-        with record_function("bench::step"):
-            opt.step()
-        return loss.detach()
 
-    def next_step_kind(self) -> str:
-        """What the coming step will do: plain, factor refresh, or factor refresh + inversion."""
-        if self.kind == "asdl":
-            gm = self.train_step.grad_maker
-            curv = gm.do_update_curvature()
-            inv = curv if not gm.do_accumulate else gm.do_update_preconditioner()
-            return "factors+inverse" if inv else ("factors" if curv else "plain")
-        return "plain"
-
-    def refresh_counts(self) -> tuple[int, int]:
-        if self.kind != "spngd":
-            return (0, 0)
-        c = self.optimizer.counters
-        return c["factor_updates"], c["inverse_updates"]
-
-    @staticmethod
-    def kind_from_counts(before: tuple[int, int], after: tuple[int, int]) -> str:
-        if after[1] > before[1]:
-            return "factors+inverse"
-        return "factors" if after[0] > before[0] else "plain"
-
-    def counters(self) -> dict:
-        if self.kind == "spngd":
-            c = self.optimizer.counters
-            return {k: c[k] for k in ("steps", "factor_updates", "inverse_updates", "skipped_steps", "mc_backwards", "inversion_fallbacks")}
-        if self.kind == "asdl":
-            return {"steps": self.train_step.grad_maker.state["step"], "factor_updates": self.train_step.curvature_updates}
-        return {}
+def _config(name: str, kind: str, step) -> Config:
+    return Config(name, kind, step.model, step.optimizer)
 
 
 def build_configs(names: list[str], base: nn.Module, device: torch.device, lr: float, seed: int) -> tuple[list[Config], dict]:
@@ -276,26 +221,26 @@ def build_configs(names: list[str], base: nn.Module, device: torch.device, lr: f
         common = dict(lr=lr, momentum=0.9, weight_decay=5e-4, damping=1e-3, seed=seed)
         try:
             if name == "sgd":
-                cfg = Config(name, "sgd", build_train_step("sgd", model, OptimizerSettings(**common)))
+                cfg = _config(name, "sgd", build_train_step("sgd", model, OptimizerSettings(**common)))
             elif name == "spngd-every-step":
-                cfg = Config(name, "spngd", build_train_step("spngd", model, OptimizerSettings(**common, curvature_interval=1, inverse_interval=1)))
+                cfg = _config(name, "spngd", build_train_step("spngd", model, OptimizerSettings(**common, curvature_interval=1, inverse_interval=1)))
             elif name == "spngd-10/100":
-                cfg = Config(name, "spngd", build_train_step("spngd", model, OptimizerSettings(**common, curvature_interval=10, inverse_interval=100)))
+                cfg = _config(name, "spngd", build_train_step("spngd", model, OptimizerSettings(**common, curvature_interval=10, inverse_interval=100)))
             elif name in BACKEND_CONFIGS:
                 settings = OptimizerSettings(**common, curvature_interval=1, inverse_interval=1, backend=BACKEND_CONFIGS[name])
                 try:
-                    cfg = Config(name, "spngd", build_train_step("spngd", model, settings))
+                    cfg = _config(name, "spngd", build_train_step("spngd", model, settings))
                 except (RuntimeError, ValueError) as exc:  # backend="cuda" without kernels or GPU
                     raise OptimizerUnavailableError(str(exc).splitlines()[0]) from exc
             elif name == "spngd-stale":
-                cfg = Config(name, "spngd", build_train_step("spngd", model, OptimizerSettings(**common, stale=True, curvature_interval=100, inverse_interval=1)))
+                cfg = _config(name, "spngd", build_train_step("spngd", model, OptimizerSettings(**common, stale=True, curvature_interval=100, inverse_interval=1)))
             elif name == "asdl-every-step":
-                cfg = Config(name, "asdl", build_train_step("asdl-kfac", model, OptimizerSettings(**common, curvature_interval=1, inverse_interval=1)))
+                cfg = _asdl_config(name, build_train_step("asdl-kfac", model, OptimizerSettings(**common, curvature_interval=1, inverse_interval=1)))
             elif name == "asdl-10/100":
                 step = build_train_step("asdl-kfac", model, OptimizerSettings(**common, curvature_interval=100, inverse_interval=100))
                 step.config.curvature_upd_interval = 10
                 step.config.ema_decay = 1.0  # replace (no averaging); inversion every preconditioner_upd_interval
-                cfg = Config(name, "asdl", step)
+                cfg = _asdl_config(name, step)
             else:
                 raise SystemExit(f"unknown config {name!r}; choose from {', '.join(KNOWN_CONFIGS)}")
         except OptimizerUnavailableError as exc:
@@ -305,150 +250,6 @@ def build_configs(names: list[str], base: nn.Module, device: torch.device, lr: f
     if not configs or configs[0].name != "sgd":
         raise SystemExit("the sgd baseline must be among the configurations (it is the reference)")
     return configs, skipped
-
-
-# ------------------------------------------------------------------------------------------------
-# timing
-
-
-def run_rounds(configs: list[Config], batches, rounds: int, warmup: int, device: torch.device, log: Callable[[str], None]) -> float:
-    """Round-robin: one step of each configuration per round, order rotated each round."""
-    n = len(configs)
-    t_start = time.perf_counter()
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # collections at random points would land on random configurations
-    try:
-        for r in range(warmup + rounds):
-            if r == warmup:
-                for c in configs:
-                    c.counters_start = c.counters()
-            x, y = batches[r % len(batches)]
-            for k in range(n):
-                c = configs[(r + k) % n]
-                kind = c.next_step_kind()
-                before = c.refresh_counts()
-                _sync(device)
-                c0 = time.process_time()
-                t0 = time.perf_counter()
-                loss = c.run(x, y)
-                _sync(device)
-                dt = time.perf_counter() - t0
-                dc = time.process_time() - c0
-                if c.kind == "spngd":
-                    kind = c.kind_from_counts(before, c.refresh_counts())
-                if r >= warmup:
-                    c.times.append(dt)
-                    c.cpu_times.append(dc)
-                    c.step_kinds.append(kind)
-                    c.losses.append(loss)
-            if r % 10 == 9:
-                gc.collect()
-            if (r + 1) % max(1, (warmup + rounds) // 10) == 0:
-                log(f"    round {r + 1}/{warmup + rounds}  ({time.perf_counter() - t_start:.0f} s)")
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    for c in configs:
-        c.counters_end = c.counters()
-        if c.kind == "spngd":
-            c.final_intervals = c.optimizer.counters["intervals"]
-    return time.perf_counter() - t_start
-
-
-def bootstrap_ratio_ci(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% interval of mean(a)/mean(b), resampling rounds (pairs) with replacement."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(n, len(a)))
-    r = a[idx].mean(axis=1) / b[idx].mean(axis=1)
-    return float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))
-
-
-def summarise(configs: list[Config]) -> dict:
-    sgd = np.asarray(configs[0].times) * 1e3
-    sgd_cpu = np.asarray(configs[0].cpu_times) * 1e3
-    out = {}
-    for c in configs:
-        t = np.asarray(c.times) * 1e3
-        tc = np.asarray(c.cpu_times) * 1e3
-        losses = torch.stack(c.losses).float().cpu() if c.losses else torch.zeros(0)
-        finite = bool(torch.isfinite(losses).all())
-        start, end = c.counters_start, c.counters_end
-        window = {k: end[k] - start.get(k, 0) for k in end}
-        skipped = window.get("skipped_steps", 0)
-        by_kind = {}
-        for kind in sorted(set(c.step_kinds)):
-            sel = np.asarray([k == kind for k in c.step_kinds])
-            by_kind[kind] = {"steps": int(sel.sum()), "mean_ms": float(t[sel].mean()), "median_ms": float(np.median(t[sel]))}
-        lo, hi = bootstrap_ratio_ci(t, sgd)
-        out[c.name] = {
-            "steps": int(len(t)),
-            "median_ms": float(np.median(t)),
-            "mean_ms": float(t.mean()),
-            "p10_ms": float(np.percentile(t, 10)),
-            "p90_ms": float(np.percentile(t, 90)),
-            "min_ms": float(t.min()),
-            "max_ms": float(t.max()),
-            "ratio_mean": float(t.mean() / sgd.mean()),
-            "ratio_mean_ci95": [lo, hi],
-            "ratio_median": float(np.median(t) / np.median(sgd)),
-            "cpu_mean_ms": float(tc.mean()),
-            "cpu_ratio_mean": float(tc.mean() / sgd_cpu.mean()) if sgd_cpu.mean() > 0 else float("nan"),
-            "by_step_kind": by_kind,
-            "counters_in_window": window,
-            "final_intervals": c.final_intervals,
-            "final_loss": float(losses[-1]) if len(losses) else None,
-            "valid": finite and skipped == 0,
-            "times_ms": [round(float(v), 4) for v in t],
-        }
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# printing
-
-
-
-def timing_table(summary: dict, batch: int) -> str:
-    lines = [
-        f"#### Batch {batch}: whole training step (ms), interleaved, {next(iter(summary.values()))['steps']} timed steps each",
-        "",
-        "| config | median | mean | p10–p90 | mean / SGD mean (95% CI) | median / SGD median | CPU-time mean / SGD | mean by step kind | refreshes in window |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
-    ]
-    for name, s in summary.items():
-        kinds = ", ".join(f"{k} {v['mean_ms']:.1f}×{v['steps']}" for k, v in s["by_step_kind"].items())
-        w = s["counters_in_window"]
-        ref = f"f {w['factor_updates']}" + (f", inv {w['inverse_updates']}" if "inverse_updates" in w else "") if "factor_updates" in w else ""
-        if w.get("skipped_steps"):
-            ref += f", SKIPPED {w['skipped_steps']}"
-        flag = "" if s["valid"] else " (INVALID: non-finite loss or skipped steps)"
-        lo, hi = s["ratio_mean_ci95"]
-        lines.append(
-            f"| {name}{flag} | {fmt(s['median_ms'])} | {fmt(s['mean_ms'])} | {fmt(s['p10_ms'])}–{fmt(s['p90_ms'])} | "
-            f"**{s['ratio_mean']:.3f}×** ({lo:.3f}–{hi:.3f}) | {s['ratio_median']:.3f}× | {s['cpu_ratio_mean']:.3f}× | {kinds} | {ref} |"
-        )
-    return "\n".join(lines)
-
-
-
-def targets(summary: dict) -> list[dict]:
-    def r(name):
-        return summary[name]["ratio_mean"] if name in summary else None
-
-    res = []
-    if r("spngd-every-step") is not None:
-        res.append({"target": "spngd every-step mean ≤ 2.0× SGD", "value": r("spngd-every-step"), "met": r("spngd-every-step") <= 2.0})
-    cand = [(n, r(n)) for n in ("spngd-10/100", "spngd-stale") if r(n) is not None]
-    if cand:
-        best = min(cand, key=lambda t: t[1])
-        res.append({"target": "spngd 10/100 or stale mean ≤ 1.03× SGD", "value": best[1], "which": best[0], "met": best[1] <= 1.03})
-    for sp, asdl in (("spngd-every-step", "asdl-every-step"), ("spngd-10/100", "asdl-10/100")):
-        if sp in summary and asdl in summary:
-            speed = summary[asdl]["mean_ms"] / summary[sp]["mean_ms"]
-            res.append({"target": f"{asdl} / {sp} mean ≥ 1.5 (SP-NGD faster)", "value": speed, "met": speed >= 1.5})
-    return res
-
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,6 +4,11 @@
 or its string value: ``"auto"`` takes the kernel when the extension is loaded, a GPU is visible,
 every tensor is on it and every dtype is one the kernel takes; ``"cuda"`` insists on the kernel and
 raises (naming the op) when it cannot be used; ``"torch"`` always takes :mod:`spngd_ext.ops.torch_path`.
+
+The first time a kernel is chosen for an (op, device, dtypes, layouts) in a process,
+:func:`spngd_ext.kernel_guard.admit` compares it with the PyTorch path on a small input; a kernel
+that fails runs its PyTorch path under "auto" (with one warning) and raises under "cuda".
+``SPNGD_KERNEL_GUARD=0`` turns that check off.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .. import kernel_guard
 from ..options import Backend
 from .extension import cuda_ops_available, extension_loaded
 
@@ -50,12 +56,14 @@ def use_kernel(
 
     Raises:
         RuntimeError: ``backend="cuda"`` without the built extension or without a visible GPU.
+        KernelCheckError: ``backend="cuda"`` and the kernel failed its first-use check
+            (:mod:`spngd_ext.kernel_guard`; under "auto" the op falls back to PyTorch instead).
         ValueError: ``backend="cuda"`` with a tensor off the GPU, or an unknown backend.
     """
     backend = as_backend(backend, op)
     if backend is Backend.TORCH or not tensors:
         return False
-    on_cuda = all(t.is_cuda for t in tensors)
+    on_cuda = all(on_kernel_device(t) for t in tensors)
     dtypes_ok = all(t.dtype in kernel_dtypes for t in tensors)
     if backend is Backend.CUDA:
         if not cuda_ops_available():
@@ -73,5 +81,14 @@ def use_kernel(
                 f"{op}: backend='cuda' kernel takes {[str(d) for d in kernel_dtypes]}, got {got}; "
                 "use backend='auto' or 'torch'"
             )
-        return True
-    return on_cuda and dtypes_ok and cuda_ops_available()
+        return kernel_guard.admit(op, backend, tensors)  # raises if the kernel failed its first-use check
+    return on_cuda and dtypes_ok and cuda_ops_available() and kernel_guard.admit(op, backend, tensors)
+
+
+def on_kernel_device(t: Tensor) -> bool:
+    """Whether ``t`` is where the kernels run (a CUDA device). The guard's CPU tests replace it.
+
+    Args:
+        t: one of an op's tensor arguments.
+    """
+    return t.is_cuda

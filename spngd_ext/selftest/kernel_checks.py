@@ -1,0 +1,461 @@
+"""The compiled kernels (``torch.ops.spngd_ext.*``) against the float64 PyTorch path, on a GPU.
+
+Inputs are random tensors of many shapes (odd sizes, 1x1, single rows, sizes off the tile grids),
+chosen with the launch plans of csrc/cuda (mirrored below and asserted for this card) so that every
+tiling, row-split and panel path runs: 64- and 128-wide SYRK tiles with and without row splits, the
+conv loader in NCHW and channels-last, the shared-memory Cholesky below, at and above its 32-column
+panel width and the ATen path, BatchNorm with one and several blocks per channel. Outputs are
+compared as ‖out − ref‖ / ‖ref‖ after checking they are finite: in-place states are poisoned with
+NaN when decay = 0, fresh outputs by leaving NaN blocks in the caching allocator, so an unwritten
+element fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+from typing import Callable
+
+import torch
+
+from .. import ops
+from ..ops import torch_path as ref
+from .runner import Check
+
+__all__ = ["kernel_checks", "syrk_plan", "bn_plan", "FACTOR_CASES", "CONV_CASES", "BN_SHAPES", "CHOLESKY_SIZES"]
+
+DEV = "cuda"
+SIZES = [1, 2, 3, 17, 31, 32, 33, 64, 65, 127, 130, 257]
+CHOLESKY_SIZES = SIZES  # panel width 32: below, at, above, several panels; 257 > the default kernel limit
+TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+FACTOR_CASES = [(rows, d) for rows, d in itertools.product([1, 7, 300], SIZES)] + [
+    (1000, 513), (257, 600), (20000, 65), (40000, 520), (0, 17)]
+CONV_CASES = [  # N, C, H, W, kernel, stride, padding, dilation, bias
+    (1, 1, 1, 1, (1, 1), (1, 1), (0, 0), (1, 1), False),
+    (2, 3, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1), True),
+    (3, 5, 11, 7, (3, 2), (2, 1), (1, 0), (1, 2), True),
+    (2, 4, 8, 8, (1, 1), (1, 1), (0, 0), (1, 1), True),
+    (2, 16, 14, 14, (3, 3), (2, 2), (1, 1), (1, 1), False),
+    (1, 3, 32, 32, (7, 7), (2, 2), (3, 3), (1, 1), False),
+    (2, 6, 10, 12, (3, 3), (1, 1), (2, 2), (2, 2), True),
+    (4, 2, 32, 32, (3, 3), (1, 1), (1, 1), (1, 1), True),   # few tiles, many rows: split path
+    (2, 70, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1), True),    # d = 631: 128-wide tiles
+]
+BN_SHAPES = [(1, 1, 1, 1), (2, 3), (4, 5, 7, 7), (3, 8, 1, 1), (32, 64, 16, 16), (5, 3, 3, 5), (2, 2, 2),
+             (256, 4, 8, 8), (7, 33, 40), (1, 2048)]
+
+
+# ------------------------------------------------------------------------------------------------
+# launch plans (mirrors of plan_syrk in syrk_tiles.cuh and plan_bn_fisher in batchnorm_kernels.cuh)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def syrk_plan(d: int, rows: int, sm_count: int, max_ws: int) -> tuple[bool, int]:
+    """(128-wide tiles?, row splits) of one SYRK launch."""
+    np_ = d * (d + 1) // 2
+    large = d >= 512
+    nt = _cdiv(d, 128 if large else 64)
+    tiles = nt * (nt + 1) // 2
+    target = (2 if large else 4) * sm_count
+    splits = 1
+    if tiles < target and rows > 0:
+        splits = max(1, min(_cdiv(target, tiles), _cdiv(rows, 128), max_ws // np_ if np_ > 0 else 1))
+    if splits > 1:
+        splits = _cdiv(rows, _cdiv(_cdiv(rows, splits), 8) * 8)
+    return large, splits
+
+
+def bn_plan(n: int, c: int, hw: int, sm_count: int) -> tuple[int, int]:
+    """(lanes per plane, blocks per channel) of one bn_unitwise_fisher launch."""
+    sub = 32
+    while sub > hw:
+        sub >>= 1
+    g = min(_cdiv(n, 256 // sub), max(1, _cdiv(4 * sm_count, c)))
+    return sub, _cdiv(n, _cdiv(n, g))
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _seeded(*key) -> None:
+    torch.manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _check(out: torch.Tensor, expect: torch.Tensor, tol: float, what: str) -> None:
+    if out.shape != expect.shape:
+        raise AssertionError(f"{what}: shape {tuple(out.shape)}, expected {tuple(expect.shape)}")
+    out, expect = out.double(), expect.double()
+    if not torch.isfinite(out).all():
+        raise AssertionError(f"{what}: non-finite entries (unwritten or poisoned)")
+    den = expect.norm().item()
+    err = (out - expect).norm().item() / (den if den > 0 else 1.0)
+    if not err <= tol:
+        raise AssertionError(f"{what}: relative error {err:.3e} > {tol:.1e}")
+
+
+def _poison_allocator(*shapes_dtypes) -> None:
+    """Leave NaN-filled free blocks for the next allocations to reuse."""
+    blocks = [torch.full(shape, float("nan") if dt.is_floating_point else -(2**31), dtype=dt, device=DEV)
+              for shape, dt in shapes_dtypes]
+    del blocks
+
+
+def _spd(batch: int, n: int, dtype: torch.dtype, shift: float = 0.05) -> torch.Tensor:
+    x = torch.randn(batch, 2 * n + 2, n, dtype=torch.float64, device=DEV)
+    m = x.mT @ x / (2 * n + 2) + shift * torch.eye(n, dtype=torch.float64, device=DEV)
+    return m.to(dtype).contiguous()
+
+
+def _ref_state(fn: Callable, state: torch.Tensor, *args) -> torch.Tensor:
+    s = state.double().clone()
+    fn(s, *args)
+    return s
+
+
+def _sm_count() -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count
+
+
+# ------------------------------------------------------------------------------------------------
+# pack / unpack
+
+
+def _cast_tol(src: torch.dtype, out: torch.dtype) -> float:
+    if out in (src, torch.float64) or (out == torch.float32 and src in (torch.bfloat16, torch.float16)):
+        return 0.0
+    return 1e-7 if out == torch.float32 else TOL[out]
+
+
+def check_pack_upper(k) -> str:
+    n = 0
+    for sizes in ([1], [2, 3], [17, 31, 32, 33], [64, 65, 127, 130], [257]):
+        for src, out_dtype in [(a, b) for a in DTYPES for b in DTYPES] + [(torch.float32, None)]:
+            _seeded("pack", tuple(sizes), src, out_dtype)
+            mats = [torch.randn(s, s, device=DEV).to(src) for s in sizes]
+            total = sum(ref.packed_size(s) for s in sizes)
+            _poison_allocator(((total,), out_dtype or src))
+            out = k.pack_upper(mats, out_dtype)
+            if out.dtype != (out_dtype or src):
+                raise AssertionError(f"pack {sizes} {src}->{out_dtype}: result dtype {out.dtype}")
+            _check(out, ref.pack_upper([m.double() for m in mats]), _cast_tol(src, out.dtype), f"pack {sizes} {src}->{out_dtype}")
+            n += 1
+    big = torch.randn(80, 90, device=DEV)
+    mats = [big[3:40, 5:42], torch.randn(33, 33, device=DEV).t(), torch.randn(5, 5, device=DEV, dtype=torch.float64),
+            torch.randn(130, 130, device=DEV).to(torch.bfloat16)]
+    _check(k.pack_upper(mats, torch.float32), ref.pack_upper([m.double() for m in mats]), 1e-7, "strided, mixed-dtype pack")
+    return f"{n + 1} cases"
+
+
+def check_unpack_upper(k) -> str:
+    n = 0
+    pairs = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+             (torch.float16, torch.float16), (torch.float64, torch.float64), (torch.float32, torch.float64)]
+    for sizes, (buf_dtype, out_dtype), offset in itertools.product(
+            ([1], [3, 1, 2], [17, 31, 32, 33], [64, 65, 127], [130, 257]), pairs, (0, 7)):
+        _seeded("unpack", tuple(sizes), buf_dtype, out_dtype, offset)
+        total = offset + sum(ref.packed_size(s) for s in sizes) + 5
+        buf = torch.randn(total, device=DEV).to(buf_dtype)
+        scale = torch.rand(len(sizes), device=DEV) * 2 - 0.5
+        _poison_allocator(*[((s, s), out_dtype) for s in sizes])
+        outs = k.unpack_upper(buf, sizes, scale, offset, out_dtype)
+        expect = ref.unpack_upper(buf.double(), sizes, scale=scale.double(), dtype=torch.float64, offset=offset)
+        for s, o, e in zip(sizes, outs, expect):
+            what = f"unpack {sizes} {buf_dtype}->{out_dtype} offset {offset} n={s}"
+            if o.dtype != out_dtype or not torch.equal(o, o.mT):
+                raise AssertionError(f"{what}: dtype {o.dtype} or not exactly symmetric")
+            _check(o, e, 1e-7 if out_dtype in (torch.float32, torch.float64) else TOL[out_dtype], what)
+        n += 1
+    return f"{n} cases"
+
+
+def check_pack_many(k) -> str:
+    """More matrices than one launch's table holds (256): several launches, one result; round trip."""
+    _seeded("many")
+    sizes = [1, 2, 3, 5] * 80
+    mats = [torch.randn(s, s, device=DEV) for s in sizes]
+    packed = k.pack_upper(mats, None)
+    _check(packed, ref.pack_upper(mats), 0.0, "pack of 320 matrices")
+    scale = torch.rand(len(sizes), device=DEV) + 0.5
+    for i, (m, o) in enumerate(zip(mats, k.unpack_upper(packed, sizes, scale, 0, torch.float32))):
+        _check(o, (m.triu() + m.triu(1).mT) * scale[i], 1e-7, f"unpack #{i} of 320")
+    sym = [m + m.mT for m in (torch.randn(s, s, device=DEV) for s in (7, 64, 33, 1, 257))]
+    outs = k.unpack_upper(k.pack_upper(sym, None), [m.shape[0] for m in sym], torch.ones(5, device=DEV), 0, torch.float32)
+    if not all(torch.equal(m, o) for m, o in zip(sym, outs)):
+        raise AssertionError("pack then unpack does not return the symmetric matrices exactly")
+    return "320 matrices, round trip"
+
+
+# ------------------------------------------------------------------------------------------------
+# factors
+
+
+def check_accumulate_factor(k) -> str:
+    sm = _sm_count()
+    paths = set()
+    for (rows, d), decay in itertools.product(FACTOR_CASES, (0.0, 0.9)):
+        _seeded("factor", rows, d, decay)
+        x = torch.randn(rows, d, device=DEV)
+        np_ = ref.packed_size(d)
+        state = torch.full((np_,), float("nan"), device=DEV) if decay == 0 else torch.randn(np_, device=DEV)
+        expect = _ref_state(ref.accumulate_factor, state, x.double(), 0.5, decay)
+        k.accumulate_factor(state, x, 0.5, decay)
+        _check(state, expect, TOL[torch.float32], f"rows={rows} d={d} decay={decay}")
+        large, splits = syrk_plan(d, rows, sm, rows * d)
+        paths.add((large, splits > 1))
+    missing = {(a, b) for a in (False, True) for b in (False, True)} - paths
+    if missing:
+        raise AssertionError(f"the cases miss SYRK paths (128-wide, split) {sorted(missing)} on {sm} SMs")
+    for dtype, (rows, d) in itertools.product((torch.bfloat16, torch.float16), ((300, 33), (129, 130), (64, 600))):
+        _seeded("factor-half", dtype, rows, d)
+        x = torch.randn(rows, d, device=DEV).to(dtype)
+        state = torch.full((ref.packed_size(d),), float("nan"), device=DEV)
+        expect = _ref_state(ref.accumulate_factor, state, x.double(), 1.0 / rows, 0.0)
+        k.accumulate_factor(state, x, 1.0 / rows, 0.0)
+        _check(state, expect, TOL[torch.float32], f"{dtype} inputs rows={rows} d={d}")
+    x = torch.randn(70, 500, device=DEV).t()[::2]  # (250, 70), both strides non-unit
+    state = torch.zeros(ref.packed_size(70), device=DEV)
+    expect = _ref_state(ref.accumulate_factor, state, x.double(), 2.0, 0.0)
+    k.accumulate_factor(state, x, 2.0, 0.0)
+    _check(state, expect, TOL[torch.float32], "strided x")
+    return f"{2 * len(FACTOR_CASES) + 7} cases; 64/128-wide tiles with and without row splits"
+
+
+def check_conv_a_factor(k) -> str:
+    sm = _sm_count()
+    paths = set()
+    n_cases = 0
+    for case, layout, decay in itertools.product(CONV_CASES, ("nchw", "channels_last"), (0.0, 0.5)):
+        n, c, h, w, ks, s, p, dil, bias = case
+        _seeded("conv", case, layout, decay)
+        x = torch.randn(n, c, h, w, device=DEV)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        d = c * ks[0] * ks[1] + int(bias)
+        np_ = ref.packed_size(d)
+        state = torch.full((np_,), float("nan"), device=DEV) if decay == 0 else torch.randn(np_, device=DEV)
+        expect = _ref_state(ref.conv_a_factor, state, x.double(), ks, s, p, dil, bias, 0.25, decay)
+        k.conv_a_factor(state, x, list(ks), list(s), list(p), list(dil), bias, 0.25, decay)
+        _check(state, expect, TOL[torch.float32], f"conv {case} {layout} decay={decay}")
+        oh = (h + 2 * p[0] - dil[0] * (ks[0] - 1) - 1) // s[0] + 1
+        ow = (w + 2 * p[1] - dil[1] * (ks[1] - 1) - 1) // s[1] + 1
+        rows = n * oh * ow
+        large, splits = syrk_plan(d, rows, sm, rows * c // 2)
+        paths.add((large, splits > 1))
+        n_cases += 1
+    if (False, True) not in paths or not ((True, False) in paths or (True, True) in paths):
+        raise AssertionError(f"the conv cases miss a SYRK path on {sm} SMs: reached {sorted(paths)}")
+    _seeded("conv-bf16")
+    x = torch.randn(4, 8, 12, 12, device=DEV).to(torch.bfloat16)
+    state = torch.full((ref.packed_size(8 * 9 + 1),), float("nan"), device=DEV)
+    expect = _ref_state(ref.conv_a_factor, state, x.double(), (3, 3), (1, 1), (1, 1), (1, 1), True, 1.0, 0.0)
+    k.conv_a_factor(state, x, [3, 3], [1, 1], [1, 1], [1, 1], True, 1.0, 0.0)
+    _check(state, expect, TOL[torch.float32], "bf16 conv input")
+    return f"{n_cases + 1} cases; NCHW and channels-last, split and 128-wide tiles"
+
+
+# ------------------------------------------------------------------------------------------------
+# Cholesky
+
+
+def check_cholesky(k) -> str:
+    old = k.cholesky_kernel_max_n(-1)
+    n_cases = 0
+    try:
+        for path, limit in (("kernel", 10**6), ("aten", 0)):
+            k.cholesky_kernel_max_n(limit)  # the shared-memory kernel as far as it fits, or ATen
+            for n, dtype in itertools.product(CHOLESKY_SIZES, (torch.float32, torch.float64)):
+                _seeded("chol", n, dtype, path)
+                batch = 5 if n > 64 else 16
+                mats = _spd(batch, n, dtype)
+                damping = (torch.rand(batch, device=DEV, dtype=dtype) * 0.1).contiguous()
+                _poison_allocator(((batch, n, n), dtype), ((batch,), torch.int32))
+                inv, info = k.cholesky_inverse_damped(mats, damping)
+                expect, _ = ref.cholesky_inverse_damped(mats.double(), damping.double())
+                if info.dtype != torch.int32 or info.shape != (batch,) or not (info == 0).all():
+                    raise AssertionError(f"n={n} {dtype} {path}: info {info.tolist()}")
+                _check(inv, expect, 2e-4 if dtype == torch.float32 else 1e-10, f"n={n} {dtype} {path}")
+                n_cases += 1
+            mats = _spd(4, 37, torch.float32)
+            junk = mats.tril() + torch.full_like(mats, float("nan")).triu(1)
+            damping = torch.full((4,), 0.01, device=DEV)
+            inv, info = k.cholesky_inverse_damped(junk, damping)
+            expect, _ = ref.cholesky_inverse_damped(mats.double(), damping.double())
+            if not (info == 0).all():
+                raise AssertionError(f"{path}: NaN in the strict upper triangle was read")
+            _check(inv, expect, 2e-4, f"{path}: lower triangle only")
+            for n in (3, 33, 130):
+                good = _spd(6, n, torch.float32)
+                bad = good.clone()
+                bad[1] = -torch.eye(n, device=DEV)
+                bad[3, n // 2, 0] = bad[3, 0, n // 2] = float("nan")
+                bad[5, n - 1, n - 1] = float("inf")
+                damping = torch.full((6,), 0.05, device=DEV)
+                inv, info = k.cholesky_inverse_damped(bad, damping)
+                flags = (info != 0).tolist()
+                if flags != [False, True, False, True, False, True]:
+                    raise AssertionError(f"{path} n={n}: failure flags {flags}, expected matrices 1, 3, 5")
+                for b in (0, 2, 4):
+                    expect, _ = ref.cholesky_inverse_damped(good[b:b + 1].double(), damping[b:b + 1].double())
+                    _check(inv[b:b + 1], expect, 2e-4, f"{path} n={n}: good matrix {b} next to failed ones")
+            n_cases += 4
+        inv, info = k.cholesky_inverse_damped(torch.zeros(0, 4, 4, device=DEV), torch.zeros(0, device=DEV))
+        if inv.shape != (0, 4, 4) or info.shape != (0,):
+            raise AssertionError("empty batch")
+    finally:
+        k.cholesky_kernel_max_n(old)
+    return f"{n_cases + 1} cases; kernel (below, at, above the 32-wide panel) and ATen paths"
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchNorm
+
+
+def check_bn(k) -> str:
+    sm = _sm_count()
+    plans = set()
+    for shape, decay in itertools.product(BN_SHAPES, (0.0, 0.9)):
+        _seeded("bn", shape, decay)
+        g, xh = torch.randn(shape, device=DEV), torch.randn(shape, device=DEV)
+        c = shape[1]
+        state = torch.full((c, 3), float("nan"), device=DEV) if decay == 0 else torch.rand(c, 3, device=DEV)
+        expect = _ref_state(ref.bn_unitwise_fisher, state, g.double(), xh.double(), 0.5, decay)
+        k.bn_unitwise_fisher(state, g, xh, 0.5, decay)
+        _check(state, expect, TOL[torch.float32], f"bn {shape} decay={decay}")
+        hw = 1
+        for s in shape[2:]:
+            hw *= s
+        plans.add(bn_plan(shape[0], c, hw, sm)[1] > 1)
+    if plans != {False, True}:
+        raise AssertionError(f"the BatchNorm shapes miss the one- or several-blocks-per-channel path on {sm} SMs")
+    for dtype in (torch.bfloat16, torch.float16):
+        g, xh = torch.randn(16, 24, 9, 9, device=DEV).to(dtype), torch.randn(16, 24, 9, 9, device=DEV).to(dtype)
+        state = torch.full((24, 3), float("nan"), device=DEV)
+        expect = _ref_state(ref.bn_unitwise_fisher, state, g.double(), xh.double(), 1.0, 0.0)
+        k.bn_unitwise_fisher(state, g, xh, 1.0, 0.0)
+        _check(state, expect, TOL[torch.float32], f"bn {dtype} inputs")
+    for channels in (1, 5, 300):
+        _seeded("bn-solve", channels)
+        a, d = torch.rand(channels, device=DEV) + 0.1, torch.rand(channels, device=DEV) + 0.1
+        b = (torch.rand(channels, device=DEV) * 2 - 1) * (a * d).sqrt() * 0.9
+        fisher = torch.stack([a, b, d], dim=1).contiguous()
+        if channels >= 5:
+            fisher[1] = torch.tensor([1.0, 1.0, 1.0])
+            fisher[3] = torch.tensor([float("nan"), 0.0, 1.0])
+        gg, gb = torch.randn(channels, device=DEV), torch.randn(channels, device=DEV)
+        for damping in (0.0, 1e-3):
+            _poison_allocator(((channels,), torch.float32), ((channels,), torch.float32))
+            ug, ub = k.bn_unitwise_solve(fisher, gg, gb, damping)
+            eg, eb = ref.bn_unitwise_solve(fisher.double(), gg.double(), gb.double(), damping)
+            _check(ug, eg, 2e-4, f"solve C={channels} damping={damping} gamma")
+            _check(ub, eb, 2e-4, f"solve C={channels} damping={damping} beta")
+            if channels >= 5 and damping == 0.0 and not (ug[1] == gg[1] and ub[3] == gb[3]):
+                raise AssertionError("a singular or NaN block must keep the plain gradient")
+    return f"{2 * len(BN_SHAPES) + 2} fisher cases (one and several blocks per channel), 6 solves"
+
+
+# ------------------------------------------------------------------------------------------------
+# seams
+
+
+def check_error_cases(k) -> str:
+    from .op_error_cases import run_in_child
+
+    ran, expected, error = run_in_child("cuda", timeout_s=120)
+    if error or ran != expected:
+        raise AssertionError(error or f"{ran} of {expected} cases ran")
+    return f"{ran} cases raised the right error"
+
+
+def check_no_host_sync(k) -> str:
+    mats = _spd(4, 40, torch.float32)
+    damping = torch.full((4,), 0.01, device=DEV)
+    x = torch.randn(64, 40, device=DEV)
+    state = torch.zeros(ref.packed_size(40), device=DEV)
+    conv_state = torch.zeros(ref.packed_size(3 * 9 + 1), device=DEV)
+    img = torch.randn(2, 3, 8, 8, device=DEV)
+    bn_state = torch.zeros(5, 3, device=DEV)
+    g = torch.randn(64, 5, 4, 4, device=DEV)
+    old = k.cholesky_kernel_max_n(-1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        k.unpack_upper(k.pack_upper([mats[0], mats[1]], torch.bfloat16), [40, 40], torch.ones(2, device=DEV), 0, torch.float32)
+        k.accumulate_factor(state, x, 1.0, 0.5)
+        k.conv_a_factor(conv_state, img, [3, 3], [1, 1], [1, 1], [1, 1], True, 1.0, 0.0)
+        k.bn_unitwise_fisher(bn_state, g, g, 1.0, 0.0)
+        k.bn_unitwise_solve(bn_state, bn_state[:, 0].contiguous(), bn_state[:, 1].contiguous(), 1e-3)
+        for limit in (10**6, 0):
+            k.cholesky_kernel_max_n(limit)
+            k.cholesky_inverse_damped(mats, damping)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        k.cholesky_kernel_max_n(old)
+    return "every op, both Cholesky paths"
+
+
+def check_python_seam(k) -> str:
+    """spngd_ext.ops with backend='cuda' and 'torch' agree (the dispatch passes the right arguments)."""
+    _seeded("seam")
+    x = torch.randn(50, 20, device=DEV)
+    s_cuda, s_torch = torch.zeros(210, device=DEV), torch.zeros(210, device=DEV)
+    ops.accumulate_factor(s_cuda, x, scale=0.1, decay=0.0, backend="cuda")
+    ops.accumulate_factor(s_torch, x, scale=0.1, decay=0.0, backend="torch")
+    _check(s_cuda, s_torch, 1e-5, "accumulate_factor via spngd_ext.ops")
+    (full,) = ops.unpack_upper(ops.pack_upper([torch.eye(3, device=DEV)], backend="cuda"), [3], scale=2.0, backend="cuda")
+    if not torch.equal(full, 2 * torch.eye(3, device=DEV)):
+        raise AssertionError("pack/unpack via spngd_ext.ops")
+    m = _spd(2, 10, torch.float32)
+    inv_c, info_c = ops.cholesky_inverse_damped(m, 0.01, backend="cuda")
+    inv_t, info_t = ops.cholesky_inverse_damped(m, 0.01, backend="torch")
+    if not ((info_c == 0).all() and (info_t == 0).all()):
+        raise AssertionError("cholesky via spngd_ext.ops flagged a positive definite matrix")
+    _check(inv_c, inv_t, 1e-4, "cholesky via spngd_ext.ops")
+    return "accumulate_factor, pack/unpack, cholesky"
+
+
+def check_first_use_guard(k) -> str:
+    """The first-use checks of spngd_ext.kernel_guard pass on this card for every op and kernel dtype
+    (a false alarm would quietly move an op to the PyTorch path)."""
+    from .. import kernel_guard
+
+    z = lambda *shape, dtype=torch.float32, **kw: torch.zeros(*shape, dtype=dtype, device=DEV, **kw)  # noqa: E731
+    probes = []
+    for dt in DTYPES:
+        probes += [("pack_upper", [z(4, 4, dtype=dt)]), ("unpack_upper", [z(10, dtype=dt)])]
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        probes += [("accumulate_factor", [z(10), z(3, 4, dtype=dt)]),
+                   ("accumulate_factor", [z(10), z(4, 3, dtype=dt).t()]),
+                   ("conv_a_factor", [z(10), z(2, 3, 5, 5, dtype=dt)]),
+                   ("conv_a_factor", [z(10), z(2, 3, 5, 5, dtype=dt).contiguous(memory_format=torch.channels_last)]),
+                   ("bn_unitwise_fisher", [z(4, 3), z(2, 4, 3, 3, dtype=dt), z(2, 4, 3, 3, dtype=dt)])]
+    probes += [("cholesky_inverse_damped", [z(2, 3, 3, dtype=dt)]) for dt in (torch.float32, torch.float64)]
+    probes.append(("bn_unitwise_solve", [z(4, 3), z(4), z(4)]))
+    failed = [f"{op} {[str(t.dtype)[6:] for t in ts]}: {err}" for op, ts in probes
+              if (err := kernel_guard.check_op(op, ts)) is not None]
+    if failed:
+        raise AssertionError(f"{len(failed)} of {len(probes)} first-use checks failed: " + "; ".join(failed[:3]))
+    return f"{len(probes)} op/dtype/layout checks"
+
+
+def kernel_checks() -> list[Check]:
+    """The GPU checks, in order (each needs a CUDA GPU and the built extension)."""
+    k = torch.ops.spngd_ext
+    named = [
+        ("pack_upper: sizes x dtypes, strided and mixed inputs", check_pack_upper),
+        ("unpack_upper: sizes x dtypes x offsets", check_unpack_upper),
+        ("pack/unpack: 320 matrices (several launches), round trip", check_pack_many),
+        ("accumulate_factor: every tiling and split path", check_accumulate_factor),
+        ("conv_a_factor: geometries x layouts, split path", check_conv_a_factor),
+        ("cholesky_inverse_damped: panel and ATen paths, failures", check_cholesky),
+        ("bn_unitwise_fisher / bn_unitwise_solve", check_bn),
+        ("raw-op argument checks (child process)", check_error_cases),
+        ("no op synchronises with the host", check_no_host_sync),
+        ("spngd_ext.ops backend='cuda' equals backend='torch'", check_python_seam),
+        ("first-use guard passes every op and dtype", check_first_use_guard),
+    ]
+    return [Check(name, (lambda fn=fn: fn(k)), "kernels") for name, fn in named]
