@@ -1,11 +1,24 @@
-"""Hyperparameters of SPNGD as a frozen, validated dataclass, and the enums for its strategies."""
+"""Every hyperparameter of SPNGD, defined once: :class:`SPNGDOptions`, and the enums for its strategies.
+
+``SPNGD(model, **options)`` builds an :class:`SPNGDOptions` from its keyword arguments, so the
+field list below is the optimizer's keyword API (names, defaults, validation and the ``ValueError``
+messages naming the argument). The training CLI generates its SP-NGD flags from the same fields
+(``--<name-with-dashes>``, type from the annotation, help from ``metadata["help"]``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
-from dataclasses import dataclass
-from typing import Callable, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+import torch
+
+from .refresh import StalePolicy
+
+__all__ = ["Backend", "DampingSchedule", "FisherType", "SPNGDOptions", "options_doc"]
 
 DampingSchedule = Union[float, Callable[[int], float]]
 
@@ -18,9 +31,18 @@ class FisherType(str, enum.Enum):
 
 
 class Backend(str, enum.Enum):
+    """Where the curvature ops run; every op accepts the enum or its string value.
+
+    AUTO: the CUDA kernels when the extension is built and the tensors are on a GPU, else PyTorch.
+    CUDA: the kernels or an error. TORCH: always the pure-PyTorch path.
+    """
+
     AUTO = "auto"
     CUDA = "cuda"
     TORCH = "torch"
+
+
+_COMM_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_number(name: str, value: object, *, low: float | None = None, high: float | None = None,
@@ -34,38 +56,82 @@ def _check_number(name: str, value: object, *, low: float | None = None, high: f
     return float(value)
 
 
+def _check_group_value(name: str, value: object, high: float | None) -> float:
+    """lr, momentum, weight_decay: a finite number >= 0 (and < high)."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0.0
+            or (high is not None and value >= high)):
+        bound = ">= 0.0" + (f" and < {high}" if high is not None else "")
+        raise ValueError(f"SPNGD: {name} must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
 def _check_interval(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"SPNGD: {name} must be an integer >= 1, got {value!r}")
     return value
 
 
-@dataclass(frozen=True)
-class CurvatureOptions:
-    """Everything about the curvature estimate that is fixed for a run (lr & co. live in param_groups)."""
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
 
-    damping: DampingSchedule = 1e-3
-    fisher: FisherType = FisherType.MC
-    mc_samples: int = 1
-    ema_decay: float | None = None
-    curvature_interval: int = 1
-    inverse_interval: int = 1
-    kl_clip: float | None = None
-    backend: Backend = Backend.AUTO
-    check_finite: bool = True
-    max_inverse_retries: int = 3
+
+@dataclass(frozen=True)
+class SPNGDOptions:
+    """The hyperparameters of one SPNGD run, validated on construction (``ValueError`` naming the field).
+
+    lr, momentum and weight_decay become the param_groups' defaults (schedulers change them there);
+    everything else is fixed for the run.
+    """
+
+    lr: float = field(default=0.1, metadata=_help("learning rate (param_groups default)"))
+    momentum: float = field(default=0.9, metadata=_help("momentum of the torch-SGD update (param_groups default)"))
+    weight_decay: float = field(default=0.0, metadata=_help("L2 weight decay added to the update (param_groups default)"))
+    damping: DampingSchedule = field(default=1e-3, metadata=_help(
+        "Tikhonov damping λ > 0, split between the Kronecker factors by π; or a callable step -> λ"))
+    fisher: FisherType = field(default=FisherType.MC, metadata=_help(
+        "curvature labels: 'mc' samples them from the model (true Fisher), 'emp' uses the training labels"))
+    mc_samples: int = field(default=1, metadata=_help("sampled-label backwards per refresh (fisher='mc')"))
+    ema_decay: float | None = field(default=None, metadata=_help(
+        "factor EMA decay b in [0, 1) (estimate = b·old + (1−b)·new, bias-corrected); None: replace"))
+    curvature_interval: int = field(default=1, metadata=_help(
+        "refresh the curvature statistics every k steps (with stale: the default interval cap)"))
+    inverse_interval: int = field(default=1, metadata=_help(
+        "invert the factors every k steps (a multiple of curvature_interval, or smaller)"))
+    kl_clip: float | None = field(default=None, metadata=_help(
+        "scale the update so that Σ lr²·⟨U, ∇⟩ <= kl_clip; None: no clipping"))
+    backend: Backend = field(default=Backend.AUTO, metadata=_help(
+        "curvature ops: 'auto' (kernels on GPU), 'cuda' (kernels or error), 'torch' (pure PyTorch)"))
+    stale: bool | StalePolicy = field(default=False, metadata=_help(
+        "adaptive stale statistics: True (default StalePolicy) or a StalePolicy; False: fixed schedule"))
+    momentum_correction: bool = field(default=False, metadata=_help(
+        "scale the momentum by η_t/η_{t−1} when the learning rate drops"))
+    weight_rescale: bool = field(default=False, metadata=_help(
+        "rescale Linear/Conv2d weights whose norm exceeds sqrt(2·fan_out) after each step"))
+    check_finite: bool = field(default=True, metadata=_help(
+        "skip a step whose gradients or statistics are not finite (one host sync per step)"))
+    max_inverse_retries: int = field(default=3, metadata=_help(
+        "retries of a failed factor inversion, each with 10x the damping"))
+    seed: int | None = field(default=None, metadata=_help("seed of the sampled labels; None: from torch.initial_seed()"))
+    comm_dtype: torch.dtype | None = field(default=None, metadata=_help(
+        "dtype of the curvature statistics on the wire (float32, bfloat16, float16); None: float32", cli=False))
 
     def __post_init__(self) -> None:
-        if callable(self.damping):
-            pass
-        else:
+        set_ = object.__setattr__
+        set_(self, "lr", _check_group_value("lr", self.lr, None))
+        set_(self, "momentum", _check_group_value("momentum", self.momentum, 1.0))
+        set_(self, "weight_decay", _check_group_value("weight_decay", self.weight_decay, None))
+        if self.comm_dtype not in _COMM_DTYPES:
+            raise ValueError(
+                f"SPNGD: comm_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {self.comm_dtype!r}"
+            )
+        if not callable(self.damping):
             _check_number("damping", self.damping, low=0.0, low_open=True)
         try:
-            object.__setattr__(self, "fisher", FisherType(self.fisher))
+            set_(self, "fisher", FisherType(self.fisher))
         except ValueError:
             raise ValueError(f"SPNGD: fisher must be 'mc' or 'emp', got {self.fisher!r}") from None
         try:
-            object.__setattr__(self, "backend", Backend(self.backend))
+            set_(self, "backend", Backend(self.backend))
         except ValueError:
             raise ValueError(f"SPNGD: backend must be 'auto', 'cuda' or 'torch', got {self.backend!r}") from None
         _check_interval("mc_samples", self.mc_samples)
@@ -83,6 +149,33 @@ class CurvatureOptions:
             _check_number("kl_clip", self.kl_clip, low=0.0, low_open=True)
         if not isinstance(self.max_inverse_retries, int) or self.max_inverse_retries < 0:
             raise ValueError(f"SPNGD: max_inverse_retries must be an integer >= 0, got {self.max_inverse_retries!r}")
+        if not isinstance(self.stale, (bool, StalePolicy)):
+            raise ValueError(f"SPNGD: stale must be a bool or a StalePolicy, got {self.stale!r}")
+        set_(self, "momentum_correction", bool(self.momentum_correction))
+        set_(self, "weight_rescale", bool(self.weight_rescale))
+        if self.seed is not None:
+            set_(self, "seed", int(self.seed))
+
+    @classmethod
+    def from_kwargs(cls, options: dict[str, Any]) -> SPNGDOptions:
+        """Options from keyword arguments; ``TypeError`` naming an unknown one (as a signature would).
+
+        Args:
+            options: keyword arguments, each the name of a field.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise TypeError(f"SPNGD got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+                            f"the options are {', '.join(sorted(names))}")
+        return cls(**options)
+
+    @property
+    def stale_policy(self) -> StalePolicy | None:
+        """The adaptive refresh policy, or None for the fixed schedule."""
+        if self.stale is True:
+            return StalePolicy()
+        return self.stale or None
 
     def damping_at(self, step: int) -> float:
         """λ for a step (schedules are called with the 0-based step index)."""
@@ -90,3 +183,20 @@ class CurvatureOptions:
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(f"SPNGD: damping schedule returned {value!r} at step {step}; expected a finite number > 0")
         return float(value)
+
+
+def options_doc(indent: str = "        ") -> str:
+    """The ``Args:`` lines of every option (name, default, help), for docstrings.
+
+    Args:
+        indent: the indentation of each line.
+    """
+    lines = []
+    for f in dataclasses.fields(SPNGDOptions):
+        default = f.default.value if isinstance(f.default, enum.Enum) else f.default
+        lines.append(f"{indent}{f.name} (default {default!r}): {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+# Kept for callers that name the curvature part of the options.
+CurvatureOptions = SPNGDOptions

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spngd_ext import SPNGD
-from spngd_ext.stale import StalePolicy
+from spngd_ext.refresh import StalePolicy
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("float64_default")]
 

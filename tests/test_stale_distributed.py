@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spngd_ext import SPNGD
-from spngd_ext.stale import StalePolicy
+from spngd_ext.refresh import StalePolicy
 
 WORLD = 2
 DEADLINE = 150.0  # seconds for the whole spawned world (process start is a few seconds each)

@@ -6,7 +6,7 @@ import warnings
 
 from torch import nn
 
-from .base import CurvatureLayer, KroneckerLayer, StatSpec
+from .base import CurvatureLayer, KroneckerLayer, LayerCurvature, StatSpec
 from .batchnorm import BatchNormCurvature
 from .conv import Conv2dCurvature
 from .linear import LinearCurvature
@@ -15,6 +15,7 @@ __all__ = [
     "CurvatureLayer",
     "KroneckerLayer",
     "StatSpec",
+    "LayerCurvature",
     "LinearCurvature",
     "Conv2dCurvature",
     "BatchNormCurvature",

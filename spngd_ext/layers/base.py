@@ -1,28 +1,54 @@
-"""What every curvature layer provides: its statistics, how a forward/backward feeds them, and how
-its gradient is laid out for preconditioning.
+"""What every curvature layer provides: its statistics, how a forward/backward feeds them, how its
+gradient is laid out in the flat buffer, and how that gradient is preconditioned.
 
-A layer type knows only its own math (which rows go into A, G or the BN Fisher). It accumulates
-into views of a flat statistics buffer that the optimizer owns, so the buffer can be reduced and
-communicated in one piece.
+Everything that differs between layer types is a method here, so a new layer type is one subclass
+and the optimizer never asks which type a layer is. A layer accumulates into views of a flat
+statistics buffer that the optimizer owns, so the buffer can be reduced and communicated in one
+piece; it reads and writes its gradient as one flat segment of the gradient buffer.
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar, Hashable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .. import ops
+from ..distributed.placement import LayerCost
+from ..recipe import rescaled_weight_norm_limit
+
 
 @dataclass(frozen=True)
 class StatSpec:
-    """One statistic of a layer: its name ("A", "G", "F"), element count and matrix size (0 for BN)."""
+    """One statistic of a layer.
+
+    Args:
+        name: "A", "G" (Kronecker factors) or "F" (BatchNorm Fisher).
+        numel: elements it occupies in the statistics buffer.
+        dim: matrix size of a packed symmetric matrix; 0 for a statistic that is not one (BN).
+    """
 
     name: str
     numel: int
     dim: int
+
+
+@dataclass
+class LayerCurvature:
+    """What preconditioning one layer reads.
+
+    Args:
+        inverses: for a layer with :attr:`CurvatureLayer.inverse_sides`, its damped inverses in that
+            order (None: identity, after a failed inversion); empty otherwise.
+        estimates: for a layer without inverse sides, its bias-corrected estimates by statistic
+            name, shaped by :meth:`CurvatureLayer.estimate_from_packed`.
+    """
+
+    inverses: tuple[Tensor | None, ...] = ()
+    estimates: dict[str, Tensor] = field(default_factory=dict)
 
 
 class CurvatureLayer(abc.ABC):
@@ -46,7 +72,87 @@ class CurvatureLayer(abc.ABC):
 
     @property
     def grad_numel(self) -> int:
+        """Elements of this layer's segment of the gradient buffer."""
         return sum(p.numel() for p in self.params)
+
+    @property
+    def inverse_sides(self) -> tuple[str, ...]:
+        """The statistics inverted (with π-damping, as one Kronecker pair) before preconditioning;
+        empty for a layer that preconditions from its estimates directly."""
+        return ()
+
+    def inverse_shapes(self) -> dict[str, tuple[int, int]]:
+        """Shape of each side's inverse, by statistic name."""
+        dims = {s.name: s.dim for s in self.stat_specs()}
+        return {n: (dims[n], dims[n]) for n in self.inverse_sides}
+
+    def placement_cost(self) -> LayerCost:
+        """What owning this layer costs (for placing layers on ranks)."""
+        return LayerCost(self.name, elementwise=self.grad_numel * 3)
+
+    # ---- gradient and update layout ----------------------------------------------------------
+    def write_gradient(self, dst: Tensor) -> None:
+        """Copy the parameters' gradients into ``dst`` (this layer's flat gradient segment); a
+        missing grad (frozen parameter) reads as zero."""
+        pos = 0
+        for p in self.params:
+            part = dst[pos : pos + p.numel()]
+            if p.grad is None:
+                part.zero_()
+            else:
+                part.copy_(p.grad.reshape(-1))
+            pos += p.numel()
+
+    def split_update(self, flat: Tensor) -> list[Tensor]:
+        """This layer's flat update as per-parameter tensors shaped like :attr:`params`."""
+        parts, pos = [], 0
+        for p in self.params:
+            parts.append(flat[pos : pos + p.numel()].view(p.shape))
+            pos += p.numel()
+        return parts
+
+    # ---- curvature -----------------------------------------------------------------------------
+    def estimate_from_packed(self, name: str, packed: Tensor, scale: Tensor | float) -> Tensor:
+        """Statistic ``name`` in its usable form from its slice of the estimate buffer, times ``scale``.
+
+        Args:
+            name: the statistic.
+            packed: its slice of the estimate buffer.
+            scale: the bias correction (1.0 without EMA, else a 1-element tensor).
+        """
+        return packed * scale
+
+    def batch_key(self, curvature: LayerCurvature) -> Hashable:
+        """Layers of one class with equal keys are preconditioned in one :meth:`precondition_batch` call."""
+        return id(self)
+
+    def precondition(self, grad: Tensor, curvature: LayerCurvature, damping: float, backend: str) -> Tensor:
+        """The preconditioned update (flat, like ``grad``) of this layer.
+
+        Args:
+            grad: the layer's flat gradient segment (not modified).
+            curvature: its inverses or estimates.
+            damping: λ of this step.
+            backend: the ops backend.
+        """
+        raise NotImplementedError(f"{type(self).__name__} defines neither precondition nor precondition_batch")
+
+    @classmethod
+    def precondition_batch(cls, layers: Sequence[CurvatureLayer], grads: Sequence[Tensor],
+                           curvatures: Sequence[LayerCurvature], damping: float, backend: str) -> list[Tensor]:
+        """Preconditioned flat updates of layers sharing one :meth:`batch_key` (default: one by one).
+
+        Args:
+            layers: the layers, all of this class.
+            grads: their flat gradient segments (not modified).
+            curvatures: their inverses or estimates.
+            damping: λ of this step.
+            backend: the ops backend.
+        """
+        return [layer.precondition(g, c, damping, backend) for layer, g, c in zip(layers, grads, curvatures)]
+
+    def rescale_weight(self) -> None:
+        """After the update: bound the weight's norm (``SPNGD(weight_rescale=True)``); default: nothing."""
 
     # ---- accumulation (called from hooks) ----------------------------------------------------
     @abc.abstractmethod
@@ -71,19 +177,32 @@ class CurvatureLayer(abc.ABC):
 
 
 class KroneckerLayer(CurvatureLayer):
-    """A layer whose Fisher block is approximated by A ⊗ G (bias folded into A)."""
+    """A layer whose Fisher block is approximated by A ⊗ G (bias folded into A).
+
+    Its gradient segment is the (dim_g × dim_a) matrix [∇W | ∇b]; the update is Ĝ⁻¹ [∇W | ∇b] Â⁻¹.
+    """
 
     @property
     def has_bias(self) -> bool:
+        """Whether the bias is folded into A (an extra constant input 1)."""
         return getattr(self.module, "bias", None) is not None
 
     @property
     @abc.abstractmethod
-    def dim_a(self) -> int: ...
+    def dim_a(self) -> int:
+        """Size of A: inputs per output (+1 with a bias)."""
 
     @property
     @abc.abstractmethod
-    def dim_g(self) -> int: ...
+    def dim_g(self) -> int:
+        """Size of G: outputs."""
+
+    @property
+    def inverse_sides(self) -> tuple[str, ...]:
+        return ("A", "G")
+
+    def placement_cost(self) -> LayerCost:
+        return LayerCost(self.name, (self.dim_a, self.dim_g), (self.dim_g, self.dim_a))
 
     def stat_specs(self) -> list[StatSpec]:
         return [
@@ -108,9 +227,42 @@ class KroneckerLayer(CurvatureLayer):
             mat = torch.cat([mat, gb.reshape(-1, 1)], dim=1)
         return mat
 
-    def split_update(self, u: Tensor) -> list[Tensor]:
-        """The (dim_g × dim_a) update as per-parameter tensors shaped like ``params``."""
+    def write_gradient(self, dst: Tensor) -> None:
+        dst.view(self.dim_g, self.dim_a).copy_(self.gradient_matrix())
+
+    def split_update(self, flat: Tensor) -> list[Tensor]:
+        """The update (flat, or the dim_g × dim_a matrix) as per-parameter tensors shaped like ``params``."""
+        u = flat.view(self.dim_g, self.dim_a)
         w = self.module.weight
         if self.has_bias:
             return [u[:, :-1].reshape(w.shape), u[:, -1].reshape(self.module.bias.shape)]
         return [u.reshape(w.shape)]
+
+    def estimate_from_packed(self, name: str, packed: Tensor, scale: Tensor | float) -> Tensor:
+        """The dense symmetric factor from its packed upper triangle."""
+        dim = self.dim_a if name == "A" else self.dim_g
+        return ops.unpack_upper(packed, [dim], scale=scale, dtype=packed.dtype, backend="torch")[0]
+
+    def batch_key(self, curvature: LayerCurvature) -> Hashable:
+        inv_a, inv_g = curvature.inverses
+        return (self.dim_g, self.dim_a, inv_a is None, inv_g is None)
+
+    @classmethod
+    def precondition_batch(cls, layers: Sequence[CurvatureLayer], grads: Sequence[Tensor],
+                           curvatures: Sequence[LayerCurvature], damping: float, backend: str) -> list[Tensor]:
+        """Ĝ⁻¹ ∇ Â⁻¹ for layers of one shape, as two batched GEMMs (a None inverse is the identity)."""
+        first = layers[0]
+        assert isinstance(first, KroneckerLayer)
+        u = torch.stack([g.view(first.dim_g, first.dim_a) for g in grads])
+        no_a, no_g = curvatures[0].inverses[0] is None, curvatures[0].inverses[1] is None
+        if not no_g:
+            u = torch.stack([c.inverses[1] for c in curvatures]) @ u  # type: ignore[misc]
+        if not no_a:
+            u = u @ torch.stack([c.inverses[0] for c in curvatures])  # type: ignore[misc]
+        return [u[j].reshape(-1) for j in range(len(layers))]
+
+    def rescale_weight(self) -> None:
+        """Scale the weight back onto √(2·fan_out) when its norm exceeds it."""
+        w = self.module.weight
+        limit = rescaled_weight_norm_limit(self.module)
+        w.mul_(torch.clamp(limit / w.norm(), max=1.0))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .base import CurvatureLayer, StatSpec
+from .base import CurvatureLayer, LayerCurvature, StatSpec
 
 
 class _BatchInput(NamedTuple):
@@ -29,6 +29,15 @@ class _BatchInput(NamedTuple):
 
 
 class BatchNormCurvature(CurvatureLayer):
+    """Unit-wise Fisher of an affine BatchNorm1d/2d (or SyncBatchNorm): one 2×2 block per channel.
+
+    Its gradient segment is [∇γ, ∇β]; the update solves (F_c + λI) u_c = [∇γ_c, ∇β_c] per channel.
+
+    Args:
+        name: the module's name in the model.
+        module: the BatchNorm module (affine).
+    """
+
     kind = "batchnorm"
 
     def __init__(self, name: str, module: nn.modules.batchnorm._BatchNorm) -> None:
@@ -38,6 +47,7 @@ class BatchNormCurvature(CurvatureLayer):
 
     @property
     def channels(self) -> int:
+        """Number of channels C."""
         return self.module.num_features
 
     def stat_specs(self) -> list[StatSpec]:
@@ -57,7 +67,7 @@ class BatchNormCurvature(CurvatureLayer):
         shape = [1, -1] + [1] * (x.dim() - 2)
         if (m.training or not m.track_running_stats or m.running_mean is None) and self._sync_group() is None:
             # One fused kernel (batch statistics, no affine, running stats untouched): measured
-            # 4.3x cheaper on CPU than mean + var + arithmetic (bench/RESULTS.md, issue 7).
+            # 4.3x cheaper on CPU than mean + var + arithmetic (docs/results.md, issue 7).
             return torch.nn.functional.batch_norm(x, None, None, None, None, True, 0.0, m.eps)
         if m.training or not m.track_running_stats or m.running_mean is None:
             mean = x.mean(dim=reduce_dims)
@@ -98,6 +108,16 @@ class BatchNormCurvature(CurvatureLayer):
         else:
             ops.bn_unitwise_fisher(stats["F"], g, context, scale=scale, decay=decay, backend=backend)
         return g.shape[0]
+
+    def estimate_from_packed(self, name: str, packed: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+        """F as (C, 3) = (γγ, γβ, ββ)."""
+        return packed.view(-1, 3) * scale
+
+    def precondition(self, grad: torch.Tensor, curvature: LayerCurvature, damping: float, backend: str) -> torch.Tensor:
+        """Per channel (F_c + λI)⁻¹ [∇γ_c, ∇β_c], flat as [uγ, uβ]."""
+        c = self.channels
+        u_gamma, u_beta = ops.bn_unitwise_solve(curvature.estimates["F"], grad[:c], grad[c:], damping=damping, backend=backend)
+        return torch.cat([u_gamma, u_beta])
 
     def gradient_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(∇γ, ∇β); a missing grad (frozen parameter) reads as zero."""

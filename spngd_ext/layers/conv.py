@@ -14,6 +14,13 @@ from .base import KroneckerLayer
 
 
 class Conv2dCurvature(KroneckerLayer):
+    """Kronecker factors of an nn.Conv2d (groups=1, numeric zero padding).
+
+    Args:
+        name: the module's name in the model.
+        module: the Conv2d module.
+    """
+
     kind = "conv2d"
 
     def __init__(self, name: str, module: nn.Conv2d) -> None:

@@ -14,6 +14,13 @@ from .base import KroneckerLayer
 
 
 class LinearCurvature(KroneckerLayer):
+    """Kronecker factors of an nn.Linear.
+
+    Args:
+        name: the module's name in the model.
+        module: the Linear module.
+    """
+
     kind = "linear"
 
     def __init__(self, name: str, module: nn.Linear) -> None:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .spngd_settings import SpngdSettings, spngd_kwargs
+
 __all__ = [
     "OPTIMIZERS",
     "DEFAULT_LR",
@@ -66,27 +68,22 @@ class OptimizerUnavailableError(RuntimeError):
     """The requested optimizer cannot be built in this environment or configuration."""
 
 
-@dataclass
-class OptimizerSettings:
-    """Hyperparameters of all optimizers; each uses the fields that apply to it."""
+@dataclass(kw_only=True)
+class OptimizerSettings(SpngdSettings):
+    """Hyperparameters of all optimizers; each uses the fields that apply to it.
+
+    The SP-NGD options (damping, fisher, curvature_interval, ...) are inherited from
+    :class:`~spngd_ext.train.spngd_settings.SpngdSettings`, generated from
+    :class:`spngd_ext.options.SPNGDOptions`; the fields here are shared by every optimizer.
+    """
 
     lr: float
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    damping: float = 1e-3
-    fisher: str = "mc"
-    mc_samples: int = 1
-    ema_decay: Optional[float] = None
-    curvature_interval: int = 1
-    inverse_interval: int = 1
-    kl_clip: Optional[float] = None
-    backend: str = "auto"
-    stale: bool = False
     trust_coefficient: float = LARS_TRUST_COEFFICIENT
     seed: Optional[int] = None  # SP-NGD's MC sampling
     amp: bool = False
     label_smoothing: float = 0.0  # of the training loss, for every optimizer
-    weight_rescale: bool = False  # SP-NGD: keep Linear/Conv weight norms at most sqrt(2*fan_out)
 
 
 class TrainStep:
@@ -196,17 +193,8 @@ def _build_spngd(model: nn.Module, s: OptimizerSettings, distributed: bool) -> T
         lr=s.lr,
         momentum=s.momentum,
         weight_decay=s.weight_decay,
-        damping=s.damping,
-        fisher=s.fisher,
-        mc_samples=s.mc_samples,
-        ema_decay=s.ema_decay,
-        curvature_interval=s.curvature_interval,
-        inverse_interval=s.inverse_interval,
-        kl_clip=s.kl_clip,
-        backend=s.backend,
-        stale=s.stale,
-        weight_rescale=s.weight_rescale,
         seed=s.seed,  # reproducible MC label sampling
+        **spngd_kwargs(s),
     )
     return SpngdStep(model, opt, s.amp)
 

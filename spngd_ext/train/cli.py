@@ -46,6 +46,7 @@ from .baselines import (
 from .reporting import format_reach, markdown_table, plot_accuracy_curves
 from .run_log import EvalRow, RunLog, format_summary, summarize
 from .schedules import SCHEDULES, build_lr_scheduler
+from .spngd_settings import SpngdSettings, add_spngd_flags, spngd_kwargs
 from .env import TrainEnv, setup_env, teardown_env
 
 __all__ = ["TrainConfig", "RunResult", "build_parser", "config_from_args", "evaluate",
@@ -53,8 +54,13 @@ __all__ = ["TrainConfig", "RunResult", "build_parser", "config_from_args", "eval
 
 
 @dataclass
-class TrainConfig:
-    """Everything one run depends on; the CLI options map one to one onto these fields."""
+class TrainConfig(SpngdSettings):
+    """Everything one run depends on; the CLI options map one to one onto these fields.
+
+    The SP-NGD options (damping, fisher, stale, ...) are inherited from
+    :class:`~spngd_ext.train.spngd_settings.SpngdSettings`, generated from
+    :class:`spngd_ext.options.SPNGDOptions` like their flags.
+    """
 
     model: str = "cnn"
     optimizer: str = "spngd"
@@ -68,16 +74,6 @@ class TrainConfig:
     label_smoothing: float = 0.0
     augment: str = Augmentation.NONE.value
     max_shift: int = 2
-    damping: float = 1e-3
-    fisher: str = "mc"
-    mc_samples: int = 1
-    ema_decay: Optional[float] = None
-    stale: bool = False
-    curvature_interval: int = 1
-    inverse_interval: int = 1
-    kl_clip: Optional[float] = None
-    weight_rescale: bool = False
-    backend: str = "auto"
     trust_coefficient: float = LARS_TRUST_COEFFICIENT
     seed: int = 0
     device: str = "auto"
@@ -105,12 +101,8 @@ class TrainConfig:
     def optimizer_settings(self) -> OptimizerSettings:
         return OptimizerSettings(
             lr=self.resolved_lr, momentum=self.momentum, weight_decay=self.resolved_weight_decay,
-            damping=self.damping, fisher=self.fisher, mc_samples=self.mc_samples,
-            ema_decay=self.ema_decay, curvature_interval=self.curvature_interval,
-            inverse_interval=self.inverse_interval, kl_clip=self.kl_clip, backend=self.backend,
-            stale=self.stale, trust_coefficient=self.trust_coefficient, amp=self.amp,
-            seed=self.seed, label_smoothing=self.label_smoothing,
-            weight_rescale=self.weight_rescale,
+            trust_coefficient=self.trust_coefficient, amp=self.amp, seed=self.seed,
+            label_smoothing=self.label_smoothing, **spngd_kwargs(self),
         )
 
 
@@ -194,17 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training-batch augmentation (shift-flip: random shifts of up to "
                         "--max-shift pixels, then a left-right flip of half the images)")
     p.add_argument("--max-shift", type=_nonneg_int, default=2, help="shift-flip's largest shift")
-    p.add_argument("--damping", type=_positive_float, default=1e-3, help="spngd and asdl-kfac")
-    p.add_argument("--fisher", choices=("mc", "emp"), default="mc", help="spngd and asdl-kfac")
-    p.add_argument("--mc-samples", type=_positive_int, default=1)
-    p.add_argument("--ema-decay", type=_positive_float, default=None, help="spngd factor EMA")
-    p.add_argument("--stale", action="store_true", help="spngd: adaptive stale statistics")
-    p.add_argument("--curvature-interval", type=_positive_int, default=1)
-    p.add_argument("--inverse-interval", type=_positive_int, default=1)
-    p.add_argument("--kl-clip", type=_positive_float, default=None, help="spngd")
-    p.add_argument("--weight-rescale", action="store_true",
-                   help="spngd: rescale Linear/Conv weights whose norm exceeds sqrt(2*fan_out)")
-    p.add_argument("--backend", choices=("auto", "cuda", "torch"), default="auto", help="spngd")
     p.add_argument("--trust-coefficient", type=_positive_float, default=LARS_TRUST_COEFFICIENT,
                    help="lars")
     p.add_argument("--seed", type=int, default=0)
@@ -223,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="tqdm progress bar per epoch")
+    add_spngd_flags(p)  # --damping, --fisher, --stale, --curvature-interval, --kl-clip, ...
     return p
 
 

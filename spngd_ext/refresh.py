@@ -1,0 +1,100 @@
+"""When each curvature statistic (each A, G, BatchNorm Fisher) is refreshed: the fixed schedule and
+the adaptive one of stale statistics.
+
+Fixed (``curvature_interval`` = k, no stale statistics): every statistic is due on the steps
+divisible by k.
+
+Adaptive (:class:`StalePolicy`): each statistic refreshes on its own interval. At a refresh,
+r = ‖X_new − X_old‖_F / ‖X_old‖_F. If r < threshold the statistic's interval doubles, otherwise it
+halves, always within [1, max_interval]. The relative changes are computed on the device for all
+statistics at once and read back in one transfer per refresh step; every rank reads the same
+(all-gathered) values, so every rank makes the same decisions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+DEFAULT_MAX_INTERVAL = 32
+
+
+@dataclass(frozen=True)
+class StalePolicy:
+    """When to lengthen or shorten a statistic's refresh interval.
+
+    threshold: relative Frobenius change under which a statistic counts as unchanged.
+    max_interval: cap on any interval; None takes the optimizer's ``curvature_interval`` when it
+    is > 1, else ``DEFAULT_MAX_INTERVAL``.
+    """
+
+    threshold: float = 0.1
+    max_interval: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold > 0):
+            raise ValueError(f"StalePolicy: threshold must be a finite number > 0, got {self.threshold!r}")
+        if self.max_interval is not None and (isinstance(self.max_interval, bool) or not isinstance(self.max_interval, int) or self.max_interval < 1):
+            raise ValueError(f"StalePolicy: max_interval must be an integer >= 1, got {self.max_interval!r}")
+
+
+class RefreshSchedule:
+    """Host-side intervals and due steps of every statistic (plain Python ints).
+
+    Args:
+        n_stats: number of statistics scheduled.
+        fixed_interval: the fixed schedule's k (``curvature_interval``); with a policy, the default cap.
+        policy: the adaptive policy, or None for the fixed schedule.
+    """
+
+    def __init__(self, n_stats: int, *, fixed_interval: int, policy: StalePolicy | None) -> None:
+        self.policy = policy
+        self.fixed_interval = fixed_interval
+        if policy is None:
+            self.max_interval = fixed_interval
+        elif policy.max_interval is not None:
+            self.max_interval = policy.max_interval
+        else:
+            self.max_interval = fixed_interval if fixed_interval > 1 else DEFAULT_MAX_INTERVAL
+        self.intervals = [1 if policy is not None else fixed_interval] * n_stats
+        self.next_due = [0] * n_stats
+        self.refreshes = [0] * n_stats
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether intervals adapt to the statistics' changes (a :class:`StalePolicy` is set)."""
+        return self.policy is not None
+
+    def due(self, step: int) -> list[bool]:
+        """For every statistic, whether it is refreshed at ``step``."""
+        if not self.adaptive:
+            return [step % self.fixed_interval == 0] * len(self.intervals)
+        return [step >= t for t in self.next_due]
+
+    def record(self, step: int, refreshed: Sequence[int], changes: Sequence[float]) -> None:
+        """Update the intervals of the statistics refreshed at ``step`` from their relative changes.
+
+        A change that is not finite or negative (no previous estimate) counts as large.
+        """
+        for s in refreshed:
+            self.refreshes[s] += 1
+        if not self.adaptive:
+            return
+        for s, r in zip(refreshed, changes):
+            similar = math.isfinite(r) and 0 <= r < self.policy.threshold  # type: ignore[union-attr]
+            k = self.intervals[s] * 2 if similar else self.intervals[s] // 2
+            self.intervals[s] = min(self.max_interval, max(1, k))
+            self.next_due[s] = step + self.intervals[s]
+
+    def state_dict(self) -> dict:
+        """Intervals, next due steps and refresh counts, as plain lists."""
+        return {"intervals": list(self.intervals), "next_due": list(self.next_due), "refreshes": list(self.refreshes)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore :meth:`state_dict`'s output; ValueError when it has another number of statistics."""
+        if len(sd["intervals"]) != len(self.intervals):
+            raise ValueError(f"SPNGD.load_state_dict: {len(sd['intervals'])} statistics saved, {len(self.intervals)} here")
+        self.intervals = list(sd["intervals"])
+        self.next_due = list(sd["next_due"])
+        self.refreshes = list(sd["refreshes"])
