@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from spngd_ext.selftest import build_checks, kernel_checks, machine
+from spngd_ext.selftest import build_checks, kernel_checks, machine, seam_checks
 from spngd_ext.selftest.runner import Check, Skip, format_outcomes, run_checks
 
 from fake_kernels import CORRECT, install_fake_gpu, wrong
@@ -153,11 +153,11 @@ def test_gpu_checks_pass_correct_kernels_and_fail_a_wrong_one(cpu_kernels, check
 
 def test_gpu_seam_and_guard_checks_on_fake_kernels(cpu_kernels):
     namespace, install = cpu_kernels
-    assert "accumulate_factor" in kernel_checks.check_python_seam(namespace)
-    assert "checks" in kernel_checks.check_first_use_guard(namespace)
+    assert "accumulate_factor" in seam_checks.check_python_seam(namespace)
+    assert "checks" in seam_checks.check_first_use_guard(namespace)
     install("cholesky_inverse_damped", wrong("cholesky_inverse_damped"))
     with pytest.raises(AssertionError, match="cholesky_inverse_damped"):
-        kernel_checks.check_first_use_guard(namespace)
+        seam_checks.check_first_use_guard(namespace)
 
 
 def test_runner_reports_pass_fail_skip_and_the_budget():

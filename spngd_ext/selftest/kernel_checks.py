@@ -18,11 +18,10 @@ from typing import Callable
 
 import torch
 
-from .. import ops
 from ..ops import torch_path as ref
 from .runner import Check
 
-__all__ = ["kernel_checks", "syrk_plan", "bn_plan", "FACTOR_CASES", "CONV_CASES", "BN_SHAPES", "CHOLESKY_SIZES"]
+__all__ = ["BN_SHAPES", "CHOLESKY_SIZES", "CONV_CASES", "FACTOR_CASES", "bn_plan", "expect_close", "kernel_checks", "seeded", "spd", "syrk_plan"]
 
 DEV = "cuda"
 SIZES = [1, 2, 3, 17, 31, 32, 33, 64, 65, 127, 130, 257]
@@ -82,11 +81,21 @@ def bn_plan(n: int, c: int, hw: int, sm_count: int) -> tuple[int, int]:
 # helpers
 
 
-def _seeded(*key) -> None:
+def seeded(*key) -> None:
+    """Seed the global generator from ``key``: a fresh, reproducible seed per case (unlike hash())."""
     torch.manual_seed(zlib.crc32(repr(key).encode()))
 
 
-def _check(out: torch.Tensor, expect: torch.Tensor, tol: float, what: str) -> None:
+def expect_close(out: torch.Tensor, expect: torch.Tensor, tol: float, what: str) -> None:
+    """Raise AssertionError (naming ``what``) unless ``out`` is finite, has ``expect``'s shape and
+    ‖out − expect‖ / ‖expect‖ <= ``tol``.
+
+    Args:
+        out: the kernel's result.
+        expect: the float64 reference.
+        tol: the largest relative error accepted.
+        what: the case, for the message.
+    """
     if out.shape != expect.shape:
         raise AssertionError(f"{what}: shape {tuple(out.shape)}, expected {tuple(expect.shape)}")
     out, expect = out.double(), expect.double()
@@ -105,7 +114,15 @@ def _poison_allocator(*shapes_dtypes) -> None:
     del blocks
 
 
-def _spd(batch: int, n: int, dtype: torch.dtype, shift: float = 0.05) -> torch.Tensor:
+def spd(batch: int, n: int, dtype: torch.dtype, shift: float = 0.05) -> torch.Tensor:
+    """``batch`` random symmetric positive definite n×n matrices (Gram matrices + ``shift``·I) on DEV.
+
+    Args:
+        batch: how many matrices.
+        n: their size.
+        dtype: their dtype (built in float64, then cast).
+        shift: added to the diagonal, bounds the condition number.
+    """
     x = torch.randn(batch, 2 * n + 2, n, dtype=torch.float64, device=DEV)
     m = x.mT @ x / (2 * n + 2) + shift * torch.eye(n, dtype=torch.float64, device=DEV)
     return m.to(dtype).contiguous()
@@ -135,19 +152,19 @@ def check_pack_upper(k) -> str:
     n = 0
     for sizes in ([1], [2, 3], [17, 31, 32, 33], [64, 65, 127, 130], [257]):
         for src, out_dtype in [(a, b) for a in DTYPES for b in DTYPES] + [(torch.float32, None)]:
-            _seeded("pack", tuple(sizes), src, out_dtype)
+            seeded("pack", tuple(sizes), src, out_dtype)
             mats = [torch.randn(s, s, device=DEV).to(src) for s in sizes]
             total = sum(ref.packed_size(s) for s in sizes)
             _poison_allocator(((total,), out_dtype or src))
             out = k.pack_upper(mats, out_dtype)
             if out.dtype != (out_dtype or src):
                 raise AssertionError(f"pack {sizes} {src}->{out_dtype}: result dtype {out.dtype}")
-            _check(out, ref.pack_upper([m.double() for m in mats]), _cast_tol(src, out.dtype), f"pack {sizes} {src}->{out_dtype}")
+            expect_close(out, ref.pack_upper([m.double() for m in mats]), _cast_tol(src, out.dtype), f"pack {sizes} {src}->{out_dtype}")
             n += 1
     big = torch.randn(80, 90, device=DEV)
     mats = [big[3:40, 5:42], torch.randn(33, 33, device=DEV).t(), torch.randn(5, 5, device=DEV, dtype=torch.float64),
             torch.randn(130, 130, device=DEV).to(torch.bfloat16)]
-    _check(k.pack_upper(mats, torch.float32), ref.pack_upper([m.double() for m in mats]), 1e-7, "strided, mixed-dtype pack")
+    expect_close(k.pack_upper(mats, torch.float32), ref.pack_upper([m.double() for m in mats]), 1e-7, "strided, mixed-dtype pack")
     return f"{n + 1} cases"
 
 
@@ -157,7 +174,7 @@ def check_unpack_upper(k) -> str:
              (torch.float16, torch.float16), (torch.float64, torch.float64), (torch.float32, torch.float64)]
     for sizes, (buf_dtype, out_dtype), offset in itertools.product(
             ([1], [3, 1, 2], [17, 31, 32, 33], [64, 65, 127], [130, 257]), pairs, (0, 7)):
-        _seeded("unpack", tuple(sizes), buf_dtype, out_dtype, offset)
+        seeded("unpack", tuple(sizes), buf_dtype, out_dtype, offset)
         total = offset + sum(ref.packed_size(s) for s in sizes) + 5
         buf = torch.randn(total, device=DEV).to(buf_dtype)
         scale = torch.rand(len(sizes), device=DEV) * 2 - 0.5
@@ -168,21 +185,21 @@ def check_unpack_upper(k) -> str:
             what = f"unpack {sizes} {buf_dtype}->{out_dtype} offset {offset} n={s}"
             if o.dtype != out_dtype or not torch.equal(o, o.mT):
                 raise AssertionError(f"{what}: dtype {o.dtype} or not exactly symmetric")
-            _check(o, e, 1e-7 if out_dtype in (torch.float32, torch.float64) else TOL[out_dtype], what)
+            expect_close(o, e, 1e-7 if out_dtype in (torch.float32, torch.float64) else TOL[out_dtype], what)
         n += 1
     return f"{n} cases"
 
 
 def check_pack_many(k) -> str:
     """More matrices than one launch's table holds (256): several launches, one result; round trip."""
-    _seeded("many")
+    seeded("many")
     sizes = [1, 2, 3, 5] * 80
     mats = [torch.randn(s, s, device=DEV) for s in sizes]
     packed = k.pack_upper(mats, None)
-    _check(packed, ref.pack_upper(mats), 0.0, "pack of 320 matrices")
+    expect_close(packed, ref.pack_upper(mats), 0.0, "pack of 320 matrices")
     scale = torch.rand(len(sizes), device=DEV) + 0.5
     for i, (m, o) in enumerate(zip(mats, k.unpack_upper(packed, sizes, scale, 0, torch.float32))):
-        _check(o, (m.triu() + m.triu(1).mT) * scale[i], 1e-7, f"unpack #{i} of 320")
+        expect_close(o, (m.triu() + m.triu(1).mT) * scale[i], 1e-7, f"unpack #{i} of 320")
     sym = [m + m.mT for m in (torch.randn(s, s, device=DEV) for s in (7, 64, 33, 1, 257))]
     outs = k.unpack_upper(k.pack_upper(sym, None), [m.shape[0] for m in sym], torch.ones(5, device=DEV), 0, torch.float32)
     if not all(torch.equal(m, o) for m, o in zip(sym, outs)):
@@ -198,30 +215,30 @@ def check_accumulate_factor(k) -> str:
     sm = _sm_count()
     paths = set()
     for (rows, d), decay in itertools.product(FACTOR_CASES, (0.0, 0.9)):
-        _seeded("factor", rows, d, decay)
+        seeded("factor", rows, d, decay)
         x = torch.randn(rows, d, device=DEV)
         np_ = ref.packed_size(d)
         state = torch.full((np_,), float("nan"), device=DEV) if decay == 0 else torch.randn(np_, device=DEV)
         expect = _ref_state(ref.accumulate_factor, state, x.double(), 0.5, decay)
         k.accumulate_factor(state, x, 0.5, decay)
-        _check(state, expect, TOL[torch.float32], f"rows={rows} d={d} decay={decay}")
+        expect_close(state, expect, TOL[torch.float32], f"rows={rows} d={d} decay={decay}")
         large, splits = syrk_plan(d, rows, sm, rows * d)
         paths.add((large, splits > 1))
     missing = {(a, b) for a in (False, True) for b in (False, True)} - paths
     if missing:
         raise AssertionError(f"the cases miss SYRK paths (128-wide, split) {sorted(missing)} on {sm} SMs")
     for dtype, (rows, d) in itertools.product((torch.bfloat16, torch.float16), ((300, 33), (129, 130), (64, 600))):
-        _seeded("factor-half", dtype, rows, d)
+        seeded("factor-half", dtype, rows, d)
         x = torch.randn(rows, d, device=DEV).to(dtype)
         state = torch.full((ref.packed_size(d),), float("nan"), device=DEV)
         expect = _ref_state(ref.accumulate_factor, state, x.double(), 1.0 / rows, 0.0)
         k.accumulate_factor(state, x, 1.0 / rows, 0.0)
-        _check(state, expect, TOL[torch.float32], f"{dtype} inputs rows={rows} d={d}")
+        expect_close(state, expect, TOL[torch.float32], f"{dtype} inputs rows={rows} d={d}")
     x = torch.randn(70, 500, device=DEV).t()[::2]  # (250, 70), both strides non-unit
     state = torch.zeros(ref.packed_size(70), device=DEV)
     expect = _ref_state(ref.accumulate_factor, state, x.double(), 2.0, 0.0)
     k.accumulate_factor(state, x, 2.0, 0.0)
-    _check(state, expect, TOL[torch.float32], "strided x")
+    expect_close(state, expect, TOL[torch.float32], "strided x")
     return f"{2 * len(FACTOR_CASES) + 7} cases; 64/128-wide tiles with and without row splits"
 
 
@@ -231,7 +248,7 @@ def check_conv_a_factor(k) -> str:
     n_cases = 0
     for case, layout, decay in itertools.product(CONV_CASES, ("nchw", "channels_last"), (0.0, 0.5)):
         n, c, h, w, ks, s, p, dil, bias = case
-        _seeded("conv", case, layout, decay)
+        seeded("conv", case, layout, decay)
         x = torch.randn(n, c, h, w, device=DEV)
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -240,7 +257,7 @@ def check_conv_a_factor(k) -> str:
         state = torch.full((np_,), float("nan"), device=DEV) if decay == 0 else torch.randn(np_, device=DEV)
         expect = _ref_state(ref.conv_a_factor, state, x.double(), ks, s, p, dil, bias, 0.25, decay)
         k.conv_a_factor(state, x, list(ks), list(s), list(p), list(dil), bias, 0.25, decay)
-        _check(state, expect, TOL[torch.float32], f"conv {case} {layout} decay={decay}")
+        expect_close(state, expect, TOL[torch.float32], f"conv {case} {layout} decay={decay}")
         oh = (h + 2 * p[0] - dil[0] * (ks[0] - 1) - 1) // s[0] + 1
         ow = (w + 2 * p[1] - dil[1] * (ks[1] - 1) - 1) // s[1] + 1
         rows = n * oh * ow
@@ -249,12 +266,12 @@ def check_conv_a_factor(k) -> str:
         n_cases += 1
     if (False, True) not in paths or not ((True, False) in paths or (True, True) in paths):
         raise AssertionError(f"the conv cases miss a SYRK path on {sm} SMs: reached {sorted(paths)}")
-    _seeded("conv-bf16")
+    seeded("conv-bf16")
     x = torch.randn(4, 8, 12, 12, device=DEV).to(torch.bfloat16)
     state = torch.full((ref.packed_size(8 * 9 + 1),), float("nan"), device=DEV)
     expect = _ref_state(ref.conv_a_factor, state, x.double(), (3, 3), (1, 1), (1, 1), (1, 1), True, 1.0, 0.0)
     k.conv_a_factor(state, x, [3, 3], [1, 1], [1, 1], [1, 1], True, 1.0, 0.0)
-    _check(state, expect, TOL[torch.float32], "bf16 conv input")
+    expect_close(state, expect, TOL[torch.float32], "bf16 conv input")
     return f"{n_cases + 1} cases; NCHW and channels-last, split and 128-wide tiles"
 
 
@@ -269,27 +286,27 @@ def check_cholesky(k) -> str:
         for path, limit in (("kernel", 10**6), ("aten", 0)):
             k.cholesky_kernel_max_n(limit)  # the shared-memory kernel as far as it fits, or ATen
             for n, dtype in itertools.product(CHOLESKY_SIZES, (torch.float32, torch.float64)):
-                _seeded("chol", n, dtype, path)
+                seeded("chol", n, dtype, path)
                 batch = 5 if n > 64 else 16
-                mats = _spd(batch, n, dtype)
+                mats = spd(batch, n, dtype)
                 damping = (torch.rand(batch, device=DEV, dtype=dtype) * 0.1).contiguous()
                 _poison_allocator(((batch, n, n), dtype), ((batch,), torch.int32))
                 inv, info = k.cholesky_inverse_damped(mats, damping)
                 expect, _ = ref.cholesky_inverse_damped(mats.double(), damping.double())
                 if info.dtype != torch.int32 or info.shape != (batch,) or not (info == 0).all():
                     raise AssertionError(f"n={n} {dtype} {path}: info {info.tolist()}")
-                _check(inv, expect, 2e-4 if dtype == torch.float32 else 1e-10, f"n={n} {dtype} {path}")
+                expect_close(inv, expect, 2e-4 if dtype == torch.float32 else 1e-10, f"n={n} {dtype} {path}")
                 n_cases += 1
-            mats = _spd(4, 37, torch.float32)
+            mats = spd(4, 37, torch.float32)
             junk = mats.tril() + torch.full_like(mats, float("nan")).triu(1)
             damping = torch.full((4,), 0.01, device=DEV)
             inv, info = k.cholesky_inverse_damped(junk, damping)
             expect, _ = ref.cholesky_inverse_damped(mats.double(), damping.double())
             if not (info == 0).all():
                 raise AssertionError(f"{path}: NaN in the strict upper triangle was read")
-            _check(inv, expect, 2e-4, f"{path}: lower triangle only")
+            expect_close(inv, expect, 2e-4, f"{path}: lower triangle only")
             for n in (3, 33, 130):
-                good = _spd(6, n, torch.float32)
+                good = spd(6, n, torch.float32)
                 bad = good.clone()
                 bad[1] = -torch.eye(n, device=DEV)
                 bad[3, n // 2, 0] = bad[3, 0, n // 2] = float("nan")
@@ -301,7 +318,7 @@ def check_cholesky(k) -> str:
                     raise AssertionError(f"{path} n={n}: failure flags {flags}, expected matrices 1, 3, 5")
                 for b in (0, 2, 4):
                     expect, _ = ref.cholesky_inverse_damped(good[b:b + 1].double(), damping[b:b + 1].double())
-                    _check(inv[b:b + 1], expect, 2e-4, f"{path} n={n}: good matrix {b} next to failed ones")
+                    expect_close(inv[b:b + 1], expect, 2e-4, f"{path} n={n}: good matrix {b} next to failed ones")
             n_cases += 4
         inv, info = k.cholesky_inverse_damped(torch.zeros(0, 4, 4, device=DEV), torch.zeros(0, device=DEV))
         if inv.shape != (0, 4, 4) or info.shape != (0,):
@@ -319,13 +336,13 @@ def check_bn(k) -> str:
     sm = _sm_count()
     plans = set()
     for shape, decay in itertools.product(BN_SHAPES, (0.0, 0.9)):
-        _seeded("bn", shape, decay)
+        seeded("bn", shape, decay)
         g, xh = torch.randn(shape, device=DEV), torch.randn(shape, device=DEV)
         c = shape[1]
         state = torch.full((c, 3), float("nan"), device=DEV) if decay == 0 else torch.rand(c, 3, device=DEV)
         expect = _ref_state(ref.bn_unitwise_fisher, state, g.double(), xh.double(), 0.5, decay)
         k.bn_unitwise_fisher(state, g, xh, 0.5, decay)
-        _check(state, expect, TOL[torch.float32], f"bn {shape} decay={decay}")
+        expect_close(state, expect, TOL[torch.float32], f"bn {shape} decay={decay}")
         hw = 1
         for s in shape[2:]:
             hw *= s
@@ -337,9 +354,9 @@ def check_bn(k) -> str:
         state = torch.full((24, 3), float("nan"), device=DEV)
         expect = _ref_state(ref.bn_unitwise_fisher, state, g.double(), xh.double(), 1.0, 0.0)
         k.bn_unitwise_fisher(state, g, xh, 1.0, 0.0)
-        _check(state, expect, TOL[torch.float32], f"bn {dtype} inputs")
+        expect_close(state, expect, TOL[torch.float32], f"bn {dtype} inputs")
     for channels in (1, 5, 300):
-        _seeded("bn-solve", channels)
+        seeded("bn-solve", channels)
         a, d = torch.rand(channels, device=DEV) + 0.1, torch.rand(channels, device=DEV) + 0.1
         b = (torch.rand(channels, device=DEV) * 2 - 1) * (a * d).sqrt() * 0.9
         fisher = torch.stack([a, b, d], dim=1).contiguous()
@@ -351,99 +368,17 @@ def check_bn(k) -> str:
             _poison_allocator(((channels,), torch.float32), ((channels,), torch.float32))
             ug, ub = k.bn_unitwise_solve(fisher, gg, gb, damping)
             eg, eb = ref.bn_unitwise_solve(fisher.double(), gg.double(), gb.double(), damping)
-            _check(ug, eg, 2e-4, f"solve C={channels} damping={damping} gamma")
-            _check(ub, eb, 2e-4, f"solve C={channels} damping={damping} beta")
+            expect_close(ug, eg, 2e-4, f"solve C={channels} damping={damping} gamma")
+            expect_close(ub, eb, 2e-4, f"solve C={channels} damping={damping} beta")
             if channels >= 5 and damping == 0.0 and not (ug[1] == gg[1] and ub[3] == gb[3]):
                 raise AssertionError("a singular or NaN block must keep the plain gradient")
     return f"{2 * len(BN_SHAPES) + 2} fisher cases (one and several blocks per channel), 6 solves"
 
 
-# ------------------------------------------------------------------------------------------------
-# seams
-
-
-def check_error_cases(k) -> str:
-    from .op_error_cases import run_in_child
-
-    ran, expected, error = run_in_child("cuda", timeout_s=120)
-    if error or ran != expected:
-        raise AssertionError(error or f"{ran} of {expected} cases ran")
-    return f"{ran} cases raised the right error"
-
-
-def check_no_host_sync(k) -> str:
-    mats = _spd(4, 40, torch.float32)
-    damping = torch.full((4,), 0.01, device=DEV)
-    x = torch.randn(64, 40, device=DEV)
-    state = torch.zeros(ref.packed_size(40), device=DEV)
-    conv_state = torch.zeros(ref.packed_size(3 * 9 + 1), device=DEV)
-    img = torch.randn(2, 3, 8, 8, device=DEV)
-    bn_state = torch.zeros(5, 3, device=DEV)
-    g = torch.randn(64, 5, 4, 4, device=DEV)
-    old = k.cholesky_kernel_max_n(-1)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        k.unpack_upper(k.pack_upper([mats[0], mats[1]], torch.bfloat16), [40, 40], torch.ones(2, device=DEV), 0, torch.float32)
-        k.accumulate_factor(state, x, 1.0, 0.5)
-        k.conv_a_factor(conv_state, img, [3, 3], [1, 1], [1, 1], [1, 1], True, 1.0, 0.0)
-        k.bn_unitwise_fisher(bn_state, g, g, 1.0, 0.0)
-        k.bn_unitwise_solve(bn_state, bn_state[:, 0].contiguous(), bn_state[:, 1].contiguous(), 1e-3)
-        for limit in (10**6, 0):
-            k.cholesky_kernel_max_n(limit)
-            k.cholesky_inverse_damped(mats, damping)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-        k.cholesky_kernel_max_n(old)
-    return "every op, both Cholesky paths"
-
-
-def check_python_seam(k) -> str:
-    """spngd_ext.ops with backend='cuda' and 'torch' agree (the dispatch passes the right arguments)."""
-    _seeded("seam")
-    x = torch.randn(50, 20, device=DEV)
-    s_cuda, s_torch = torch.zeros(210, device=DEV), torch.zeros(210, device=DEV)
-    ops.accumulate_factor(s_cuda, x, scale=0.1, decay=0.0, backend="cuda")
-    ops.accumulate_factor(s_torch, x, scale=0.1, decay=0.0, backend="torch")
-    _check(s_cuda, s_torch, 1e-5, "accumulate_factor via spngd_ext.ops")
-    (full,) = ops.unpack_upper(ops.pack_upper([torch.eye(3, device=DEV)], backend="cuda"), [3], scale=2.0, backend="cuda")
-    if not torch.equal(full, 2 * torch.eye(3, device=DEV)):
-        raise AssertionError("pack/unpack via spngd_ext.ops")
-    m = _spd(2, 10, torch.float32)
-    inv_c, info_c = ops.cholesky_inverse_damped(m, 0.01, backend="cuda")
-    inv_t, info_t = ops.cholesky_inverse_damped(m, 0.01, backend="torch")
-    if not ((info_c == 0).all() and (info_t == 0).all()):
-        raise AssertionError("cholesky via spngd_ext.ops flagged a positive definite matrix")
-    _check(inv_c, inv_t, 1e-4, "cholesky via spngd_ext.ops")
-    return "accumulate_factor, pack/unpack, cholesky"
-
-
-def check_first_use_guard(k) -> str:
-    """The first-use checks of spngd_ext.kernel_guard pass on this card for every op and kernel dtype
-    (a false alarm would quietly move an op to the PyTorch path)."""
-    from .. import kernel_guard
-
-    z = lambda *shape, dtype=torch.float32, **kw: torch.zeros(*shape, dtype=dtype, device=DEV, **kw)  # noqa: E731
-    probes = []
-    for dt in DTYPES:
-        probes += [("pack_upper", [z(4, 4, dtype=dt)]), ("unpack_upper", [z(10, dtype=dt)])]
-    for dt in (torch.float32, torch.bfloat16, torch.float16):
-        probes += [("accumulate_factor", [z(10), z(3, 4, dtype=dt)]),
-                   ("accumulate_factor", [z(10), z(4, 3, dtype=dt).t()]),
-                   ("conv_a_factor", [z(10), z(2, 3, 5, 5, dtype=dt)]),
-                   ("conv_a_factor", [z(10), z(2, 3, 5, 5, dtype=dt).contiguous(memory_format=torch.channels_last)]),
-                   ("bn_unitwise_fisher", [z(4, 3), z(2, 4, 3, 3, dtype=dt), z(2, 4, 3, 3, dtype=dt)])]
-    probes += [("cholesky_inverse_damped", [z(2, 3, 3, dtype=dt)]) for dt in (torch.float32, torch.float64)]
-    probes.append(("bn_unitwise_solve", [z(4, 3), z(4), z(4)]))
-    failed = [f"{op} {[str(t.dtype)[6:] for t in ts]}: {err}" for op, ts in probes
-              if (err := kernel_guard.check_op(op, ts)) is not None]
-    if failed:
-        raise AssertionError(f"{len(failed)} of {len(probes)} first-use checks failed: " + "; ".join(failed[:3]))
-    return f"{len(probes)} op/dtype/layout checks"
-
-
 def kernel_checks() -> list[Check]:
     """The GPU checks, in order (each needs a CUDA GPU and the built extension)."""
+    from . import seam_checks
+
     k = torch.ops.spngd_ext
     named = [
         ("pack_upper: sizes x dtypes, strided and mixed inputs", check_pack_upper),
@@ -453,9 +388,9 @@ def kernel_checks() -> list[Check]:
         ("conv_a_factor: geometries x layouts, split path", check_conv_a_factor),
         ("cholesky_inverse_damped: panel and ATen paths, failures", check_cholesky),
         ("bn_unitwise_fisher / bn_unitwise_solve", check_bn),
-        ("raw-op argument checks (child process)", check_error_cases),
-        ("no op synchronises with the host", check_no_host_sync),
-        ("spngd_ext.ops backend='cuda' equals backend='torch'", check_python_seam),
-        ("first-use guard passes every op and dtype", check_first_use_guard),
+        ("raw-op argument checks (child process)", seam_checks.check_error_cases),
+        ("no op synchronises with the host", seam_checks.check_no_host_sync),
+        ("spngd_ext.ops backend='cuda' equals backend='torch'", seam_checks.check_python_seam),
+        ("first-use guard passes every op and dtype", seam_checks.check_first_use_guard),
     ]
     return [Check(name, (lambda fn=fn: fn(k)), "kernels") for name, fn in named]
