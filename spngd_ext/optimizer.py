@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from . import ops
+from . import kernel_guard, ops
 from ._extension import cuda_ops_available, extension_loaded
 from .capture import ActivationCapture
 from .curvature_state import CurvatureState
@@ -172,7 +172,9 @@ class SPNGD(torch.optim.Optimizer):
     def counters(self) -> dict:
         """Work done so far: steps, factor/inverse refreshes, skipped steps, inversion events, and
         per-statistic refresh intervals with the fraction of factor and inverse work skipped
-        (relative to refreshing every statistic and inverse at every step)."""
+        (relative to refreshing every statistic and inverse at every step). ``kernel_fallbacks``:
+        how many (op, device, dtype) kernels in this process failed their first-use check and run
+        the PyTorch path instead (process-wide; ``spngd_ext.kernel_guard.fallbacks()`` lists them)."""
         out = dict(self._counters)
         steps = max(1, self._counters["steps"])
         intervals: dict[str, dict[str, int]] = {}
@@ -182,6 +184,7 @@ class SPNGD(torch.optim.Optimizer):
         total_stats = len(self._stat_ids) * steps
         out["factor_work_skipped"] = 1.0 - sum(self._schedule.refreshes) / total_stats if total_stats else 0.0
         out["inverse_work_skipped"] = 1.0 - self._inverse_sides_done / (self._kron_sides * steps) if self._kron_sides else 0.0
+        out["kernel_fallbacks"] = kernel_guard.fallback_count()
         return out
 
     @property

@@ -168,17 +168,18 @@ def _train(backend: str, steps: int = 3) -> tuple[dict, SPNGD]:
 
 
 def test_optimizer_with_bad_kernels_equals_the_torch_path(fake_gpu):
-    """Every kernel wrong or raising: the optimizer's steps equal the PyTorch path's exactly and
-    each op that fell back warned once."""
+    """Every kernel wrong or raising: the optimizer's steps equal the PyTorch path's exactly, each
+    op that fell back warned once, and opt.counters counts the fallbacks."""
     for i, op in enumerate(CORRECT):
         fake_gpu(op, wrong(op) if i % 2 == 0 else raising)
     expect, _ = _train("torch")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        got, _ = _train("auto")
+        got, opt = _train("auto")
     for name in expect:
         assert torch.equal(got[name], expect[name]), name
     messages = _guard_warnings(record)
     fallen = kernel_guard.fallbacks()
     assert messages and len(messages) == len(fallen)
     assert {f["op"] for f in fallen} <= set(CORRECT) and len({f["op"] for f in fallen}) >= 3
+    assert opt.counters["kernel_fallbacks"] == len(fallen)
