@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One pass over a fresh GPU machine (PyTorch preinstalled, no network), from the repository root:
 #   1. build spngd_ext._C in place for the local card (parallel ninja),
-#   2. run the GPU tests: python3 -m pytest -m gpu tests -x -q,
-#   3. run bench/kernels.py --json $OUT/kernels.json,
-#   4. time the curvature phase of a ResNet-50 step, CUDA kernels vs pure PyTorch on this GPU
+#   2. python3 -m spngd_ext.selftest --json $OUT/selftest.json (every kernel against the float64
+#      PyTorch path, the raw-op error cases, an end-to-end step; under two minutes),
+#   3. the remaining GPU tests: python3 -m pytest -m gpu tests -q (skipped with GPU_CHECK_QUICK=1),
+#   4. python3 -m spngd_ext.bench --json $OUT/bench.json (kernel microbenchmarks, the full sweep when
+#      time allows, and whole ResNet-50 steps: SGD vs SP-NGD every step vs stale),
+#   5. time the curvature phase of a ResNet-50 step, CUDA kernels vs pure PyTorch on this GPU
 #      (bench/step_overhead.py, batch 32, $OUT/curvature_phase.json),
 # logging everything under $OUT (default ./gpu_out) and ending with a short summary table.
 # Budget: one device call (at most 600 s): every stage's timeout is cut so that the whole script
@@ -13,14 +16,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT="${OUT:-$PWD/gpu_out}"
-# GPU_CHECK_QUICK=1: a short lease (at most 5 minutes of command time): kernel tests only, the quick
-# benchmark sweep, tight stage timeouts.
+# GPU_CHECK_QUICK=1: a short lease (at most 5 minutes of command time): the self-test without the
+# pytest GPU suite, the quick benchmark sweep, tight stage timeouts.
 QUICK="${GPU_CHECK_QUICK:-0}"
 # T_*: each stage's own cap; R_*: what a stage leaves of the budget for the stages after it.
 if [ "$QUICK" = 1 ]; then
-  T_BUILD=120; T_TEST=55; T_BENCH=45; T_CURV=90; R_BUILD=150; R_TEST=120; R_BENCH=90
+  T_BUILD=120; T_SELF=120; T_BENCH=60; T_CURV=60; R_BUILD=170; R_SELF=110; R_BENCH=50
 else
-  T_BUILD=330; T_TEST=200; T_BENCH=240; T_CURV=150; R_BUILD=270; R_TEST=210; R_BENCH=150
+  T_BUILD=300; T_SELF=130; T_TEST=120; T_BENCH=150; T_CURV=120; R_BUILD=280; R_SELF=230; R_TEST=160; R_BENCH=100
 fi
 if [ "$QUICK" = 1 ]; then BUDGET="${GPU_CHECK_BUDGET:-300}"; else BUDGET="${GPU_CHECK_BUDGET:-540}"; fi
 mkdir -p "$OUT"
@@ -67,34 +70,35 @@ if [ "$build_rc" -ne 0 ] || ! python3 -c "import spngd_ext._C" >> "$OUT/build.lo
 fi
 build_s=$(elapsed)
 
-# 2. GPU tests. If collection breaks (rc 2..4: e.g. another test file's optional dependency is
-# missing) or a test fails, the kernel tests are rerun on their own without -x for the full list.
-echo "== tests"
+# 2. The self-test: the packaged kernel checks, with a report and a ready-to-paste table row.
+echo "== selftest"
 set +e
-if [ "$QUICK" = 1 ]; then
-  timeout "$(stage_timeout $T_TEST $R_TEST)" python3 -m pytest tests/test_ops_cuda.py tests/test_ops_extension.py -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
-else
-  timeout "$(stage_timeout $T_TEST $R_TEST)" python3 -m pytest -m gpu tests -x -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
-fi
-test_rc=${PIPESTATUS[0]}
-if [ "$test_rc" -ne 0 ] && [ "$QUICK" != 1 ]; then
-  echo "== rerun of the kernel tests without -x (first run rc=$test_rc)"
-  timeout "$(stage_timeout 200 $R_TEST)" python3 -m pytest tests/test_ops_cuda.py tests/test_ops_extension.py -q -p no:cacheprovider \
-    2>&1 | tee "$OUT/pytest_kernels.log"
-fi
+timeout "$(stage_timeout $T_SELF $R_SELF)" python3 -m spngd_ext.selftest --json "$OUT/selftest.json" 2>&1 | tee "$OUT/selftest.log"
+self_rc=${PIPESTATUS[0]}
 set -e
-test_s=$(( $(elapsed) - build_s ))
 
-# 3. Benchmarks (the smaller sweep if the first stages ran long).
+# 3. The rest of the GPU tests (the kernel tests repeat the self-test's checks under pytest).
+test_rc=0
+if [ "$QUICK" != 1 ]; then
+  echo "== tests"
+  set +e
+  timeout "$(stage_timeout $T_TEST $R_TEST)" python3 -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
+  test_rc=${PIPESTATUS[0]}
+  set -e
+fi
+
+# 4. Benchmarks: the full kernel sweep when the first stages left time, else the quick one.
 echo "== bench"
-quick=""
-{ [ "$(elapsed)" -gt 300 ] || [ "$QUICK" = 1 ]; } && quick="--quick"
+full=""
+[ "$(elapsed)" -lt 240 ] && [ "$QUICK" != 1 ] && full="--full"
+step=""
+[ "$QUICK" = 1 ] && step="--no-step"  # the curvature stage below times ResNet-50 steps anyway
 set +e
-timeout "$(stage_timeout $T_BENCH $R_BENCH)" python3 bench/kernels.py $quick --json "$OUT/kernels.json" 2>&1 | tee "$OUT/bench.log"
+timeout "$(stage_timeout $T_BENCH $R_BENCH)" python3 -m spngd_ext.bench $full $step --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 set -e
 
-# 4. Curvature phase of a whole ResNet-50 step (issue 3's last target): both backends, interleaved.
+# 5. Curvature phase of a whole ResNet-50 step (issue 3's last target): both backends, interleaved.
 echo "== curvature phase (ResNet-50, batch 32)"
 set +e
 timeout "$(stage_timeout $T_CURV 5)" python3 bench/step_overhead.py --model resnet50 --batch-sizes 32 --quick --rounds 20 --warmup 3 \
@@ -112,21 +116,39 @@ summary() {
   echo "torch:   $(python3 -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)')"
   echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (+ local changes)')"
   echo "build:   ok in ${build_s} s (arch $arch)"
-  counts=$(grep -E "[0-9]+ (passed|failed|skipped|errors?)( |,|$)" "$OUT/pytest.log" | tail -n 1 || true)
-  echo "tests:   rc=$test_rc  ${counts:-no summary line}"
-  if [ -f "$OUT/pytest_kernels.log" ]; then
-    counts=$(grep -E "[0-9]+ (passed|failed|skipped|errors?)( |,|$)" "$OUT/pytest_kernels.log" | tail -n 1 || true)
-    echo "kernels: ${counts:-no summary line} (rerun without -x)"
-  fi
-  echo "bench:   rc=$bench_rc ${quick:+(quick)}"
-  if [ -f "$OUT/kernels.json" ]; then
-    python3 - "$OUT/kernels.json" <<'PY'
+  if [ -f "$OUT/selftest.json" ]; then
+    python3 - "$OUT/selftest.json" <<'PY'
 import json, sys
 data = json.load(open(sys.argv[1]))
-print(f"  copy bandwidth {data['copy_GBps']:.0f} GB/s on {data['device']}")
-for t in data["targets"]:
-    status = "info" if t["met"] is None else ("met" if t["met"] else "NOT MET")
-    print(f"  {status:>7}  {t['target']}: {t['detail']}")
+checks = data["checks"]
+count = {s: sum(c["status"] == s for c in checks) for s in ("passed", "failed", "skipped")}
+print(f"selftest: exit {data['exit_status']}, {count['passed']} passed, {count['failed']} failed, {count['skipped']} skipped")
+for c in checks:
+    if c["status"] == "failed":
+        print(f"  FAIL {c['name']}: {c['detail']}")
+PY
+  else
+    echo "selftest: rc=$self_rc, no report"
+  fi
+  if [ -f "$OUT/pytest.log" ]; then
+    counts=$(grep -E "[0-9]+ (passed|failed|skipped|errors?)( |,|$)" "$OUT/pytest.log" | tail -n 1 || true)
+    echo "tests:   rc=$test_rc  ${counts:-no summary line}"
+  fi
+  echo "bench:   rc=$bench_rc ${full:-(quick kernel sweep)}"
+  if [ -f "$OUT/bench.json" ]; then
+    python3 - "$OUT/bench.json" <<'PY'
+import json, sys
+data = json.load(open(sys.argv[1]))
+kernels = data.get("kernels")
+if kernels:
+    print(f"  copy bandwidth {kernels['copy_GBps']:.0f} GB/s on {kernels['device']}")
+    for t in kernels["targets"]:
+        status = "info" if t["met"] is None else ("met" if t["met"] else "NOT MET")
+        print(f"  {status:>7}  {t['target']}: {t['detail']}")
+step = data.get("step")
+if step:
+    ratios = ", ".join(f"{n} {s['mean_ms']:.1f} ms ({s['ratio_mean']:.2f}x)" for n, s in step["timing"].items())
+    print(f"  whole step, {step['case']}: {ratios}")
 PY
   fi
   echo "curv:    rc=$curv_rc"
@@ -149,6 +171,8 @@ for t in entry.get("targets", []):
 PY
   fi
   echo "logs:    $OUT  (total $(elapsed) s)"
+  echo "rows for the \"Reported runs\" table of docs/results.md:"
+  grep -h "^| " "$OUT/selftest.log" "$OUT/bench.log" 2>/dev/null | grep -v "^| card \|^|---\|^| measurement " || true
 }
 summary | tee "$OUT/summary.txt"
-[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$curv_rc" -eq 0 ]
+[ "$self_rc" -eq 0 ] && [ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$curv_rc" -eq 0 ]
