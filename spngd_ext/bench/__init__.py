@@ -121,7 +121,8 @@ def _result_line(env: dict, kernels: dict | None, step: dict | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 unless a benchmark raised).
+    """Command-line entry point; returns the exit status (0 unless a benchmark failed, or a GPU is
+    visible without the compiled extension).
 
     Args:
         argv: arguments (default ``sys.argv[1:]``); see ``--help``.
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, flush=True)
 
     status = 0
-    kernels = None
+    kernels, kernel_error = None, None
     start = time.perf_counter()
     if args.no_kernels:
         log("\nkernel microbenchmarks: skipped (--no-kernels)")
@@ -158,13 +159,19 @@ def main(argv: list[str] | None = None) -> int:
             kernels = run_kernel_bench(quick=not args.full, log=log)
         except Exception as exc:  # noqa: BLE001  (the step comparison still runs)
             log(f"kernel microbenchmarks failed: {type(exc).__name__}: {exc}")
+            kernel_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
             status = 1
-    step = None
+    step, step_error = None, None
     if not args.no_step:
         log("")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            step = _run_step(args, log)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                step = _run_step(args, log)
+        except Exception as exc:  # noqa: BLE001  (reported in the table row and the exit status)
+            log(f"whole-step comparison failed: {type(exc).__name__}: {exc}")
+            step_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            status = 1
     table = summary_table(kernels, step)
     print("\n" + table)
     if kernels:
@@ -177,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         for t in step["targets"]:
             print(f"  [{'    met' if t['met'] else 'NOT MET'}] {t['target']}: {t['value']:.3f}")
     result = _result_line(env, kernels, step)
+    for what, error in (("kernel microbenchmarks", kernel_error), ("step comparison", step_error)):
+        if error:
+            result += f"; {what} FAILED: {error}"
     print(f"\nresult: {result} ({time.perf_counter() - start:.0f} s)")
     print("\nrow for the \"Reported runs\" table of docs/results.md:\n" + TABLE_HEADER + "\n" + table_row(env, result))
     args.json.parent.mkdir(parents=True, exist_ok=True)
