@@ -38,8 +38,8 @@ def parse_args(argv: list[str], gpu: bool) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if gpu else "cpu")
     p.add_argument("--batch-size", type=int, default=None, help="default: 32 for resnet50, 64 for small_bn_cnn")
     p.add_argument("--image-size", type=int, default=224, help="resnet50 input height and width")
-    p.add_argument("--rounds", type=int, default=30 if gpu else 8, help="timed rounds (one step of every config each)")
-    p.add_argument("--warmup", type=int, default=3 if gpu else 2, help="rounds run first and discarded")
+    p.add_argument("--rounds", type=int, default=30 if gpu else 6, help="timed rounds (one step of every config each)")
+    p.add_argument("--warmup", type=int, default=3 if gpu else 1, help="rounds run first and discarded")
     p.add_argument("--configs", default=",".join(STEP_CONFIGS),
                    help="comma list, sgd first; also spngd-10/100, spngd-every-step-cuda, spngd-every-step-torch")
     p.add_argument("--full", action="store_true", help="the full kernel sweep (a few minutes) instead of the quick one")
@@ -47,7 +47,7 @@ def parse_args(argv: list[str], gpu: bool) -> argparse.Namespace:
     p.add_argument("--no-step", action="store_true", help="skip the whole-step comparison")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=Path("spngd_bench.json"), help="where to write the results")
+    p.add_argument("--json", type=Path, default=Path("runs/bench/results.json"), help="where to write the results (default: runs/bench/results.json)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not gpu:
         p.error("--device cuda: no CUDA GPU is visible")
