@@ -1,13 +1,24 @@
-"""OwnerAssignment (greedy LPT over the layer cost model): pure logic, no processes."""
+"""OwnerAssignment (greedy LPT over the layer cost model) and StatisticAssignment (ownership per
+statistic): pure logic, no ranks."""
 
 from __future__ import annotations
 
 import itertools
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from spngd_ext.distributed.placement import LayerCost, OwnerAssignment
+from spngd_ext.distributed.placement import (
+    LayerCost,
+    LayerStatistics,
+    OwnerAssignment,
+    StatisticAssignment,
+    StatisticSpec,
+)
 
 
 def jobs(weights: list[float]) -> list[LayerCost]:
@@ -132,3 +143,100 @@ def test_memory_weight() -> None:
     mems = [c.memory() for c in costs]
     assert max(heavy.memory_load) <= 4 / 3 * lower_bound(mems, 4)
     assert sum(heavy.compute_load) == pytest.approx(sum(c.compute() for c in costs))
+
+
+# ---------------------------------------------------------------------------------------------
+# ownership per statistic
+
+def kfac_layer(name: str, d_in: int, d_out: int) -> LayerStatistics:
+    return LayerStatistics(name, (StatisticSpec("A", d_in, d_in * (d_in + 1) // 2),
+                                  StatisticSpec("G", d_out, d_out * (d_out + 1) // 2)), d_in * d_out, (d_out, d_in))
+
+
+def bn_layer(name: str, c: int) -> LayerStatistics:
+    return LayerStatistics(name, (StatisticSpec("F", 0, 3 * c),), 2 * c)
+
+
+def random_net(seed: int, n: int = 30) -> list[LayerStatistics]:
+    rng = random.Random(seed)
+    layers: list[LayerStatistics] = []
+    for i in range(n):
+        kind = rng.random()
+        if kind < 0.6:
+            layers.append(kfac_layer(f"k{i}", rng.randint(1, 600), rng.randint(1, 300)))
+        elif kind < 0.9:
+            layers.append(bn_layer(f"bn{i}", rng.randint(1, 256)))
+        else:
+            layers.append(LayerStatistics(f"plain{i}", (), rng.randint(1, 1000)))
+    return layers
+
+
+def test_statistic_costs_and_anchor() -> None:
+    layer = kfac_layer("fc", 10, 4)  # A 10×10 (d_in incl. bias), G 4×4
+    assert layer.anchor() == "A"
+    (a, ca, ba), (g, cg, bg) = layer.item_costs()
+    assert (a, g) == ("A", "G")
+    assert ca == 10**3 + 4 * 10 * (4 + 10) and ba == 55 + 1 + 2 * 40  # inversion + both products; A, count, grad twice
+    assert cg == 4**3 and bg == 10 + 1
+    assert kfac_layer("wide", 3, 8).anchor() == "G" and kfac_layer("square", 5, 5).anchor() == "A"
+    assert bn_layer("bn", 4).item_costs() == [("F", 2 * 12 + 8, 12 + 1 + 16)]
+    assert LayerStatistics("p", (), 7).item_costs() == [(None, 7.0, 14.0)]
+
+
+def test_statistic_assignment_covers_every_statistic_and_routes_inverses() -> None:
+    layers = random_net(0)
+    for world in (1, 2, 3, 5, 16, 200):
+        a = StatisticAssignment.balance(layers, world)
+        assert a == StatisticAssignment.balance(list(layers), world)  # deterministic
+        assert len(a.stat_owners) == len(layers) and all(0 <= g < world for g in a.grad_owners)
+        owned = sorted(x for r in range(world) for x in a.statistics_of(r))
+        assert owned == sorted((i, s.name) for i, layer in enumerate(layers) for s in layer.stats)
+        routes = {(rt.layer, rt.stat) for rt in a.inverse_routes}
+        for i, layer in enumerate(layers):
+            if layer.stats:
+                assert a.grad_owners[i] == a.stat_owners[i][layer.anchor()]
+            for s in layer.stats:  # a factor away from its gradient's owner travels there, and only then
+                away = s.dim > 0 and a.stat_owners[i][s.name] != a.grad_owners[i]
+                assert ((i, s.name) in routes) == away
+        for rt in a.inverse_routes:
+            assert rt.src == a.stat_owners[rt.layer][rt.stat] and rt.dst == a.grad_owners[rt.layer] and rt.src != rt.dst
+        total_c = sum(c for layer in layers for _, c, _ in layer.item_costs())
+        assert sum(a.compute_load) == pytest.approx(total_c)
+        if world == 1:
+            assert a.inverse_routes == () and a.makespan == pytest.approx(total_c)
+
+
+def test_statistic_assignment_is_the_same_in_every_process() -> None:
+    """Every rank computes the assignment on its own: the result must not depend on anything
+    process-specific (hash seeds, dict order)."""
+    code = ("import sys; sys.path.insert(0, 'tests'); from test_placement import random_net; "
+            "from spngd_ext.distributed.placement import StatisticAssignment as S; "
+            "a = S.balance(random_net(5), 7); print(a.stat_owners, a.grad_owners, a.inverse_routes)")
+    outs = set()
+    for seed in ("0", "1", "12345"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).resolve().parents[1]).stdout)
+    assert len(outs) == 1
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_statistic_assignment_makespan_and_byte_balance(seed: int) -> None:
+    """Compute and bytes both within 4/3 of their lower bound max(largest item, mean load), and
+    the makespan equal to the largest item once every item can have a rank of its own."""
+    layers = random_net(100 + seed, n=60)
+    items = [item for layer in layers for item in layer.item_costs()]
+    largest_bytes = max(b for _, _, b in items)
+    for world in (2, 3, 4, 8, 64, 512):
+        a = StatisticAssignment.balance(layers, world)
+        assert a.makespan >= a.makespan_lower_bound * (1 - 1e-12)
+        assert a.makespan <= 4 / 3 * a.makespan_lower_bound * (1 + 1e-12)
+        assert max(a.byte_load) <= 4 / 3 * max(largest_bytes, sum(a.byte_load) / world) * (1 + 1e-12)
+        if world >= len(items):
+            assert a.makespan == pytest.approx(a.largest_item)
+
+
+def test_statistic_assignment_rejects_bad_world_size() -> None:
+    with pytest.raises(ValueError, match="world_size"):
+        StatisticAssignment.balance(random_net(1), 0)
+    assert StatisticAssignment.balance([], 3).grad_owners == ()

@@ -77,11 +77,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import uneven
 from .communicator import Communicator
 
-__all__ = ["TorchDistributedCommunicator", "REDUCE_IMPLS", "GATHER_IMPLS", "KINDS"]
+__all__ = ["TorchDistributedCommunicator", "REDUCE_IMPLS", "SEGMENT_REDUCE_IMPLS", "GATHER_IMPLS", "KINDS"]
 
 REDUCE_IMPLS = ("auto", "reduce_scatter", "all_reduce", "reduce", "all_to_all")
+SEGMENT_REDUCE_IMPLS = ("auto", "all_to_all", "reduce")
 GATHER_IMPLS = ("auto", "all_gather", "broadcast")
 KINDS = ("stats", "grads", "precond", "flag")
 _LOW = (torch.bfloat16, torch.float16)
@@ -101,7 +103,8 @@ class TorchDistributedCommunicator(Communicator):
     """Collectives over a ``torch.distributed`` process group (default: the world group)."""
 
     def __init__(self, group=None, comm_dtype: torch.dtype | None = None, *, reduce_impl: str = "auto",
-                 gather_impl: str = "auto") -> None:
+                 gather_impl: str = "auto", segment_reduce_impl: str = "auto",
+                 staging_numel: int = uneven.DEFAULT_STAGING_NUMEL) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("TorchDistributedCommunicator: torch.distributed is not initialised (call init_process_group first)")
         if comm_dtype not in (None, torch.float32, torch.float64) + _LOW:
@@ -110,6 +113,13 @@ class TorchDistributedCommunicator(Communicator):
             raise ValueError(f"TorchDistributedCommunicator: reduce_impl must be one of {REDUCE_IMPLS}, got {reduce_impl!r}")
         if gather_impl not in GATHER_IMPLS:
             raise ValueError(f"TorchDistributedCommunicator: gather_impl must be one of {GATHER_IMPLS}, got {gather_impl!r}")
+        if segment_reduce_impl not in SEGMENT_REDUCE_IMPLS:
+            raise ValueError(f"TorchDistributedCommunicator: segment_reduce_impl must be one of {SEGMENT_REDUCE_IMPLS}, "
+                             f"got {segment_reduce_impl!r}")
+        if int(staging_numel) < 1:
+            raise ValueError(f"TorchDistributedCommunicator: staging_numel must be >= 1, got {staging_numel}")
+        self.segment_reduce_impl = segment_reduce_impl
+        self.staging_numel = int(staging_numel)
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
@@ -221,6 +231,35 @@ class TorchDistributedCommunicator(Communicator):
                 work.wait()
         else:
             _all_gather_single(out, mine, group=self.group)
+
+    # ------------------------------------------------------------------ true-length segments
+    def segment_reduce_impl_for(self, buffer: Tensor) -> str:
+        """The algorithm :meth:`reduce_segments` uses for ``buffer``."""
+        if self.comm_dtype is not None and buffer.is_floating_point():
+            return "all_to_all"  # fp32 accumulation of reduced-precision contributions
+        if self.segment_reduce_impl != "auto":
+            return self.segment_reduce_impl
+        # Gloo: measured faster than per-segment reduces, and its bytes are exact (docs/scaling.md)
+        return "all_to_all" if "gloo" in self.backend and not buffer.is_cuda else "reduce"
+
+    def reduce_segments(self, buffer: Tensor, sends, *, kind: str) -> None:
+        try:
+            uneven.reduce_segments(self, buffer, sends, kind=kind, impl=self.segment_reduce_impl_for(buffer),
+                                   wire=self._wire_dtype(buffer), staging_numel=self.staging_numel)
+        except RuntimeError as exc:
+            raise self._failure("reduce_segments", kind, exc) from exc
+
+    def gather_segments(self, buffer: Tensor, owned, *, kind: str) -> None:
+        try:
+            uneven.gather_segments(self, buffer, owned, kind=kind, wire=self._wire_dtype(buffer))
+        except RuntimeError as exc:
+            raise self._failure("gather_segments", kind, exc) from exc
+
+    def exchange(self, sends, receives, *, kind: str, dtype: torch.dtype, device: torch.device) -> None:
+        try:
+            uneven.exchange(self, sends, receives, kind=kind, dtype=dtype, device=device)
+        except RuntimeError as exc:
+            raise self._failure("exchange", kind, exc) from exc
 
     def any_flag(self, flag: Tensor) -> Tensor:
         t = flag.detach().reshape(1).to(torch.int32)

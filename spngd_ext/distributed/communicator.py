@@ -3,17 +3,27 @@
 A communicator sees buffers cut into ``world_size`` equal chunks (see :mod:`spngd_ext.layout`):
 ``reduce_scatter`` leaves rank r holding the sum of everyone's chunk r, ``all_gather`` gives every
 rank every owner's chunk, ``any_flag`` agrees on a boolean (for skipping a step everywhere).
+
+The segment operations move true-length, per-owner segments instead (see
+:mod:`spngd_ext.distributed.segments` and :mod:`spngd_ext.distributed.uneven`):
+``reduce_segments`` sums each owner's segments onto it, ``gather_segments`` copies each owner's
+segments to every rank, ``exchange`` sends tensors point to point.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from ..layout import Segment
+
 
 class Communicator(abc.ABC):
+    """Moves the optimizer's flat buffers between ranks (see the module docstring)."""
+
     rank: int
     world_size: int
 
@@ -29,6 +39,21 @@ class Communicator(abc.ABC):
     @abc.abstractmethod
     def any_flag(self, flag: Tensor) -> Tensor:
         """Logical OR of a 0-dim bool tensor over ranks."""
+
+    @abc.abstractmethod
+    def reduce_segments(self, buffer: Tensor, sends: Sequence[Sequence[Segment]], *, kind: str) -> None:
+        """``sends[o]``: the segments of ``buffer`` rank o owns (the same lists on every rank).
+        Afterwards rank o holds there the sum over ranks; the segments this rank sent to other
+        owners are zero; everything else is untouched."""
+
+    @abc.abstractmethod
+    def gather_segments(self, buffer: Tensor, owned: Sequence[Sequence[Segment]], *, kind: str) -> None:
+        """In place: every rank's copy of rank o's segments ``owned[o]`` becomes rank o's values."""
+
+    @abc.abstractmethod
+    def exchange(self, sends: Sequence[Sequence[Tensor]], receives: Sequence[Sequence[Tensor]], *, kind: str,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        """Point to point: ``sends[d]`` go to rank d into its ``receives[this rank]`` (same sizes)."""
 
     def begin_step(self) -> None:
         """Called by the optimizer at the start of every step (resets the per-step byte count)."""
@@ -55,15 +80,18 @@ class LocalCommunicator(Communicator):
     def any_flag(self, flag: Tensor) -> Tensor:
         return flag
 
+    def reduce_segments(self, buffer: Tensor, sends: Sequence[Sequence[Segment]], *, kind: str) -> None:
+        _check_lists("reduce_segments", kind, sends)
 
-def default_communicator(process_group=None, comm_dtype: torch.dtype | None = None) -> Communicator:
-    """The communicator for the current run: torch.distributed when initialised with >1 rank."""
-    import torch.distributed as dist
+    def gather_segments(self, buffer: Tensor, owned: Sequence[Sequence[Segment]], *, kind: str) -> None:
+        _check_lists("gather_segments", kind, owned)
 
-    if dist.is_available() and dist.is_initialized():
-        group = process_group if process_group is not None else dist.group.WORLD
-        if dist.get_world_size(group) > 1:
-            from .collectives import TorchDistributedCommunicator
+    def exchange(self, sends: Sequence[Sequence[Tensor]], receives: Sequence[Sequence[Tensor]], *, kind: str,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        if any(sends[0]) or any(receives[0]):
+            raise ValueError(f"exchange({kind}): one process cannot send to itself")
 
-            return TorchDistributedCommunicator(group, comm_dtype=comm_dtype)
-    return LocalCommunicator()
+
+def _check_lists(op: str, kind: str, lists: Sequence) -> None:
+    if len(lists) != 1:
+        raise ValueError(f"{op}({kind}): expected one segment list per rank (1), got {len(lists)}")
