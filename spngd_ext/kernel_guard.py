@@ -17,7 +17,9 @@ cached for the process under ``(op, device, dtypes and layouts)``.
 A check costs a few small launches and one host synchronisation, once per key. It draws its inputs
 from its own generator, so the caller's random streams are unchanged. It is skipped (the kernel is
 used unchecked, nothing cached) while ``torch.compile`` traces and while a CUDA graph is captured,
-where a synchronising comparison cannot run.
+where a synchronising comparison cannot run. A kernel fault that leaves the CUDA context unusable
+(an illegal memory access) cannot be recovered by falling back; the check then reports it once, and
+every later CUDA call fails as well.
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ _UNKNOWN = object()
 
 def _traced(t: Tensor) -> bool:
     """Fake or meta tensors (tracing, shape propagation): there is nothing to compare."""
-    return t.device.type == "meta" or isinstance(t, FakeTensor)
+    return t.is_meta or isinstance(t, FakeTensor)
 
 
 def check_op(op: str, tensors: Sequence[Tensor]) -> str | None:
@@ -167,8 +169,9 @@ def check_op(op: str, tensors: Sequence[Tensor]) -> str | None:
     active = getattr(_checking, "ops", frozenset())
     _checking.ops = active | {op}
     try:
-        with torch.no_grad():
-            gen = torch.Generator(device=tensors[0].device).manual_seed(0)
+        device = tensors[0].device
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            gen = torch.Generator(device=device).manual_seed(0)
             for label, out, expect in _CHECKS[op](ops, list(tensors), gen):
                 error = _mismatch(out, expect)
                 if error is not None:
