@@ -72,12 +72,12 @@ from spngd_ext.bench.step import (  # noqa: E402  (the timing core, shared with 
     targets,
     timing_table,
 )
-from spngd_ext.train.models import count_parameters, resnet50, small_bn_cnn  # noqa: E402
 from spngd_ext.train.baselines import (  # noqa: E402
     OptimizerSettings,
     OptimizerUnavailableError,
     build_train_step,
 )
+from spngd_ext.train.models import count_parameters, resnet50, small_bn_cnn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, also when loaded by path
 import step_profile  # noqa: E402,F401  (the module too: tests read its constants through this one)
@@ -131,9 +131,9 @@ def environment(args: argparse.Namespace, argv: list[str]) -> dict:
     if not env["extension_loaded"]:
         env["extension_error"] = extension_error()
     try:
-        import asdl  # noqa: F401
-
         from importlib.metadata import version
+
+        import asdl  # noqa: F401
 
         env["asdl"] = version("asdfghjkl")
     except Exception:  # noqa: BLE001 - only informative
@@ -233,7 +233,8 @@ def build_configs(names: list[str], base: nn.Module, device: torch.device, lr: f
                 except (RuntimeError, ValueError) as exc:  # backend="cuda" without kernels or GPU
                     raise OptimizerUnavailableError(str(exc).splitlines()[0]) from exc
             elif name == "spngd-stale":
-                cfg = _config(name, "spngd", build_train_step("spngd", model, OptimizerSettings(**common, stale=True, curvature_interval=100, inverse_interval=1)))
+                settings = OptimizerSettings(**common, stale=True, curvature_interval=100, inverse_interval=1)
+                cfg = _config(name, "spngd", build_train_step("spngd", model, settings))
             elif name == "asdl-every-step":
                 cfg = _asdl_config(name, build_train_step("asdl-kfac", model, OptimizerSettings(**common, curvature_interval=1, inverse_interval=1)))
             elif name == "asdl-10/100":

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -237,7 +237,11 @@ def _randn(like: Tensor, shape: Sequence[int], gen: torch.Generator, dtype: torc
     dtype = dtype or like.dtype
     layout = _layout(like)
     if layout == "channels_last" and len(shape) == 4:
-        return torch.randn(*shape, generator=gen, device=like.device).to(dtype).contiguous(memory_format=torch.channels_last)
+        return (
+            torch.randn(*shape, generator=gen, device=like.device)
+            .to(dtype)
+            .contiguous(memory_format=torch.channels_last)
+        )
     if layout == "strided" and len(shape) == 2:
         return torch.randn(shape[1], shape[0], generator=gen, device=like.device).to(dtype).t()
     return torch.randn(*shape, generator=gen, device=like.device).to(dtype)
@@ -337,7 +341,9 @@ def _check_unpack_upper(ops, tensors, gen):
     results = []
     for out_dtype in _OUT_DTYPES:
         outs = ops.unpack_upper(buf, sizes, scale=scale, dtype=out_dtype, offset=2, backend="cuda")
-        refs = ops.unpack_upper(buf.double(), sizes, scale=scale.double(), dtype=torch.float64, offset=2, backend="torch")
+        refs = ops.unpack_upper(
+            buf.double(), sizes, scale=scale.double(), dtype=torch.float64, offset=2, backend="torch"
+        )
         results += [(f"to {out_dtype}, matrix {i}", o, r.to(out_dtype)) for i, (o, r) in enumerate(zip(outs, refs))]
     return results
 

@@ -22,7 +22,9 @@ def _in_place(fn):
 
 CORRECT = {
     "pack_upper": lambda mats, dtype: tp.pack_upper(mats, dtype),
-    "unpack_upper": lambda buffer, sizes, scale, offset, dtype: tp.unpack_upper(buffer, sizes, scale=scale, dtype=dtype, offset=offset),
+    "unpack_upper": lambda buffer, sizes, scale, offset, dtype: tp.unpack_upper(
+        buffer, sizes, scale=scale, dtype=dtype, offset=offset
+    ),
     "accumulate_factor": _in_place(tp.accumulate_factor),
     "conv_a_factor": _in_place(tp.conv_a_factor),
     "cholesky_inverse_damped": lambda mats, damping: tp.cholesky_inverse_damped(mats, damping),

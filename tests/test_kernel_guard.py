@@ -14,11 +14,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from fake_kernels import CORRECT, install_fake_gpu, raising, wrong
 
 from spngd_ext import SPNGD, kernel_guard, ops
 from spngd_ext.bench.models import small_bn_cnn
-
-from fake_kernels import CORRECT, install_fake_gpu, raising, wrong
 
 
 @pytest.fixture

@@ -13,11 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fake_kernels import CORRECT, install_fake_gpu, wrong
 
 from spngd_ext.selftest import build_checks, kernel_checks, machine, seam_checks
 from spngd_ext.selftest.runner import Check, Skip, format_outcomes, run_checks
-
-from fake_kernels import CORRECT, install_fake_gpu, wrong
 
 NO_GPU = not torch.cuda.is_available()
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -50,8 +49,20 @@ def test_selftest_without_gpu_runs_the_cpu_checks_and_exits_0(tmp_path):
 @pytest.mark.timeout(300)
 def test_bench_without_gpu_times_the_cnn_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    proc = _run("spngd_ext.bench", "--rounds", "2", "--warmup", "1", "--batch-size", "8", "--threads", "1",
-                "--json", str(out), timeout=280)
+    proc = _run(
+        "spngd_ext.bench",
+        "--rounds",
+        "2",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+        timeout=280,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "No CUDA GPU is visible: the kernel microbenchmarks need one and are skipped." in proc.stdout
     assert "| measurement | case | ms | baseline ms | ratio |" in proc.stdout
@@ -66,8 +77,12 @@ def test_bench_without_gpu_times_the_cnn_and_writes_json(tmp_path):
 
 def test_bench_scripts_keep_their_flags():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, os.path.join(root, "bench", "kernels.py"), "--help"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "bench", "kernels.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "--quick" in proc.stdout and "--json" in proc.stdout
 
 
@@ -83,14 +98,19 @@ def test_gpu_check_list_builds():
 def test_gpu_shapes_reach_every_launch_path(sm_count):
     """The factor cases reach 64- and 128-wide tiles with and without row splits, the conv cases
     the split path, the BatchNorm shapes one and several blocks per channel, on common SM counts."""
-    factor = {(large, splits > 1) for rows, d in kernel_checks.FACTOR_CASES
-              for large, splits in [kernel_checks.syrk_plan(d, rows, sm_count, rows * d)]}
+    factor = {
+        (large, splits > 1)
+        for rows, d in kernel_checks.FACTOR_CASES
+        for large, splits in [kernel_checks.syrk_plan(d, rows, sm_count, rows * d)]
+    }
     assert factor == {(False, False), (False, True), (True, False), (True, True)}
     conv = set()
     for n, c, h, w, k, s, p, dil, bias in kernel_checks.CONV_CASES:
         oh = (h + 2 * p[0] - dil[0] * (k[0] - 1) - 1) // s[0] + 1
         ow = (w + 2 * p[1] - dil[1] * (k[1] - 1) - 1) // s[1] + 1
-        large, splits = kernel_checks.syrk_plan(c * k[0] * k[1] + int(bias), n * oh * ow, sm_count, n * oh * ow * c // 2)
+        large, splits = kernel_checks.syrk_plan(
+            c * k[0] * k[1] + int(bias), n * oh * ow, sm_count, n * oh * ow * c // 2
+        )
         conv.add((large, splits > 1))
     assert (False, True) in conv and any(large for large, _ in conv)
     blocks = set()
@@ -117,8 +137,11 @@ def cpu_kernels(monkeypatch):
     install = next(install_fake_gpu(monkeypatch))
     monkeypatch.setattr(kernel_checks, "DEV", "cpu")
     monkeypatch.setattr(kernel_checks, "_sm_count", lambda: 132)
-    monkeypatch.setattr(kernel_checks, "FACTOR_CASES", [c for c in kernel_checks.FACTOR_CASES if c[0] * c[1] < 10**6]
-                        + [(2000, 65), (600, 520)])  # CPU-sized; the split and no-split paths still reached
+    monkeypatch.setattr(
+        kernel_checks,
+        "FACTOR_CASES",
+        [c for c in kernel_checks.FACTOR_CASES if c[0] * c[1] < 10**6] + [(2000, 65), (600, 520)],
+    )  # CPU-sized; the split and no-split paths still reached
     limit = {"n": 256}
 
     def max_n(n=-1):
@@ -137,15 +160,31 @@ def cpu_kernels(monkeypatch):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("check", ["check_pack_upper", "check_unpack_upper", "check_pack_many", "check_accumulate_factor",
-                                   "check_conv_a_factor", "check_cholesky", "check_bn"])
+@pytest.mark.parametrize(
+    "check",
+    [
+        "check_pack_upper",
+        "check_unpack_upper",
+        "check_pack_many",
+        "check_accumulate_factor",
+        "check_conv_a_factor",
+        "check_cholesky",
+        "check_bn",
+    ],
+)
 def test_gpu_checks_pass_correct_kernels_and_fail_a_wrong_one(cpu_kernels, check):
     namespace, _ = cpu_kernels
     fn = getattr(kernel_checks, check)
     assert fn(namespace)
-    op = {"check_pack_upper": "pack_upper", "check_unpack_upper": "unpack_upper", "check_pack_many": "pack_upper",
-          "check_accumulate_factor": "accumulate_factor", "check_conv_a_factor": "conv_a_factor",
-          "check_cholesky": "cholesky_inverse_damped", "check_bn": "bn_unitwise_fisher"}[check]
+    op = {
+        "check_pack_upper": "pack_upper",
+        "check_unpack_upper": "unpack_upper",
+        "check_pack_many": "pack_upper",
+        "check_accumulate_factor": "accumulate_factor",
+        "check_conv_a_factor": "conv_a_factor",
+        "check_cholesky": "cholesky_inverse_damped",
+        "check_bn": "bn_unitwise_fisher",
+    }[check]
     broken = SimpleNamespace(**{**vars(namespace), op: wrong(op)})
     with pytest.raises(AssertionError):
         fn(broken)
@@ -178,8 +217,14 @@ def test_runner_reports_pass_fail_skip_and_the_budget():
 
 
 def test_table_row_of_a_gpu_run():
-    env = {**machine.environment([]), "gpu": True, "card": "NVIDIA H200", "driver": "570.1",
-           "compute_capability": "9.0", "sm_count": 132}
+    env = {
+        **machine.environment([]),
+        "gpu": True,
+        "card": "NVIDIA H200",
+        "driver": "570.1",
+        "compute_capability": "9.0",
+        "sm_count": 132,
+    }
     row = machine.table_row(env, "selftest PASS: 13 passed, 0 failed, 0 skipped in 80 s")
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:2] == ["NVIDIA H200", "570.1"] and cells[2].startswith(torch.__version__)

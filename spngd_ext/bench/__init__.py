@@ -40,14 +40,22 @@ def parse_args(argv: list[str], gpu: bool) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=224, help="resnet50 input height and width")
     p.add_argument("--rounds", type=int, default=30 if gpu else 6, help="timed rounds (one step of every config each)")
     p.add_argument("--warmup", type=int, default=3 if gpu else 1, help="rounds run first and discarded")
-    p.add_argument("--configs", default=",".join(STEP_CONFIGS),
-                   help="comma list, sgd first; also spngd-10/100, spngd-every-step-cuda, spngd-every-step-torch")
+    p.add_argument(
+        "--configs",
+        default=",".join(STEP_CONFIGS),
+        help="comma list, sgd first; also spngd-10/100, spngd-every-step-cuda, spngd-every-step-torch",
+    )
     p.add_argument("--full", action="store_true", help="the full kernel sweep (a few minutes) instead of the quick one")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel microbenchmarks")
     p.add_argument("--no-step", action="store_true", help="skip the whole-step comparison")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=Path("runs/bench/results.json"), help="where to write the results (default: runs/bench/results.json)")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=Path("runs/bench/results.json"),
+        help="where to write the results (default: runs/bench/results.json)",
+    )
     args = p.parse_args(argv)
     if args.device == "cuda" and not gpu:
         p.error("--device cuda: no CUDA GPU is visible")
@@ -79,8 +87,10 @@ def summary_table(kernels: dict | None, step: dict | None) -> str:
         for name, s in step["timing"].items():
             lo, hi = s["ratio_mean_ci95"]
             flag = "" if s["valid"] else " (INVALID)"
-            lines.append(f"| step {name}{flag} | {step['case']} | {fmt(s['mean_ms'])} | {fmt(sgd)} (SGD) | "
-                         f"{s['ratio_mean']:.2f}x SGD (95% CI {lo:.2f}-{hi:.2f}) |")
+            lines.append(
+                f"| step {name}{flag} | {step['case']} | {fmt(s['mean_ms'])} | {fmt(sgd)} (SGD) | "
+                f"{s['ratio_mean']:.2f}x SGD (95% CI {lo:.2f}-{hi:.2f}) |"
+            )
     return "\n".join(lines)
 
 
@@ -97,14 +107,27 @@ def _run_step(args: argparse.Namespace, log) -> dict:
     for name, why in skipped.items():
         log(f"(skipping {name}: {why})")
     batches = random_batches(args.batch_size, 2, shape, classes, device, args.seed)
-    log(f"whole step: {args.model} ({count_parameters(base):,} parameters), batch {args.batch_size}, {args.device}, "
-        f"{args.rounds} timed rounds after {args.warmup} warm-up rounds, configs {[c.name for c in configs]}")
+    log(
+        f"whole step: {args.model} ({count_parameters(base):,} parameters), batch {args.batch_size}, {args.device}, "
+        f"{args.rounds} timed rounds after {args.warmup} warm-up rounds, configs {[c.name for c in configs]}"
+    )
     wall = run_rounds(configs, batches, args.rounds, args.warmup, device, log)
     summary = summarise(configs)
     case = f"{args.model} batch {args.batch_size} {args.device}"
-    return {"case": case, "model": args.model, "parameters": count_parameters(base), "batch": args.batch_size,
-            "input": list(shape), "device": args.device, "rounds": args.rounds, "warmup": args.warmup,
-            "skipped_configs": skipped, "timing": summary, "targets": targets(summary), "wall_s": wall}
+    return {
+        "case": case,
+        "model": args.model,
+        "parameters": count_parameters(base),
+        "batch": args.batch_size,
+        "input": list(shape),
+        "device": args.device,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "skipped_configs": skipped,
+        "timing": summary,
+        "targets": targets(summary),
+        "wall_s": wall,
+    }
 
 
 def _result_line(env: dict, kernels: dict | None, step: dict | None) -> str:
@@ -127,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     Args:
         argv: arguments (default ``sys.argv[1:]``); see ``--help``.
     """
-    from ..selftest.machine import TABLE_HEADER, describe, environment, table_row
     from ..ops.extension import extension_loaded
+    from ..selftest.machine import TABLE_HEADER, describe, environment, table_row
 
     argv = list(sys.argv[1:] if argv is None else argv)
     gpu = torch.cuda.is_available()
@@ -188,10 +211,19 @@ def main(argv: list[str] | None = None) -> int:
         if error:
             result += f"; {what} FAILED: {error}"
     print(f"\nresult: {result} ({time.perf_counter() - start:.0f} s)")
-    print("\nrow for the \"Reported runs\" table of docs/results.md:\n" + TABLE_HEADER + "\n" + table_row(env, result))
+    print('\nrow for the "Reported runs" table of docs/results.md:\n' + TABLE_HEADER + "\n" + table_row(env, result))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"environment": env, "settings": {k: str(v) if isinstance(v, Path) else v
-                                                                     for k, v in vars(args).items()},
-                                     "kernels": kernels, "step": step, "result": result}, indent=1))
+    args.json.write_text(
+        json.dumps(
+            {
+                "environment": env,
+                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "kernels": kernels,
+                "step": step,
+                "result": result,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {args.json}")
     return status

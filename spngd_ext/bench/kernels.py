@@ -8,12 +8,13 @@ performance targets (met / NOT MET). Needs a GPU and the built extension; run th
 ``python -m spngd_ext.bench`` (or ``python bench/kernels.py``).
 """
 
+# ruff: noqa: B023  (every timing lambda runs inside its loop iteration, before the variables change)
 from __future__ import annotations
 
 import math
 import statistics
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,8 +59,14 @@ def time_ms(fn, sets: int, budget_s: float) -> float:
 
 
 def row(op: str, case: str, ours: float | None, base: float | None, **extra) -> dict:
-    r = {"op": op, "case": case, "ours_ms": ours, "base_ms": base,
-         "speedup": (base / ours) if ours and base else None, **extra}
+    r = {
+        "op": op,
+        "case": case,
+        "ours_ms": ours,
+        "base_ms": base,
+        "speedup": (base / ours) if ours and base else None,
+        **extra,
+    }
     ROWS.append(r)
     rate = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
     ours_s = f"{ours:9.4f}" if ours is not None else "        -"
@@ -106,8 +113,14 @@ def bench_pack(kernels, quick, budget, copy_gbps):
         ours = time_ms(lambda k: kernels.pack_upper(mats[k], out_dtype), sets, budget)
         base = time_ms(lambda k: ref.pack_upper(mats[k], dtype=out_dtype), sets, budget)
         gbytes = packed * (4 + out_dtype.itemsize) / 1e9
-        row("pack_upper", f"{len(sizes)} ResNet-50 factors fp32->{str(out_dtype)[6:]}", ours, base,
-            GBps=gbytes / (ours * 1e-3), pct_copy=100 * gbytes / (ours * 1e-3) / copy_gbps)
+        row(
+            "pack_upper",
+            f"{len(sizes)} ResNet-50 factors fp32->{str(out_dtype)[6:]}",
+            ours,
+            base,
+            GBps=gbytes / (ours * 1e-3),
+            pct_copy=100 * gbytes / (ours * 1e-3) / copy_gbps,
+        )
         mats = []  # free the input sets before the next case
         bufs = [torch.randn(packed, device=DEV).to(out_dtype) for _ in range(sets)]
         scale = torch.rand(len(sizes), device=DEV)
@@ -115,8 +128,14 @@ def bench_pack(kernels, quick, budget, copy_gbps):
         base = time_ms(lambda k: ref.unpack_upper(bufs[k], sizes, scale=scale, dtype=torch.float32), sets, budget)
         full = sum(n * n for n in sizes)
         gbytes = (packed * out_dtype.itemsize + full * 4) / 1e9
-        row("unpack_upper", f"{len(sizes)} factors {str(out_dtype)[6:]}->fp32, scaled", ours, base,
-            GBps=gbytes / (ours * 1e-3), pct_copy=100 * gbytes / (ours * 1e-3) / copy_gbps)
+        row(
+            "unpack_upper",
+            f"{len(sizes)} factors {str(out_dtype)[6:]}->fp32, scaled",
+            ours,
+            base,
+            GBps=gbytes / (ours * 1e-3),
+            pct_copy=100 * gbytes / (ours * 1e-3) / copy_gbps,
+        )
         bufs = []  # free the input sets before the next case
 
 
@@ -127,8 +146,18 @@ def torch_factor(state, x, scale, decay, idx):
 
 
 def bench_factor(kernels, quick, budget):
-    cases = [(4096, 147), (8192, 256), (256, 512), (8192, 576), (256, 1000), (6272, 1152), (256, 2049),
-             (6272, 2304), (1568, 4609), (128, 4609)]
+    cases = [
+        (4096, 147),
+        (8192, 256),
+        (256, 512),
+        (8192, 576),
+        (256, 1000),
+        (6272, 1152),
+        (256, 2049),
+        (6272, 2304),
+        (1568, 4609),
+        (128, 4609),
+    ]
     if quick:
         cases = [(8192, 256), (8192, 576), (6272, 1152), (1568, 4609)]
     cases = [(r, d, torch.float32) for r, d in cases] + [(8192, 576, torch.bfloat16), (1568, 2304, torch.bfloat16)]
@@ -139,8 +168,14 @@ def bench_factor(kernels, quick, budget):
         idx = ref.triu_flat_index(d, DEV)
         ours = time_ms(lambda k: kernels.accumulate_factor(state, xs[k], 0.5, 0.9), sets, budget)
         base = time_ms(lambda k: torch_factor(state, xs[k], 0.5, 0.9, idx), sets, budget)
-        row("accumulate_factor", f"x {rows}x{d} {str(dtype)[6:]}", ours, base, d=d,
-            TFLOPs_useful=rows * d * (d + 1) / (ours * 1e-3) / 1e12)
+        row(
+            "accumulate_factor",
+            f"x {rows}x{d} {str(dtype)[6:]}",
+            ours,
+            base,
+            d=d,
+            TFLOPs_useful=rows * d * (d + 1) / (ours * 1e-3) / 1e12,
+        )
         xs = []  # free the input sets before the next case
 
 
@@ -162,9 +197,13 @@ def extra_memory(fn) -> int:
 
 def bench_conv(kernels, quick, budget):
     # (name, N, C, H, kernel, stride, padding): ResNet-50 convs with a spatial kernel, 32 images per GPU
-    cases = [("conv1 7x7/2", 32, 3, 224, 7, 2, 3), ("layer1 3x3", 32, 64, 56, 3, 1, 1),
-             ("layer2 3x3", 32, 128, 28, 3, 1, 1), ("layer3 3x3", 32, 256, 14, 3, 1, 1),
-             ("layer4 3x3", 32, 512, 7, 3, 1, 1)]
+    cases = [
+        ("conv1 7x7/2", 32, 3, 224, 7, 2, 3),
+        ("layer1 3x3", 32, 64, 56, 3, 1, 1),
+        ("layer2 3x3", 32, 128, 28, 3, 1, 1),
+        ("layer3 3x3", 32, 256, 14, 3, 1, 1),
+        ("layer4 3x3", 32, 512, 7, 3, 1, 1),
+    ]
     if quick:
         cases = cases[1:4]
     for name, n, c, h, k, s, p in cases:
@@ -182,11 +221,21 @@ def bench_conv(kernels, quick, budget):
         shifted = float("nan")
         if s == 1:
             try:
-                shifted = time_ms(lambda i: conv_a_factor_shifted(state, xs[i], (k, k), (p, p), False, 0.5, 0.9), sets, budget)
+                shifted = time_ms(
+                    lambda i: conv_a_factor_shifted(state, xs[i], (k, k), (p, p), False, 0.5, 0.9), sets, budget
+                )
             except Exception as exc:  # an informational column must not sink the kernel bench
                 _log(f"  shifted-correlation path failed: {exc!r}")
-        row("conv_a_factor", f"{name} N={n} C={c} {h}x{h} d={d}", ours, base, kk=k * k,
-            extra_MB_ours=mem_ours / 2**20, extra_MB_unfold=mem_base / 2**20, shifted_ms=shifted)
+        row(
+            "conv_a_factor",
+            f"{name} N={n} C={c} {h}x{h} d={d}",
+            ours,
+            base,
+            kk=k * k,
+            extra_MB_ours=mem_ours / 2**20,
+            extra_MB_unfold=mem_base / 2**20,
+            shifted_ms=shifted,
+        )
         xs = []  # free the input sets before the next case
 
 
@@ -258,8 +307,7 @@ def bench_bn(kernels, quick, budget):
         state = torch.zeros(c, 3, device=DEV)
         ours = time_ms(lambda k: kernels.bn_unitwise_fisher(state, gs[k], xs[k], 0.5, 0.9), sets, budget)
         base = time_ms(lambda k: ref.bn_unitwise_fisher(state, gs[k], xs[k], 0.5, 0.9), sets, budget)
-        row("bn_unitwise_fisher", f"N={n} C={c} {h}x{h}", ours, base,
-            GBps=2 * gs[0].numel() * 4 / (ours * 1e-3) / 1e9)
+        row("bn_unitwise_fisher", f"N={n} C={c} {h}x{h}", ours, base, GBps=2 * gs[0].numel() * 4 / (ours * 1e-3) / 1e9)
         gs, xs = [], []  # free the input sets before the next case
     for c in (64, 2048):
         fisher = torch.rand(c, 3, device=DEV) + torch.tensor([1.0, 0.0, 1.0], device=DEV)
@@ -284,26 +332,54 @@ def targets(crossover) -> list[dict]:
         out.append({"target": name, "met": met, "detail": detail(sel) if sel else "no rows"})
 
     packs = rows("pack_upper") + rows("unpack_upper")
-    target("pack/unpack >= 85% of copy bandwidth", packs, lambda r: r["pct_copy"] >= 85,
-           lambda s: "min %.0f%%" % min(r["pct_copy"] for r in s))
+    target(
+        "pack/unpack >= 85% of copy bandwidth",
+        packs,
+        lambda r: r["pct_copy"] >= 85,
+        lambda s: "min {:.0f}%".format(min(r["pct_copy"] for r in s)),
+    )
     facs = rows("accumulate_factor", lambda r: r["d"] >= 512)
-    target("factor accumulation >= 1.5x torch (d >= 512)", facs, lambda r: r["speedup"] >= 1.5,
-           lambda s: "min %.2fx" % min(r["speedup"] for r in s))
+    target(
+        "factor accumulation >= 1.5x torch (d >= 512)",
+        facs,
+        lambda r: r["speedup"] >= 1.5,
+        lambda s: "min {:.2f}x".format(min(r["speedup"] for r in s)),
+    )
     convs = rows("conv_a_factor")
-    target("conv A-factor extra memory <= unfold/(kh*kw)", convs,
-           lambda r: r["extra_MB_ours"] <= r["extra_MB_unfold"] / r["kk"],
-           lambda s: "max ratio %.4f" % max(r["extra_MB_ours"] / max(r["extra_MB_unfold"], 1e-9) for r in s))
-    target("conv A-factor no slower than unfold+GEMM", convs, lambda r: r["speedup"] >= 1.0,
-           lambda s: "min %.2fx" % min(r["speedup"] for r in s))
+    target(
+        "conv A-factor extra memory <= unfold/(kh*kw)",
+        convs,
+        lambda r: r["extra_MB_ours"] <= r["extra_MB_unfold"] / r["kk"],
+        lambda s: "max ratio {:.4f}".format(max(r["extra_MB_ours"] / max(r["extra_MB_unfold"], 1e-9) for r in s)),
+    )
+    target(
+        "conv A-factor no slower than unfold+GEMM",
+        convs,
+        lambda r: r["speedup"] >= 1.0,
+        lambda s: "min {:.2f}x".format(min(r["speedup"] for r in s)),
+    )
     chols = rows("cholesky_inverse_damped", lambda r: r["n"] <= 256 and r["batch"] >= 16)
-    target("Cholesky inverse n<=256, B>=16: >= 5x cholesky_ex+cholesky_inverse", chols,
-           lambda r: r["speedup"] >= 5, lambda s: "min %.2fx" % min(r["speedup"] for r in s))
+    target(
+        "Cholesky inverse n<=256, B>=16: >= 5x cholesky_ex+cholesky_inverse",
+        chols,
+        lambda r: r["speedup"] >= 5,
+        lambda s: "min {:.2f}x".format(min(r["speedup"] for r in s)),
+    )
     bns = rows("bn_unitwise_fisher") + rows("bn_unitwise_solve")
-    target("unit-wise BN >= 3x the PyTorch composition", bns, lambda r: r["speedup"] >= 3,
-           lambda s: "min %.2fx" % min(r["speedup"] for r in s))
-    out.append({"target": "Cholesky kernel/ATen crossover (B=16)", "met": None,
-                "detail": f"kernel wins up to n={crossover} (default cholesky_kernel_max_n="
-                          f"{torch.ops.spngd_ext.cholesky_kernel_max_n(-1)})"})
+    target(
+        "unit-wise BN >= 3x the PyTorch composition",
+        bns,
+        lambda r: r["speedup"] >= 3,
+        lambda s: "min {:.2f}x".format(min(r["speedup"] for r in s)),
+    )
+    out.append(
+        {
+            "target": "Cholesky kernel/ATen crossover (B=16)",
+            "met": None,
+            "detail": f"kernel wins up to n={crossover} (default cholesky_kernel_max_n="
+            f"{torch.ops.spngd_ext.cholesky_kernel_max_n(-1)})",
+        }
+    )
     return out
 
 
@@ -333,5 +409,11 @@ def run_kernel_bench(quick: bool, log: Callable[[str], None] = print) -> dict:
         results = targets(crossover)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    return {"device": name, "torch": torch.__version__, "copy_GBps": copy_gbps, "quick": quick,
-            "rows": list(ROWS), "targets": results}
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "copy_GBps": copy_gbps,
+        "quick": quick,
+        "rows": list(ROWS),
+        "targets": results,
+    }

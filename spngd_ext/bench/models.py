@@ -91,6 +91,12 @@ def resnet50(num_classes: int = 1000, in_channels: int = 3) -> nn.Sequential:
             blocks.append(Bottleneck(c_in, planes, 2 if (b == 0 and stage > 0) else 1, project=b == 0))
             c_in = planes * 4
     return nn.Sequential(
-        nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-        nn.MaxPool2d(3, 2, 1), *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, num_classes),
+        nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+        *blocks,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2048, num_classes),
     )

@@ -138,8 +138,17 @@ class Config:
     def counters(self) -> dict:
         if self.kind == "spngd":
             c = self.optimizer.counters
-            return {k: c[k] for k in ("steps", "factor_updates", "inverse_updates", "skipped_steps", "mc_backwards",
-                                      "inversion_fallbacks")}
+            return {
+                k: c[k]
+                for k in (
+                    "steps",
+                    "factor_updates",
+                    "inverse_updates",
+                    "skipped_steps",
+                    "mc_backwards",
+                    "inversion_fallbacks",
+                )
+            }
         if self.counters_fn is not None:
             return self.counters_fn()
         return {}
@@ -168,7 +177,9 @@ def build_config(name: str, model: nn.Module, lr: float, seed: int) -> Config:
     return Config(name, "spngd", model, opt)
 
 
-def build_configs(names: list[str], base: nn.Module, device: torch.device, lr: float, seed: int) -> tuple[list[Config], dict]:
+def build_configs(
+    names: list[str], base: nn.Module, device: torch.device, lr: float, seed: int
+) -> tuple[list[Config], dict]:
     """One :class:`Config` per name, each on its own copy of ``base``; (configs, {skipped name: why}).
 
     Args:
@@ -189,8 +200,9 @@ def build_configs(names: list[str], base: nn.Module, device: torch.device, lr: f
     return configs, skipped
 
 
-def random_batches(batch: int, n: int, example_shape: tuple[int, ...], classes: int, device: torch.device,
-                   seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def random_batches(
+    batch: int, n: int, example_shape: tuple[int, ...], classes: int, device: torch.device, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` batches of N(0, 1) inputs and uniform labels (round r uses batch r mod n).
 
     Args:
@@ -202,16 +214,22 @@ def random_batches(batch: int, n: int, example_shape: tuple[int, ...], classes: 
         seed: seeds the batches' generator.
     """
     g = torch.Generator(device=device).manual_seed(seed)
-    return [(torch.randn(batch, *example_shape, generator=g, device=device),
-             torch.randint(0, classes, (batch,), generator=g, device=device)) for _ in range(n)]
+    return [
+        (
+            torch.randn(batch, *example_shape, generator=g, device=device),
+            torch.randint(0, classes, (batch,), generator=g, device=device),
+        )
+        for _ in range(n)
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
 # timing
 
 
-def run_rounds(configs: list[Config], batches, rounds: int, warmup: int, device: torch.device,
-               log: Callable[[str], None]) -> float:
+def run_rounds(
+    configs: list[Config], batches, rounds: int, warmup: int, device: torch.device, log: Callable[[str], None]
+) -> float:
     """Round-robin: one step of each configuration per round, order rotated each round; returns
     the wall time in seconds.
 
@@ -290,7 +308,11 @@ def summarise(configs: list[Config]) -> dict:
         by_kind = {}
         for kind in sorted(set(c.step_kinds)):
             sel = np.asarray([k == kind for k in c.step_kinds])
-            by_kind[kind] = {"steps": int(sel.sum()), "mean_ms": float(t[sel].mean()), "median_ms": float(np.median(t[sel]))}
+            by_kind[kind] = {
+                "steps": int(sel.sum()),
+                "mean_ms": float(t[sel].mean()),
+                "median_ms": float(np.median(t[sel])),
+            }
         lo, hi = bootstrap_ratio_ci(t, sgd)
         out[c.name] = {
             "steps": len(t),
@@ -347,17 +369,30 @@ def timing_table(summary: dict, batch: int) -> str:
 def targets(summary: dict) -> list[dict]:
     """The step-overhead targets: every-step SP-NGD ≤ 2× SGD, 10/100 or stale ≤ 1.03× SGD, and
     SP-NGD ≥ 1.5× faster than ASDL where both ran."""
+
     def ratio(name):
         return summary[name]["ratio_mean"] if name in summary else None
 
     res = []
     if ratio("spngd-every-step") is not None:
-        res.append({"target": "spngd every-step mean ≤ 2.0× SGD", "value": ratio("spngd-every-step"),
-                    "met": ratio("spngd-every-step") <= 2.0})
+        res.append(
+            {
+                "target": "spngd every-step mean ≤ 2.0× SGD",
+                "value": ratio("spngd-every-step"),
+                "met": ratio("spngd-every-step") <= 2.0,
+            }
+        )
     cand = [(n, ratio(n)) for n in ("spngd-10/100", "spngd-stale") if ratio(n) is not None]
     if cand:
         best = min(cand, key=lambda t: t[1])
-        res.append({"target": "spngd 10/100 or stale mean ≤ 1.03× SGD", "value": best[1], "which": best[0], "met": best[1] <= 1.03})
+        res.append(
+            {
+                "target": "spngd 10/100 or stale mean ≤ 1.03× SGD",
+                "value": best[1],
+                "which": best[0],
+                "met": best[1] <= 1.03,
+            }
+        )
     for sp, asdl in (("spngd-every-step", "asdl-every-step"), ("spngd-10/100", "asdl-10/100")):
         if sp in summary and asdl in summary:
             speed = summary[asdl]["mean_ms"] / summary[sp]["mean_ms"]

@@ -40,8 +40,13 @@ def build_checks(gpu: bool) -> list[Check]:
         checks += kernel_checks()
     checks += cpu_checks()
     device = "cuda" if gpu else "cpu"
-    checks.append(Check(f"end-to-end: 3 SP-NGD steps on {device}, kernels vs PyTorch path",
-                        lambda: end_to_end_check(device), "end-to-end"))
+    checks.append(
+        Check(
+            f"end-to-end: 3 SP-NGD steps on {device}, kernels vs PyTorch path",
+            lambda: end_to_end_check(device),
+            "end-to-end",
+        )
+    )
     return checks
 
 
@@ -57,10 +62,15 @@ def run(argv: list[str] | None = None, budget_s: float = BUDGET_S) -> tuple[dict
     gpu = env["gpu"]
     status = 0
     if not gpu:
-        print("\nNo CUDA GPU is visible: the kernel checks need one and are not run. Running the CPU checks.", flush=True)
+        print(
+            "\nNo CUDA GPU is visible: the kernel checks need one and are not run. Running the CPU checks.", flush=True
+        )
     elif not env["extension_loaded"]:
-        print(f"\nA GPU is visible but the compiled extension is not loaded ({env['extension_error']}): "
-              "every op would run its PyTorch path. Rebuild with nvcc available.", flush=True)
+        print(
+            f"\nA GPU is visible but the compiled extension is not loaded ({env['extension_error']}): "
+            "every op would run its PyTorch path. Rebuild with nvcc available.",
+            flush=True,
+        )
         status = 1
     checks = build_checks(gpu and env["extension_loaded"])
     print(f"\n{len(checks)} checks:", flush=True)
@@ -76,7 +86,7 @@ def run(argv: list[str] | None = None, budget_s: float = BUDGET_S) -> tuple[dict
     else:
         result = f"no GPU: CPU checks only, {summary} in {seconds:.0f} s"
     print(f"\nresult: {result}")
-    print("\nrow for the \"Reported runs\" table of docs/results.md:\n" + TABLE_HEADER + "\n" + table_row(env, result))
+    print('\nrow for the "Reported runs" table of docs/results.md:\n' + TABLE_HEADER + "\n" + table_row(env, result))
     return env, outcomes, status
 
 
@@ -98,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     env, outcomes, status = run(argv, args.budget)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "exit_status": status,
-                                         "checks": [vars(o) for o in outcomes]}, indent=1))
+        args.json.write_text(
+            json.dumps({"environment": env, "exit_status": status, "checks": [vars(o) for o in outcomes]}, indent=1)
+        )
         print(f"wrote {args.json}")
     return status

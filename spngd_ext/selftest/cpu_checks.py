@@ -47,8 +47,11 @@ def check_torch_path_fp32() -> str:
         ops.accumulate_factor(s64, x.double(), scale=0.5, decay=0.0, backend="torch")
         _expect_close(s32, s64, tol, f"accumulate_factor rows={rows} d={d}")
         n += 1
-    for shape, k, s, p, layout in (((2, 3, 9, 9), 3, 1, 1, "nchw"), ((2, 4, 8, 7), 3, 1, 1, "channels_last"),
-                                   ((2, 3, 11, 11), 3, 2, 0, "nchw")):
+    for shape, k, s, p, layout in (
+        ((2, 3, 9, 9), 3, 1, 1, "nchw"),
+        ((2, 4, 8, 7), 3, 1, 1, "channels_last"),
+        ((2, 3, 11, 11), 3, 2, 0, "nchw"),
+    ):
         x = rnd(*shape)
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -96,7 +99,9 @@ def check_conv_forms_agree() -> str:
             x = torch.randn(*shape, generator=g, dtype=torch.float64)
             d = shape[1] * k * k + int(bias)
             via_ops = torch.zeros(ref.packed_size(d), dtype=torch.float64)
-            ops.conv_a_factor(via_ops, x, kernel_size=k, padding=p, has_bias=bias, scale=1.0, decay=0.0, backend="torch")
+            ops.conv_a_factor(
+                via_ops, x, kernel_size=k, padding=p, has_bias=bias, scale=1.0, decay=0.0, backend="torch"
+            )
             im2col = ref.conv_a_factor(torch.zeros_like(via_ops), x, (k, k), (1, 1), (p, p), (1, 1), bias, 1.0, 0.0)
             _expect_close(via_ops, im2col, 1e-12, f"conv {shape} kernel {k} padding {p} bias {bias}")
             n += 1
@@ -129,8 +134,10 @@ def optimizer_steps(device: str, backend: str, steps: int = 3, seed: int = 0) ->
     torch.manual_seed(seed)
     model = small_bn_cnn().to(device)
     g = torch.Generator().manual_seed(seed)
-    batches = [(torch.randn(16, 1, 28, 28, generator=g).to(device), torch.randint(0, 10, (16,), generator=g).to(device))
-               for _ in range(steps)]
+    batches = [
+        (torch.randn(16, 1, 28, 28, generator=g).to(device), torch.randint(0, 10, (16,), generator=g).to(device))
+        for _ in range(steps)
+    ]
     opt = SPNGD(model, lr=0.05, momentum=0.9, weight_decay=5e-4, damping=1e-2, backend=backend)
     torch.manual_seed(seed + 1)  # the same Monte-Carlo labels on every backend
     for x, y in batches:
@@ -160,7 +167,9 @@ def end_to_end_check(device: str) -> str:
         if err > worst:
             worst, where = err, name
     if not worst <= 2e-3:
-        raise AssertionError(f"backend {backend!r} vs 'torch': parameter change of {where} differs by {worst:.2e} (> 2e-3)")
+        raise AssertionError(
+            f"backend {backend!r} vs 'torch': parameter change of {where} differs by {worst:.2e} (> 2e-3)"
+        )
     if kernel_guard.fallback_count() != before:
         raise AssertionError(f"a first-use check fell back: {kernel_guard.fallbacks()[-1]}")
     what = "CUDA kernels" if kernels else "PyTorch path (no GPU kernels here)"

@@ -14,14 +14,25 @@ from __future__ import annotations
 
 import itertools
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from ..ops import torch_path as ref
 from .runner import Check
 
-__all__ = ["BN_SHAPES", "CHOLESKY_SIZES", "CONV_CASES", "FACTOR_CASES", "bn_plan", "expect_close", "kernel_checks", "seeded", "spd", "syrk_plan"]
+__all__ = [
+    "BN_SHAPES",
+    "CHOLESKY_SIZES",
+    "CONV_CASES",
+    "FACTOR_CASES",
+    "bn_plan",
+    "expect_close",
+    "kernel_checks",
+    "seeded",
+    "spd",
+    "syrk_plan",
+]
 
 DEV = "cuda"
 SIZES = [1, 2, 3, 17, 31, 32, 33, 64, 65, 127, 130, 257]
@@ -29,7 +40,12 @@ CHOLESKY_SIZES = SIZES  # panel width 32: below, at, above, several panels; 257 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 FACTOR_CASES = [(rows, d) for rows, d in itertools.product([1, 7, 300], SIZES)] + [
-    (1000, 513), (257, 600), (20000, 65), (40000, 520), (0, 17)]
+    (1000, 513),
+    (257, 600),
+    (20000, 65),
+    (40000, 520),
+    (0, 17),
+]
 CONV_CASES = [  # N, C, H, W, kernel, stride, padding, dilation, bias
     (1, 1, 1, 1, (1, 1), (1, 1), (0, 0), (1, 1), False),
     (2, 3, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1), True),
@@ -38,11 +54,21 @@ CONV_CASES = [  # N, C, H, W, kernel, stride, padding, dilation, bias
     (2, 16, 14, 14, (3, 3), (2, 2), (1, 1), (1, 1), False),
     (1, 3, 32, 32, (7, 7), (2, 2), (3, 3), (1, 1), False),
     (2, 6, 10, 12, (3, 3), (1, 1), (2, 2), (2, 2), True),
-    (4, 2, 32, 32, (3, 3), (1, 1), (1, 1), (1, 1), True),   # few tiles, many rows: split path
-    (2, 70, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1), True),    # d = 631: 128-wide tiles
+    (4, 2, 32, 32, (3, 3), (1, 1), (1, 1), (1, 1), True),  # few tiles, many rows: split path
+    (2, 70, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1), True),  # d = 631: 128-wide tiles
 ]
-BN_SHAPES = [(1, 1, 1, 1), (2, 3), (4, 5, 7, 7), (3, 8, 1, 1), (32, 64, 16, 16), (5, 3, 3, 5), (2, 2, 2),
-             (256, 4, 8, 8), (7, 33, 40), (1, 2048)]
+BN_SHAPES = [
+    (1, 1, 1, 1),
+    (2, 3),
+    (4, 5, 7, 7),
+    (3, 8, 1, 1),
+    (32, 64, 16, 16),
+    (5, 3, 3, 5),
+    (2, 2, 2),
+    (256, 4, 8, 8),
+    (7, 33, 40),
+    (1, 2048),
+]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,8 +135,10 @@ def expect_close(out: torch.Tensor, expect: torch.Tensor, tol: float, what: str)
 
 def _poison_allocator(*shapes_dtypes) -> None:
     """Leave NaN-filled free blocks for the next allocations to reuse."""
-    blocks = [torch.full(shape, float("nan") if dt.is_floating_point else -(2**31), dtype=dt, device=DEV)
-              for shape, dt in shapes_dtypes]
+    blocks = [
+        torch.full(shape, float("nan") if dt.is_floating_point else -(2**31), dtype=dt, device=DEV)
+        for shape, dt in shapes_dtypes
+    ]
     del blocks
 
 
@@ -159,21 +187,39 @@ def check_pack_upper(k) -> str:
             out = k.pack_upper(mats, out_dtype)
             if out.dtype != (out_dtype or src):
                 raise AssertionError(f"pack {sizes} {src}->{out_dtype}: result dtype {out.dtype}")
-            expect_close(out, ref.pack_upper([m.double() for m in mats]), _cast_tol(src, out.dtype), f"pack {sizes} {src}->{out_dtype}")
+            expect_close(
+                out,
+                ref.pack_upper([m.double() for m in mats]),
+                _cast_tol(src, out.dtype),
+                f"pack {sizes} {src}->{out_dtype}",
+            )
             n += 1
     big = torch.randn(80, 90, device=DEV)
-    mats = [big[3:40, 5:42], torch.randn(33, 33, device=DEV).t(), torch.randn(5, 5, device=DEV, dtype=torch.float64),
-            torch.randn(130, 130, device=DEV).to(torch.bfloat16)]
-    expect_close(k.pack_upper(mats, torch.float32), ref.pack_upper([m.double() for m in mats]), 1e-7, "strided, mixed-dtype pack")
+    mats = [
+        big[3:40, 5:42],
+        torch.randn(33, 33, device=DEV).t(),
+        torch.randn(5, 5, device=DEV, dtype=torch.float64),
+        torch.randn(130, 130, device=DEV).to(torch.bfloat16),
+    ]
+    expect_close(
+        k.pack_upper(mats, torch.float32), ref.pack_upper([m.double() for m in mats]), 1e-7, "strided, mixed-dtype pack"
+    )
     return f"{n + 1} cases"
 
 
 def check_unpack_upper(k) -> str:
     n = 0
-    pairs = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
-             (torch.float16, torch.float16), (torch.float64, torch.float64), (torch.float32, torch.float64)]
+    pairs = [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.float64, torch.float64),
+        (torch.float32, torch.float64),
+    ]
     for sizes, (buf_dtype, out_dtype), offset in itertools.product(
-            ([1], [3, 1, 2], [17, 31, 32, 33], [64, 65, 127], [130, 257]), pairs, (0, 7)):
+        ([1], [3, 1, 2], [17, 31, 32, 33], [64, 65, 127], [130, 257]), pairs, (0, 7)
+    ):
         seeded("unpack", tuple(sizes), buf_dtype, out_dtype, offset)
         total = offset + sum(ref.packed_size(s) for s in sizes) + 5
         buf = torch.randn(total, device=DEV).to(buf_dtype)
@@ -201,7 +247,9 @@ def check_pack_many(k) -> str:
     for i, (m, o) in enumerate(zip(mats, k.unpack_upper(packed, sizes, scale, 0, torch.float32))):
         expect_close(o, (m.triu() + m.triu(1).mT) * scale[i], 1e-7, f"unpack #{i} of 320")
     sym = [m + m.mT for m in (torch.randn(s, s, device=DEV) for s in (7, 64, 33, 1, 257))]
-    outs = k.unpack_upper(k.pack_upper(sym, None), [m.shape[0] for m in sym], torch.ones(5, device=DEV), 0, torch.float32)
+    outs = k.unpack_upper(
+        k.pack_upper(sym, None), [m.shape[0] for m in sym], torch.ones(5, device=DEV), 0, torch.float32
+    )
     if not all(torch.equal(m, o) for m, o in zip(sym, outs)):
         raise AssertionError("pack then unpack does not return the symmetric matrices exactly")
     return "320 matrices, round trip"
@@ -317,8 +365,8 @@ def check_cholesky(k) -> str:
                 if flags != [False, True, False, True, False, True]:
                     raise AssertionError(f"{path} n={n}: failure flags {flags}, expected matrices 1, 3, 5")
                 for b in (0, 2, 4):
-                    expect, _ = ref.cholesky_inverse_damped(good[b:b + 1].double(), damping[b:b + 1].double())
-                    expect_close(inv[b:b + 1], expect, 2e-4, f"{path} n={n}: good matrix {b} next to failed ones")
+                    expect, _ = ref.cholesky_inverse_damped(good[b : b + 1].double(), damping[b : b + 1].double())
+                    expect_close(inv[b : b + 1], expect, 2e-4, f"{path} n={n}: good matrix {b} next to failed ones")
             n_cases += 4
         inv, info = k.cholesky_inverse_damped(torch.zeros(0, 4, 4, device=DEV), torch.zeros(0, device=DEV))
         if inv.shape != (0, 4, 4) or info.shape != (0,):

@@ -74,7 +74,7 @@ def environment(argv: list[str] | None = None, module: str = "spngd_ext.selftest
     argv = list(sys.argv[1:] if argv is None else argv)
     gpu = torch.cuda.is_available()
     env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
         "command": " ".join(shlex.quote(a) for a in ["python", "-m", module, *argv]),
         "gpu": gpu,
         "card": torch.cuda.get_device_name(0) if gpu else None,
@@ -96,15 +96,20 @@ def environment(argv: list[str] | None = None, module: str = "spngd_ext.selftest
 
 def describe(env: dict) -> str:
     """A few lines for the top of a report."""
-    card = f"{env['card']} (sm_{env['compute_capability'].replace('.', '')}, {env['sm_count']} SMs), driver {env['driver']}" \
-        if env["gpu"] else f"no GPU: {env['cpu']}"
+    card = (
+        f"{env['card']} (sm_{env['compute_capability'].replace('.', '')}, {env['sm_count']} SMs), driver {env['driver']}"
+        if env["gpu"]
+        else f"no GPU: {env['cpu']}"
+    )
     ext = "loaded" if env["extension_loaded"] else f"not loaded ({env['extension_error']})"
-    return (f"card:      {card}\n"
-            f"torch:     {env['torch']} (CUDA {env['cuda'] or 'none'}), Python {env['python']}\n"
-            f"extension: {ext}\n"
-            f"commit:    {env['commit']}\n"
-            f"date:      {env['date']}\n"
-            f"command:   {env['command']}")
+    return (
+        f"card:      {card}\n"
+        f"torch:     {env['torch']} (CUDA {env['cuda'] or 'none'}), Python {env['python']}\n"
+        f"extension: {ext}\n"
+        f"commit:    {env['commit']}\n"
+        f"date:      {env['date']}\n"
+        f"command:   {env['command']}"
+    )
 
 
 def table_row(env: dict, result: str) -> str:
@@ -115,6 +120,13 @@ def table_row(env: dict, result: str) -> str:
         result: the run's outcome in a few words.
     """
     card = env["card"] or f"no GPU ({env['cpu'].split(' (')[0]})"
-    cells = [card, env["driver"] or "-", f"{env['torch']} / {env['cuda'] or 'none'}", env["date"], env["commit"],
-             f"`{env['command']}`", result]
+    cells = [
+        card,
+        env["driver"] or "-",
+        f"{env['torch']} / {env['cuda'] or 'none'}",
+        env["date"],
+        env["commit"],
+        f"`{env['command']}`",
+        result,
+    ]
     return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"

@@ -14,8 +14,6 @@ from . import kernel_checks as kc
 __all__ = ["check_error_cases", "check_first_use_guard", "check_no_host_sync", "check_python_seam"]
 
 
-
-
 def check_error_cases(k) -> str:
     from .op_error_cases import run_in_child
 
@@ -38,7 +36,9 @@ def check_no_host_sync(k) -> str:
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        k.unpack_upper(k.pack_upper([mats[0], mats[1]], torch.bfloat16), [40, 40], torch.ones(2, device=kc.DEV), 0, torch.float32)
+        k.unpack_upper(
+            k.pack_upper([mats[0], mats[1]], torch.bfloat16), [40, 40], torch.ones(2, device=kc.DEV), 0, torch.float32
+        )
         k.accumulate_factor(state, x, 1.0, 0.5)
         k.conv_a_factor(conv_state, img, [3, 3], [1, 1], [1, 1], [1, 1], True, 1.0, 0.0)
         k.bn_unitwise_fisher(bn_state, g, g, 1.0, 0.0)
@@ -60,7 +60,9 @@ def check_python_seam(k) -> str:
     ops.accumulate_factor(s_cuda, x, scale=0.1, decay=0.0, backend="cuda")
     ops.accumulate_factor(s_torch, x, scale=0.1, decay=0.0, backend="torch")
     kc.expect_close(s_cuda, s_torch, 1e-5, "accumulate_factor via spngd_ext.ops")
-    (full,) = ops.unpack_upper(ops.pack_upper([torch.eye(3, device=kc.DEV)], backend="cuda"), [3], scale=2.0, backend="cuda")
+    (full,) = ops.unpack_upper(
+        ops.pack_upper([torch.eye(3, device=kc.DEV)], backend="cuda"), [3], scale=2.0, backend="cuda"
+    )
     if not torch.equal(full, 2 * torch.eye(3, device=kc.DEV)):
         raise AssertionError("pack/unpack via spngd_ext.ops")
     m = kc.spd(2, 10, torch.float32)
@@ -82,15 +84,20 @@ def check_first_use_guard(k) -> str:
     for dt in kc.DTYPES:
         probes += [("pack_upper", [z(4, 4, dtype=dt)]), ("unpack_upper", [z(10, dtype=dt)])]
     for dt in (torch.float32, torch.bfloat16, torch.float16):
-        probes += [("accumulate_factor", [z(10), z(3, 4, dtype=dt)]),
-                   ("accumulate_factor", [z(10), z(4, 3, dtype=dt).t()]),
-                   ("conv_a_factor", [z(10), z(2, 3, 5, 5, dtype=dt)]),
-                   ("conv_a_factor", [z(10), z(2, 3, 5, 5, dtype=dt).contiguous(memory_format=torch.channels_last)]),
-                   ("bn_unitwise_fisher", [z(4, 3), z(2, 4, 3, 3, dtype=dt), z(2, 4, 3, 3, dtype=dt)])]
+        probes += [
+            ("accumulate_factor", [z(10), z(3, 4, dtype=dt)]),
+            ("accumulate_factor", [z(10), z(4, 3, dtype=dt).t()]),
+            ("conv_a_factor", [z(10), z(2, 3, 5, 5, dtype=dt)]),
+            ("conv_a_factor", [z(10), z(2, 3, 5, 5, dtype=dt).contiguous(memory_format=torch.channels_last)]),
+            ("bn_unitwise_fisher", [z(4, 3), z(2, 4, 3, 3, dtype=dt), z(2, 4, 3, 3, dtype=dt)]),
+        ]
     probes += [("cholesky_inverse_damped", [z(2, 3, 3, dtype=dt)]) for dt in (torch.float32, torch.float64)]
     probes.append(("bn_unitwise_solve", [z(4, 3), z(4), z(4)]))
-    failed = [f"{op} {[str(t.dtype)[6:] for t in ts]}: {err}" for op, ts in probes
-              if (err := kernel_guard.check_op(op, ts)) is not None]
+    failed = [
+        f"{op} {[str(t.dtype)[6:] for t in ts]}: {err}"
+        for op, ts in probes
+        if (err := kernel_guard.check_op(op, ts)) is not None
+    ]
     if failed:
         raise AssertionError(f"{len(failed)} of {len(probes)} first-use checks failed: " + "; ".join(failed[:3]))
     return f"{len(probes)} op/dtype/layout checks"
