@@ -1,7 +1,9 @@
 // The spngd_ext operator library: schemas (declared once, here), argument checks, and the CUDA
-// and CPU registrations. Kernels live in csrc/cuda/, one .cu and one header per op family. The Python side
-// (spngd_ext/ops.py) calls torch.ops.spngd_ext.<op> with exactly these signatures; shape-only fake
-// implementations for tracing are registered in spngd_ext/_extension.py.
+// registrations. Kernels live in csrc/cuda/, one .cu and one header per op family. The Python side
+// (spngd_ext/ops/__init__.py) calls torch.ops.spngd_ext.<op> with exactly these signatures;
+// spngd_ext/ops/extension.py registers, for each op, the CPU kernel (the pure-PyTorch path, after
+// the argument checks below, through the check-only _check_<op>) and the fake implementation that
+// tracing (torch.compile, FakeTensorMode) runs instead of a kernel.
 
 #include <Python.h>
 
@@ -93,11 +95,11 @@ void check_state(const char* op, const at::Tensor& state, int64_t numel, const a
 // ----------------------------------------------------------------------------------------------
 // Symmetric packing
 
-// Each op below has a device-agnostic check_<op> (everything but "is it a CUDA tensor"), used by
-// both registrations: the CUDA one checks that every tensor is on the GPU first (so a CPU tensor
-// is reported as such even when its dtype is wrong too), then the arguments, then launches; the
-// CPU one (see the end of this file) checks the arguments, then refuses, so that every message
-// can be exercised on a machine without a GPU.
+// Each op below has a device-agnostic check_<op> (everything but "is it a CUDA tensor"). The CUDA
+// kernel checks that every tensor is on the GPU first (so a CPU tensor is reported as such even
+// when its dtype is wrong too), then the arguments, then launches. Each check is also declared as
+// the op _check_<op> (same arguments, no result), which the CPU kernels call first, so that a CPU
+// and a CUDA call reject the same arguments with the same exception and message.
 
 void check_pack_upper(at::TensorList mats, std::optional<at::ScalarType> dtype) {
   const char* op = "pack_upper";
@@ -287,32 +289,6 @@ std::tuple<at::Tensor, at::Tensor> bn_unitwise_solve(const at::Tensor& fisher, c
   return ops::bn_unitwise_solve(fisher, grad_gamma, grad_beta, damping);
 }
 
-// ----------------------------------------------------------------------------------------------
-// CPU: the same argument checks, then a clear refusal. The kernels need a GPU; ops.py routes CPU
-// tensors to the pure-PyTorch path and never gets here.
-
-template <auto Check, typename R, const char* Name>
-struct CheckThenRefuse;
-
-// R: the op's return type; Args: deduced from the check, which takes the op's arguments.
-template <typename... Args, void (*Check)(Args...), typename R, const char* Name>
-struct CheckThenRefuse<Check, R, Name> {
-  static R call(Args... args) {
-    Check(args...);
-    TORCH_CHECK_VALUE(false, "spngd_ext::", Name, ": the kernels take CUDA tensors, got CPU tensors; on the CPU use ",
-                      "spngd_ext.ops.", Name, "(..., backend=\"torch\")");
-    return R();  // not reached
-  }
-};
-
-constexpr char kPackUpper[] = "pack_upper";
-constexpr char kUnpackUpper[] = "unpack_upper";
-constexpr char kAccumulateFactor[] = "accumulate_factor";
-constexpr char kConvAFactor[] = "conv_a_factor";
-constexpr char kCholeskyInverseDamped[] = "cholesky_inverse_damped";
-constexpr char kBnUnitwiseFisher[] = "bn_unitwise_fisher";
-constexpr char kBnUnitwiseSolve[] = "bn_unitwise_solve";
-
 }  // namespace
 }  // namespace spngd
 
@@ -329,6 +305,23 @@ TORCH_LIBRARY(spngd_ext, m) {
   // Tuning knob (no tensors, so one implementation for every backend): the largest n that
   // cholesky_inverse_damped sends to its shared-memory kernel. n >= 0 sets it; returns the old value.
   m.def("cholesky_kernel_max_n(int n=-1) -> int", &spngd::cuda_ops::cholesky_kernel_max_n);
+
+  // The argument checks alone (no computation, tensors on any device): one implementation for
+  // every backend. The CPU kernels registered in spngd_ext/ops/extension.py call these first.
+  m.def("_check_pack_upper(Tensor[] mats, ScalarType? dtype) -> ()", &spngd::check_pack_upper);
+  m.def("_check_unpack_upper(Tensor buffer, int[] sizes, Tensor scale, int offset, ScalarType dtype) -> ()",
+        &spngd::check_unpack_upper);
+  m.def("_check_accumulate_factor(Tensor state, Tensor x, float scale, float decay) -> ()",
+        &spngd::check_accumulate_factor);
+  m.def(
+      "_check_conv_a_factor(Tensor state, Tensor x, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
+      "bool has_bias, float scale, float decay) -> ()",
+      &spngd::check_conv_a_factor);
+  m.def("_check_cholesky_inverse_damped(Tensor mats, Tensor damping) -> ()", &spngd::check_cholesky_inverse_damped);
+  m.def("_check_bn_unitwise_fisher(Tensor state, Tensor grad_out, Tensor xhat, float scale, float decay) -> ()",
+        &spngd::check_bn_unitwise_fisher);
+  m.def("_check_bn_unitwise_solve(Tensor fisher, Tensor grad_gamma, Tensor grad_beta, float damping) -> ()",
+        &spngd::check_bn_unitwise_solve);
 }
 
 TORCH_LIBRARY_IMPL(spngd_ext, CUDA, m) {
@@ -339,15 +332,4 @@ TORCH_LIBRARY_IMPL(spngd_ext, CUDA, m) {
   m.impl("cholesky_inverse_damped", &spngd::cholesky_inverse_damped);
   m.impl("bn_unitwise_fisher", &spngd::bn_unitwise_fisher);
   m.impl("bn_unitwise_solve", &spngd::bn_unitwise_solve);
-}
-
-TORCH_LIBRARY_IMPL(spngd_ext, CPU, m) {
-  using namespace spngd;
-  m.impl("pack_upper", &CheckThenRefuse<&check_pack_upper, at::Tensor, kPackUpper>::call);
-  m.impl("unpack_upper", &CheckThenRefuse<&check_unpack_upper, std::vector<at::Tensor>, kUnpackUpper>::call);
-  m.impl("accumulate_factor", &CheckThenRefuse<&check_accumulate_factor, void, kAccumulateFactor>::call);
-  m.impl("conv_a_factor", &CheckThenRefuse<&check_conv_a_factor, void, kConvAFactor>::call);
-  m.impl("cholesky_inverse_damped", &CheckThenRefuse<&check_cholesky_inverse_damped, std::tuple<at::Tensor, at::Tensor>, kCholeskyInverseDamped>::call);
-  m.impl("bn_unitwise_fisher", &CheckThenRefuse<&check_bn_unitwise_fisher, void, kBnUnitwiseFisher>::call);
-  m.impl("bn_unitwise_solve", &CheckThenRefuse<&check_bn_unitwise_solve, std::tuple<at::Tensor, at::Tensor>, kBnUnitwiseSolve>::call);
 }

@@ -28,7 +28,7 @@ class ErrorCase(NamedTuple):
     """One call that must raise ``exception`` with a message matching ``pattern``."""
 
     name: str
-    exception: type
+    exception: type[BaseException]
     pattern: str  # regex the message must match
     call: Callable[[], object]
     needs_cuda: bool = False  # a device mismatch, or the Python seam to the CUDA kernels
