@@ -166,7 +166,7 @@ def check_op(op: str, tensors: Sequence[Tensor]) -> str | None:
     """
     from . import ops  # the dispatch imports this module
 
-    active = getattr(_checking, "ops", frozenset())
+    active: frozenset[str] = getattr(_checking, "ops", frozenset())
     _checking.ops = active | {op}
     try:
         device = tensors[0].device

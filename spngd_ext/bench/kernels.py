@@ -11,6 +11,7 @@ performance targets (met / NOT MET). Needs a GPU and the built extension; run th
 # ruff: noqa: B023  (every timing lambda runs inside its loop iteration, before the variables change)
 from __future__ import annotations
 
+import importlib
 import math
 import statistics
 import warnings
@@ -160,8 +161,8 @@ def bench_factor(kernels, quick, budget):
     ]
     if quick:
         cases = [(8192, 256), (8192, 576), (6272, 1152), (1568, 4609)]
-    cases = [(r, d, torch.float32) for r, d in cases] + [(8192, 576, torch.bfloat16), (1568, 2304, torch.bfloat16)]
-    for rows, d, dtype in cases:
+    typed = [(r, d, torch.float32) for r, d in cases] + [(8192, 576, torch.bfloat16), (1568, 2304, torch.bfloat16)]
+    for rows, d, dtype in typed:
         sets = n_sets(rows * d * dtype.itemsize)
         xs = [torch.randn(rows, d, device=DEV).to(dtype) for _ in range(sets)]
         state = torch.zeros(ref.packed_size(d), device=DEV)
@@ -252,8 +253,8 @@ def kernel_fits(n: int, itemsize: int) -> bool:
 
 
 def bench_cholesky(kernels, quick, budget):
-    try:
-        import cupy
+    try:  # optional, for a CuPy column: not a dependency
+        cupy = importlib.import_module("cupy")
     except Exception:  # noqa: BLE001  (any import failure: no CuPy column)
         cupy = None
     ns = [16, 32, 64, 128, 147, 192, 256, 300, 512, 1024] if not quick else [32, 64, 128, 256, 512]

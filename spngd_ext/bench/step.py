@@ -26,6 +26,7 @@ import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,7 +88,7 @@ class Config:
     name: str
     kind: str
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: Any  # a torch.optim.Optimizer; SPNGD's counters and backward are used for kind "spngd"
     step_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     next_kind_fn: Callable[[], str] | None = None
     counters_fn: Callable[[], dict] | None = None

@@ -57,9 +57,10 @@ def check_torch_path_fp32() -> str:
             x = x.contiguous(memory_format=torch.channels_last)
         d = shape[1] * k * k + 1
         s32, s64 = torch.zeros(ref.packed_size(d)), torch.zeros(ref.packed_size(d), dtype=torch.float64)
-        geometry = dict(kernel_size=k, stride=s, padding=p, has_bias=True, scale=0.25, decay=0.0)
-        ops.conv_a_factor(s32, x, **geometry, backend="torch")
-        ops.conv_a_factor(s64, x.double(), **geometry, backend="torch")
+        for state, inp in ((s32, x), (s64, x.double())):
+            ops.conv_a_factor(
+                state, inp, kernel_size=k, stride=s, padding=p, has_bias=True, scale=0.25, decay=0.0, backend="torch"
+            )
         _expect_close(s32, s64, tol, f"conv_a_factor {shape} stride {s} {layout}")
         n += 1
     for nn_ in (1, 17, 65):

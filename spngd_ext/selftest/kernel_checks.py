@@ -12,6 +12,7 @@ element fails.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import zlib
 from collections.abc import Callable
@@ -441,4 +442,4 @@ def kernel_checks() -> list[Check]:
         ("spngd_ext.ops backend='cuda' equals backend='torch'", seam_checks.check_python_seam),
         ("first-use guard passes every op and dtype", seam_checks.check_first_use_guard),
     ]
-    return [Check(name, (lambda fn=fn: fn(k)), "kernels") for name, fn in named]
+    return [Check(name, functools.partial(fn, k), "kernels") for name, fn in named]
