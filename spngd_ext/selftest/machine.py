@@ -32,10 +32,12 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
 
 def _commit() -> str:
     """Short commit of the checkout this package runs from, "+ local changes" when it differs;
-    "not a git checkout" for an installed copy."""
+    the package version for an installed copy."""
+    from .. import __version__
+
     root = Path(__file__).resolve().parents[2]
     if shutil.which("git") is None or not (root / ".git").exists():
-        return "not a git checkout"
+        return f"version {__version__} (not a git checkout)"
     head = _run(["git", "rev-parse", "--short", "HEAD"], cwd=root)
     if head is None:
         return "unknown"
