@@ -9,18 +9,24 @@ allocator with NaN blocks before the call.
 
 from __future__ import annotations
 
-import itertools
 import subprocess
 import zlib
 
 import pytest
 import torch
+from op_error_cases import child_command, error_cases
 
 from spngd_ext import ops as ops_py
 from spngd_ext.ops import torch_path as ref
 from spngd_ext.ops.extension import extension_error, extension_loaded
-
-from op_error_cases import child_command, error_cases
+from spngd_ext.selftest.kernel_checks import (  # the shapes python -m spngd_ext.selftest runs too
+    BN_SHAPES,
+    CONV_CASES,
+    DTYPES,
+    FACTOR_CASES,
+    SIZES,
+    TOL,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,8 +34,6 @@ pytestmark = [
 ]
 
 DEV = "cuda"
-SIZES = [1, 2, 3, 17, 31, 32, 33, 64, 65, 127, 130, 257]
-TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,7 +80,6 @@ def spd(batch, n, dtype, cond_shift=0.05):
 # pack / unpack
 # --------------------------------------------------------------------------------------------
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
 @pytest.mark.parametrize("sizes", [[1], [2, 3], [17, 31, 32, 33], [64, 65, 127, 130], [257]])
@@ -160,8 +163,7 @@ def test_pack_unpack_roundtrip(kernels):
 # factor accumulation
 # --------------------------------------------------------------------------------------------
 
-FACTOR_CASES = [(rows, d) for rows, d in itertools.product([1, 7, 300], SIZES)] + [
-    (1000, 513), (257, 600), (20000, 65), (40000, 520), (0, 17)]
+
 
 
 def ref_factor(fn, state, *args):
@@ -201,17 +203,7 @@ def test_accumulate_factor_strided_input(kernels):
     check(state, expect, TOL[torch.float32], "strided x")
 
 
-CONV_CASES = [  # N, C, H, W, kernel, stride, padding, dilation, bias
-    (1, 1, 1, 1, (1, 1), (1, 1), (0, 0), (1, 1), False),
-    (2, 3, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1), True),
-    (3, 5, 11, 7, (3, 2), (2, 1), (1, 0), (1, 2), True),
-    (2, 4, 8, 8, (1, 1), (1, 1), (0, 0), (1, 1), True),
-    (2, 16, 14, 14, (3, 3), (2, 2), (1, 1), (1, 1), False),
-    (1, 3, 32, 32, (7, 7), (2, 2), (3, 3), (1, 1), False),
-    (2, 6, 10, 12, (3, 3), (1, 1), (2, 2), (2, 2), True),
-    (4, 2, 32, 32, (3, 3), (1, 1), (1, 1), (1, 1), True),   # few tiles, many rows: split path
-    (2, 70, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1), True),    # d = 631: 128-wide tiles
-]
+
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
@@ -307,8 +299,7 @@ def test_cholesky_empty_batch(kernels):
 # BatchNorm
 # --------------------------------------------------------------------------------------------
 
-BN_SHAPES = [(1, 1, 1, 1), (2, 3), (4, 5, 7, 7), (3, 8, 1, 1), (32, 64, 16, 16), (5, 3, 3, 5), (2, 2, 2),
-             (256, 4, 8, 8), (7, 33, 40), (1, 2048)]
+
 
 
 @pytest.mark.parametrize("shape", BN_SHAPES)
