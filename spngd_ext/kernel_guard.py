@@ -168,8 +168,13 @@ def check_op(op: str, tensors: Sequence[Tensor]) -> str | None:
 
     active: frozenset[str] = getattr(_checking, "ops", frozenset())
     _checking.ops = active | {op}
+    device = tensors[0].device
+    # The comparison's one host synchronisation is the check's own, not the caller's: exempt it
+    # from torch.cuda.set_sync_debug_mode, which would otherwise fail a good kernel.
+    sync_mode = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else 0
+    if sync_mode:
+        torch.cuda.set_sync_debug_mode(0)
     try:
-        device = tensors[0].device
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             gen = torch.Generator(device=device).manual_seed(0)
             for label, out, expect in _CHECKS[op](ops, list(tensors), gen):
@@ -180,6 +185,8 @@ def check_op(op: str, tensors: Sequence[Tensor]) -> str | None:
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     finally:
         _checking.ops = active
+        if sync_mode:
+            torch.cuda.set_sync_debug_mode(sync_mode)
     return None
 
 
