@@ -26,7 +26,8 @@ reduce-scatter or all-reduce contribution, twice for the all-reduce, (W−1)× a
 contribution).
 
     python bench/comm.py --worlds 2,4 --repeats 3     # writes runs/comm/results.json
-    python bench/comm.py --model-only          # the 1..1024-rank model of docs/scaling.md
+    python bench/comm.py --design segments --worlds 2,4,8 --repeats 1   # ownership per statistic
+    python bench/comm.py --model-only          # both 1..1024-rank models of docs/scaling.md
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "bench"):  # the package, and comm_segments next to this file
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from comm_segments import segments_measured_table, segments_table, segments_worker  # noqa: E402
 from torch import nn  # noqa: E402
 
 from spngd_ext.distributed.placement import LayerCost, OwnerAssignment  # noqa: E402
@@ -214,6 +217,12 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
     from spngd_ext.distributed.collectives import TorchDistributedCommunicator
 
     group = dist.group.WORLD
+    if args.get("design") == "segments":  # ownership per statistic, true-length segments
+        res = segments_worker(rank, world, resnet50_layers(), args)
+        if rank == 0:
+            Path(out).write_text(json.dumps(res))
+        dist.destroy_process_group()
+        return
     plan = spngd_plan(resnet50_layers(), world)
     cs, cg, p = plan["stats_chunk"], plan["grad_chunk"], plan["params"]
     gen = torch.Generator().manual_seed(rank)
@@ -448,23 +457,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overlap-batch", type=int, default=4)
     ap.add_argument("--overlap-size", type=int, default=64, help="input image side for the overlap backward")
     ap.add_argument("--deadline", type=float, default=1800.0, help="seconds per world before the ranks are killed")
-    ap.add_argument("--model-only", action="store_true", help="print the 1..1024-rank model and exit")
+    ap.add_argument("--model-only", action="store_true", help="print the 1..1024-rank models and exit")
+    ap.add_argument("--design", default="padded", choices=["padded", "segments"],
+                    help="what to measure: the padded per-layer chunks, or ownership per statistic with true-length segments")
+    ap.add_argument("--staging", type=int, default=1 << 24, help="all-to-all staging budget in elements (segments design)")
     ap.add_argument("--out", default=str(REPO / "runs" / "comm" / "results.json"),
                     help="JSON output path (default: runs/comm/results.json in the checkout)")
     a = ap.parse_args(argv)
     model_worlds = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
     table, rows = model_table(model_worlds)
+    one = spngd_plan(resnet50_layers(), 1)
+    seg_table, seg_rows = segments_table(resnet50_layers(), model_worlds, one["params"], one["stats_numel"])
     if a.model_only:
-        print(table)
+        print("Padded per-layer chunks (MODEL, fp32, MB per rank):\n" + table)
+        print("\nOwnership per statistic, true-length segments (MODEL, fp32, MB per rank):\n" + seg_table)
         if a.out:
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps({"model": rows}, indent=1))
+            Path(a.out).write_text(json.dumps({"model": rows, "model_segments": seg_rows}, indent=1))
         return 0
     backend = a.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     args = dict(backend=backend, repeats=a.repeats, threads=a.threads, overlap=not a.no_overlap,
-                overlap_batch=a.overlap_batch, overlap_size=a.overlap_size, deadline=a.deadline)
+                overlap_batch=a.overlap_batch, overlap_size=a.overlap_size, deadline=a.deadline, design=a.design,
+                staging=a.staging)
     results = {}
     for w in [int(x) for x in a.worlds.split(",")]:
         if backend == "nccl" and w > torch.cuda.device_count():
@@ -475,6 +491,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"world {w}: measured in {time.time() - t0:.0f}s", flush=True)
     info = {"backend": backend, "torch": torch.__version__, "cpus": os.cpu_count(),
             "loadavg_at_end": os.getloadavg(), "args": args, "command": " ".join(sys.argv)}
+    if a.design == "segments":
+        print(f"\n{info}\n\nMeasured (median of {a.repeats}, slowest rank; bytes from /proc/self/io):\n"
+              + segments_measured_table(results, resnet50_layers(), one["params"], one["stats_numel"]))
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps({"info": info, "measured": results, "model_segments": seg_rows}, indent=1))
+        return 0
     print(f"\n{info}\n\nMeasured (median of {a.repeats}, slowest rank):\n" + measured_table(results))
     print("\nStats reduce-scatter by implementation:\n" + impl_table(results))
     if args["overlap"]:

@@ -34,6 +34,11 @@ W=2 and ``reduce`` at W≥3; ``all_to_all`` whenever ``comm_dtype`` is bf16/fp16
 200/439, all_to_all 438/177; W=4 (428 MB): 657/643, 272/643, 210/502, 506/321; W=8 (344 MB):
 601/602, 291/602, 215/368, 456/301.
 
+The true-length segment operations (``reduce_segments``, ``gather_segments``, ``exchange``;
+ownership per statistic) are in :mod:`spngd_ext.distributed.uneven`; ``segment_reduce_impl``
+picks their reduce algorithm ("auto": ``all_to_all`` on Gloo and for bf16/fp16, ``reduce``
+elsewhere) and ``staging_numel`` bounds the all-to-all's receive staging.
+
 The all-gather (``gather_impl``): ``"all_gather"`` (``dist.all_gather_single``) or
 ``"broadcast"`` (one async broadcast per owner). Both send (W−1)·chunk per rank; on Gloo the
 broadcasts were about 2x faster (gradient buffer: W=2 195 vs 90 ms, W=4 242 vs 111, W=8 235 vs

@@ -202,7 +202,7 @@ class StatisticAssignment:
         owner_of: dict[tuple[int, str | None], int] = {}
         for k in order:
             li, name, c, b = items[k]
-            r = min(range(world_size), key=lambda q, c=c, b=b: _vector_score(comp[q] + c, byts[q] + b, total_c, total_b, q))
+            r = min(range(world_size), key=lambda q, c=c, b=b: _vector_score(comp[q] + c, byts[q] + b, total_c, total_b, q))  # type: ignore[misc]
             owner_of[(li, name)] = r
             comp[r] += c
             byts[r] += b

@@ -90,13 +90,17 @@ class SegmentLayout:
         counts: list[dict[str, int]] = [dict() for _ in range(n)]
         changes: list[dict[str, int]] = [dict() for _ in range(n)]
         grads: list[Segment] = [Segment(0, 0)] * n
-        stats_ranges, grad_ranges, runs, kl_slots = [], [], [], []
+        stats_ranges: list[Segment] = []
+        grad_ranges: list[Segment] = []
+        runs: list[tuple[int, tuple[int, ...], tuple[tuple[int, str], ...]]] = []
+        kl_slots: list[int | None] = []
         pos = gpos = 0
         for rank in range(w):
             mine = [(li, s) for li, layer in enumerate(layers) for s in layer.stats
                     if assignment.stat_owners[li][s.name] == rank]
             start, run_start = pos, pos
-            dims, items = [], []
+            dims: list[int] = []
+            items: list[tuple[int, str]] = []
             for li, s in mine:  # packed factors, contiguous
                 if s.dim > 0:
                     stats[li][s.name] = Segment(pos, s.numel)

@@ -66,6 +66,12 @@ def slice_segments(segments: Sequence[Segment], lo: int, hi: int) -> list[Segmen
     return out
 
 
+def _wait_all(works: list) -> None:
+    for work in works:
+        if work is not None:  # async_op=True always returns a handle; None only in torch's type stubs
+            work.wait()
+
+
 def _views(buffer: Tensor, segments: Sequence[Segment]) -> list[Tensor]:
     return [buffer[s.offset : s.end] for s in segments]
 
@@ -123,8 +129,7 @@ def reduce_segments(comm, buffer: Tensor, sends: Sequence[Sequence[Segment]], *,
         comm._count(kind, sum(_total(s) for o, s in enumerate(sends) if o != r) * buffer.element_size())
         works = [dist.reduce(buffer[s.offset : s.end], dst=comm._global_ranks[o], group=comm.group, async_op=True)
                  for o in range(w) for s in sends[o]]
-        for work in works:
-            work.wait()
+        _wait_all(works)
     elif impl == "all_to_all":
         rounds = _rounds(sends, w, staging_numel)
         for j in range(rounds):
@@ -182,8 +187,7 @@ def gather_segments(comm, buffer: Tensor, owned: Sequence[Sequence[Segment]], *,
     if wire == buffer.dtype:
         works = [dist.broadcast(buffer[s.offset : s.end], src=comm._global_ranks[o], group=g, async_op=True)
                  for o in range(w) for s in owned[o]]
-        for work in works:
-            work.wait()
+        _wait_all(works)
         return
     scale = None
     mine = _cat(buffer, owned[r])
@@ -198,8 +202,7 @@ def gather_segments(comm, buffer: Tensor, owned: Sequence[Sequence[Segment]], *,
     parts = list(torch.split(staging, sizes))
     parts[r].copy_(mine)
     works = [dist.broadcast(parts[o], src=comm._global_ranks[o], group=g, async_op=True) for o in range(w) if sizes[o]]
-    for work in works:
-        work.wait()
+    _wait_all(works)
     for o in range(w):
         if sizes[o]:
             values = parts[o].to(buffer.dtype)
