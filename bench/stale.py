@@ -57,7 +57,7 @@ from spngd_ext.train.models import build_model  # noqa: E402
 from spngd_ext.train.baselines import SpngdStep  # noqa: E402
 from spngd_ext.train.reporting import markdown_table  # noqa: E402
 from spngd_ext.train.schedules import build_lr_scheduler  # noqa: E402
-from spngd_ext.stale import StalePolicy  # noqa: E402
+from spngd_ext.refresh import StalePolicy  # noqa: E402
 from spngd_ext.train import TrainConfig, evaluate  # noqa: E402
 from spngd_ext.train.env import resolve_device  # noqa: E402
 

@@ -2,6 +2,7 @@
 
 from . import ops
 from .ops.extension import cuda_ops_available, extension_loaded
+from .refresh import StalePolicy
 from .optimizer import SPNGD
 
 __version__ = "0.1.0"

@@ -22,13 +22,28 @@ from .layers import CurvatureLayer
 
 
 class CaptureSink(Protocol):
-    def wants_forward(self, index: int) -> bool: ...
-    def on_forward(self, index: int, inputs: Tensor, output: Tensor) -> object: ...
-    def on_output_grad(self, index: int, grad: Tensor, context: object) -> None: ...
+    """Receives what the hooks of layer ``index`` (its position in the layer list) see."""
+
+    def wants_forward(self, index: int) -> bool:
+        """Whether the forward hook has work for this call (statistics due)."""
+        ...
+
+    def on_forward(self, index: int, inputs: Tensor, output: Tensor) -> object:
+        """A training forward call; returns the context handed to :meth:`on_output_grad`."""
+        ...
+
+    def on_output_grad(self, index: int, grad: Tensor, context: object) -> None:
+        """The gradient with respect to the call's output, with the forward's context."""
+        ...
 
 
 class ActivationCapture:
-    """Owns the hooks of all curvature layers and routes what they see to a sink."""
+    """Owns the hooks of all curvature layers and routes what they see to a sink.
+
+    Args:
+        layers: the curvature layers whose modules get a forward hook.
+        sink: where the hooks report.
+    """
 
     def __init__(self, layers: list[CurvatureLayer], sink: CaptureSink) -> None:
         self._layers = layers
@@ -52,6 +67,7 @@ class ActivationCapture:
         return hook
 
     def remove(self) -> None:
+        """Remove every hook (the model is then as before)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()

@@ -24,11 +24,14 @@ from typing import Sequence
 
 @dataclass(frozen=True)
 class Segment:
+    """A contiguous run ``[offset, offset + numel)`` of a flat buffer."""
+
     offset: int
     numel: int
 
     @property
     def end(self) -> int:
+        """One past the segment's last index."""
         return self.offset + self.numel
 
 
@@ -47,6 +50,7 @@ class StatsLayout:
 
     @property
     def numel(self) -> int:
+        """Elements of the whole buffer (every rank's chunk)."""
         return self.chunk_numel * self.world_size
 
 
@@ -62,6 +66,7 @@ class GradLayout:
 
     @property
     def numel(self) -> int:
+        """Elements of the whole buffer (every rank's chunk)."""
         return self.chunk_numel * self.world_size
 
 
@@ -73,8 +78,11 @@ def build_layouts(
 ) -> tuple[StatsLayout, GradLayout]:
     """Lay out both buffers.
 
-    ``stat_specs[i]``: (name, numel, matrix dim; 0 for non-matrix stats) of layer i's statistics;
-    ``grad_numels[i]``: its gradient size; ``owners[i]``: the rank that owns it.
+    Args:
+        stat_specs: per layer, (name, numel, matrix dim; 0 for non-matrix stats) of its statistics.
+        grad_numels: per layer, its gradient size.
+        owners: per layer, the rank that owns it.
+        world_size: number of ranks (chunks per buffer).
     """
     n = len(grad_numels)
     if not (len(stat_specs) == len(owners) == n):
@@ -123,8 +131,8 @@ def build_layouts(
     stat_chunk = max(stat_sizes) if stat_sizes else 0
     grad_chunk = max(grad_sizes) if grad_sizes else 1
 
-    stats = [dict() for _ in range(n)]
-    counts = [dict() for _ in range(n)]
+    stats: list[dict[str, Segment]] = [dict() for _ in range(n)]
+    counts: list[dict[str, int]] = [dict() for _ in range(n)]
     grads = [Segment(0, 0)] * n
     changes: list[dict[str, int]] = [dict() for _ in range(n)]
     for i in range(n):

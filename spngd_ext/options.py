@@ -104,7 +104,8 @@ class SPNGDOptions:
     stale: bool | StalePolicy = field(default=False, metadata=_help(
         "adaptive stale statistics: True (default StalePolicy) or a StalePolicy; False: fixed schedule"))
     momentum_correction: bool = field(default=False, metadata=_help(
-        "scale the momentum by η_t/η_{t−1} when the learning rate drops"))
+        "the recipe's momentum correction m·η_t/η_{t−1}: torch's update form already applies it, so the "
+        "update is the same either way (docs/design.md, 'Momentum correction')"))
     weight_rescale: bool = field(default=False, metadata=_help(
         "rescale Linear/Conv2d weights whose norm exceeds sqrt(2·fan_out) after each step"))
     check_finite: bool = field(default=True, metadata=_help(
@@ -196,7 +197,3 @@ def options_doc(indent: str = "        ") -> str:
         default = f.default.value if isinstance(f.default, enum.Enum) else f.default
         lines.append(f"{indent}{f.name} (default {default!r}): {f.metadata['help']}")
     return "\n".join(lines)
-
-
-# Kept for callers that name the curvature part of the options.
-CurvatureOptions = SPNGDOptions

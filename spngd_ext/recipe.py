@@ -24,7 +24,15 @@ def damping_schedule(
     final: float | None = None,
 ) -> Callable[[int], float]:
     """λ(step): base·warmup_factor at step 0, geometric to ``base`` at ``warmup_steps``, then
-    geometric to ``final`` over the next ``decay_steps`` steps, constant afterwards."""
+    geometric to ``final`` over the next ``decay_steps`` steps, constant afterwards.
+
+    Args:
+        base: the damping after the warm-up (> 0).
+        warmup_steps: length of the warm-up (0: none).
+        warmup_factor: the damping at step 0 is base·warmup_factor (>= 1).
+        decay_steps: steps over which to move from base to final (0: none).
+        final: the damping after the decay (None: base).
+    """
     if not (base > 0 and math.isfinite(base)):
         raise ValueError(f"damping_schedule: base must be a finite number > 0, got {base!r}")
     if warmup_steps < 0 or decay_steps < 0:

@@ -76,6 +76,11 @@ class RefreshSchedule:
         """Update the intervals of the statistics refreshed at ``step`` from their relative changes.
 
         A change that is not finite or negative (no previous estimate) counts as large.
+
+        Args:
+            step: the step index of the refresh.
+            refreshed: indices of the statistics refreshed.
+            changes: their relative changes (adaptive schedule; ignored by the fixed one).
         """
         for s in refreshed:
             self.refreshes[s] += 1

@@ -34,12 +34,12 @@ def test_optimizer_bn_statistics_equal_on_both_paths() -> None:
     x = torch.randn(6, 3, 4, 4, dtype=torch.float64) + 2.0
     g = torch.randn(6, 3, 4, 4, dtype=torch.float64)
     layer = BatchNormCurvature("bn", bn)
-    ctx, _ = layer.accumulate_forward(x, bn(x), {}, True, "torch")
+    ctx, _ = layer.accumulate_forward(x, {}, True, "torch")
     assert isinstance(ctx, _BatchInput)
     via_input = {"F": torch.zeros(3, 3, dtype=torch.float64)}
-    layer.accumulate_backward(g, ctx, via_input, 1.0, True, "torch")
+    layer.accumulate_backward(g, ctx, via_input, True, "torch")
     via_xhat = {"F": torch.zeros(3, 3, dtype=torch.float64)}
-    layer.accumulate_backward(g, layer.normalized_input(x), via_xhat, 1.0, True, "torch")
+    layer.accumulate_backward(g, layer.normalized_input(x), via_xhat, True, "torch")
     torch.testing.assert_close(via_input["F"], via_xhat["F"])
 
 

@@ -161,7 +161,7 @@ def train(kind: str, steps: int, global_batch: int, rank: int, world: int, *, dd
         "owners": list(opt.assignment.owners),
         "counters": opt.counters,
         "factors": opt.factors(),  # the owned layers' estimates after the last refresh
-        "mc_seed": opt._generator(torch.device("cpu")).initial_seed(),
+        "mc_seed": opt._sampler.generator_for(torch.device("cpu")).initial_seed(),
     }
 
 
@@ -334,7 +334,7 @@ def _w_fault(rank: int, world: int, payload: dict) -> dict:
                 def boom(*a, **k):
                     raise ValueError("injected failure on the owner")
 
-                opt._state.precondition_owned = boom  # after the reduce-scatters, before the all-gather
+                opt._state.preconditioner.precondition_owned = boom  # after the reduce-scatters, before the all-gather
             else:
                 time.sleep(payload["sleep"])
         opt.zero_grad()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spngd_ext import SPNGD
-from spngd_ext.stale import StalePolicy
+from spngd_ext.refresh import StalePolicy
 
 from fault_helpers import (
     Net,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spngd_ext import SPNGD, ops
-from spngd_ext.stale import DEFAULT_MAX_INTERVAL, RefreshSchedule, StalePolicy
+from spngd_ext.refresh import DEFAULT_MAX_INTERVAL, RefreshSchedule, StalePolicy
 from steps import train_step
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("float64_default", "one_thread")]

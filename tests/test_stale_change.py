@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from spngd_ext import SPNGD
-from spngd_ext.stale import StalePolicy
+from spngd_ext.refresh import StalePolicy
 from steps import train_step
 from test_stale import ALL_STATS, batch, intervals, make_model
 
@@ -61,7 +61,7 @@ def test_measured_change_matches_a_hand_computation(monkeypatch, ema_decay):
             continue
         (_, refreshed, changes), = recorded
         for stat, r in zip(refreshed, changes):
-            layer_index, name = opt._stat_ids[stat]
+            layer_index, name = opt._state.accumulation.stat_ids[stat]
             layer = opt.layers[layer_index].name
             if layer not in before or name not in before[layer]:
                 assert r == float("inf") or r != r, f"step {step}: first refresh of {layer}.{name} must read as large, got {r}"

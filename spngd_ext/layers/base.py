@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import ClassVar, Hashable, Sequence
+from typing import ClassVar, Hashable, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,24 @@ from torch import Tensor, nn
 from .. import ops
 from ..distributed.placement import LayerCost
 from ..recipe import rescaled_weight_norm_limit
+
+
+def write_flat_gradients(params: Sequence[nn.Parameter], dst: Tensor) -> None:
+    """Copy the gradients of ``params`` one after another into the flat ``dst``; a missing grad
+    (frozen parameter) reads as zero.
+
+    Args:
+        params: the parameters, in segment order.
+        dst: a 1-D tensor of their total element count.
+    """
+    pos = 0
+    for p in params:
+        part = dst[pos : pos + p.numel()]
+        if p.grad is None:
+            part.zero_()
+        else:
+            part.copy_(p.grad.reshape(-1))
+        pos += p.numel()
 
 
 @dataclass(frozen=True)
@@ -64,7 +82,17 @@ class CurvatureLayer(abc.ABC):
     @property
     def params(self) -> list[nn.Parameter]:
         """The parameters this layer preconditions (weight first)."""
-        return [p for p in (self.module.weight, getattr(self.module, "bias", None)) if p is not None]
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The module's weight."""
+        return cast(nn.Parameter, self.module.weight)
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        """The module's bias (None without one)."""
+        return cast("nn.Parameter | None", getattr(self.module, "bias", None))
 
     @abc.abstractmethod
     def stat_specs(self) -> list[StatSpec]:
@@ -94,14 +122,7 @@ class CurvatureLayer(abc.ABC):
     def write_gradient(self, dst: Tensor) -> None:
         """Copy the parameters' gradients into ``dst`` (this layer's flat gradient segment); a
         missing grad (frozen parameter) reads as zero."""
-        pos = 0
-        for p in self.params:
-            part = dst[pos : pos + p.numel()]
-            if p.grad is None:
-                part.zero_()
-            else:
-                part.copy_(p.grad.reshape(-1))
-            pos += p.numel()
+        write_flat_gradients(self.params, dst)
 
     def split_update(self, flat: Tensor) -> list[Tensor]:
         """This layer's flat update as per-parameter tensors shaped like :attr:`params`."""
@@ -156,16 +177,29 @@ class CurvatureLayer(abc.ABC):
 
     # ---- accumulation (called from hooks) ----------------------------------------------------
     @abc.abstractmethod
-    def accumulate_forward(self, inputs: Tensor, output: Tensor, stats: dict[str, Tensor], first: bool, backend: str) -> tuple[object, int]:
+    def accumulate_forward(self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: str) -> tuple[object, int]:
         """Fold one call's input into the forward statistic; returns (context for the backward, count).
 
-        ``first`` says this is the first contribution of the refresh (overwrite, decay 0).
+        Args:
+            inputs: the layer's input of this call.
+            stats: the accumulator of each of the layer's statistics, by name.
+            first: the first contribution of this refresh (overwrite the accumulator: decay 0).
+            backend: the ops backend.
+
         The count is the number of examples (or rows) the statistic is normalised by.
         """
 
     @abc.abstractmethod
-    def accumulate_backward(self, grad_out: Tensor, context: object, stats: dict[str, Tensor], scale: float, first: bool, backend: str) -> int:
-        """Fold one output gradient (times ``scale``) into the backward statistic; returns its count."""
+    def accumulate_backward(self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: str) -> int:
+        """Fold one output gradient into the backward statistic; returns its count.
+
+        Args:
+            grad_out: the gradient with respect to the layer's output.
+            context: what :meth:`accumulate_forward` returned for this call.
+            stats: the accumulator of each of the layer's statistics, by name.
+            first: the first contribution of this refresh (overwrite: decay 0).
+            backend: the ops backend.
+        """
 
     @abc.abstractmethod
     def forward_stat_names(self) -> tuple[str, ...]:
@@ -185,7 +219,7 @@ class KroneckerLayer(CurvatureLayer):
     @property
     def has_bias(self) -> bool:
         """Whether the bias is folded into A (an extra constant input 1)."""
-        return getattr(self.module, "bias", None) is not None
+        return self.bias is not None
 
     @property
     @abc.abstractmethod
@@ -216,13 +250,13 @@ class KroneckerLayer(CurvatureLayer):
     def backward_stat_names(self) -> tuple[str, ...]:
         return ("G",)
 
-    def gradient_matrix(self, out: Tensor | None = None) -> Tensor:
+    def gradient_matrix(self) -> Tensor:
         """[∇W | ∇b] as a (dim_g × dim_a) matrix; a missing grad (frozen parameter) reads as zero."""
-        w = self.module.weight
+        w = self.weight
         gw = w.grad if w.grad is not None else torch.zeros_like(w)
         mat = gw.reshape(self.dim_g, -1)
-        if self.has_bias:
-            b = self.module.bias
+        b = self.bias
+        if b is not None:
             gb = b.grad if b.grad is not None else torch.zeros_like(b)
             mat = torch.cat([mat, gb.reshape(-1, 1)], dim=1)
         return mat
@@ -233,9 +267,9 @@ class KroneckerLayer(CurvatureLayer):
     def split_update(self, flat: Tensor) -> list[Tensor]:
         """The update (flat, or the dim_g × dim_a matrix) as per-parameter tensors shaped like ``params``."""
         u = flat.view(self.dim_g, self.dim_a)
-        w = self.module.weight
-        if self.has_bias:
-            return [u[:, :-1].reshape(w.shape), u[:, -1].reshape(self.module.bias.shape)]
+        w, b = self.weight, self.bias
+        if b is not None:
+            return [u[:, :-1].reshape(w.shape), u[:, -1].reshape(b.shape)]
         return [u.reshape(w.shape)]
 
     def estimate_from_packed(self, name: str, packed: Tensor, scale: Tensor | float) -> Tensor:
@@ -251,10 +285,14 @@ class KroneckerLayer(CurvatureLayer):
     def precondition_batch(cls, layers: Sequence[CurvatureLayer], grads: Sequence[Tensor],
                            curvatures: Sequence[LayerCurvature], damping: float, backend: str) -> list[Tensor]:
         """Ĝ⁻¹ ∇ Â⁻¹ for layers of one shape, as two batched GEMMs (a None inverse is the identity)."""
-        first = layers[0]
-        assert isinstance(first, KroneckerLayer)
+        first = cast(KroneckerLayer, layers[0])
         u = torch.stack([g.view(first.dim_g, first.dim_a) for g in grads])
         no_a, no_g = curvatures[0].inverses[0] is None, curvatures[0].inverses[1] is None
+        if not (no_a or no_g):
+            g_inv = torch.stack([c.inverses[1] for c in curvatures])  # type: ignore[misc]
+            a_inv = torch.stack([c.inverses[0] for c in curvatures])  # type: ignore[misc]
+            u = ops.precondition(g_inv, u, a_inv, backend=backend)
+            return [u[j].reshape(-1) for j in range(len(layers))]
         if not no_g:
             u = torch.stack([c.inverses[1] for c in curvatures]) @ u  # type: ignore[misc]
         if not no_a:
@@ -263,6 +301,6 @@ class KroneckerLayer(CurvatureLayer):
 
     def rescale_weight(self) -> None:
         """Scale the weight back onto √(2·fan_out) when its norm exceeds it."""
-        w = self.module.weight
+        w = self.weight
         limit = rescaled_weight_norm_limit(self.module)
         w.mul_(torch.clamp(limit / w.norm(), max=1.0))

@@ -13,10 +13,10 @@ all-gather of each rank's count, mean and sum of squared deviations per BN layer
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .. import ops
 from .base import CurvatureLayer, LayerCurvature, StatSpec
@@ -39,6 +39,7 @@ class BatchNormCurvature(CurvatureLayer):
     """
 
     kind = "batchnorm"
+    module: nn.modules.batchnorm._BatchNorm
 
     def __init__(self, name: str, module: nn.modules.batchnorm._BatchNorm) -> None:
         if not module.affine:
@@ -76,7 +77,7 @@ class BatchNormCurvature(CurvatureLayer):
             if group is not None:  # SyncBatchNorm normalised with the statistics of the whole batch
                 mean, var = _global_moments(x, mean, var, group)
         else:
-            mean, var = m.running_mean, m.running_var
+            mean, var = m.running_mean, m.running_var  # type: ignore[assignment]  # not None: checked above
         return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + m.eps)
 
     def _sync_group(self):
@@ -91,7 +92,7 @@ class BatchNormCurvature(CurvatureLayer):
         group = m.process_group if m.process_group is not None else dist.group.WORLD
         return group if dist.get_world_size(group) > 1 else None
 
-    def accumulate_forward(self, inputs, output, stats, first, backend):
+    def accumulate_forward(self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: str) -> tuple[object, int]:
         m = self.module
         batch_stats = m.training or not m.track_running_stats or m.running_mean is None
         if not inputs.is_cuda and batch_stats and self._sync_group() is None:
@@ -100,13 +101,13 @@ class BatchNormCurvature(CurvatureLayer):
             return _BatchInput(inputs.detach()), inputs.shape[0]
         return self.normalized_input(inputs), inputs.shape[0]
 
-    def accumulate_backward(self, grad_out, context, stats, scale, first, backend):
+    def accumulate_backward(self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: str) -> int:
         g = grad_out.detach()
         decay = 0.0 if first else 1.0
         if isinstance(context, _BatchInput):
-            ops.bn_unitwise_fisher_from_input(stats["F"], g, context.x, eps=self.module.eps, scale=scale, decay=decay)
+            ops.bn_unitwise_fisher_from_input(stats["F"], g, context.x, eps=self.module.eps, scale=1.0, decay=decay)
         else:
-            ops.bn_unitwise_fisher(stats["F"], g, context, scale=scale, decay=decay, backend=backend)
+            ops.bn_unitwise_fisher(stats["F"], g, cast(Tensor, context), scale=1.0, decay=decay, backend=backend)
         return g.shape[0]
 
     def estimate_from_packed(self, name: str, packed: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
@@ -118,13 +119,6 @@ class BatchNormCurvature(CurvatureLayer):
         c = self.channels
         u_gamma, u_beta = ops.bn_unitwise_solve(curvature.estimates["F"], grad[:c], grad[c:], damping=damping, backend=backend)
         return torch.cat([u_gamma, u_beta])
-
-    def gradient_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(∇γ, ∇β); a missing grad (frozen parameter) reads as zero."""
-        w, b = self.module.weight, self.module.bias
-        gw = w.grad if w.grad is not None else torch.zeros_like(w)
-        gb = b.grad if b.grad is not None else torch.zeros_like(b)
-        return gw, gb
 
 
 def _global_moments(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,9 @@ Only groups=1 is supported (the optimizer leaves grouped convolutions first-orde
 
 from __future__ import annotations
 
-from torch import nn
+from typing import cast
+
+from torch import Tensor, nn
 
 from .. import ops
 from .base import KroneckerLayer
@@ -22,6 +24,7 @@ class Conv2dCurvature(KroneckerLayer):
     """
 
     kind = "conv2d"
+    module: nn.Conv2d
 
     def __init__(self, name: str, module: nn.Conv2d) -> None:
         if module.groups != 1:
@@ -40,18 +43,18 @@ class Conv2dCurvature(KroneckerLayer):
     def dim_g(self) -> int:
         return self.module.out_channels
 
-    def accumulate_forward(self, inputs, output, stats, first, backend):
+    def accumulate_forward(self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: str) -> tuple[object, int]:
         m = self.module
         x = inputs.detach()
         if x.dim() == 3:  # unbatched (C, H, W) input
             x = x.unsqueeze(0)
         ops.conv_a_factor(
-            stats["A"], x, kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
+            stats["A"], x, kernel_size=m.kernel_size, stride=m.stride, padding=cast("tuple[int, int]", m.padding), dilation=m.dilation,
             has_bias=self.has_bias, scale=1.0, decay=0.0 if first else 1.0, backend=backend,
         )
         return None, x.shape[0]
 
-    def accumulate_backward(self, grad_out, context, stats, scale, first, backend):
+    def accumulate_backward(self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: str) -> int:
         g = grad_out.detach()
         if g.dim() == 3:
             g = g.unsqueeze(0)
@@ -59,5 +62,5 @@ class Conv2dCurvature(KroneckerLayer):
             rows = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
         else:  # a (C_out, N·T) copy read as its transpose: contiguous T-runs, ~3x cheaper on CPU
             rows = g.transpose(0, 1).reshape(g.shape[1], -1).t()
-        ops.accumulate_factor(stats["G"], rows, scale=scale, decay=0.0 if first else 1.0, backend=backend)
+        ops.accumulate_factor(stats["G"], rows, scale=1.0, decay=0.0 if first else 1.0, backend=backend)
         return rows.shape[0]

@@ -7,7 +7,7 @@ dimensions are flattened into rows; every row counts for A and G alike (docs/des
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .. import ops
 from .base import KroneckerLayer
@@ -22,6 +22,7 @@ class LinearCurvature(KroneckerLayer):
     """
 
     kind = "linear"
+    module: nn.Linear
 
     def __init__(self, name: str, module: nn.Linear) -> None:
         super().__init__(name, module)
@@ -34,14 +35,14 @@ class LinearCurvature(KroneckerLayer):
     def dim_g(self) -> int:
         return self.module.out_features
 
-    def accumulate_forward(self, inputs, output, stats, first, backend):
+    def accumulate_forward(self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: str) -> tuple[object, int]:
         x = inputs.detach().reshape(-1, self.module.in_features)
         if self.has_bias:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
         ops.accumulate_factor(stats["A"], x, scale=1.0, decay=0.0 if first else 1.0, backend=backend)
         return None, x.shape[0]
 
-    def accumulate_backward(self, grad_out, context, stats, scale, first, backend):
+    def accumulate_backward(self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: str) -> int:
         g = grad_out.detach().reshape(-1, self.module.out_features)
-        ops.accumulate_factor(stats["G"], g, scale=scale, decay=0.0 if first else 1.0, backend=backend)
+        ops.accumulate_factor(stats["G"], g, scale=1.0, decay=0.0 if first else 1.0, backend=backend)
         return g.shape[0]

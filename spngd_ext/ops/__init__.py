@@ -66,6 +66,14 @@ __all__ = [
 def pack_upper(mats: Sequence[Tensor], *, dtype: torch.dtype | None = None, backend: Backend | str = Backend.AUTO) -> Tensor:
     """Upper triangles (row by row) of square matrices, concatenated into one 1-D buffer.
 
+    The inverse of :func:`unpack_upper` (which the optimizer uses to read its packed factors);
+    SPNGD accumulates factors packed directly, so it does not call this op itself.
+
+    Args:
+        mats: square matrices (only their upper triangles are read), on one device.
+        dtype: the output dtype (None: the first matrix's).
+        backend: "auto", "cuda" or "torch" (a :class:`Backend` or its value), see the module docstring.
+
     ``dtype`` casts on the way (e.g. fp32 factors to bf16 for communication).
     """
     op = "pack_upper"
@@ -94,7 +102,13 @@ def unpack_upper(
 ) -> list[Tensor]:
     """Full symmetric matrices of the given sizes from ``buffer[offset:]``, each times ``scale``.
 
-    ``scale``: a float, or a 1-D tensor with one entry per matrix on the buffer's device.
+    Args:
+        buffer: the 1-D packed buffer.
+        sizes: the matrix sizes, in buffer order.
+        scale: a float, or a 1-D tensor with one entry per matrix on the buffer's device.
+        dtype: the output dtype.
+        offset: where the first matrix starts in ``buffer``.
+        backend: "auto", "cuda" or "torch" (a :class:`Backend` or its value), see the module docstring.
     """
     op = "unpack_upper"
     check_tensor("buffer", buffer, op, dim=1)
@@ -128,6 +142,13 @@ def accumulate_factor(state: Tensor, x: Tensor, *, scale: float, decay: float, b
     """In place ``state = decay·state + scale·packed_upper(xᵀx)``; x is (rows, d). Returns state.
 
     ``decay=0`` overwrites state (NaN in it is ignored). Accumulation is in state's dtype (fp32+).
+
+    Args:
+        state: the packed (d(d+1)/2,) float32/float64 accumulator.
+        x: the (rows, d) rows.
+        scale: factor of the new Gram.
+        decay: factor of the old state (0: overwrite).
+        backend: "auto", "cuda" or "torch" (a :class:`Backend` or its value), see the module docstring.
     """
     op = "accumulate_factor"
     check_tensor("state", state, op)
@@ -156,6 +177,15 @@ def conv_a_factor(
     """In place ``state = decay·state + scale·Σ_{n,t} a aᵀ`` for conv patches a (+1 if has_bias).
 
     x is (N, C, H, W) in NCHW or channels-last memory layout; the kernel never builds im2col.
+
+    Args:
+        state: the packed accumulator of size C·kh·kw (+1 with a bias).
+        x: the conv input.
+        kernel_size, stride, padding, dilation: the convolution's geometry (int or pair).
+        has_bias: append the constant 1 to every patch.
+        scale: factor of the new Gram.
+        decay: factor of the old state (0: overwrite).
+        backend: "auto", "cuda" or "torch" (a :class:`Backend` or its value), see the module docstring.
     """
     op = "conv_a_factor"
     check_tensor("x", x, op, dim=4)
@@ -194,6 +224,11 @@ def cholesky_inverse_damped(
     mats: (B, n, n) symmetric (only the lower triangle is read by the factorisation), float32 or
     float64. damping: a float or a (B,) tensor. ``info[b] != 0`` flags a failed matrix (not PD,
     or a non-finite result); no exception, no host synchronisation.
+
+    Args:
+        mats: (B, n, n) symmetric matrices.
+        damping: the shift per matrix (float or (B,) tensor).
+        backend: "auto", "cuda" or "torch" (a :class:`Backend` or its value), see the module docstring.
     """
     op = "cholesky_inverse_damped"
     check_tensor("mats", mats, op, dim=3)
@@ -224,6 +259,14 @@ def bn_unitwise_fisher(
     """In place ``state = decay·state + scale·Σ_n u uᵀ`` per channel, stored (C, 3) = (γγ, γβ, ββ).
 
     u_{n,c} = [Σ_hw g·x̂, Σ_hw g]; grad_out and xhat are (N, C) or (N, C, *) of one shape.
+
+    Args:
+        state: the (C, 3) float32/float64 accumulator.
+        grad_out: the BN output gradient.
+        xhat: the normalised input.
+        scale: factor of the new sums.
+        decay: factor of the old state (0: overwrite).
+        backend: "auto", "cuda" or "torch" (a :class:`Backend` or its value), see the module docstring.
     """
     op = "bn_unitwise_fisher"
     check_bn_fisher_args(op, state, grad_out, "xhat", xhat)
@@ -241,7 +284,16 @@ def bn_unitwise_fisher_from_input(
 ) -> Tensor:
     """As :func:`bn_unitwise_fisher`, but from the BatchNorm *input* ``x`` normalised with its own
     batch statistics (training mode): x̂ is never materialised. Pure PyTorch on any device (no
-    kernel); the optimizer uses it on CPU, where it is 1.0–4.2x cheaper than writing x̂."""
+    kernel); the optimizer uses it on CPU, where it is 1.0–4.2x cheaper than writing x̂.
+
+    Args:
+        state: the (C, 3) float32/float64 accumulator.
+        grad_out: the BN output gradient.
+        x: the BN input.
+        eps: the BN's epsilon.
+        scale: factor of the new sums.
+        decay: factor of the old state (0: overwrite).
+    """
     op = "bn_unitwise_fisher_from_input"
     check_bn_fisher_args(op, state, grad_out, "x", x)
     if not (isinstance(eps, (int, float)) and eps >= 0):
@@ -253,7 +305,15 @@ def bn_unitwise_fisher_from_input(
 def bn_unitwise_solve(
     fisher: Tensor, grad_gamma: Tensor, grad_beta: Tensor, *, damping: float, backend: Backend | str = Backend.AUTO
 ) -> tuple[Tensor, Tensor]:
-    """Per channel ``(F_c + damping·I)⁻¹ [∇γ_c, ∇β_c]``; a singular channel keeps its gradient."""
+    """Per channel ``(F_c + damping·I)⁻¹ [∇γ_c, ∇β_c]``; a singular channel keeps its gradient.
+
+    Args:
+        fisher: the (C, 3) = (γγ, γβ, ββ) Fisher.
+        grad_gamma: ∇γ, (C,).
+        grad_beta: ∇β, (C,).
+        damping: λ.
+        backend: "auto", "cuda" or "torch" (a :class:`Backend` or its value), see the module docstring.
+    """
     op = "bn_unitwise_solve"
     check_tensor("fisher", fisher, op, dim=2)
     channels = fisher.shape[0]
@@ -278,7 +338,16 @@ def bn_unitwise_solve(
 
 
 def precondition(g_inv: Tensor, grad: Tensor, a_inv: Tensor, *, backend: Backend | str = Backend.AUTO) -> Tensor:
-    """U = Ĝ⁻¹ · grad · Â⁻¹ (grad d_out × d_in), or batched over a leading dimension."""
+    """U = Ĝ⁻¹ · grad · Â⁻¹ (grad d_out × d_in), or batched over a leading dimension.
+
+    The optimizer calls it for each group of equally shaped Kronecker layers with both inverses.
+
+    Args:
+        g_inv: Ĝ⁻¹, (d_out, d_out) or (B, d_out, d_out).
+        grad: the gradient matrix, (d_out, d_in) or (B, d_out, d_in).
+        a_inv: Â⁻¹, (d_in, d_in) or (B, d_in, d_in).
+        backend: validated only (the GEMMs are cuBLAS/MKL either way).
+    """
     op = "precondition"
     for name, t in (("g_inv", g_inv), ("grad", grad), ("a_inv", a_inv)):
         check_tensor(name, t, op)
@@ -303,7 +372,17 @@ def precondition(g_inv: Tensor, grad: Tensor, a_inv: Tensor, *, backend: Backend
 def kl_clip_coefficient(
     updates: Sequence[Tensor], grads: Sequence[Tensor], lrs: Sequence[float], kl_clip: float
 ) -> Tensor:
-    """ν = min(1, sqrt(kl_clip / Σ lr² ⟨U, ∇⟩)) as a 0-dim device tensor (no ``.item()``)."""
+    """ν = min(1, sqrt(kl_clip / Σ lr² ⟨U, ∇⟩)) as a 0-dim device tensor (no ``.item()``).
+
+    The single-process form, for callers holding every layer's update. SPNGD itself sums
+    lr²·⟨U, ∇⟩ per owning rank and combines the shares with :func:`kl_clip_from_total`.
+
+    Args:
+        updates: per layer, the preconditioned update U.
+        grads: per layer, the gradient ∇ (shaped like U).
+        lrs: per layer, the learning rate.
+        kl_clip: the bound κ (> 0).
+    """
     if not (isinstance(kl_clip, (int, float)) and kl_clip > 0 and math.isfinite(kl_clip)):
         raise ValueError(f"kl_clip_coefficient: kl_clip must be > 0 and finite, got {kl_clip!r}")
     if not (len(updates) == len(grads) == len(lrs)):
@@ -323,7 +402,12 @@ def kl_clip_coefficient(
 
 
 def kl_clip_from_total(total: Tensor, kl_clip: float) -> Tensor:
-    """ν = min(1, sqrt(kl_clip / total)) on the device; ν = 1 when total is not positive and finite."""
+    """ν = min(1, sqrt(kl_clip / total)) on the device; ν = 1 when total is not positive and finite.
+
+    Args:
+        total: the 0-dim sum Σ lr²·⟨U, ∇⟩.
+        kl_clip: the bound κ (> 0).
+    """
     if not (isinstance(kl_clip, (int, float)) and kl_clip > 0 and math.isfinite(kl_clip)):
         raise ValueError(f"kl_clip_from_total: kl_clip must be > 0 and finite, got {kl_clip!r}")
     ok = torch.isfinite(total) & (total > 0)
@@ -344,6 +428,14 @@ def momentum_update(
 
     ``momentum_buffers`` must already exist (the optimizer initialises v = d on the first step).
     Uses ``torch._foreach_*`` (one multi-tensor launch per stage on CUDA).
+
+    Args:
+        params: the parameters (updated in place).
+        updates: their updates U.
+        momentum_buffers: their momentum buffers v (updated in place).
+        lr: the learning rate η.
+        momentum: m.
+        weight_decay: wd.
     """
     op = "momentum_update"
     if not (len(params) == len(updates) == len(momentum_buffers)):
@@ -359,7 +451,7 @@ def momentum_update(
                              f"updates[{i}] on {u.device}, momentum_buffers[{i}] on {b.device}")
     d = list(updates)
     if weight_decay != 0:
-        d = torch._foreach_add(d, list(params), alpha=weight_decay)
+        d = list(torch._foreach_add(d, list(params), alpha=weight_decay))
     if momentum != 0:
         torch._foreach_mul_(list(momentum_buffers), momentum)
         torch._foreach_add_(list(momentum_buffers), d)

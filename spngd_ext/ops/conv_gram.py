@@ -31,7 +31,12 @@ __all__ = ["supports_shifted_gram", "patch_gram_shifted", "patch_sums", "conv_a_
 
 
 def supports_shifted_gram(stride: tuple[int, int], dilation: tuple[int, int]) -> bool:
-    """Whether :func:`patch_gram_shifted` applies to this geometry (stride 1, dilation 1)."""
+    """Whether :func:`patch_gram_shifted` applies to this geometry (stride 1, dilation 1).
+
+    Args:
+        stride: the conv's (sh, sw).
+        dilation: the conv's (dh, dw).
+    """
     return tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
 
 
@@ -66,7 +71,7 @@ def _plan(h: int, w: int, kh: int, kw: int, ph: int, pw: int) -> _Plan:
     rows: dict[tuple[int, int], int] = {}
     cols: dict[tuple[int, int], int] = {}
     pixels: dict[tuple[int, int, int, int], int] = {}
-    entries: list[tuple[int, str, object, int, int]] = []  # (block, kind, key, offset, sign)
+    entries: list[tuple[int, str, int, int]] = []  # (block, kind, item index within its kind, sign)  # (block, kind, key, offset, sign)
     for a, (i, j) in enumerate(positions):
         for b, (i2, j2) in enumerate(positions):
             ey = _excess_1d(i, i2, h, kh, ph)
@@ -74,26 +79,23 @@ def _plan(h: int, w: int, kh: int, kw: int, ph: int, pw: int) -> _Plan:
             for t in ey:  # the whole row pair, every horizontal offset the pixels can take
                 key = (t + i - ph, t + i2 - ph)
                 rows.setdefault(key, len(rows))
-                entries.append((a * k + b, "row", key, j2 - j + kw - 1, 1))
+                entries.append((a * k + b, "row", rows[key] * (2 * kw - 1) + j2 - j + kw - 1, 1))
             for t in ex:
                 key = (t + j - pw, t + j2 - pw)
                 cols.setdefault(key, len(cols))
-                entries.append((a * k + b, "col", key, i2 - i + kh - 1, 1))
+                entries.append((a * k + b, "col", cols[key] * (2 * kh - 1) + i2 - i + kh - 1, 1))
             for ty in ey:  # counted in both a row and a column strip: add back once
                 for tx in ex:
-                    key = (ty + i - ph, tx + j - pw, ty + i2 - ph, tx + j2 - pw)
-                    pixels.setdefault(key, len(pixels))
-                    entries.append((a * k + b, "pix", key, 0, -1))
+                    pixel_pair = (ty + i - ph, tx + j - pw, ty + i2 - ph, tx + j2 - pw)
+                    pixels.setdefault(pixel_pair, len(pixels))
+                    entries.append((a * k + b, "pix", pixels[pixel_pair], -1))
     n_row_items = len(rows) * (2 * kw - 1)
     n_col_items = len(cols) * (2 * kh - 1)
     block, item, sign = [], [], []
-    for blk, kind, key, offset, sgn in entries:
-        if kind == "row":
-            idx = rows[key] * (2 * kw - 1) + offset
-        elif kind == "col":
-            idx = n_row_items + cols[key] * (2 * kh - 1) + offset
-        else:
-            idx = n_row_items + n_col_items + pixels[key]
+    # rows first, then columns, then pixels, as the correlation items are concatenated
+    start = {"row": 0, "col": n_row_items, "pix": n_row_items + n_col_items}
+    for blk, kind, within, sgn in entries:
+        idx = start[kind] + within
         block.append(blk)
         item.append(idx)
         sign.append(sgn)
@@ -143,6 +145,11 @@ def patch_gram_shifted(x: Tensor, kernel_size: tuple[int, int], padding: tuple[i
     d = C·kh·kw ordered (c, ki, kj) like ``F.unfold``; computed in at least float32.
 
     Equal (up to rounding) to ``cols.T @ cols`` with ``cols`` the im2col matrix.
+
+    Args:
+        x: the (N, C, H, W) input.
+        kernel_size: (kh, kw).
+        padding: (ph, pw), zero padding.
     """
     if x.dim() != 4:
         raise ValueError(f"patch_gram_shifted: x must be (N, C, H, W), got shape {tuple(x.shape)}")
@@ -186,7 +193,13 @@ def patch_gram_shifted(x: Tensor, kernel_size: tuple[int, int], padding: tuple[i
 
 def patch_sums(x: Tensor, kernel_size: tuple[int, int], padding: tuple[int, int]) -> Tensor:
     """Σ_{n,t} a_{n,t} (d,), the bias row of the A factor: for each (c, ki, kj) the sum of the
-    input over the window that kernel tap visits (2-D prefix sums, float64 then cast back)."""
+    input over the window that kernel tap visits (2-D prefix sums, float64 then cast back).
+
+    Args:
+        x: the (N, C, H, W) input.
+        kernel_size: (kh, kw).
+        padding: (ph, pw), zero padding.
+    """
     (kh, kw), (ph, pw) = kernel_size, padding
     n, c, h, w = x.shape
     oh, ow = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
@@ -203,7 +216,17 @@ def conv_a_factor_shifted(
     has_bias: bool, scale: float, decay: float,
 ) -> Tensor:
     """In place ``state = decay·state + scale·packed_upper(Σ a aᵀ)``, a = patch [+1]; the same
-    contract as :func:`spngd_ext.ops.torch_path.conv_a_factor` for stride 1, dilation 1."""
+    contract as :func:`spngd_ext.ops.torch_path.conv_a_factor` for stride 1, dilation 1.
+
+    Args:
+        state: the packed accumulator.
+        x: the (N, C, H, W) input.
+        kernel_size: (kh, kw).
+        padding: (ph, pw), zero padding.
+        has_bias: append the constant 1 to every patch.
+        scale: factor of the new Gram.
+        decay: factor of the old state (0: overwrite).
+    """
     gram = patch_gram_shifted(x, kernel_size, padding)
     if has_bias:
         n, _, h, w = x.shape

@@ -4,7 +4,8 @@ This is the production path wherever the CUDA kernels do not run (CPU tensors, d
 kernels do not take, ``backend="torch"``), and the float64 oracle the kernels are tested against:
 each function is written for clarity first and works in any floating dtype. The public, checked
 entry points are in :mod:`spngd_ext.ops`; these functions take positional arguments and do not
-validate them.
+validate them. Each takes the arguments of its namesake in :mod:`spngd_ext.ops` (documented
+there), positionally.
 
 Packed layout (docs/design.md): a symmetric n×n matrix is stored as its upper triangle, row by row —
 element (i, j), i <= j, at ``i*n - i*(i-1)/2 + (j - i)`` — which is exactly the order of
@@ -280,7 +281,7 @@ def momentum_update(
     lr: float,
     momentum: float,
     weight_decay: float,
-) -> list[Tensor]:
+) -> list[Tensor | None]:
     """torch-SGD convention: d = U + wd·θ; v ← m·v + d (v = d when no buffer); θ ← θ − lr·v.
 
     Returns the (possibly new) momentum buffers.

@@ -1,0 +1,63 @@
+"""The optimizer's curvature state, one concept per module.
+
+* :mod:`.buffers` — the flat accumulator, estimate and gradient buffers, and views into them;
+* :mod:`.accumulation` — which statistics are due this step and what the hooks collected;
+* :mod:`.estimates` — finalising a refresh (EMA), bias correction, change measurement, export;
+* :mod:`.inverses` — π-damping, batched inversion with retries, the inverse cache;
+* :mod:`.preconditioner` — preconditioning the owned gradients and the KL-clip sum.
+
+Each part checkpoints and validates its own piece.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..layers import CurvatureLayer
+from ..layout import GradLayout, StatsLayout
+from ..options import SPNGDOptions
+from .accumulation import Accumulation
+from .buffers import FlatBuffers
+from .estimates import Estimates
+from .inverses import InverseCache, InversionEvents
+from .preconditioner import Preconditioner
+
+__all__ = ["CurvatureState", "FlatBuffers", "Accumulation", "Estimates", "InverseCache", "InversionEvents", "Preconditioner"]
+
+
+@dataclass
+class CurvatureState:
+    """The parts of one rank's curvature state, wired together."""
+
+    buffers: FlatBuffers
+    accumulation: Accumulation
+    estimates: Estimates
+    inverses: InverseCache
+    preconditioner: Preconditioner
+
+    @classmethod
+    def build(cls, layers: Sequence[CurvatureLayer], stats_layout: StatsLayout, grad_layout: GradLayout,
+              owners: Sequence[int], rank: int, options: SPNGDOptions,
+              plain_params: Sequence[nn.Parameter]) -> CurvatureState:
+        """The state of rank ``rank``.
+
+        Args:
+            layers: the curvature layers.
+            stats_layout: statistics buffer layout.
+            grad_layout: gradient buffer layout.
+            owners: the owning rank of each layer, then of the plain parameters (if any).
+            rank: this process's rank.
+            options: the optimizer's options (EMA decay, inversion retries).
+            plain_params: parameters outside curvature layers.
+        """
+        owned = [i for i in range(len(layers)) if owners[i] == rank]
+        plain_owned = bool(plain_params) and owners[len(layers)] == rank
+        buffers = FlatBuffers(layers, stats_layout, grad_layout, rank, plain_params)
+        accumulation = Accumulation(layers, buffers)
+        estimates = Estimates(layers, buffers, owned, options.ema_decay)
+        inverses = InverseCache(layers, buffers, estimates, owned, options.max_inverse_retries)
+        preconditioner = Preconditioner(layers, buffers, estimates, inverses, owned, plain_owned)
+        return cls(buffers, accumulation, estimates, inverses, preconditioner)
