@@ -141,8 +141,8 @@ def _w_uneven_fault(rank: int, world: int, payload) -> dict:
     buf = contribution(rank, world)
     comm.reduce_segments(buf, owned_for(world), kind="stats")  # a working round first
     if rank == 1:
-        if payload == "stall":
-            time.sleep(30)
+        if payload == "stall":  # longer than the group timeout: rank 0 must give up on its own
+            time.sleep(12)
         raise RuntimeError("injected failure")
     comm.reduce_segments(buf, owned_for(world), kind="stats")
     comm.gather_segments(buf, owned_for(world), kind="grads")
@@ -152,7 +152,10 @@ def _w_uneven_fault(rank: int, world: int, payload) -> dict:
 @pytest.mark.parametrize("mode", ["raise", "stall"])
 def test_a_failing_rank_ends_the_uneven_reduce_with_an_error(mode: str) -> None:
     group_timeout = 5.0
+    t0 = time.time()
     outcomes = run_world(2, _w_uneven_fault, mode, deadline=90.0, group_timeout=group_timeout, expect_errors=True)
     assert all(not o["ok"] for o in outcomes)
+    if mode == "stall":  # rank 0 gave up within the group timeout (+ scheduling slack), before rank 1 woke
+        assert outcomes[0]["time"] < outcomes[1]["time"], (outcomes[0]["time"] - t0, outcomes[1]["time"] - t0)
     err = outcomes[0]["error"]
     assert "SPNGD: reduce_segments of the stats buffer failed on rank 0 of 2" in err, err
