@@ -112,3 +112,45 @@ def test_coalesce_and_slice() -> None:
     for lo in range(12):
         for hi in range(lo, 12):
             assert covered(slice_segments(parts, lo, hi)) == flat[lo:hi]
+
+
+def _bench_module(name: str):
+    """A module of bench/ (not a package), loaded by path."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", bench / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_resnet50_model_meets_the_scaling_targets() -> None:
+    """docs/scaling.md's targets on the ResNet-50 shapes, from the same model bench/comm.py prints:
+    refresh bytes ≤ 1.1 × (W−1)/W·(S + 2P)·s and a step without factors ≤ 1.1 × a DDP
+    all-reduce (busiest rank), curvature memory never above the 8-rank value, and the makespan
+    within 1.1 × max(largest statistic, total / W)."""
+    comm = _bench_module("comm")
+    seg = _bench_module("comm_segments")
+    layers = comm.resnet50_layers()
+    one = comm.spngd_plan(layers, 1)
+    params, stats_numel = one["params"], one["stats_numel"]
+    assert (params, stats_numel) == (25_557_032, 77_046_707)
+    n_stats = sum(len(st.stats) for st in seg.layer_statistics(layers))
+    assert n_stats == 2 * 54 + 53  # A and G of 53 convolutions and the Linear, one Fisher per BatchNorm
+    mem8 = seg.segments_model(seg.segments_plan(layers, 8), params, stats_numel)["memory_max"]
+    for world in (2, 3, 4, 8, 16, 128, 1024):
+        plan = seg.segments_plan(layers, world)
+        m = seg.segments_model(plan, params, stats_numel)
+        assert m["refresh_wire_max"] <= 1.1 * m["lower_bound"], world
+        assert m["grads_only_wire_max"] <= 1.1 * m["ddp_wire"], world
+        assert plan["makespan"] <= 1.1 * plan["lower_bound"], world
+        if world >= 8:
+            assert m["memory_max"] <= mem8, world
+            assert plan["makespan"] <= 1.1 * plan["largest_item"], world
+        assert plan["S"] == stats_numel + n_stats  # the statistics and one count each: no padding at any W
