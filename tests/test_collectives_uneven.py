@@ -159,3 +159,19 @@ def test_a_failing_rank_ends_the_uneven_reduce_with_an_error(mode: str) -> None:
         assert outcomes[0]["time"] < outcomes[1]["time"], (outcomes[0]["time"] - t0, outcomes[1]["time"] - t0)
     err = outcomes[0]["error"]
     assert "SPNGD: reduce_segments of the stats buffer failed on rank 0 of 2" in err, err
+
+
+def test_one_process_segment_operations_are_the_identity() -> None:
+    from spngd_ext.distributed.communicator import LocalCommunicator
+
+    comm = LocalCommunicator()
+    buf = contribution(0, 1)
+    before = buf.clone()
+    comm.reduce_segments(buf, [OWNED[0]], kind="stats")
+    comm.gather_segments(buf, [OWNED[0]], kind="grads")
+    assert torch.equal(buf, before)
+    comm.exchange([[]], [[]], kind="inverses", dtype=torch.float32, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="itself"):
+        comm.exchange([[torch.ones(2)]], [[]], kind="inverses", dtype=torch.float32, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="one segment list per rank"):
+        comm.reduce_segments(buf, [OWNED[0], []], kind="stats")

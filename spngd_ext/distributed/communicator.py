@@ -88,7 +88,9 @@ class LocalCommunicator(Communicator):
 
     def exchange(self, sends: Sequence[Sequence[Tensor]], receives: Sequence[Sequence[Tensor]], *, kind: str,
                  dtype: torch.dtype, device: torch.device) -> None:
-        if any(sends[0]) or any(receives[0]):
+        _check_lists("exchange", kind, sends)
+        _check_lists("exchange", kind, receives)
+        if sends[0] or receives[0]:
             raise ValueError(f"exchange({kind}): one process cannot send to itself")
 
 
