@@ -2,8 +2,9 @@
 
 from . import ops
 from .ops.extension import cuda_ops_available, extension_loaded
-from .refresh import StalePolicy
 from .optimizer import SPNGD
+from .options import SPNGDOptions
+from .refresh import StalePolicy
 
 __version__ = "0.1.0"
-__all__ = ["SPNGD", "ops", "cuda_ops_available", "extension_loaded", "__version__"]
+__all__ = ["SPNGD", "SPNGDOptions", "StalePolicy", "ops", "cuda_ops_available", "extension_loaded", "__version__"]

@@ -12,7 +12,8 @@ call's rows join A and its output gradient joins G (the "expand" reading of weig
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn

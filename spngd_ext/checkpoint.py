@@ -21,12 +21,24 @@ from .step import StepRunner
 
 __all__ = ["ENTRY_KEYS", "model_signature", "make_entry", "validated_entry", "load_entry"]
 
-ENTRY_KEYS = ("signature", "world_size", "rank", "step_index", "counters", "schedule", "inverse_sides_done",
-              "seed", "mc_rng", "curvature")
+ENTRY_KEYS = (
+    "signature",
+    "world_size",
+    "rank",
+    "step_index",
+    "counters",
+    "schedule",
+    "inverse_sides_done",
+    "seed",
+    "mc_rng",
+    "curvature",
+)
 _WHERE = "SPNGD.load_state_dict"
 
 
-def model_signature(layers: Sequence[CurvatureLayer], plain_params: Sequence[nn.Parameter]) -> list[tuple[str, str, tuple[int, ...]]]:
+def model_signature(
+    layers: Sequence[CurvatureLayer], plain_params: Sequence[nn.Parameter]
+) -> list[tuple[str, str, tuple[int, ...]]]:
     """What a state_dict must match: every curvature layer and every other parameter's shape.
 
     Args:
@@ -90,15 +102,21 @@ def validated_entry(state_dict: object, runner: StepRunner, state: CurvatureStat
         diff = next(((a, b) for a, b in zip(theirs, signature) if a != b), None)
         raise ValueError(
             f"{_WHERE}: the state_dict was saved for another model "
-            f"({len(theirs)} layers/parameters vs {len(signature)} here; first difference: saved {diff[0] if diff else theirs[len(signature):][:1]} "
-            f"vs here {diff[1] if diff else signature[len(theirs):][:1]})"
+            f"({len(theirs)} layers/parameters vs {len(signature)} here; first difference: saved {diff[0] if diff else theirs[len(signature) :][:1]} "
+            f"vs here {diff[1] if diff else signature[len(theirs) :][:1]})"
         )
     if extra["world_size"] != runner.comm.world_size:
-        raise ValueError(f"{_WHERE}: saved with world_size={extra['world_size']}, running with {runner.comm.world_size}")
+        raise ValueError(
+            f"{_WHERE}: saved with world_size={extra['world_size']}, running with {runner.comm.world_size}"
+        )
     n_stats = len(state.accumulation.stat_ids)
     sched = extra["schedule"]
-    if not isinstance(sched, dict) or any(len(sched.get(k, ())) != n_stats for k in ("intervals", "next_due", "refreshes")):
-        raise ValueError(f"{_WHERE}: the refresh schedule does not match: {n_stats} statistics here, other statistics saved")
+    if not isinstance(sched, dict) or any(
+        len(sched.get(k, ())) != n_stats for k in ("intervals", "next_due", "refreshes")
+    ):
+        raise ValueError(
+            f"{_WHERE}: the refresh schedule does not match: {n_stats} statistics here, other statistics saved"
+        )
     curvature = extra["curvature"]
     if not isinstance(curvature, dict) or any(k not in curvature for k in ("est", "est_ready", "inverses")):
         raise ValueError(f"{_WHERE}: the curvature entry must be a dict with est, est_ready and inverses")
@@ -107,7 +125,9 @@ def validated_entry(state_dict: object, runner: StepRunner, state: CurvatureStat
     return extra
 
 
-def load_entry(extra: dict, runner: StepRunner, sampler: LabelSampler, state: CurvatureState, device: torch.device) -> None:
+def load_entry(
+    extra: dict, runner: StepRunner, sampler: LabelSampler, state: CurvatureState, device: torch.device
+) -> None:
     """Restore a validated entry (see :func:`validated_entry`).
 
     Args:

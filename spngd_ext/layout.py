@@ -18,8 +18,8 @@ With one process there is one chunk and no padding; the order is then named_modu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ collectives in :mod:`spngd_ext.distributed`.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -86,8 +87,14 @@ class SPNGD(torch.optim.Optimizer):
     __doc__ = (__doc__ or "") + "\n" + options_doc() + "\n"
     _step_supports_amp_scaling = True
 
-    def __init__(self, model: nn.Module, *, process_group: object | None = None,
-                 communicator: Communicator | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        process_group: object | None = None,
+        communicator: Communicator | None = None,
+        **options: Any,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"SPNGD: model must be an nn.Module, got {type(model).__name__}")
         self.options = SPNGDOptions.from_kwargs(options)
@@ -102,15 +109,20 @@ class SPNGD(torch.optim.Optimizer):
         self._model = model
         self._layers: list[CurvatureLayer] = find_curvature_layers(inner)
         if not self._layers:
-            warnings.warn("SPNGD: the model has no supported layer (Linear, Conv2d, BatchNorm); training as momentum SGD", stacklevel=2)
+            warnings.warn(
+                "SPNGD: the model has no supported layer (Linear, Conv2d, BatchNorm); training as momentum SGD",
+                stacklevel=2,
+            )
         layer_ids = {id(p) for layer in self._layers for p in layer.params}
         self._plain_params = [p for p in params if id(p) not in layer_ids]
         self._comm = communicator if communicator is not None else default_communicator(process_group, opts.comm_dtype)
         self._state = self._build_state()
-        self._schedule = RefreshSchedule(len(self._state.accumulation.stat_ids), fixed_interval=opts.curvature_interval,
-                                         policy=opts.stale_policy)
-        self._runner = StepRunner(self._layers, self._plain_params, self._state, self._schedule, self._comm, opts,
-                                  self._ddp_wrapped)
+        self._schedule = RefreshSchedule(
+            len(self._state.accumulation.stat_ids), fixed_interval=opts.curvature_interval, policy=opts.stale_policy
+        )
+        self._runner = StepRunner(
+            self._layers, self._plain_params, self._state, self._schedule, self._comm, opts, self._ddp_wrapped
+        )
         self._sampler = LabelSampler(opts.seed, self._comm.rank)
         # Hooks last: a constructor that raised above leaves the model untouched.
         self._capture = ActivationCapture(self._layers, self)
@@ -130,8 +142,15 @@ class SPNGD(torch.optim.Optimizer):
             specs.append([])
             grad_numels.append(sum(p.numel() for p in self._plain_params))
         stats_layout, grad_layout = build_layouts(specs, grad_numels, self.assignment.owners, self._comm.world_size)
-        return CurvatureState.build(self._layers, stats_layout, grad_layout, self.assignment.owners, self._comm.rank,
-                                    self.options, self._plain_params)
+        return CurvatureState.build(
+            self._layers,
+            stats_layout,
+            grad_layout,
+            self.assignment.owners,
+            self._comm.rank,
+            self.options,
+            self._plain_params,
+        )
 
     # ------------------------------------------------------------------ public API
     @property
@@ -230,8 +249,9 @@ class SPNGD(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """torch's optimizer state plus the 'spngd' entry (:mod:`spngd_ext.checkpoint`)."""
         sd = super().state_dict()
-        sd["spngd"] = checkpoint.make_entry(self._runner, self._sampler, self._state,
-                                            checkpoint.model_signature(self._layers, self._plain_params))
+        sd["spngd"] = checkpoint.make_entry(
+            self._runner, self._sampler, self._state, checkpoint.model_signature(self._layers, self._plain_params)
+        )
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import Any
 
 import torch
 
@@ -20,7 +21,7 @@ from .refresh import StalePolicy
 
 __all__ = ["Backend", "DampingSchedule", "FisherType", "SPNGDOptions", "options_doc"]
 
-DampingSchedule = Union[float, Callable[[int], float]]
+DampingSchedule = float | Callable[[int], float]
 
 
 class FisherType(str, enum.Enum):
@@ -45,8 +46,15 @@ class Backend(str, enum.Enum):
 _COMM_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_number(name: str, value: object, *, low: float | None = None, high: float | None = None,
-                  low_open: bool = False, high_open: bool = False) -> float:
+def _check_number(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"SPNGD: {name} must be a finite number, got {value!r}")
     if low is not None and (value < low or (low_open and value == low)):
@@ -58,8 +66,13 @@ def _check_number(name: str, value: object, *, low: float | None = None, high: f
 
 def _check_group_value(name: str, value: object, high: float | None) -> float:
     """lr, momentum, weight_decay: a finite number >= 0 (and < high)."""
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0.0
-            or (high is not None and value >= high)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0.0
+        or (high is not None and value >= high)
+    ):
         bound = ">= 0.0" + (f" and < {high}" if high is not None else "")
         raise ValueError(f"SPNGD: {name} must be a finite number {bound}, got {value!r}")
     return float(value)
@@ -85,36 +98,69 @@ class SPNGDOptions:
 
     lr: float = field(default=0.1, metadata=_help("learning rate (param_groups default)"))
     momentum: float = field(default=0.9, metadata=_help("momentum of the torch-SGD update (param_groups default)"))
-    weight_decay: float = field(default=0.0, metadata=_help("L2 weight decay added to the update (param_groups default)"))
-    damping: DampingSchedule = field(default=1e-3, metadata=_help(
-        "Tikhonov damping λ > 0, split between the Kronecker factors by π; or a callable step -> λ"))
-    fisher: FisherType = field(default=FisherType.MC, metadata=_help(
-        "curvature labels: 'mc' samples them from the model (true Fisher), 'emp' uses the training labels"))
+    weight_decay: float = field(
+        default=0.0, metadata=_help("L2 weight decay added to the update (param_groups default)")
+    )
+    damping: DampingSchedule = field(
+        default=1e-3,
+        metadata=_help("Tikhonov damping λ > 0, split between the Kronecker factors by π; or a callable step -> λ"),
+    )
+    fisher: FisherType = field(
+        default=FisherType.MC,
+        metadata=_help(
+            "curvature labels: 'mc' samples them from the model (true Fisher), 'emp' uses the training labels"
+        ),
+    )
     mc_samples: int = field(default=1, metadata=_help("sampled-label backwards per refresh (fisher='mc')"))
-    ema_decay: float | None = field(default=None, metadata=_help(
-        "factor EMA decay b in [0, 1) (estimate = b·old + (1−b)·new, bias-corrected); None: replace"))
-    curvature_interval: int = field(default=1, metadata=_help(
-        "refresh the curvature statistics every k steps (with stale: the default interval cap)"))
-    inverse_interval: int = field(default=1, metadata=_help(
-        "invert the factors every k steps (a multiple of curvature_interval, or smaller)"))
-    kl_clip: float | None = field(default=None, metadata=_help(
-        "scale the update so that Σ lr²·⟨U, ∇⟩ <= kl_clip; None: no clipping"))
-    backend: Backend = field(default=Backend.AUTO, metadata=_help(
-        "curvature ops: 'auto' (kernels on GPU), 'cuda' (kernels or error), 'torch' (pure PyTorch)"))
-    stale: bool | StalePolicy = field(default=False, metadata=_help(
-        "adaptive stale statistics: True (default StalePolicy) or a StalePolicy; False: fixed schedule"))
-    momentum_correction: bool = field(default=False, metadata=_help(
-        "the recipe's momentum correction m·η_t/η_{t−1}: torch's update form already applies it, so the "
-        "update is the same either way (docs/design.md, 'Momentum correction')"))
-    weight_rescale: bool = field(default=False, metadata=_help(
-        "rescale Linear/Conv2d weights whose norm exceeds sqrt(2·fan_out) after each step"))
-    check_finite: bool = field(default=True, metadata=_help(
-        "skip a step whose gradients or statistics are not finite (one host sync per step)"))
-    max_inverse_retries: int = field(default=3, metadata=_help(
-        "retries of a failed factor inversion, each with 10x the damping"))
-    seed: int | None = field(default=None, metadata=_help("seed of the sampled labels; None: from torch.initial_seed()"))
-    comm_dtype: torch.dtype | None = field(default=None, metadata=_help(
-        "dtype of the curvature statistics on the wire (float32, bfloat16, float16); None: float32", cli=False))
+    ema_decay: float | None = field(
+        default=None,
+        metadata=_help("factor EMA decay b in [0, 1) (estimate = b·old + (1−b)·new, bias-corrected); None: replace"),
+    )
+    curvature_interval: int = field(
+        default=1,
+        metadata=_help("refresh the curvature statistics every k steps (with stale: the default interval cap)"),
+    )
+    inverse_interval: int = field(
+        default=1, metadata=_help("invert the factors every k steps (a multiple of curvature_interval, or smaller)")
+    )
+    kl_clip: float | None = field(
+        default=None, metadata=_help("scale the update so that Σ lr²·⟨U, ∇⟩ <= kl_clip; None: no clipping")
+    )
+    backend: Backend = field(
+        default=Backend.AUTO,
+        metadata=_help("curvature ops: 'auto' (kernels on GPU), 'cuda' (kernels or error), 'torch' (pure PyTorch)"),
+    )
+    stale: bool | StalePolicy = field(
+        default=False,
+        metadata=_help("adaptive stale statistics: True (default StalePolicy) or a StalePolicy; False: fixed schedule"),
+    )
+    momentum_correction: bool = field(
+        default=False,
+        metadata=_help(
+            "the recipe's momentum correction m·η_t/η_{t−1}: torch's update form already applies it, so the "
+            "update is the same either way (docs/design.md, 'Momentum correction')"
+        ),
+    )
+    weight_rescale: bool = field(
+        default=False,
+        metadata=_help("rescale Linear/Conv2d weights whose norm exceeds sqrt(2·fan_out) after each step"),
+    )
+    check_finite: bool = field(
+        default=True,
+        metadata=_help("skip a step whose gradients or statistics are not finite (one host sync per step)"),
+    )
+    max_inverse_retries: int = field(
+        default=3, metadata=_help("retries of a failed factor inversion, each with 10x the damping")
+    )
+    seed: int | None = field(
+        default=None, metadata=_help("seed of the sampled labels; None: from torch.initial_seed()")
+    )
+    comm_dtype: torch.dtype | None = field(
+        default=None,
+        metadata=_help(
+            "dtype of the curvature statistics on the wire (float32, bfloat16, float16); None: float32", cli=False
+        ),
+    )
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -167,8 +213,10 @@ class SPNGDOptions:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - names)
         if unknown:
-            raise TypeError(f"SPNGD got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
-                            f"the options are {', '.join(sorted(names))}")
+            raise TypeError(
+                f"SPNGD got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+                f"the options are {', '.join(sorted(names))}"
+            )
         return cls(**options)
 
     @property

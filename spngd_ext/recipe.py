@@ -10,7 +10,7 @@ Polynomial learning-rate decay with warm-up lives in :mod:`spngd_ext.train.sched
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -14,8 +14,8 @@ statistics at once and read back in one transfer per refresh step; every rank re
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 DEFAULT_MAX_INTERVAL = 32
 
@@ -33,9 +33,13 @@ class StalePolicy:
     max_interval: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.threshold, bool) or not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold > 0):
+        if isinstance(self.threshold, bool) or not (
+            isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold > 0
+        ):
             raise ValueError(f"StalePolicy: threshold must be a finite number > 0, got {self.threshold!r}")
-        if self.max_interval is not None and (isinstance(self.max_interval, bool) or not isinstance(self.max_interval, int) or self.max_interval < 1):
+        if self.max_interval is not None and (
+            isinstance(self.max_interval, bool) or not isinstance(self.max_interval, int) or self.max_interval < 1
+        ):
             raise ValueError(f"StalePolicy: max_interval must be an integer >= 1, got {self.max_interval!r}")
 
 
@@ -99,7 +103,9 @@ class RefreshSchedule:
     def load_state_dict(self, sd: dict) -> None:
         """Restore :meth:`state_dict`'s output; ValueError when it has another number of statistics."""
         if len(sd["intervals"]) != len(self.intervals):
-            raise ValueError(f"SPNGD.load_state_dict: {len(sd['intervals'])} statistics saved, {len(self.intervals)} here")
+            raise ValueError(
+                f"SPNGD.load_state_dict: {len(sd['intervals'])} statistics saved, {len(self.intervals)} here"
+            )
         self.intervals = list(sd["intervals"])
         self.next_due = list(sd["next_due"])
         self.refreshes = list(sd["refreshes"])

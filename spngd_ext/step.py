@@ -33,8 +33,15 @@ from .state import CurvatureState
 
 __all__ = ["StepRunner"]
 
-_COUNTER_NAMES = ("steps", "factor_updates", "inverse_updates", "skipped_steps", "inversion_retries",
-                  "inversion_fallbacks", "mc_backwards")
+_COUNTER_NAMES = (
+    "steps",
+    "factor_updates",
+    "inverse_updates",
+    "skipped_steps",
+    "inversion_retries",
+    "inversion_fallbacks",
+    "mc_backwards",
+)
 
 
 class StepRunner:
@@ -50,8 +57,16 @@ class StepRunner:
         ddp_wrapped: the model is DDP-wrapped (gradients arrive averaged).
     """
 
-    def __init__(self, layers: Sequence[CurvatureLayer], plain_params: Sequence[nn.Parameter], state: CurvatureState,
-                 schedule: RefreshSchedule, comm: Communicator, options: SPNGDOptions, ddp_wrapped: bool) -> None:
+    def __init__(
+        self,
+        layers: Sequence[CurvatureLayer],
+        plain_params: Sequence[nn.Parameter],
+        state: CurvatureState,
+        schedule: RefreshSchedule,
+        comm: Communicator,
+        options: SPNGDOptions,
+        ddp_wrapped: bool,
+    ) -> None:
         self.layers = list(layers)
         self.plain_params = list(plain_params)
         self.state = state
@@ -111,11 +126,15 @@ class StepRunner:
                 if isinstance(v, Tensor):
                     continue  # a tensor lr (torch allows it) is used as is
                 if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= low and (high is None or v < high)):
-                    raise ValueError(f"SPNGD.step: param_groups[{k}]['{name}'] is {v!r} at step {step_index}; expected a finite number >= {low}" + (f" and < {high}" if high is not None else ""))
+                    raise ValueError(
+                        f"SPNGD.step: param_groups[{k}]['{name}'] is {v!r} at step {step_index}; expected a finite number >= {low}"
+                        + (f" and < {high}" if high is not None else "")
+                    )
 
     # ------------------------------------------------------------------ the step
-    def run(self, param_groups: Sequence[dict], param_state: dict, amp_scale: Tensor | None,
-            found_inf: Tensor | None) -> None:
+    def run(
+        self, param_groups: Sequence[dict], param_state: dict, amp_scale: Tensor | None, found_inf: Tensor | None
+    ) -> None:
         """One step over ``param_groups`` (momentum buffers in ``param_state``).
 
         Args:
@@ -131,8 +150,13 @@ class StepRunner:
         buffers.ensure(device)
         self.comm.begin_step()  # per-step byte counter
         refresh = self.refresh_now and acc.any_collected()
-        if (self.refresh_now and opts.fisher is FisherType.MC and acc.forward_seen()
-                and acc.any_backward_due() and not acc.any_backward_collected()):
+        if (
+            self.refresh_now
+            and opts.fisher is FisherType.MC
+            and acc.forward_seen()
+            and acc.any_backward_due()
+            and not acc.any_backward_collected()
+        ):
             raise RuntimeError(
                 "SPNGD.step: a curvature refresh was due but no sampled-label backward ran; "
                 "with fisher='mc' call opt.backward(loss, out) instead of loss.backward()"
@@ -149,7 +173,11 @@ class StepRunner:
                 loss_scale = amp_scale if opts.fisher is FisherType.EMP else None
                 acc.prepare_local_stats(grad_scale, loss_scale)
             if opts.check_finite or found_inf is not None:
-                bad = buffers.local_nonfinite(refresh) if opts.check_finite else torch.zeros((), dtype=torch.bool, device=device)
+                bad = (
+                    buffers.local_nonfinite(refresh)
+                    if opts.check_finite
+                    else torch.zeros((), dtype=torch.bool, device=device)
+                )
                 if found_inf is not None:
                     bad = bad | (found_inf.to(bad.device) > 0)
                 if bool(self.comm.any_flag(bad)):  # one host sync per step
@@ -195,7 +223,10 @@ class StepRunner:
         self.counters["inversion_retries"] += events.retries
         self.counters["inversion_fallbacks"] += len(events.fallbacks)
         for name in events.fallbacks:
-            self._warn_once(f"inv:{name}", f"SPNGD: inverting the factors of {name} failed even with more damping; using its last good inverse (or the plain gradient)")
+            self._warn_once(
+                f"inv:{name}",
+                f"SPNGD: inverting the factors of {name} failed even with more damping; using its last good inverse (or the plain gradient)",
+            )
 
     def _precondition_and_update(self, param_groups: Sequence[dict], param_state: dict, lam: float) -> None:
         st, opts = self.state, self.options
@@ -215,7 +246,10 @@ class StepRunner:
     def _skip(self, names: list[str]) -> None:
         self.counters["skipped_steps"] += 1
         where = ", ".join(names[:5]) + (" …" if len(names) > 5 else "") if names else "unknown layer"
-        warnings.warn(f"SPNGD: non-finite gradient or curvature statistics in {where}; step skipped, state unchanged", stacklevel=3)
+        warnings.warn(
+            f"SPNGD: non-finite gradient or curvature statistics in {where}; step skipped, state unchanged",
+            stacklevel=3,
+        )
         self._end_step()
 
     def _apply_updates(self, param_groups: Sequence[dict], param_state: dict, nu: Tensor | None) -> None:
@@ -250,7 +284,9 @@ class StepRunner:
                 ps.append(p)
                 us.append(updates[id(p)].to(p.dtype))
                 bufs.append(state["momentum_buffer"])
-            ops.momentum_update(ps, us, bufs, lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"])
+            ops.momentum_update(
+                ps, us, bufs, lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"]
+            )
         if self.options.weight_rescale:
             for layer in self.layers:
                 layer.rescale_weight()

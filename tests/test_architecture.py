@@ -119,8 +119,15 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 def test_the_import_reader_resolves_relative_and_lazy_imports(tmp_path) -> None:
     source = tmp_path / "mod.py"
     source.write_text("from .. import ops\nfrom ..state import buffers\n\ndef f():\n    from ..train import cli\n")
-    known = {"spngd_ext", "spngd_ext.ops", "spngd_ext.state", "spngd_ext.state.buffers", "spngd_ext.train",
-             "spngd_ext.train.cli", "spngd_ext.x.mod"}
+    known = {
+        "spngd_ext",
+        "spngd_ext.ops",
+        "spngd_ext.state",
+        "spngd_ext.state.buffers",
+        "spngd_ext.train",
+        "spngd_ext.train.cli",
+        "spngd_ext.x.mod",
+    }
     got = imported_modules("spngd_ext.x.mod", source, known)
     assert got == {"spngd_ext.ops", "spngd_ext.state.buffers", "spngd_ext.train.cli"}
 
@@ -132,8 +139,10 @@ def test_library_has_no_import_cycle() -> None:
 
 def test_library_never_imports_the_training_application() -> None:
     graph = import_graph(library_modules())
-    offenders = {m: sorted(t for t in targets if t == APPLICATION or t.startswith(APPLICATION + "."))
-                 for m, targets in graph.items()}
+    offenders = {
+        m: sorted(t for t in targets if t == APPLICATION or t.startswith(APPLICATION + "."))
+        for m, targets in graph.items()
+    }
     offenders = {m: t for m, t in offenders.items() if t}
     assert offenders == {}, f"library modules importing {APPLICATION}: {offenders}"
 

@@ -133,7 +133,7 @@ class TorchDistributedCommunicator(Communicator):
         self.comm_dtype = comm_dtype if comm_dtype in _LOW else None
         self.reduce_impl = reduce_impl
         self.gather_impl = gather_impl
-        self._global_ranks = [dist.get_global_rank(self.group, r) if self.group is not dist.group.WORLD else r
+        self._global_ranks = [dist.get_global_rank(self.group, r) if self.group is not dist.group.WORLD else r  # type: ignore[arg-type]  # not None: set above
                               for r in range(self.world_size)]
         self._last = _zero_counts()
         self._total = _zero_counts()
@@ -233,7 +233,7 @@ class TorchDistributedCommunicator(Communicator):
             works = [dist.broadcast(out[s * c : (s + 1) * c], src=self._global_ranks[s], group=self.group, async_op=True)
                      for s in range(self.world_size)]
             for work in works:
-                work.wait()
+                work.wait()  # type: ignore[union-attr]  # async_op=True returns a Work
         else:
             _all_gather_single(out, mine, group=self.group)
 
@@ -287,7 +287,7 @@ class TorchDistributedCommunicator(Communicator):
         elif impl == "reduce":
             works = [dist.reduce(buffer[s * c : (s + 1) * c], dst=self._global_ranks[s], group=g, async_op=True) for s in range(w)]
             for work in works:
-                work.wait()
+                work.wait()  # type: ignore[union-attr]  # async_op=True returns a Work
         elif impl == "all_to_all":
             recv = torch.empty_like(buffer)
             dist.all_to_all_single(recv, buffer, group=g)
@@ -332,7 +332,7 @@ class TorchDistributedCommunicator(Communicator):
         elif impl == "reduce":
             works = [dist.reduce(send[s * c : (s + 1) * c], dst=self._global_ranks[s], group=g, async_op=True) for s in range(w)]
             for work in works:
-                work.wait()
+                work.wait()  # type: ignore[union-attr]  # async_op=True returns a Work
             out = send[self.rank * c : (self.rank + 1) * c]
         else:
             out = torch.empty(c, dtype=wire, device=buffer.device)

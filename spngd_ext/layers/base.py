@@ -10,8 +10,9 @@ piece; it reads and writes its gradient as one flat segment of the gradient buff
 from __future__ import annotations
 
 import abc
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Hashable, Sequence, cast
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -159,8 +160,14 @@ class CurvatureLayer(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} defines neither precondition nor precondition_batch")
 
     @classmethod
-    def precondition_batch(cls, layers: Sequence[CurvatureLayer], grads: Sequence[Tensor],
-                           curvatures: Sequence[LayerCurvature], damping: float, backend: str) -> list[Tensor]:
+    def precondition_batch(
+        cls,
+        layers: Sequence[CurvatureLayer],
+        grads: Sequence[Tensor],
+        curvatures: Sequence[LayerCurvature],
+        damping: float,
+        backend: str,
+    ) -> list[Tensor]:
         """Preconditioned flat updates of layers sharing one :meth:`batch_key` (default: one by one).
 
         Args:
@@ -172,12 +179,14 @@ class CurvatureLayer(abc.ABC):
         """
         return [layer.precondition(g, c, damping, backend) for layer, g, c in zip(layers, grads, curvatures)]
 
-    def rescale_weight(self) -> None:
+    def rescale_weight(self) -> None:  # noqa: B027  (a hook: most layer types have nothing to rescale)
         """After the update: bound the weight's norm (``SPNGD(weight_rescale=True)``); default: nothing."""
 
     # ---- accumulation (called from hooks) ----------------------------------------------------
     @abc.abstractmethod
-    def accumulate_forward(self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: str) -> tuple[object, int]:
+    def accumulate_forward(
+        self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: str
+    ) -> tuple[object, int]:
         """Fold one call's input into the forward statistic; returns (context for the backward, count).
 
         Args:
@@ -190,7 +199,9 @@ class CurvatureLayer(abc.ABC):
         """
 
     @abc.abstractmethod
-    def accumulate_backward(self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: str) -> int:
+    def accumulate_backward(
+        self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: str
+    ) -> int:
         """Fold one output gradient into the backward statistic; returns its count.
 
         Args:
@@ -282,8 +293,14 @@ class KroneckerLayer(CurvatureLayer):
         return (self.dim_g, self.dim_a, inv_a is None, inv_g is None)
 
     @classmethod
-    def precondition_batch(cls, layers: Sequence[CurvatureLayer], grads: Sequence[Tensor],
-                           curvatures: Sequence[LayerCurvature], damping: float, backend: str) -> list[Tensor]:
+    def precondition_batch(
+        cls,
+        layers: Sequence[CurvatureLayer],
+        grads: Sequence[Tensor],
+        curvatures: Sequence[LayerCurvature],
+        damping: float,
+        backend: str,
+    ) -> list[Tensor]:
         """Ĝ⁻¹ ∇ Â⁻¹ for layers of one shape, as two batched GEMMs (a None inverse is the identity)."""
         first = cast(KroneckerLayer, layers[0])
         u = torch.stack([g.view(first.dim_g, first.dim_a) for g in grads])

@@ -92,7 +92,9 @@ class BatchNormCurvature(CurvatureLayer):
         group = m.process_group if m.process_group is not None else dist.group.WORLD
         return group if dist.get_world_size(group) > 1 else None
 
-    def accumulate_forward(self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: str) -> tuple[object, int]:
+    def accumulate_forward(
+        self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: str
+    ) -> tuple[object, int]:
         m = self.module
         batch_stats = m.training or not m.track_running_stats or m.running_mean is None
         if not inputs.is_cuda and batch_stats and self._sync_group() is None:
@@ -101,7 +103,9 @@ class BatchNormCurvature(CurvatureLayer):
             return _BatchInput(inputs.detach()), inputs.shape[0]
         return self.normalized_input(inputs), inputs.shape[0]
 
-    def accumulate_backward(self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: str) -> int:
+    def accumulate_backward(
+        self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: str
+    ) -> int:
         g = grad_out.detach()
         decay = 0.0 if first else 1.0
         if isinstance(context, _BatchInput):
@@ -117,7 +121,9 @@ class BatchNormCurvature(CurvatureLayer):
     def precondition(self, grad: torch.Tensor, curvature: LayerCurvature, damping: float, backend: str) -> torch.Tensor:
         """Per channel (F_c + λI)⁻¹ [∇γ_c, ∇β_c], flat as [uγ, uβ]."""
         c = self.channels
-        u_gamma, u_beta = ops.bn_unitwise_solve(curvature.estimates["F"], grad[:c], grad[c:], damping=damping, backend=backend)
+        u_gamma, u_beta = ops.bn_unitwise_solve(
+            curvature.estimates["F"], grad[:c], grad[c:], damping=damping, backend=backend
+        )
         return torch.cat([u_gamma, u_beta])
 
 

@@ -28,10 +28,14 @@ class Conv2dCurvature(KroneckerLayer):
 
     def __init__(self, name: str, module: nn.Conv2d) -> None:
         if module.groups != 1:
-            raise ValueError(f"{name}: Conv2d with groups={module.groups} has no Kronecker curvature here (groups=1 only)")
+            raise ValueError(
+                f"{name}: Conv2d with groups={module.groups} has no Kronecker curvature here (groups=1 only)"
+            )
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
             # padding="same"/"valid" and non-zero padding modes change the patch geometry.
-            raise ValueError(f"{name}: Conv2d needs numeric zero padding, got padding={module.padding!r}, mode={module.padding_mode!r}")
+            raise ValueError(
+                f"{name}: Conv2d needs numeric zero padding, got padding={module.padding!r}, mode={module.padding_mode!r}"
+            )
         super().__init__(name, module)
 
     @property
@@ -43,18 +47,30 @@ class Conv2dCurvature(KroneckerLayer):
     def dim_g(self) -> int:
         return self.module.out_channels
 
-    def accumulate_forward(self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: str) -> tuple[object, int]:
+    def accumulate_forward(
+        self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: str
+    ) -> tuple[object, int]:
         m = self.module
         x = inputs.detach()
         if x.dim() == 3:  # unbatched (C, H, W) input
             x = x.unsqueeze(0)
         ops.conv_a_factor(
-            stats["A"], x, kernel_size=m.kernel_size, stride=m.stride, padding=cast("tuple[int, int]", m.padding), dilation=m.dilation,
-            has_bias=self.has_bias, scale=1.0, decay=0.0 if first else 1.0, backend=backend,
+            stats["A"],
+            x,
+            kernel_size=m.kernel_size,
+            stride=m.stride,
+            padding=cast("tuple[int, int]", m.padding),
+            dilation=m.dilation,
+            has_bias=self.has_bias,
+            scale=1.0,
+            decay=0.0 if first else 1.0,
+            backend=backend,
         )
         return None, x.shape[0]
 
-    def accumulate_backward(self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: str) -> int:
+    def accumulate_backward(
+        self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: str
+    ) -> int:
         g = grad_out.detach()
         if g.dim() == 3:
             g = g.unsqueeze(0)

@@ -35,14 +35,18 @@ class LinearCurvature(KroneckerLayer):
     def dim_g(self) -> int:
         return self.module.out_features
 
-    def accumulate_forward(self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: str) -> tuple[object, int]:
+    def accumulate_forward(
+        self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: str
+    ) -> tuple[object, int]:
         x = inputs.detach().reshape(-1, self.module.in_features)
         if self.has_bias:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
         ops.accumulate_factor(stats["A"], x, scale=1.0, decay=0.0 if first else 1.0, backend=backend)
         return None, x.shape[0]
 
-    def accumulate_backward(self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: str) -> int:
+    def accumulate_backward(
+        self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: str
+    ) -> int:
         g = grad_out.detach().reshape(-1, self.module.out_features)
         ops.accumulate_factor(stats["G"], g, scale=1.0, decay=0.0 if first else 1.0, backend=backend)
         return g.shape[0]

@@ -3,7 +3,7 @@ the argument."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -55,7 +55,9 @@ def check_state(op: str, state: Tensor, numel: int) -> None:
     """
     check_tensor("state", state, op)
     if state.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{op}: state must be float32 or float64 (accumulation is never in half precision), got {state.dtype}")
+        raise TypeError(
+            f"{op}: state must be float32 or float64 (accumulation is never in half precision), got {state.dtype}"
+        )
     if state.numel() != numel:
         raise ValueError(f"{op}: state must have {numel} elements, got {state.numel()} (shape {tuple(state.shape)})")
     if not state.is_contiguous():
@@ -89,7 +91,9 @@ def check_bn_fisher_args(op: str, state: Tensor, grad_out: Tensor, other_name: s
     check_tensor("grad_out", grad_out, op)
     check_tensor(other_name, other, op)
     if grad_out.shape != other.shape or grad_out.dim() < 2:
-        raise ValueError(f"{op}: grad_out and {other_name} must share one (N, C, *) shape, got {tuple(grad_out.shape)} and {tuple(other.shape)}")
+        raise ValueError(
+            f"{op}: grad_out and {other_name} must share one (N, C, *) shape, got {tuple(grad_out.shape)} and {tuple(other.shape)}"
+        )
     channels = grad_out.shape[1]
     check_tensor("state", state, op)
     if state.shape != (channels, 3):

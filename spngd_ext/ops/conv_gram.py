@@ -71,7 +71,9 @@ def _plan(h: int, w: int, kh: int, kw: int, ph: int, pw: int) -> _Plan:
     rows: dict[tuple[int, int], int] = {}
     cols: dict[tuple[int, int], int] = {}
     pixels: dict[tuple[int, int, int, int], int] = {}
-    entries: list[tuple[int, str, int, int]] = []  # (block, kind, item index within its kind, sign)  # (block, kind, key, offset, sign)
+    entries: list[
+        tuple[int, str, int, int]
+    ] = []  # (block, kind, item index within its kind, sign)  # (block, kind, key, offset, sign)
     for a, (i, j) in enumerate(positions):
         for b, (i2, j2) in enumerate(positions):
             ey = _excess_1d(i, i2, h, kh, ph)
@@ -100,8 +102,13 @@ def _plan(h: int, w: int, kh: int, kw: int, ph: int, pw: int) -> _Plan:
         item.append(idx)
         sign.append(sgn)
     return _Plan(
-        dy=dy, dx=dx, row_pairs=tuple(rows), col_pairs=tuple(cols), pixel_pairs=tuple(pixels),
-        block=torch.tensor(block, dtype=torch.long), item=torch.tensor(item, dtype=torch.long),
+        dy=dy,
+        dx=dx,
+        row_pairs=tuple(rows),
+        col_pairs=tuple(cols),
+        pixel_pairs=tuple(pixels),
+        block=torch.tensor(block, dtype=torch.long),
+        item=torch.tensor(item, dtype=torch.long),
         sign=torch.tensor(sign, dtype=torch.float64),
     )
 
@@ -111,10 +118,20 @@ def _weight_grad(go: Tensor, inp: Tensor, kernel: list[int], groups: int) -> Ten
     c_out, c_in = go.shape[1], inp.shape[1] // groups
     ndim = len(kernel)
     weight = go.new_empty((c_out, c_in, *[2 * k - 1 for k in kernel]))
+
     def run() -> Tensor:
         return torch.ops.aten.convolution_backward(
-            go, inp, weight, None, [1] * ndim, [k - 1 for k in kernel], [1] * ndim, False, [0] * ndim,
-            groups, [False, True, False],
+            go,
+            inp,
+            weight,
+            None,
+            [1] * ndim,
+            [k - 1 for k in kernel],
+            [1] * ndim,
+            False,
+            [0] * ndim,
+            groups,
+            [False, True, False],
         )[1]
 
     if not go.is_cuda:
@@ -156,7 +173,9 @@ def patch_gram_shifted(x: Tensor, kernel_size: tuple[int, int], padding: tuple[i
     (kh, kw), (ph, pw) = kernel_size, padding
     n, c, h, w = x.shape
     if h + 2 * ph - kh + 1 < 1 or w + 2 * pw - kw + 1 < 1:
-        raise ValueError(f"patch_gram_shifted: kernel {kernel_size} with padding {padding} does not fit a {h}x{w} input")
+        raise ValueError(
+            f"patch_gram_shifted: kernel {kernel_size} with padding {padding} does not fit a {h}x{w} input"
+        )
     x = x.to(torch.promote_types(x.dtype, torch.float32)).contiguous()
     k = kh * kw
     if n == 0:  # an empty batch contributes nothing (the im2col Gram of zero rows)
@@ -184,9 +203,7 @@ def patch_gram_shifted(x: Tensor, kernel_size: tuple[int, int], padding: tuple[i
             items.append(torch.bmm(first.transpose(1, 2), second))
         stacked = torch.cat(items)
         sign = plan.sign.to(device=x.device, dtype=x.dtype).view(-1, 1, 1)
-        excess = x.new_zeros(k * k, c, c).index_add_(
-            0, plan.block.to(x.device), stacked[plan.item.to(x.device)] * sign
-        )
+        excess = x.new_zeros(k * k, c, c).index_add_(0, plan.block.to(x.device), stacked[plan.item.to(x.device)] * sign)
         blocks = blocks - excess.view(k, k, c, c).permute(2, 3, 0, 1)
     return blocks.permute(0, 2, 1, 3).reshape(c * k, c * k)
 
@@ -212,8 +229,13 @@ def patch_sums(x: Tensor, kernel_size: tuple[int, int], padding: tuple[int, int]
 
 
 def conv_a_factor_shifted(
-    state: Tensor, x: Tensor, kernel_size: tuple[int, int], padding: tuple[int, int],
-    has_bias: bool, scale: float, decay: float,
+    state: Tensor,
+    x: Tensor,
+    kernel_size: tuple[int, int],
+    padding: tuple[int, int],
+    has_bias: bool,
+    scale: float,
+    decay: float,
 ) -> Tensor:
     """In place ``state = decay·state + scale·packed_upper(Σ a aᵀ)``, a = patch [+1]; the same
     contract as :func:`spngd_ext.ops.torch_path.conv_a_factor` for stride 1, dilation 1.

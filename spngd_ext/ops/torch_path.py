@@ -14,8 +14,8 @@ element (i, j), i <= j, at ``i*n - i*(i-1)/2 + (j - i)`` — which is exactly th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

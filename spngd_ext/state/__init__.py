@@ -25,7 +25,15 @@ from .estimates import Estimates
 from .inverses import InverseCache, InversionEvents
 from .preconditioner import Preconditioner
 
-__all__ = ["CurvatureState", "FlatBuffers", "Accumulation", "Estimates", "InverseCache", "InversionEvents", "Preconditioner"]
+__all__ = [
+    "CurvatureState",
+    "FlatBuffers",
+    "Accumulation",
+    "Estimates",
+    "InverseCache",
+    "InversionEvents",
+    "Preconditioner",
+]
 
 
 @dataclass
@@ -39,9 +47,16 @@ class CurvatureState:
     preconditioner: Preconditioner
 
     @classmethod
-    def build(cls, layers: Sequence[CurvatureLayer], stats_layout: StatsLayout, grad_layout: GradLayout,
-              owners: Sequence[int], rank: int, options: SPNGDOptions,
-              plain_params: Sequence[nn.Parameter]) -> CurvatureState:
+    def build(
+        cls,
+        layers: Sequence[CurvatureLayer],
+        stats_layout: StatsLayout,
+        grad_layout: GradLayout,
+        owners: Sequence[int],
+        rank: int,
+        options: SPNGDOptions,
+        plain_params: Sequence[nn.Parameter],
+    ) -> CurvatureState:
         """The state of rank ``rank``.
 
         Args:

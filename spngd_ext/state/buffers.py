@@ -37,8 +37,14 @@ class FlatBuffers:
         plain_params: parameters outside curvature layers (one more gradient segment).
     """
 
-    def __init__(self, layers: Sequence[CurvatureLayer], stats_layout: StatsLayout, grad_layout: GradLayout,
-                 rank: int, plain_params: Sequence[nn.Parameter]) -> None:
+    def __init__(
+        self,
+        layers: Sequence[CurvatureLayer],
+        stats_layout: StatsLayout,
+        grad_layout: GradLayout,
+        rank: int,
+        plain_params: Sequence[nn.Parameter],
+    ) -> None:
         self.layers = list(layers)
         self.stats_layout = stats_layout
         self.grad_layout = grad_layout
@@ -73,7 +79,9 @@ class FlatBuffers:
         for layer in self.layers:
             for p in layer.params:
                 if p.device != device:
-                    raise ValueError(f"SPNGD: all parameters must be on one device; {layer.name} has a parameter on {p.device}, expected {device}")
+                    raise ValueError(
+                        f"SPNGD: all parameters must be on one device; {layer.name} has a parameter on {p.device}, expected {device}"
+                    )
         self.device = device
         # Statistics are kept in fp32 (fp64 when the model is fp64), whatever the activations' dtype.
         self.dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.all_params) else torch.float32
@@ -81,7 +89,10 @@ class FlatBuffers:
         self.est = torch.zeros(self.stats_layout.chunk_numel, dtype=self.dtype, device=device)
         self.grad_buffer = torch.zeros(self.grad_layout.numel, dtype=self.dtype, device=device)
         self._acc_views = [
-            {n: self.acc[s.offset : s.end].view(-1, 3) if n == "F" else self.acc[s.offset : s.end] for n, s in stats.items()}
+            {
+                n: self.acc[s.offset : s.end].view(-1, 3) if n == "F" else self.acc[s.offset : s.end]
+                for n, s in stats.items()
+            }
             for stats in self.stats_layout.stats
         ]
         slots = list(self.grad_layout.kl_slots) + [c for ch in self.grad_layout.change_slots for c in ch.values()]
@@ -108,7 +119,9 @@ class FlatBuffers:
     def write_counts(self, counts: Sequence[float]) -> None:
         """Write the per-statistic row counts (layout order) into their accumulator slots."""
         if counts:
-            self.acc.index_copy_(0, self._count_index, torch.tensor(list(counts), dtype=self.dtype).to(self.device, non_blocking=True))
+            self.acc.index_copy_(
+                0, self._count_index, torch.tensor(list(counts), dtype=self.dtype).to(self.device, non_blocking=True)
+            )
 
     # ------------------------------------------------------------------ per step
     def fill_gradients(self) -> None:

@@ -32,8 +32,9 @@ class Estimates:
         ema_decay: the EMA decay b, or None (an estimate is replaced at each refresh).
     """
 
-    def __init__(self, layers: Sequence[CurvatureLayer], buffers: FlatBuffers, owned: Sequence[int],
-                 ema_decay: float | None) -> None:
+    def __init__(
+        self, layers: Sequence[CurvatureLayer], buffers: FlatBuffers, owned: Sequence[int], ema_decay: float | None
+    ) -> None:
         self.layers = list(layers)
         self.buffers = buffers
         self.owned = list(owned)
@@ -122,8 +123,12 @@ class Estimates:
             count_pos.append(buf.stats_layout.counts[i][n] - base)
             slots.append(buf.grad_layout.change_slots[i][n])
         dev = buf.device
-        self._change_cache = (seg_id.to(dev), weight.to(dev), torch.tensor(count_pos, dtype=torch.long, device=dev),
-                              torch.tensor(slots, dtype=torch.long, device=dev))
+        self._change_cache = (
+            seg_id.to(dev),
+            weight.to(dev),
+            torch.tensor(count_pos, dtype=torch.long, device=dev),
+            torch.tensor(slots, dtype=torch.long, device=dev),
+        )
         return self._change_cache
 
     def _write_changes(self) -> None:
@@ -187,6 +192,8 @@ class Estimates:
         """Restore :meth:`state_dict`'s output (buffers already allocated)."""
         if sd["est"] is not None:
             if sd["est"].shape != self.buffers.est.shape:
-                raise ValueError(f"{_WHERE}: curvature estimate has {sd['est'].numel()} elements, expected {self.buffers.est.numel()}")
+                raise ValueError(
+                    f"{_WHERE}: curvature estimate has {sd['est'].numel()} elements, expected {self.buffers.est.numel()}"
+                )
             self.buffers.est.copy_(sd["est"])
         self.ready = [dict(r) for r in sd["est_ready"]]

@@ -32,7 +32,9 @@ __all__ = ["pi_damping", "InversionResult", "invert_damped", "InversionEvents", 
 _WHERE = "SPNGD.load_state_dict"
 
 
-def pi_damping(trace_a: Tensor, dim_a: Tensor | int, trace_g: Tensor, dim_g: Tensor | int, damping: float) -> tuple[Tensor, Tensor]:
+def pi_damping(
+    trace_a: Tensor, dim_a: Tensor | int, trace_g: Tensor, dim_g: Tensor | int, damping: float
+) -> tuple[Tensor, Tensor]:
     """Per-layer diagonal shifts (for A, for G); all arguments may be batched 1-D tensors.
 
     Args:
@@ -100,7 +102,7 @@ def invert_damped(
         inverse = None
         attempt = 0
         for attempt in range(1, max_retries + 1):
-            retry_shift = (shift * (10.0 ** attempt)).to(mat.dtype).reshape(1)
+            retry_shift = (shift * (10.0**attempt)).to(mat.dtype).reshape(1)
             inv, info = ops.cholesky_inverse_damped(mat.unsqueeze(0), retry_shift, backend=backend)
             if int(info[0]) == 0:
                 inverse = inv[0]
@@ -131,8 +133,14 @@ class InverseCache:
         max_retries: retries of a failed inversion.
     """
 
-    def __init__(self, layers: Sequence[CurvatureLayer], buffers: FlatBuffers, estimates: Estimates,
-                 owned: Sequence[int], max_retries: int) -> None:
+    def __init__(
+        self,
+        layers: Sequence[CurvatureLayer],
+        buffers: FlatBuffers,
+        estimates: Estimates,
+        owned: Sequence[int],
+        max_retries: int,
+    ) -> None:
         self.layers = list(layers)
         self.buffers = buffers
         self.estimates = estimates
@@ -143,8 +151,11 @@ class InverseCache:
 
     def _ready(self) -> list[int]:
         """Owned layers with inverse sides whose every side has an estimate."""
-        return [i for i in self.owned if self.layers[i].inverse_sides
-                and self.estimates.is_ready(i, self.layers[i].inverse_sides)]
+        return [
+            i
+            for i in self.owned
+            if self.layers[i].inverse_sides and self.estimates.is_ready(i, self.layers[i].inverse_sides)
+        ]
 
     def needs_first_inverse(self) -> bool:
         """Whether an owned layer has estimates but no inverse yet."""
@@ -155,8 +166,9 @@ class InverseCache:
         (both sides of a layer are inverted whenever either is fresh, see :meth:`refresh`)."""
         return sum(len(self.layers[i].inverse_sides) for i in {i for i, _ in fresh})
 
-    def refresh(self, damping: float, backend: ops.Backend | str, accumulation: Accumulation,
-                only_fresh: bool = False) -> InversionEvents:
+    def refresh(
+        self, damping: float, backend: ops.Backend | str, accumulation: Accumulation, only_fresh: bool = False
+    ) -> InversionEvents:
         """Damped inverses of the owned layers; with ``only_fresh`` just the layers with a
         statistic refreshed this step (or without an inverse yet).
 
@@ -177,8 +189,14 @@ class InverseCache:
         if not sizes:
             return events
         slots = [buf.stats_layout.counts[i][n] for i, n in items]
-        mats = ops.unpack_upper(buf.est, sizes, scale=self.estimates.bias_correction(slots), offset=offset - buf.chunk_base,
-                                dtype=buf.dtype, backend=backend)
+        mats = ops.unpack_upper(
+            buf.est,
+            sizes,
+            scale=self.estimates.bias_correction(slots),
+            offset=offset - buf.chunk_base,
+            dtype=buf.dtype,
+            backend=backend,
+        )
         by_item = dict(zip(items, mats))
         ready = self._ready()
         if not ready:
@@ -222,7 +240,10 @@ class InverseCache:
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
         """The inverses by layer name (copies)."""
-        return {self.layers[i].name: [None if t is None else t.detach().clone() for t in inv] for i, inv in self.inverses.items()}
+        return {
+            self.layers[i].name: [None if t is None else t.detach().clone() for t in inv]
+            for i, inv in self.inverses.items()
+        }
 
     def validate_state_dict(self, saved: dict) -> None:
         """ValueError for saved inverses that do not fit this model (before anything is loaded)."""
@@ -236,7 +257,9 @@ class InverseCache:
                 t = inv[side]
                 if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != shapes[side_name]):
                     got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                    raise ValueError(f"{_WHERE}: saved inverse {side_name} of {name} has shape {got}, expected {shapes[side_name]}")
+                    raise ValueError(
+                        f"{_WHERE}: saved inverse {side_name} of {name} has shape {got}, expected {shapes[side_name]}"
+                    )
 
     def load_state_dict(self, saved: dict, device: torch.device) -> None:
         """Restore :meth:`state_dict`'s output onto ``device``."""

@@ -34,8 +34,15 @@ class Preconditioner:
         plain_owned: whether this rank owns the parameters outside curvature layers.
     """
 
-    def __init__(self, layers: Sequence[CurvatureLayer], buffers: FlatBuffers, estimates: Estimates,
-                 inverses: InverseCache, owned: Sequence[int], plain_owned: bool) -> None:
+    def __init__(
+        self,
+        layers: Sequence[CurvatureLayer],
+        buffers: FlatBuffers,
+        estimates: Estimates,
+        inverses: InverseCache,
+        owned: Sequence[int],
+        plain_owned: bool,
+    ) -> None:
         self.layers = list(layers)
         self.buffers = buffers
         self.estimates = estimates
@@ -53,8 +60,13 @@ class Preconditioner:
             return None
         return LayerCurvature(estimates={n: self.estimates.estimate(index, n) for n in self.estimates.names[index]})
 
-    def precondition_owned(self, damping: float, lrs: Sequence[float] | None, backend: ops.Backend | str,
-                           plain_lrs: Sequence[float] | None = None) -> None:
+    def precondition_owned(
+        self,
+        damping: float,
+        lrs: Sequence[float] | None,
+        backend: ops.Backend | str,
+        plain_lrs: Sequence[float] | None = None,
+    ) -> None:
         """Overwrite this rank's gradient chunk with the preconditioned gradients, and with ``lrs``
         write this rank's share of the KL sum Σ lr²·⟨U, ∇⟩ over every parameter the optimizer
         updates: U = ∇ where there is no curvature (yet), so those terms are lr²·‖∇‖².
@@ -79,8 +91,9 @@ class Preconditioner:
             groups.setdefault((type(layer), layer.batch_key(curvature)), []).append((i, curvature))
         for (cls, _), members in groups.items():
             grads = [buf.grad_segment(i) for i, _ in members]
-            updates = cls.precondition_batch([self.layers[i] for i, _ in members], grads,
-                                             [c for _, c in members], damping, backend)
+            updates = cls.precondition_batch(
+                [self.layers[i] for i, _ in members], grads, [c for _, c in members], damping, backend
+            )
             for (i, _), g, u in zip(members, grads, updates):
                 if lrs is not None:
                     kl_terms.append(lrs[i] ** 2 * (u * g).sum())

@@ -21,7 +21,7 @@ import dataclasses
 import enum
 import types
 import typing
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from spngd_ext.options import SPNGDOptions
 
@@ -88,7 +88,7 @@ def spngd_option_names() -> tuple[str, ...]:
 
 
 def _field_type(form: _CliForm) -> Any:
-    return Optional[form.value_type] if form.optional else form.value_type
+    return form.value_type | None if form.optional else form.value_type
 
 
 SpngdSettings = dataclasses.make_dataclass(
