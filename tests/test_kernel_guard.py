@@ -182,3 +182,18 @@ def test_optimizer_with_bad_kernels_equals_the_torch_path(fake_gpu):
     assert messages and len(messages) == len(fallen)
     assert {f["op"] for f in fallen} <= set(CORRECT) and len({f["op"] for f in fallen}) >= 3
     assert opt.counters["kernel_fallbacks"] == len(fallen)
+
+
+def test_tracing_with_fake_tensors_skips_the_check(fake_gpu):
+    """Fake tensors (torch.compile / shape propagation) have no values to compare: no check runs
+    and nothing is cached, so the first real call is still checked."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    calls = fake_gpu("accumulate_factor", wrong("accumulate_factor"))
+    with FakeTensorMode(allow_non_fake_inputs=True):  # the PyTorch path caches real index tensors
+        state, x = torch.empty(21), torch.empty(40, 6)
+        ops.accumulate_factor(state, x, scale=1.0, decay=0.5)
+    assert len(calls) == 1 and kernel_guard.verdicts() == {}
+    state, x = _factor_inputs()
+    with pytest.warns(kernel_guard.KernelGuardWarning, match="accumulate_factor"):
+        ops.accumulate_factor(state, x, scale=1.0, decay=0.5)
