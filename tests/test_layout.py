@@ -96,6 +96,8 @@ def test_stats_sends_only_the_due_statistics() -> None:
         assert all(a.end < b.offset for a, b in zip(s, s[1:]))
     assert lay.stats_sends([]) == [[], [], [], []]  # nothing due: nothing moves
     assert lay.stats_sends(all_stats) == everything
+    with pytest.raises(ValueError, match="no statistic 'Z' in layer 0"):
+        lay.stats_sends([(0, "Z")])
 
 
 def test_build_rejects_a_mismatched_assignment() -> None:

@@ -144,6 +144,8 @@ class SegmentLayout:
             return [[r] if r.numel else [] for r in self.stats_ranges]
         sends: list[list[Segment]] = [[] for _ in range(self.world_size)]
         for li, name in due:
+            if not (0 <= li < len(self.stats) and name in self.stats[li]):
+                raise ValueError(f"SegmentLayout.stats_sends: no statistic {name!r} in layer {li}")
             owner = self.assignment.stat_owners[li][name]
             sends[owner] += [self.stats[li][name], Segment(self.counts[li][name], 1)]
         return [coalesce(s) for s in sends]
