@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..distributed.placement import LayerCost
+from ..options import Backend
 from ..recipe import rescaled_weight_norm_limit
 
 
@@ -148,7 +149,7 @@ class CurvatureLayer(abc.ABC):
         """Layers of one class with equal keys are preconditioned in one :meth:`precondition_batch` call."""
         return id(self)
 
-    def precondition(self, grad: Tensor, curvature: LayerCurvature, damping: float, backend: str) -> Tensor:
+    def precondition(self, grad: Tensor, curvature: LayerCurvature, damping: float, backend: Backend | str) -> Tensor:
         """The preconditioned update (flat, like ``grad``) of this layer.
 
         Args:
@@ -166,7 +167,7 @@ class CurvatureLayer(abc.ABC):
         grads: Sequence[Tensor],
         curvatures: Sequence[LayerCurvature],
         damping: float,
-        backend: str,
+        backend: Backend | str,
     ) -> list[Tensor]:
         """Preconditioned flat updates of layers sharing one :meth:`batch_key` (default: one by one).
 
@@ -185,7 +186,7 @@ class CurvatureLayer(abc.ABC):
     # ---- accumulation (called from hooks) ----------------------------------------------------
     @abc.abstractmethod
     def accumulate_forward(
-        self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: str
+        self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: Backend | str
     ) -> tuple[object, int]:
         """Fold one call's input into the forward statistic; returns (context for the backward, count).
 
@@ -200,7 +201,7 @@ class CurvatureLayer(abc.ABC):
 
     @abc.abstractmethod
     def accumulate_backward(
-        self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: str
+        self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: Backend | str
     ) -> int:
         """Fold one output gradient into the backward statistic; returns its count.
 
@@ -299,7 +300,7 @@ class KroneckerLayer(CurvatureLayer):
         grads: Sequence[Tensor],
         curvatures: Sequence[LayerCurvature],
         damping: float,
-        backend: str,
+        backend: Backend | str,
     ) -> list[Tensor]:
         """Ĝ⁻¹ ∇ Â⁻¹ for layers of one shape, as two batched GEMMs (a None inverse is the identity)."""
         first = cast(KroneckerLayer, layers[0])

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..options import Backend
 from .base import CurvatureLayer, LayerCurvature, StatSpec
 
 
@@ -93,7 +94,7 @@ class BatchNormCurvature(CurvatureLayer):
         return group if dist.get_world_size(group) > 1 else None
 
     def accumulate_forward(
-        self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: str
+        self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: Backend | str
     ) -> tuple[object, int]:
         m = self.module
         batch_stats = m.training or not m.track_running_stats or m.running_mean is None
@@ -104,7 +105,7 @@ class BatchNormCurvature(CurvatureLayer):
         return self.normalized_input(inputs), inputs.shape[0]
 
     def accumulate_backward(
-        self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: str
+        self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: Backend | str
     ) -> int:
         g = grad_out.detach()
         decay = 0.0 if first else 1.0
@@ -118,7 +119,9 @@ class BatchNormCurvature(CurvatureLayer):
         """F as (C, 3) = (γγ, γβ, ββ)."""
         return packed.view(-1, 3) * scale
 
-    def precondition(self, grad: torch.Tensor, curvature: LayerCurvature, damping: float, backend: str) -> torch.Tensor:
+    def precondition(
+        self, grad: torch.Tensor, curvature: LayerCurvature, damping: float, backend: Backend | str
+    ) -> torch.Tensor:
         """Per channel (F_c + λI)⁻¹ [∇γ_c, ∇β_c], flat as [uγ, uβ]."""
         c = self.channels
         u_gamma, u_beta = ops.bn_unitwise_solve(

@@ -12,6 +12,7 @@ from typing import cast
 from torch import Tensor, nn
 
 from .. import ops
+from ..options import Backend
 from .base import KroneckerLayer
 
 
@@ -48,7 +49,7 @@ class Conv2dCurvature(KroneckerLayer):
         return self.module.out_channels
 
     def accumulate_forward(
-        self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: str
+        self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: Backend | str
     ) -> tuple[object, int]:
         m = self.module
         x = inputs.detach()
@@ -69,7 +70,7 @@ class Conv2dCurvature(KroneckerLayer):
         return None, x.shape[0]
 
     def accumulate_backward(
-        self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: str
+        self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: Backend | str
     ) -> int:
         g = grad_out.detach()
         if g.dim() == 3:

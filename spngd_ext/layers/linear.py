@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..options import Backend
 from .base import KroneckerLayer
 
 
@@ -36,7 +37,7 @@ class LinearCurvature(KroneckerLayer):
         return self.module.out_features
 
     def accumulate_forward(
-        self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: str
+        self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: Backend | str
     ) -> tuple[object, int]:
         x = inputs.detach().reshape(-1, self.module.in_features)
         if self.has_bias:
@@ -45,7 +46,7 @@ class LinearCurvature(KroneckerLayer):
         return None, x.shape[0]
 
     def accumulate_backward(
-        self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: str
+        self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: Backend | str
     ) -> int:
         g = grad_out.detach().reshape(-1, self.module.out_features)
         ops.accumulate_factor(stats["G"], g, scale=1.0, decay=0.0 if first else 1.0, backend=backend)

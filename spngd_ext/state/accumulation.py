@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from ..layers import CurvatureLayer
+from ..options import Backend
 from .buffers import FlatBuffers
 
 __all__ = ["Accumulation"]
@@ -54,7 +55,7 @@ class Accumulation:
         return any(self.backward_due(i) for i in range(len(self.layers)))
 
     # ------------------------------------------------------------------ hooks
-    def accumulate_forward(self, index: int, inputs: Tensor, backend: str) -> object:
+    def accumulate_forward(self, index: int, inputs: Tensor, backend: Backend | str) -> object:
         """Fold a forward call's input into layer ``index``'s forward statistic; returns the
         context its output-gradient hook needs."""
         self.buffers.ensure(inputs.device)
@@ -70,7 +71,7 @@ class Accumulation:
             self._counts[index][n] += count
         return context
 
-    def accumulate_backward(self, index: int, grad: Tensor, context: object, backend: str) -> None:
+    def accumulate_backward(self, index: int, grad: Tensor, context: object, backend: Backend | str) -> None:
         """Fold an output gradient into layer ``index``'s output-gradient statistic, when due."""
         layer = self.layers[index]
         names = layer.backward_stat_names()
