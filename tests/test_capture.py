@@ -8,14 +8,12 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
+from steps import train_step
 from torch import nn
 
 from spngd_ext import SPNGD
-from steps import train_step
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("float64_default")]
-
-
 
 
 def snapshot_factors(opt) -> dict:
@@ -28,9 +26,13 @@ def assert_factors_equal(fa: dict, fb: dict, exact: bool = True, what: str = "")
         assert set(fa[n]) == set(fb[n]), f"{what} {n}"
         for k in fa[n]:
             if exact:
-                assert torch.equal(fa[n][k], fb[n][k]), f"{what} {n}.{k}: max diff {(fa[n][k] - fb[n][k]).abs().max().item():.3e}"
+                assert torch.equal(fa[n][k], fb[n][k]), (
+                    f"{what} {n}.{k}: max diff {(fa[n][k] - fb[n][k]).abs().max().item():.3e}"
+                )
             else:
-                torch.testing.assert_close(fa[n][k], fb[n][k], rtol=1e-10, atol=1e-13, msg=lambda m, n=n, k=k: f"{what} {n}.{k}: {m}")
+                torch.testing.assert_close(
+                    fa[n][k], fb[n][k], rtol=1e-10, atol=1e-13, msg=lambda m, n=n, k=k: f"{what} {n}.{k}: {m}"
+                )
 
 
 # ================================================================================ in-place
@@ -107,7 +109,9 @@ def test_inplace_capture_sees_the_pre_modification_output_gradient():
     F.cross_entropy(ref(x), y).backward()
     h.remove()
     xs = store["x"]
-    xhat = (xs - xs.mean((0, 2, 3), keepdim=True)) / torch.sqrt(xs.var((0, 2, 3), unbiased=False, keepdim=True) + ref.bn2.eps)
+    xhat = (xs - xs.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
+        xs.var((0, 2, 3), unbiased=False, keepdim=True) + ref.bn2.eps
+    )
     gn = store["g"] * x.shape[0]
     ug, ub = (gn * xhat).sum((2, 3)), gn.sum((2, 3))
     expected = torch.stack([(ug * ug).mean(0), (ug * ub).mean(0), (ub * ub).mean(0)], dim=1)
@@ -166,9 +170,12 @@ class MiniResNet18(nn.Module):
 def _resnet_models():
     models = [pytest.param(lambda: MiniResNet18(), id="basicblock-resnet18-topology")]
     if importlib.util.find_spec("torchvision") is not None:
+
         def tv():
             import torchvision
+
             return torchvision.models.resnet18(num_classes=10)
+
         models.append(pytest.param(tv, id="torchvision-resnet18"))
     return models
 
@@ -201,7 +208,9 @@ def test_resnet18_style_model_factors_match_im2col_and_per_example_gradients(fac
     lr = 0.05
     opt = SPNGD(model, lr=lr, momentum=0.9, damping=1e-2, fisher="emp", backend="torch")
     kinds = [layer.kind for layer in opt.layers]
-    assert kinds.count("conv2d") == n_conv == 20 and kinds.count("batchnorm") == n_bn == 20 and kinds.count("linear") == 1
+    assert (
+        kinds.count("conv2d") == n_conv == 20 and kinds.count("batchnorm") == n_bn == 20 and kinds.count("linear") == 1
+    )
     modules = dict(model.named_modules())
     inputs, out_grads = {}, {}
 
@@ -210,6 +219,7 @@ def test_resnet18_style_model_factors_match_im2col_and_per_example_gradients(fac
             inputs[name] = args[0].detach().clone()  # clone: a later in-place ReLU may reuse the storage
             if name == "layer1.0.conv1":
                 output.register_hook(lambda g: out_grads.__setitem__(name, g.detach().clone()))
+
         return hook
 
     handles = [modules[name].register_forward_hook(record(name)) for name in (*RESNET_CONVS, "fc")]
@@ -232,11 +242,17 @@ def test_resnet18_style_model_factors_match_im2col_and_per_example_gradients(fac
     tol = 1e-5
     for name in RESNET_CONVS:
         conv = modules[name]
-        cols = F.unfold(inputs[name].double(), conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+        cols = F.unfold(
+            inputs[name].double(), conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride
+        )
         cols = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N·T, C·kh·kw), no bias column
         err = relative_error(factors[name]["A"], cols.T @ cols / n)
         assert err <= tol, f"{name}.A: relative error {err:.2e}"
-    grad_rows = (out_grads["layer1.0.conv1"].double() * n).permute(0, 2, 3, 1).reshape(-1, modules["layer1.0.conv1"].out_channels)
+    grad_rows = (
+        (out_grads["layer1.0.conv1"].double() * n)
+        .permute(0, 2, 3, 1)
+        .reshape(-1, modules["layer1.0.conv1"].out_channels)
+    )
     err = relative_error(factors["layer1.0.conv1"]["G"], grad_rows.T @ grad_rows / grad_rows.shape[0])
     assert err <= tol, f"layer1.0.conv1.G: relative error {err:.2e}"
 
@@ -249,7 +265,13 @@ def test_resnet18_style_model_factors_match_im2col_and_per_example_gradients(fac
 
     a_inv, g_inv = (t.double() for t in opt.inverses()["fc"])
     u = g_inv @ torch.cat([fc_grad["weight"], fc_grad["bias"][:, None]], dim=1).double() @ a_inv
-    moved = torch.cat([fc_before["weight"] - modules["fc"].weight.detach(), (fc_before["bias"] - modules["fc"].bias.detach())[:, None]], dim=1)
+    moved = torch.cat(
+        [
+            fc_before["weight"] - modules["fc"].weight.detach(),
+            (fc_before["bias"] - modules["fc"].bias.detach())[:, None],
+        ],
+        dim=1,
+    )
     err = relative_error(moved, lr * u)
     assert err <= 1e-3, f"fc update: relative error {err:.2e}"
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -372,7 +394,9 @@ def test_forward_in_eval_mode_only_refreshes_nothing():
 # ================================================================================ accumulation
 def _no_bn_net(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2), nn.Flatten(), nn.Linear(2 * 2 * 2, 4))
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2), nn.Flatten(), nn.Linear(2 * 2 * 2, 4)
+    )
 
 
 @pytest.mark.parametrize("k", [2, 4])

@@ -7,7 +7,12 @@ independently of :mod:`spngd_ext.ops.torch_path` where that reference is itself 
 packed-index formula of docs/design.md, ``torch.optim.SGD``).
 
 Every property runs on the CPU (backend="torch") and, marked ``gpu`` and skipped without a GPU and
-the built extension, on CUDA (backend="cuda", restricted to the dtypes the kernels take).
+the built extension, on CUDA (backend="cuda", restricted to the dtypes the kernels take). Sizes are
+drawn per target (``size``): small on the CPU (CI time), and on CUDA across the kernels' launch
+plans (several SYRK tiles, the large-tile variant, row splits, several Cholesky panels and thread
+counts, the PyTorch fallback above the kernel's largest size, BatchNorm batch splits, several pack
+launches and unpack tiles), with sizes just below, at and above each threshold;
+``test_cuda_sizes_cross_the_kernel_thresholds`` reads the thresholds from csrc/cuda.
 Examples are derandomised so CI is reproducible; set SPNGD_HYPOTHESIS_RANDOM=1 to explore.
 """
 
@@ -15,6 +20,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,16 +39,23 @@ EPS = {F64: 2.0**-52, F32: 2.0**-23, BF16: 2.0**-7, F16: 2.0**-10}
 TARGETS = [
     pytest.param(("cpu", "torch"), id="cpu"),
     pytest.param(
-        ("cuda", "cuda"), id="cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not cuda_ops_available(), reason="needs a CUDA GPU and the built extension")],
+        ("cuda", "cuda"),
+        id="cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not cuda_ops_available(), reason="needs a CUDA GPU and the built extension"),
+        ],
     ),
 ]
 
 
 def fast(n: int):
     return settings(
-        max_examples=n, deadline=None, derandomize=os.environ.get("SPNGD_HYPOTHESIS_RANDOM", "") in ("", "0"),
-        suppress_health_check=[HealthCheck.too_slow], print_blob=True,
+        max_examples=n,
+        deadline=None,
+        derandomize=os.environ.get("SPNGD_HYPOTHESIS_RANDOM", "") in ("", "0"),
+        suppress_health_check=[HealthCheck.too_slow],
+        print_blob=True,
     )
 
 
@@ -49,6 +63,38 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 seeds = st.integers(0, 2**31 - 1)
+
+
+# Sizes each property draws: (CPU range, CUDA range, CUDA sizes next to a launch-plan threshold).
+# The thresholds (csrc/cuda): SYRK tiles 64 (128 for d >= 512), a row split per 128 rows, 8-row
+# stages; Cholesky panels of 32 columns, thread counts switching at 32/64/128, the kernel up to
+# n = 256; BatchNorm 256-thread blocks, 32 lanes per plane for HW >= 32, 256 channels per solve
+# block; pack 8 rows per block, 32×32 unpack tiles, 256 matrices per launch.
+SIZES = {
+    "factor_d": ((1, 12), (1, 600), [1, 63, 64, 65, 127, 128, 129, 511, 512, 513]),
+    "factor_rows": ((0, 40), (0, 700), [0, 1, 7, 127, 128, 129, 257, 383, 641]),
+    "conv_batch": ((1, 3), (1, 8), [1, 8]),
+    "conv_channels": ((1, 3), (1, 12), [1, 7, 8, 12]),
+    "conv_extent": ((0, 4), (0, 20), [0, 20]),
+    "chol_n": ((1, 10), (1, 300), [1, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257]),
+    "chol_rank_n": ((2, 10), (2, 200), [33, 65, 129]),
+    "chol_flag_n": ((1, 8), (1, 100), [1, 33, 65, 97]),
+    "chol_tri_n": ((1, 8), (1, 140), [1, 33, 65, 129]),
+    "bn_batch": ((1, 6), (1, 300), [1, 8, 9, 33, 256, 257]),
+    "bn_channels": ((1, 5), (1, 40), [1, 3, 40]),
+    "bn_spatial": ((1, 4), (1, 9), [1, 6, 9]),
+    "bn_solve_c": ((1, 8), (1, 700), [1, 255, 256, 257, 511, 512, 513]),
+    "pack_n": ((1, 12), (1, 100), [1, 8, 9, 31, 32, 33, 64, 65, 97]),
+    "pack_count": ((1, 4), (1, 4), [257, 300]),
+}
+
+
+def size(target, name: str) -> st.SearchStrategy[int]:
+    """The sizes ``name`` draws on this target (see SIZES)."""
+    (lo, hi), (cuda_lo, cuda_hi), edges = SIZES[name]
+    if not is_cuda(target):
+        return st.integers(lo, hi)
+    return st.one_of(st.integers(lo, hi), st.sampled_from(edges), st.integers(cuda_lo, cuda_hi))
 
 
 def gen(seed: int, device: str = "cpu") -> torch.Generator:
@@ -64,12 +110,16 @@ def is_cuda(target) -> bool:
 
 
 def packed_upper_f64(m: torch.Tensor) -> torch.Tensor:
-    """Packed upper triangle by the docs/design.md index formula (not triu_indices)."""
+    """Packed upper triangle by the docs/design.md index formula (not triu_indices): element (i, j),
+    j >= i, goes to i·n − i(i−1)/2 + (j − i)."""
     n = m.shape[0]
-    out = torch.empty(packed_size(n), dtype=F64)
-    for i in range(n):
-        for j in range(i, n):
-            out[i * n - i * (i - 1) // 2 + (j - i)] = m[i, j]
+    i = torch.arange(n)[:, None].expand(n, n)
+    j = torch.arange(n)[None, :].expand(n, n)
+    upper = j >= i
+    index = i * n - i * (i - 1) // 2 + (j - i)
+    out = torch.full((packed_size(n),), float("nan"), dtype=F64)
+    out[index[upper]] = m.double()[upper]
+    assert not torch.isnan(out).any() or torch.isnan(m[upper]).any(), "the index formula left a hole"
     return out
 
 
@@ -90,7 +140,7 @@ def assert_within(got: torch.Tensor, expect: torch.Tensor, bound: torch.Tensor, 
 @pytest.mark.parametrize("target", TARGETS)
 @fast(150)
 @given(
-    sizes=st.lists(st.integers(1, 12), min_size=1, max_size=4),
+    data=st.data(),
     src=st.sampled_from(ALL_FLOAT),
     packed=st.sampled_from([None, *ALL_FLOAT]),
     out=st.sampled_from(ALL_FLOAT),
@@ -99,8 +149,11 @@ def assert_within(got: torch.Tensor, expect: torch.Tensor, bound: torch.Tensor, 
     magnitude=st.sampled_from([1e-3, 1.0, 100.0]),
     seed=seeds,
 )
-def test_pack_unpack_round_trip(target, sizes, src, packed, out, scale_kind, offset, magnitude, seed):
+def test_pack_unpack_round_trip(target, data, src, packed, out, scale_kind, offset, magnitude, seed):
     device, backend = target
+    count = data.draw(size(target, "pack_count"), label="count")
+    each = size(target, "pack_n") if count <= 4 else st.integers(1, 6)  # over 256 matrices: several launches
+    sizes = data.draw(st.lists(each, min_size=count, max_size=count), label="sizes")
     g = gen(seed)
     # lower triangles hold garbage (NaN): only the upper triangle may be read
     mats = []
@@ -118,7 +171,7 @@ def test_pack_unpack_round_trip(target, sizes, src, packed, out, scale_kind, off
     pad = torch.full((offset,), float("nan"), dtype=buf_dtype, device=device)
     tail = torch.full((3,), float("nan"), dtype=buf_dtype, device=device)
     big = torch.cat([pad, buf, tail])
-    factors = (torch.rand(len(sizes), generator=g, dtype=F64) * 8 - 4)
+    factors = torch.rand(len(sizes), generator=g, dtype=F64) * 8 - 4
     if scale_kind == "float":
         scale, per = float(factors[0]), [float(factors[0])] * len(sizes)
     elif scale_kind == "0-dim":
@@ -157,13 +210,20 @@ def gram_bound(x64: torch.Tensor, eps: float, scale: float, decay: float, s0: to
 @pytest.mark.parametrize("target", TARGETS)
 @fast(150)
 @given(
-    rows=st.integers(0, 40), d=st.integers(1, 12),
-    x_dtype=st.sampled_from(ALL_FLOAT), state_dtype=st.sampled_from([F32, F64]),
-    scale=st.sampled_from([1.0, 0.0, -0.5, 1 / 7]), decay=st.sampled_from([0.0, 1.0, 0.5, 0.95]),
-    magnitude=st.sampled_from([1e-3, 1.0, 30.0]), transposed=st.booleans(), seed=seeds,
+    data=st.data(),
+    x_dtype=st.sampled_from(ALL_FLOAT),
+    state_dtype=st.sampled_from([F32, F64]),
+    scale=st.sampled_from([1.0, 0.0, -0.5, 1 / 7]),
+    decay=st.sampled_from([0.0, 1.0, 0.5, 0.95]),
+    magnitude=st.sampled_from([1e-3, 1.0, 30.0]),
+    transposed=st.booleans(),
+    seed=seeds,
 )
-def test_accumulate_factor_matches_float64_gram(target, rows, d, x_dtype, state_dtype, scale, decay, magnitude, transposed, seed):
+def test_accumulate_factor_matches_float64_gram(
+    target, data, x_dtype, state_dtype, scale, decay, magnitude, transposed, seed
+):
     device, backend = target
+    rows, d = data.draw(size(target, "factor_rows"), label="rows"), data.draw(size(target, "factor_d"), label="d")
     if is_cuda(target):
         assume(x_dtype != F64 and state_dtype == F32)
     g = gen(seed)
@@ -199,18 +259,29 @@ def patches_f64(x: torch.Tensor, k, s, p, d) -> torch.Tensor:
     return torch.stack(cols, dim=-1).reshape(n * ho * wo, c * k[0] * k[1]), ho * wo
 
 
-geometry = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(0, 2), st.integers(1, 2), st.integers(0, 4))
+def geometry(target) -> st.SearchStrategy:
+    """(kernel, stride, padding, dilation, extent beyond the smallest input) along one axis."""
+    return st.tuples(
+        st.integers(1, 3), st.integers(1, 3), st.integers(0, 2), st.integers(1, 2), size(target, "conv_extent")
+    )
 
 
 @pytest.mark.parametrize("target", TARGETS)
 @fast(100)
 @given(
-    n=st.integers(1, 3), c=st.integers(1, 3), out_ch=st.integers(1, 3), geo_h=geometry, geo_w=geometry,
-    bias=st.booleans(), channels_last=st.booleans(), x_dtype=st.sampled_from([F32, F64, BF16]),
-    decay=st.sampled_from([0.0, 1.0, 0.5]), scale=st.sampled_from([1.0, 0.25]), seed=seeds,
+    data=st.data(),
+    out_ch=st.integers(1, 3),
+    bias=st.booleans(),
+    channels_last=st.booleans(),
+    x_dtype=st.sampled_from([F32, F64, BF16]),
+    decay=st.sampled_from([0.0, 1.0, 0.5]),
+    scale=st.sampled_from([1.0, 0.25]),
+    seed=seeds,
 )
-def test_conv_a_factor_matches_explicit_patches(target, n, c, out_ch, geo_h, geo_w, bias, channels_last, x_dtype, decay, scale, seed):
+def test_conv_a_factor_matches_explicit_patches(target, data, out_ch, bias, channels_last, x_dtype, decay, scale, seed):
     device, backend = target
+    n, c = data.draw(size(target, "conv_batch"), label="n"), data.draw(size(target, "conv_channels"), label="c")
+    geo_h, geo_w = data.draw(geometry(target), label="geo_h"), data.draw(geometry(target), label="geo_w")
     if is_cuda(target):
         assume(x_dtype != F64)
     (kh, sh, ph, dh, eh), (kw, sw, pw, dw, ew) = geo_h, geo_w
@@ -240,9 +311,25 @@ def test_conv_a_factor_matches_explicit_patches(target, n, c, out_ch, geo_h, geo
     xin = x.to(device)
     if channels_last:
         xin = xin.contiguous(memory_format=torch.channels_last)
-    ops.conv_a_factor(state, xin, kernel_size=k, stride=s, padding=p, dilation=d, has_bias=bias, scale=scale, decay=decay, backend=backend)
+    ops.conv_a_factor(
+        state,
+        xin,
+        kernel_size=k,
+        stride=s,
+        padding=p,
+        dilation=d,
+        has_bias=bias,
+        scale=scale,
+        decay=decay,
+        backend=backend,
+    )
     expect = decay * s0 + scale * packed_upper_f64(cols.T @ cols)
-    assert_within(state, expect, gram_bound(cols, acc_eps(F32, x_dtype), scale, decay, s0), f"conv_a_factor k={k} s={s} p={p} d={d} bias={bias}")
+    assert_within(
+        state,
+        expect,
+        gram_bound(cols, acc_eps(F32, x_dtype), scale, decay, s0),
+        f"conv_a_factor k={k} s={s} p={p} d={d} bias={bias}",
+    )
 
 
 # ============================================================================ cholesky_inverse_damped
@@ -262,14 +349,22 @@ def residual_and_cond(m64: torch.Tensor, lam: float, inv: torch.Tensor) -> tuple
 @pytest.mark.parametrize("target", TARGETS)
 @fast(150)
 @given(
-    batch=st.integers(1, 3), n=st.integers(1, 10), dtype=st.sampled_from([F32, F64]),
-    log_cond=st.floats(0.0, 8.0), log_rel_damping=st.one_of(st.just(None), st.floats(-10.0, 0.0)),
-    top=st.sampled_from([1e-3, 1.0, 1e3]), damping_as_tensor=st.booleans(), seed=seeds,
+    batch=st.integers(1, 3),
+    data=st.data(),
+    dtype=st.sampled_from([F32, F64]),
+    log_cond=st.floats(0.0, 8.0),
+    log_rel_damping=st.one_of(st.just(None), st.floats(-10.0, 0.0)),
+    top=st.sampled_from([1e-3, 1.0, 1e3]),
+    damping_as_tensor=st.booleans(),
+    seed=seeds,
 )
-def test_cholesky_inverse_damped_spd_and_ill_conditioned(target, batch, n, dtype, log_cond, log_rel_damping, top, damping_as_tensor, seed):
+def test_cholesky_inverse_damped_spd_and_ill_conditioned(
+    target, batch, data, dtype, log_cond, log_rel_damping, top, damping_as_tensor, seed
+):
     """info == 0 ⇒ a finite inverse with ‖(M+λI)·inv − I‖ small relative to cond(M+λI);
     a float64 matrix with cond ≤ 1e8 (float32: ≤ 1e4) must factorise."""
     device, backend = target
+    n = data.draw(size(target, "chol_n"), label="n")
     g = gen(seed)
     eigs = top * torch.logspace(0, -log_cond, n, dtype=F64)
     mats64 = torch.stack([spd_with_spectrum(g, n, eigs[torch.randperm(n, generator=g)]) for _ in range(batch)])
@@ -294,12 +389,16 @@ def test_cholesky_inverse_damped_spd_and_ill_conditioned(target, batch, n, dtype
 @pytest.mark.parametrize("target", TARGETS)
 @fast(100)
 @given(
-    n=st.integers(2, 10), rank_frac=st.floats(0.0, 0.9), dtype=st.sampled_from([F32, F64]),
-    log_rel_damping=st.floats(-6.0, 0.0), seed=seeds,
+    data=st.data(),
+    rank_frac=st.floats(0.0, 0.9),
+    dtype=st.sampled_from([F32, F64]),
+    log_rel_damping=st.floats(-6.0, 0.0),
+    seed=seeds,
 )
-def test_cholesky_inverse_damped_rank_deficient_factor(target, n, rank_frac, dtype, log_rel_damping, seed):
+def test_cholesky_inverse_damped_rank_deficient_factor(target, data, rank_frac, dtype, log_rel_damping, seed):
     """A low-rank XᵀX (a factor from fewer examples than its size) is PD once damped."""
     device, backend = target
+    n = data.draw(size(target, "chol_rank_n"), label="n")
     g = gen(seed)
     r = max(1, int(rank_frac * n))
     x = randn(g, r, n)
@@ -318,13 +417,18 @@ def test_cholesky_inverse_damped_rank_deficient_factor(target, n, rank_frac, dty
 @pytest.mark.parametrize("target", TARGETS)
 @fast(100)
 @given(
-    n=st.integers(1, 8), dtype=st.sampled_from([F32, F64]), kind=st.sampled_from(["negative", "nan", "inf", "-inf"]),
-    position=st.integers(0, 2), lam=st.sampled_from([0.0, 1e-3, 1.0]), seed=seeds,
+    data=st.data(),
+    dtype=st.sampled_from([F32, F64]),
+    kind=st.sampled_from(["negative", "nan", "inf", "-inf"]),
+    position=st.integers(0, 2),
+    lam=st.sampled_from([0.0, 1e-3, 1.0]),
+    seed=seeds,
 )
-def test_cholesky_inverse_damped_flags_non_pd_without_raising(target, n, dtype, kind, position, lam, seed):
+def test_cholesky_inverse_damped_flags_non_pd_without_raising(target, data, dtype, kind, position, lam, seed):
     """A non-PD (after damping) or non-finite matrix gets info ≠ 0 and no exception; the other
     matrices of the batch are unaffected."""
     device, backend = target
+    n = data.draw(size(target, "chol_flag_n"), label="n")
     g = gen(seed)
     good = [spd_with_spectrum(g, n, torch.logspace(0, -2, n, dtype=F64)) for _ in range(2)]
     if kind == "negative":
@@ -336,7 +440,7 @@ def test_cholesky_inverse_damped_flags_non_pd_without_raising(target, n, dtype, 
         i, j = (int(v) for v in torch.randint(n, (2,), generator=g))
         i, j = max(i, j), min(i, j)  # on or below the diagonal: the part that is read
         if kind == "inf" and i == j:  # +inf strictly below the diagonal (|a_ij| > sqrt(a_ii·a_jj));
-            assume(n >= 2)             # on the diagonal it is a limit case (see the report)
+            assume(n >= 2)  # on the diagonal it is a limit case (see the report)
             i, j = (i, 0) if i > 0 else (1, 0)
         bad[i, j] = float(kind)
     stack = good[:]
@@ -349,14 +453,17 @@ def test_cholesky_inverse_damped_flags_non_pd_without_raising(target, n, dtype, 
     keep = [b for b in range(3) if b != position]
     for j, b in enumerate(keep):
         assert int(info[b]) == 0, "a failing neighbour must not fail the others"
-        torch.testing.assert_close(inv[b], alone[j], rtol=1e-5 if dtype == F32 else 1e-12, atol=1e-6 if dtype == F32 else 1e-13)
+        torch.testing.assert_close(
+            inv[b], alone[j], rtol=1e-5 if dtype == F32 else 1e-12, atol=1e-6 if dtype == F32 else 1e-13
+        )
 
 
 @pytest.mark.parametrize("target", TARGETS)
 @fast(50)
-@given(n=st.integers(1, 8), dtype=st.sampled_from([F32, F64]), seed=seeds)
-def test_cholesky_inverse_damped_reads_only_the_lower_triangle(target, n, dtype, seed):
+@given(data=st.data(), dtype=st.sampled_from([F32, F64]), seed=seeds)
+def test_cholesky_inverse_damped_reads_only_the_lower_triangle(target, data, dtype, seed):
     device, backend = target
+    n = data.draw(size(target, "chol_tri_n"), label="n")
     g = gen(seed)
     m = spd_with_spectrum(g, n, torch.logspace(0, -2, n, dtype=F64))
     junk = m.tril() + (randn(g, n, n) * 1e3).triu(1)
@@ -370,12 +477,20 @@ def test_cholesky_inverse_damped_reads_only_the_lower_triangle(target, n, dtype,
 @pytest.mark.parametrize("target", TARGETS)
 @fast(100)
 @given(
-    n=st.integers(1, 6), c=st.integers(1, 5), spatial=st.lists(st.integers(1, 4), min_size=0, max_size=2),
-    g_dtype=st.sampled_from(ALL_FLOAT), x_dtype=st.sampled_from(ALL_FLOAT), state_dtype=st.sampled_from([F32, F64]),
-    scale=st.sampled_from([1.0, 0.5, 16.0]), decay=st.sampled_from([0.0, 1.0, 0.9]), seed=seeds,
+    data=st.data(),
+    g_dtype=st.sampled_from(ALL_FLOAT),
+    x_dtype=st.sampled_from(ALL_FLOAT),
+    state_dtype=st.sampled_from([F32, F64]),
+    scale=st.sampled_from([1.0, 0.5, 16.0]),
+    decay=st.sampled_from([0.0, 1.0, 0.9]),
+    seed=seeds,
 )
-def test_bn_unitwise_fisher_matches_explicit_outer_products(target, n, c, spatial, g_dtype, x_dtype, state_dtype, scale, decay, seed):
+def test_bn_unitwise_fisher_matches_explicit_outer_products(
+    target, data, g_dtype, x_dtype, state_dtype, scale, decay, seed
+):
     device, backend = target
+    n, c = data.draw(size(target, "bn_batch"), label="n"), data.draw(size(target, "bn_channels"), label="c")
+    spatial = data.draw(st.lists(size(target, "bn_spatial"), min_size=0, max_size=2), label="spatial")
     if is_cuda(target):
         assume(F64 not in (g_dtype, x_dtype) and state_dtype == F32)
     g = gen(seed)
@@ -390,18 +505,12 @@ def test_bn_unitwise_fisher_matches_explicit_outer_products(target, n, c, spatia
     s0 = s0.to(state_dtype).double()
     ops.bn_unitwise_fisher(state, grad.to(device), xhat.to(device), scale=scale, decay=decay, backend=backend)
     g64, x64 = grad.double().reshape(n, c, -1), xhat.double().reshape(n, c, -1)
-    expect = torch.empty(c, 3, dtype=F64)
-    bound = torch.empty(c, 3, dtype=F64)
-    for ch in range(c):
-        fisher = torch.zeros(2, 2, dtype=F64)
-        absf = torch.zeros(2, 2, dtype=F64)
-        for i in range(n):
-            u = torch.stack([(g64[i, ch] * x64[i, ch]).sum(), g64[i, ch].sum()])
-            ua = torch.stack([(g64[i, ch] * x64[i, ch]).abs().sum(), g64[i, ch].abs().sum()])
-            fisher += torch.outer(u, u)
-            absf += torch.outer(ua, ua)
-        expect[ch] = torch.stack([fisher[0, 0], fisher[0, 1], fisher[1, 1]]) * scale
-        bound[ch] = torch.stack([absf[0, 0], absf[0, 1], absf[1, 1]]) * abs(scale)
+    # per example and channel u = [Σ_hw g·x̂, Σ_hw g]; F_c = Σ_n u uᵀ (and the same of |·| for the bound)
+    u = torch.stack([(g64 * x64).sum(-1), g64.sum(-1)], dim=-1)
+    ua = torch.stack([(g64 * x64).abs().sum(-1), g64.abs().sum(-1)], dim=-1)
+    fisher, absf = torch.einsum("nci,ncj->cij", u, u), torch.einsum("nci,ncj->cij", ua, ua)
+    expect = torch.stack([fisher[:, 0, 0], fisher[:, 0, 1], fisher[:, 1, 1]], dim=1) * scale
+    bound = torch.stack([absf[:, 0, 0], absf[:, 0, 1], absf[:, 1, 1]], dim=1) * abs(scale)
     expect += decay * s0
     hw = g64.shape[-1]
     bound = 8 * acc_eps(state_dtype, g_dtype, x_dtype) * (n + 2 * hw + 4) * (bound + abs(decay) * s0.abs()) + 1e-300
@@ -411,12 +520,17 @@ def test_bn_unitwise_fisher_matches_explicit_outer_products(target, n, c, spatia
 @pytest.mark.parametrize("target", TARGETS)
 @fast(120)
 @given(
-    c=st.integers(1, 8), dtype=st.sampled_from([F32, F64]), damping=st.sampled_from([1e-4, 1e-2, 1.0]),
-    n_examples=st.integers(1, 4), garbage=st.lists(st.sampled_from(["nan", "inf"]), max_size=2), seed=seeds,
+    data=st.data(),
+    dtype=st.sampled_from([F32, F64]),
+    damping=st.sampled_from([1e-4, 1e-2, 1.0]),
+    n_examples=st.integers(1, 4),
+    garbage=st.lists(st.sampled_from(["nan", "inf"]), max_size=2),
+    seed=seeds,
 )
-def test_bn_unitwise_solve_matches_explicit_2x2_solves(target, c, dtype, damping, n_examples, garbage, seed):
+def test_bn_unitwise_solve_matches_explicit_2x2_solves(target, data, dtype, damping, n_examples, garbage, seed):
     """(F_c + λI)⁻¹[∇γ_c, ∇β_c] per channel; a channel whose block is not finite keeps its gradient."""
     device, backend = target
+    c = data.draw(size(target, "bn_solve_c"), label="c")
     if is_cuda(target):
         assume(dtype == F32)
     g = gen(seed)
@@ -433,26 +547,37 @@ def test_bn_unitwise_solve_matches_explicit_2x2_solves(target, c, dtype, damping
     ug, ub = ops.bn_unitwise_solve(fisher_t, gg_t, gb_t, damping=damping, backend=backend)
     assert ug.dtype == dtype and ub.dtype == dtype and ug.shape == (c,) and ub.shape == (c,)
     f_cast = fisher_t.cpu().double()
-    for ch in range(c):
-        got = torch.stack([ug[ch], ub[ch]]).cpu().double()
-        rhs = torch.stack([gg_t[ch], gb_t[ch]]).cpu().double()
-        if ch in bad_channels:
-            assert torch.equal(got, rhs), f"channel {ch}: a non-finite block must give the plain gradient"
-            continue
-        a = torch.tensor([[f_cast[ch, 0], f_cast[ch, 1]], [f_cast[ch, 1], f_cast[ch, 2]]], dtype=F64) + damping * torch.eye(2, dtype=F64)
-        expect = torch.linalg.solve(a, rhs)
-        cond = torch.linalg.cond(a).item()
-        bound = 20 * EPS[dtype] * cond * (expect.abs() + rhs.abs().max() / torch.linalg.eigvalsh(a)[0]) + 1e-300
-        assert_within(got, expect, bound, f"bn_unitwise_solve channel {ch} (cond {cond:.2e})")
+    got = torch.stack([ug, ub], dim=1).cpu().double()  # (C, 2)
+    rhs = torch.stack([gg_t, gb_t], dim=1).cpu().double()
+    for ch in bad_channels:
+        assert torch.equal(got[ch], rhs[ch]), f"channel {ch}: a non-finite block must give the plain gradient"
+    good = torch.tensor([ch for ch in range(c) if ch not in bad_channels], dtype=torch.long)
+    if good.numel() == 0:
+        return
+    f = f_cast[good]
+    a = torch.stack(
+        [torch.stack([f[:, 0], f[:, 1]], -1), torch.stack([f[:, 1], f[:, 2]], -1)], -2
+    ) + damping * torch.eye(2, dtype=F64)
+    expect = torch.linalg.solve(a, rhs[good].unsqueeze(-1)).squeeze(-1)  # explicit 2×2 systems, one per channel
+    cond = torch.linalg.cond(a)
+    smallest = torch.linalg.eigvalsh(a)[:, 0]
+    bound = 20 * EPS[dtype] * cond[:, None] * (expect.abs() + (rhs[good].abs().amax(1) / smallest)[:, None]) + 1e-300
+    assert_within(
+        got[good], expect, bound, f"bn_unitwise_solve (channels {good.tolist()[:8]}…, cond ≤ {cond.max().item():.2e})"
+    )
 
 
 # ============================================================================ precondition
 @pytest.mark.parametrize("target", TARGETS)
 @fast(120)
 @given(
-    dim_g=st.integers(1, 6), dim_a=st.integers(1, 6), batch=st.one_of(st.none(), st.integers(1, 3)),
-    dtype=st.sampled_from([F32, F64]), grad_dtype=st.sampled_from([F32, F64, BF16]),
-    log_cond=st.floats(0.0, 3.0), seed=seeds,
+    dim_g=st.integers(1, 6),
+    dim_a=st.integers(1, 6),
+    batch=st.one_of(st.none(), st.integers(1, 3)),
+    dtype=st.sampled_from([F32, F64]),
+    grad_dtype=st.sampled_from([F32, F64, BF16]),
+    log_cond=st.floats(0.0, 3.0),
+    seed=seeds,
 )
 def test_precondition_matches_a_kronecker_solve(target, dim_g, dim_a, batch, dtype, grad_dtype, log_cond, seed):
     """U = Ĝ⁻¹ ∇ Â⁻¹ solves (Âᵀ ⊗ Ĝ) vec(U) = vec(∇) (column-major vec)."""
@@ -487,8 +612,11 @@ def test_precondition_matches_a_kronecker_solve(target, dim_g, dim_a, batch, dty
 @fast(150)
 @given(
     shapes=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=1, max_size=4),
-    dtype=st.sampled_from([F32, F64, BF16]), lrs=st.lists(st.sampled_from([0.0, 1e-3, 0.1, 1.0]), min_size=4, max_size=4),
-    log_ratio=st.floats(-4.0, 1.0), alignment=st.sampled_from([1.0, -1.0, 0.3]), poison=st.sampled_from([None, "nan", "inf"]),
+    dtype=st.sampled_from([F32, F64, BF16]),
+    lrs=st.lists(st.sampled_from([0.0, 1e-3, 0.1, 1.0]), min_size=4, max_size=4),
+    log_ratio=st.floats(-4.0, 1.0),
+    alignment=st.sampled_from([1.0, -1.0, 0.3]),
+    poison=st.sampled_from([None, "nan", "inf"]),
     seed=seeds,
 )
 def test_kl_clip_coefficient_formula(target, shapes, dtype, lrs, log_ratio, alignment, poison, seed):
@@ -529,9 +657,12 @@ def test_kl_clip_coefficient_formula(target, shapes, dtype, lrs, log_ratio, alig
 @fast(80)
 @given(
     shapes=st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3), min_size=1, max_size=4),
-    dtype=st.sampled_from([F32, F64]), lr=st.sampled_from([0.0, 1e-3, 0.1, 1.0]),
-    momentum=st.sampled_from([0.0, 0.5, 0.9, 0.99]), weight_decay=st.sampled_from([0.0, 1e-4, 0.1]),
-    steps=st.integers(1, 4), seed=seeds,
+    dtype=st.sampled_from([F32, F64]),
+    lr=st.sampled_from([0.0, 1e-3, 0.1, 1.0]),
+    momentum=st.sampled_from([0.0, 0.5, 0.9, 0.99]),
+    weight_decay=st.sampled_from([0.0, 1e-4, 0.1]),
+    steps=st.integers(1, 4),
+    seed=seeds,
 )
 def test_momentum_update_matches_torch_sgd(target, shapes, dtype, lr, momentum, weight_decay, steps, seed):
     device, _ = target
@@ -553,4 +684,86 @@ def test_momentum_update_matches_torch_sgd(target, shapes, dtype, lr, momentum, 
         else:
             assert torch.equal(a, b.detach()), f"param {k}: max diff {(a - b).abs().max().item():.3e}"
         if momentum != 0:
-            torch.testing.assert_close(bufs[k], sgd.state[ref[k]]["momentum_buffer"], rtol=4 * EPS[dtype], atol=4 * EPS[dtype])
+            torch.testing.assert_close(
+                bufs[k], sgd.state[ref[k]]["momentum_buffer"], rtol=4 * EPS[dtype], atol=4 * EPS[dtype]
+            )
+
+
+# ============================================================================ sizes vs launch plans
+CSRC = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+
+
+def constant(file: str, pattern: str) -> list[int]:
+    """The integers ``pattern`` (a regex with groups) captures in csrc/cuda/<file>; fails if absent."""
+    text = (CSRC / file).read_text()
+    match = re.search(pattern, text)
+    assert match, f"csrc/cuda/{file}: {pattern!r} not found (the launch plan changed: update SIZES and this test)"
+    return [int(v) for v in match.groups()]
+
+
+def cuda_range(name: str) -> tuple[int, int, list[int]]:
+    _, (lo, hi), edges = SIZES[name]
+    assert all(lo <= e for e in edges), f"{name}: an edge size below the CUDA range"
+    return lo, max(hi, *edges), edges
+
+
+def crosses(name: str, threshold: int) -> None:
+    """The CUDA sizes of ``name`` reach both sides of ``threshold`` (≤ it and above it), including
+    the size right after it."""
+    lo, hi, edges = cuda_range(name)
+    assert lo <= threshold < hi, f"{name}: CUDA sizes {lo}..{hi} do not cross {threshold}"
+    assert threshold + 1 in edges, (
+        f"{name}: {threshold + 1} (just past {threshold}) is not among the edge sizes {edges}"
+    )
+
+
+def test_cuda_sizes_cross_the_kernel_thresholds():
+    """The CUDA strategies draw sizes on both sides of every launch-plan threshold of csrc/cuda, read
+    from the sources, so that a tile or block that grows past the drawn sizes fails here."""
+    # SYRK (accumulate_factor, conv_a_factor): tile edges, the large-tile switch, row splits, stages.
+    (stage_rows,) = constant("syrk_tiles.cuh", r"constexpr int kBK = (\d+);")
+    (large_from,) = constant("syrk_tiles.cuh", r"const bool large = d >= (\d+);")
+    large_tile, small_tile = constant("syrk_tiles.cuh", r"const int64_t bm = large \? (\d+) : (\d+);")
+    (split_stages,) = constant("syrk_tiles.cuh", r"cdiv\(rows, (\d+) \* kBK\)")
+    for threshold in (small_tile, 2 * small_tile, large_from, large_from // large_tile * large_tile):
+        crosses("factor_d", threshold)
+    crosses("factor_rows", split_stages * stage_rows)  # more than one row split
+    assert any(e > split_stages * stage_rows and e % stage_rows for e in SIZES["factor_rows"][2]), (
+        "a split of rows off the stage grid"
+    )
+    _, conv_batch, _ = cuda_range("conv_batch")
+    _, conv_channels, _ = cuda_range("conv_channels")
+    _, conv_extent, _ = cuda_range("conv_extent")
+    assert conv_channels * 3 * 3 + 1 > small_tile, "conv_a_factor: the patch dimension stays within one tile"
+    assert conv_batch * (1 + conv_extent) ** 2 > split_stages * stage_rows, (
+        "conv_a_factor: never more than one row split"
+    )
+
+    # Cholesky: panel width, thread-count steps, the kernel's largest size (the PyTorch path above it).
+    (panel,) = constant("cholesky_blocked.cuh", r"constexpr int kNB = (\d+);")
+    steps = constant("cholesky_blocked.cuh", r"return n <= (\d+) \? \d+ : n <= (\d+) \? \d+ : n <= (\d+) \?")
+    (kernel_max_n,) = constant("cholesky.cu", r"constexpr int64_t kDefaultKernelMaxN = (\d+);")
+    for threshold in (panel, 2 * panel, *steps, kernel_max_n):
+        crosses("chol_n", threshold)
+    for name in ("chol_rank_n", "chol_flag_n", "chol_tri_n"):
+        crosses(name, panel)
+        crosses(name, 2 * panel)
+
+    # BatchNorm: lanes per plane (HW >= 32 gets the widest), the batch split across blocks, the solve's blocks.
+    (bn_threads,) = constant("batchnorm_kernels.cuh", r"constexpr int kBnThreads = (\d+);")
+    (max_lanes,) = constant("batchnorm_kernels.cuh", r"int sub = (\d+);")
+    (solve_block,) = constant("batchnorm.cu", r"ceil_div\(C, (\d+)\)")
+    _, spatial, _ = cuda_range("bn_spatial")
+    assert spatial * spatial >= max_lanes, "bn_unitwise_fisher: never the widest lane count"
+    crosses("bn_batch", bn_threads // max_lanes)  # examples per block with 32 lanes: the batch splits beyond
+    crosses("bn_batch", bn_threads)  # one lane per plane (HW = 1): the batch splits beyond
+    crosses("bn_solve_c", solve_block)
+    crosses("bn_solve_c", 2 * solve_block)
+
+    # pack/unpack: rows per pack block, unpack tile, matrices per launch.
+    (pack_rows,) = constant("pack_kernels.cuh", r"constexpr int kPackWarps = (\d+);")
+    (tile,) = constant("pack_kernels.cuh", r"constexpr int kTile = (\d+);")
+    (max_mats,) = constant("pack_kernels.cuh", r"constexpr int kMaxMats = (\d+);")
+    for threshold in (pack_rows, tile, 2 * tile):
+        crosses("pack_n", threshold)
+    crosses("pack_count", max_mats)

@@ -26,8 +26,12 @@ def mlp_bn(seed: int = 0) -> nn.Module:
 def small_cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 3, stride=2),
-        nn.Flatten(), nn.Linear(4 * 2 * 2, 3),
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, stride=2),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, 3),
     )
 
 
@@ -35,8 +39,6 @@ def batch(kind: str = "mlp", n: int = 16, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g) if kind == "mlp" else torch.randn(n, 1, 6, 6, generator=g)
     return x, torch.randint(0, 3, (n,), generator=g)
-
-
 
 
 def clone_model(factory, source: nn.Module) -> nn.Module:
@@ -54,16 +56,27 @@ def params_of(model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     "name,value",
     [
-        ("lr", -0.1), ("lr", float("nan")),
-        ("momentum", -0.1), ("momentum", 1.0), ("momentum", 1.5),
+        ("lr", -0.1),
+        ("lr", float("nan")),
+        ("momentum", -0.1),
+        ("momentum", 1.0),
+        ("momentum", 1.5),
         ("weight_decay", -1e-4),
-        ("damping", 0.0), ("damping", -1e-3),
-        ("fisher", "exact"), ("fisher", "EMPIRICAL"),
-        ("mc_samples", 0), ("mc_samples", -2),
-        ("curvature_interval", 0), ("inverse_interval", 0),
-        ("ema_decay", 1.0), ("ema_decay", -0.1), ("ema_decay", 1.5),
-        ("kl_clip", 0.0), ("kl_clip", -1.0),
-        ("backend", "gpu"), ("backend", "numpy"),
+        ("damping", 0.0),
+        ("damping", -1e-3),
+        ("fisher", "exact"),
+        ("fisher", "EMPIRICAL"),
+        ("mc_samples", 0),
+        ("mc_samples", -2),
+        ("curvature_interval", 0),
+        ("inverse_interval", 0),
+        ("ema_decay", 1.0),
+        ("ema_decay", -0.1),
+        ("ema_decay", 1.5),
+        ("kl_clip", 0.0),
+        ("kl_clip", -1.0),
+        ("backend", "gpu"),
+        ("backend", "numpy"),
     ],
 )
 def test_invalid_arguments_raise_value_error_naming_the_argument(name, value):
@@ -74,10 +87,20 @@ def test_invalid_arguments_raise_value_error_naming_the_argument(name, value):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(lr=0.0), dict(momentum=0.0), dict(momentum=0.99), dict(weight_decay=0.0), dict(damping=1e-12),
-        dict(fisher="emp"), dict(fisher="mc", mc_samples=3), dict(ema_decay=0.0), dict(ema_decay=0.95),
-        dict(kl_clip=1e-3), dict(backend="torch"), dict(backend="auto"),
-        dict(curvature_interval=3, inverse_interval=3), dict(damping=lambda step: 1e-3 / (1 + step)),
+        dict(lr=0.0),
+        dict(momentum=0.0),
+        dict(momentum=0.99),
+        dict(weight_decay=0.0),
+        dict(damping=1e-12),
+        dict(fisher="emp"),
+        dict(fisher="mc", mc_samples=3),
+        dict(ema_decay=0.0),
+        dict(ema_decay=0.95),
+        dict(kl_clip=1e-3),
+        dict(backend="torch"),
+        dict(backend="auto"),
+        dict(curvature_interval=3, inverse_interval=3),
+        dict(damping=lambda step: 1e-3 / (1 + step)),
     ],
 )
 def test_valid_boundary_arguments_are_accepted(kwargs):
@@ -169,7 +192,9 @@ def test_lr_scheduler_scales_the_actual_parameter_change(sched):
         train_step(model, opt, x, y)
         for n, p in model.named_parameters():
             delta = before[n] - p.detach()
-            torch.testing.assert_close(delta, lr * U[n], rtol=1e-9, atol=1e-12, msg=lambda m, n=n, k=k: f"step {k} {n}: {m}")
+            torch.testing.assert_close(
+                delta, lr * U[n], rtol=1e-9, atol=1e-12, msg=lambda m, n=n, k=k: f"step {k} {n}: {m}"
+            )
         scheduler.step()
 
 
@@ -247,11 +272,16 @@ def test_embedding_params_get_exactly_torch_sgd_updates(lr, momentum, wd):
         theta = expected.advance(updates, lr, momentum, wd)
         for n in ("head.weight", "head.bias"):
             torch.testing.assert_close(
-                dict(ours.named_parameters())[n].detach(), theta[n], rtol=1e-9, atol=1e-12,
+                dict(ours.named_parameters())[n].detach(),
+                theta[n],
+                rtol=1e-9,
+                atol=1e-12,
                 msg=lambda m, n=n, s=step: f"step {s} {n}: {m}",
             )
         # the preconditioning is not a no-op here: the head's update is not the plain gradient step
-        assert not torch.allclose(u_head, grad_mat, rtol=1e-2), "Ĝ⁻¹∇Â⁻¹ ≈ ∇: the check would not see a missing preconditioner"
+        assert not torch.allclose(u_head, grad_mat, rtol=1e-2), (
+            "Ĝ⁻¹∇Â⁻¹ ≈ ∇: the check would not see a missing preconditioner"
+        )
 
 
 class NoSupportedLayers(nn.Module):
@@ -398,7 +428,9 @@ def test_emp_plain_backward_equals_opt_backward_for_unbatched_conv_input():
     fa, fb = oa.factors(), ob.factors()
     for n in fa:
         for s in fa[n]:
-            torch.testing.assert_close(fb[n][s], fa[n][s], rtol=1e-12, atol=1e-14, msg=lambda m, n=n, s=s: f"{n}.{s}: {m}")
+            torch.testing.assert_close(
+                fb[n][s], fa[n][s], rtol=1e-12, atol=1e-14, msg=lambda m, n=n, s=s: f"{n}.{s}: {m}"
+            )
 
 
 # ============================================================================ KL clip
@@ -421,7 +453,9 @@ def test_kl_clip_scales_the_update_by_nu():
     nu = min(1.0, math.sqrt(kl / (lr**2 * quad)))
     assert nu < 0.5, "kl_clip chosen tiny enough to clip"
     for n, p in model.named_parameters():
-        torch.testing.assert_close(before[n] - p.detach(), lr * nu * updates[n], rtol=1e-9, atol=1e-14, msg=lambda m, n=n: f"{n}: {m}")
+        torch.testing.assert_close(
+            before[n] - p.detach(), lr * nu * updates[n], rtol=1e-9, atol=1e-14, msg=lambda m, n=n: f"{n}: {m}"
+        )
 
 
 def test_large_kl_clip_changes_nothing():
@@ -446,8 +480,12 @@ def test_inverses_are_the_pi_damped_factor_inverses():
     for name, (a_inv, g_inv) in opt.inverses().items():
         A, G = opt.factors()[name]["A"], opt.factors()[name]["G"]
         pi = math.sqrt((float(torch.trace(A)) / A.shape[0]) / (float(torch.trace(G)) / G.shape[0]))
-        torch.testing.assert_close(a_inv, torch.linalg.inv(A + pi * math.sqrt(lam) * torch.eye(A.shape[0])), rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(g_inv, torch.linalg.inv(G + math.sqrt(lam) / pi * torch.eye(G.shape[0])), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            a_inv, torch.linalg.inv(A + pi * math.sqrt(lam) * torch.eye(A.shape[0])), rtol=1e-9, atol=1e-12
+        )
+        torch.testing.assert_close(
+            g_inv, torch.linalg.inv(G + math.sqrt(lam) / pi * torch.eye(G.shape[0])), rtol=1e-9, atol=1e-12
+        )
 
 
 @pytest.mark.parametrize("momentum,wd", [(0.9, 0.0), (0.0, 1e-2), (0.9, 5e-2)])
@@ -472,4 +510,6 @@ def test_weight_decay_and_momentum_follow_torch_sgd_convention(momentum, wd):
             v[n] = d if step == 0 else momentum * v[n] + d
             theta[n] = theta[n] - lr * v[n]
         for n, p in model.named_parameters():
-            torch.testing.assert_close(p.detach(), theta[n], rtol=1e-9, atol=1e-12, msg=lambda m, n=n, s=step: f"step {s} {n}: {m}")
+            torch.testing.assert_close(
+                p.detach(), theta[n], rtol=1e-9, atol=1e-12, msg=lambda m, n=n, s=step: f"step {s} {n}: {m}"
+            )

@@ -29,7 +29,13 @@ from spngd_ext.train.models import small_bn_cnn
 # The ops the kernel side must call inside the optimizer (profiler event names of torch.ops.spngd_ext).
 KERNEL_OPS = frozenset(
     f"spngd_ext::{op}"
-    for op in ("accumulate_factor", "conv_a_factor", "cholesky_inverse_damped", "bn_unitwise_fisher", "bn_unitwise_solve")
+    for op in (
+        "accumulate_factor",
+        "conv_a_factor",
+        "cholesky_inverse_damped",
+        "bn_unitwise_fisher",
+        "bn_unitwise_solve",
+    )
 )
 STEPS = 3
 BATCH = 8
@@ -44,7 +50,10 @@ LR, MOMENTUM, WEIGHT_DECAY, DAMPING = 0.05, 0.9, 1e-4, 1e-1
 # update 1% off (test_comparison_rejects_an_update_one_percent_off) or a wrong factor/damping.
 RTOL = 1e-3
 
-needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not cuda_ops_available(), reason="needs a CUDA GPU and the built extension")]
+needs_gpu = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not cuda_ops_available(), reason="needs a CUDA GPU and the built extension"),
+]
 # (device, reference backend, backend under test)
 PAIRS = {
     "cpu": pytest.param(("cpu", "torch", "auto"), id="cpu-torch-vs-auto"),
@@ -68,7 +77,10 @@ MODELS = {
 
 def batches(example_shape: tuple[int, ...], seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(BATCH, *example_shape, generator=g), torch.randint(0, 10, (BATCH,), generator=g)) for _ in range(STEPS)]
+    return [
+        (torch.randn(BATCH, *example_shape, generator=g), torch.randint(0, 10, (BATCH,), generator=g))
+        for _ in range(STEPS)
+    ]
 
 
 @functools.lru_cache(maxsize=8)  # the CPU reference run is shared by two tests (callers never mutate the result)
@@ -78,8 +90,19 @@ def run_steps(model_name: str, device: str, backend: str, fisher: str, dtype=tor
     factory, shape = MODELS[model_name]
     torch.manual_seed(0)
     model = factory().to(device=device, dtype=dtype).train()
-    opt = SPNGD(model, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, damping=DAMPING, fisher=fisher, seed=0, backend=backend)
-    start = {n: p.detach().double().cpu().clone() for n, p in model.named_parameters()}  # clone: no alias of a float64 CPU weight
+    opt = SPNGD(
+        model,
+        lr=lr,
+        momentum=MOMENTUM,
+        weight_decay=WEIGHT_DECAY,
+        damping=DAMPING,
+        fisher=fisher,
+        seed=0,
+        backend=backend,
+    )
+    start = {
+        n: p.detach().double().cpu().clone() for n, p in model.named_parameters()
+    }  # clone: no alias of a float64 CPU weight
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for x, y in batches(shape):
             x, y = x.to(device=device, dtype=dtype), y.to(device)
@@ -109,7 +132,9 @@ def assert_updates_match(reference: dict, test: dict, rtol: float, what: str) ->
     diffs = relative_differences(reference, test)
     worst = max(diffs, key=diffs.get)
     bad = {n: f"{d:.2e}" for n, d in diffs.items() if d > rtol}
-    assert not bad, f"{what}: {len(bad)} of {len(diffs)} parameters differ by more than {rtol:.0e} of their update: {bad}"
+    assert not bad, (
+        f"{what}: {len(bad)} of {len(diffs)} parameters differ by more than {rtol:.0e} of their update: {bad}"
+    )
     assert diffs[worst] <= rtol
 
 
@@ -120,7 +145,15 @@ def comparison_cases() -> list:
     for model_name in MODELS:
         for kind in ("cuda", "auto"):
             for fisher in ("mc", "emp"):
-                cases.append(pytest.param(model_name, PAIRS[kind].values[0], fisher, id=f"{model_name}-{PAIRS[kind].id}-{fisher}", marks=needs_gpu))
+                cases.append(
+                    pytest.param(
+                        model_name,
+                        PAIRS[kind].values[0],
+                        fisher,
+                        id=f"{model_name}-{PAIRS[kind].id}-{fisher}",
+                        marks=needs_gpu,
+                    )
+                )
     return cases
 
 
