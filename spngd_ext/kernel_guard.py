@@ -4,6 +4,9 @@ The first time the dispatch in :mod:`spngd_ext.ops` is about to run a compiled o
 given dtype and memory layout, :func:`admit` runs that op on a small input of the same dtype and
 layout twice: through the kernel, and through the pure-PyTorch path in float64. The verdict is
 cached for the process under ``(op, device, dtypes and layouts)``.
+The per-op comparisons are in :mod:`spngd_ext.kernel_guard_checks`: they call the compiled op
+and the PyTorch path directly, never the dispatching public ops, so the guard does not depend on
+the dispatch that calls it.
 
 * With ``backend="auto"``, a kernel that raises, or whose result differs from the float64 PyTorch
   result by more than :data:`TOLERANCE` (relative Frobenius error, by result dtype) or is not
@@ -27,11 +30,13 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
+
+from .kernel_guard_checks import CHECKS, layout
 
 __all__ = [
     "ENV_VAR",
@@ -72,7 +77,6 @@ _lock = threading.Lock()
 _verdicts: dict[tuple, str | None] = {}  # key -> None (kernel agrees) or the error text
 _fallbacks: list[dict] = []  # one entry per key that fell back under backend="auto"
 _warned: set[tuple] = set()
-_checking = threading.local()  # ops whose check is running on this thread (their kernel calls pass)
 
 
 def enabled() -> bool:
@@ -80,16 +84,8 @@ def enabled() -> bool:
     return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-def _layout(t: Tensor) -> str:
-    if t.is_contiguous():
-        return "contiguous"
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return "channels_last"
-    return "strided"
-
-
 def _key(op: str, tensors: Sequence[Tensor]) -> tuple:
-    return (op, tensors[0].device, frozenset((t.dtype, _layout(t)) for t in tensors))
+    return (op, tensors[0].device, frozenset((t.dtype, layout(t)) for t in tensors))
 
 
 def _inputs(key: tuple) -> list[str]:
@@ -114,12 +110,10 @@ def admit(op: str, backend: str, tensors: Sequence[Tensor]) -> bool:
     """
     if torch.compiler.is_compiling() or not tensors or _traced(tensors[0]):
         return True
-    if op in getattr(_checking, "ops", ()):
-        return True  # the check's own kernel call
     key = _key(op, tensors)
     verdict = _verdicts.get(key, _UNKNOWN)
     if verdict is _UNKNOWN:
-        if not enabled() or op not in _CHECKS:
+        if not enabled() or op not in CHECKS:
             return True
         if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
             return True
@@ -164,10 +158,6 @@ def check_op(op: str, tensors: Sequence[Tensor]) -> str | None:
         op: one of :func:`guarded_ops`.
         tensors: real inputs: the check copies their device, dtypes and memory layouts.
     """
-    from . import ops  # the dispatch imports this module
-
-    active: frozenset[str] = getattr(_checking, "ops", frozenset())
-    _checking.ops = active | {op}
     device = tensors[0].device
     # The comparison's one host synchronisation is the check's own, not the caller's: exempt it
     # from torch.cuda.set_sync_debug_mode, which would otherwise fail a good kernel.
@@ -177,14 +167,13 @@ def check_op(op: str, tensors: Sequence[Tensor]) -> str | None:
     try:
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             gen = torch.Generator(device=device).manual_seed(0)
-            for label, out, expect in _CHECKS[op](ops, list(tensors), gen):
+            for label, out, expect in CHECKS[op](list(tensors), gen):
                 error = _mismatch(out, expect)
                 if error is not None:
                     return f"{label}: {error}" if label else error
     except Exception as exc:  # noqa: BLE001  (any failure of the kernel is the verdict)
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     finally:
-        _checking.ops = active
         if sync_mode:
             torch.cuda.set_sync_debug_mode(sync_mode)
     return None
@@ -231,136 +220,4 @@ def reset() -> None:
 
 def guarded_ops() -> tuple[str, ...]:
     """The ops that have a first-use check (every op with a compiled kernel)."""
-    return tuple(_CHECKS)
-
-
-# ------------------------------------------------------------------------------------------------
-# Per-op checks: fn(ops, real tensors, generator) -> [(label, kernel result, float64 reference)].
-# Inputs copy the real tensors' dtype and layout (channels-last, transposed) at a tiny size.
-
-
-def _randn(like: Tensor, shape: Sequence[int], gen: torch.Generator, dtype: torch.dtype | None = None) -> Tensor:
-    """Random values in ``dtype`` (default like's) on like's device, laid out like ``like``."""
-    dtype = dtype or like.dtype
-    layout = _layout(like)
-    if layout == "channels_last" and len(shape) == 4:
-        return (
-            torch.randn(*shape, generator=gen, device=like.device)
-            .to(dtype)
-            .contiguous(memory_format=torch.channels_last)
-        )
-    if layout == "strided" and len(shape) == 2:
-        return torch.randn(shape[1], shape[0], generator=gen, device=like.device).to(dtype).t()
-    return torch.randn(*shape, generator=gen, device=like.device).to(dtype)
-
-
-def _check_accumulate_factor(ops, tensors, gen):
-    state, x = tensors
-    probe = _randn(x, (19, 6), gen)
-    results = []
-    for decay in (0.0, 0.75):
-        s = torch.randn(21, generator=gen, device=state.device).to(state.dtype)
-        if decay == 0.0:
-            s.fill_(float("nan"))  # decay 0 overwrites: NaN must not survive
-        ref = torch.zeros(21, dtype=torch.float64, device=state.device) if decay == 0.0 else s.double()
-        ops.accumulate_factor(s, probe, scale=0.5, decay=decay, backend="cuda")
-        ops.accumulate_factor(ref, probe.double(), scale=0.5, decay=decay, backend="torch")
-        results.append((f"decay {decay}", s, ref))
-    return results
-
-
-def _check_conv_a_factor(ops, tensors, gen):
-    state, x = tensors
-    results = []
-    for k, s, p, bias in ((3, 1, 1, True), (3, 2, 0, False)):
-        probe = _randn(x, (2, 3, 7, 6), gen)
-        d = 3 * k * k + int(bias)
-        st = torch.randn(d * (d + 1) // 2, generator=gen, device=state.device).to(state.dtype)
-        ref = st.double()
-        geometry = dict(kernel_size=k, stride=s, padding=p, has_bias=bias, scale=0.25, decay=0.5)
-        ops.conv_a_factor(st, probe, **geometry, backend="cuda")
-        ops.conv_a_factor(ref, probe.double(), **geometry, backend="torch")
-        results.append((f"kernel {k} stride {s} padding {p} bias {bias}", st, ref))
-    return results
-
-
-def _check_cholesky_inverse_damped(ops, tensors, gen):
-    (mats,) = tensors
-    x = torch.randn(3, 16, 7, generator=gen, device=mats.device, dtype=torch.float64)
-    spd = x.mT @ x / 16
-    spd[2] = -torch.eye(7, dtype=torch.float64, device=mats.device)  # not PD: must be flagged
-    damping = torch.tensor([1e-2, 1e-1, 1e-2], dtype=mats.dtype, device=mats.device)
-    inv, info = ops.cholesky_inverse_damped(spd.to(mats.dtype), damping, backend="cuda")
-    ref, ref_info = ops.cholesky_inverse_damped(spd, damping.double(), backend="torch")
-    flags, ref_flags = (info != 0).cpu().tolist(), (ref_info != 0).cpu().tolist()
-    if flags != ref_flags:
-        raise AssertionError(f"failure flags {flags}, expected {ref_flags}")
-    return [("inverse", inv[:2], ref[:2])]
-
-
-def _check_bn_unitwise_fisher(ops, tensors, gen):
-    state, grad_out, xhat = tensors
-    shape = (3, 4, 5, 5) if grad_out.dim() == 4 else (6, 4)
-    g, xh = _randn(grad_out, shape, gen), _randn(xhat, shape, gen)
-    st = torch.rand(4, 3, generator=gen, device=state.device).to(state.dtype)
-    ref = st.double()
-    ops.bn_unitwise_fisher(st, g, xh, scale=0.5, decay=0.9, backend="cuda")
-    ops.bn_unitwise_fisher(ref, g.double(), xh.double(), scale=0.5, decay=0.9, backend="torch")
-    return [("", st, ref)]
-
-
-def _check_bn_unitwise_solve(ops, tensors, gen):
-    fisher, _, _ = tensors
-    dev = fisher.device
-    a, d = torch.rand(6, generator=gen, device=dev) + 0.5, torch.rand(6, generator=gen, device=dev) + 0.5
-    b = (torch.rand(6, generator=gen, device=dev) - 0.5) * (a * d).sqrt()
-    f = torch.stack([a, b, d], dim=1)
-    f[4] = torch.tensor([1.0, 1.0, 1.0], device=dev)  # singular at damping 0: keeps the gradient
-    gg, gb = torch.randn(6, generator=gen, device=dev), torch.randn(6, generator=gen, device=dev)
-    f, gg, gb = f.to(fisher.dtype), gg.to(fisher.dtype), gb.to(fisher.dtype)
-    ug, ub = ops.bn_unitwise_solve(f, gg, gb, damping=0.0, backend="cuda")
-    eg, eb = ops.bn_unitwise_solve(f.double(), gg.double(), gb.double(), damping=0.0, backend="torch")
-    return [("gamma", ug, eg), ("beta", ub, eb)]
-
-
-_OUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _check_pack_upper(ops, tensors, gen):
-    mats = []
-    for t in {(m.dtype, _layout(m)): m for m in tensors}.values():
-        mats += [_randn(t, (3, 3), gen), _randn(t, (5, 5), gen)]
-    results = []
-    for out_dtype in (None, *_OUT_DTYPES):
-        out = ops.pack_upper(mats, dtype=out_dtype, backend="cuda")
-        ref = ops.pack_upper([m.double() for m in mats], dtype=torch.float64, backend="torch")
-        if out_dtype is not None:  # the cast's own rounding is the expected result
-            ref = ref.to(out_dtype)
-        results.append((f"to {out_dtype}", out, ref))
-    return results
-
-
-def _check_unpack_upper(ops, tensors, gen):
-    (buffer,) = tensors
-    sizes = [3, 1, 4]
-    buf = torch.randn(2 + 6 + 1 + 10 + 3, generator=gen, device=buffer.device).to(buffer.dtype)
-    scale = torch.rand(3, generator=gen, device=buffer.device) + 0.5
-    results = []
-    for out_dtype in _OUT_DTYPES:
-        outs = ops.unpack_upper(buf, sizes, scale=scale, dtype=out_dtype, offset=2, backend="cuda")
-        refs = ops.unpack_upper(
-            buf.double(), sizes, scale=scale.double(), dtype=torch.float64, offset=2, backend="torch"
-        )
-        results += [(f"to {out_dtype}, matrix {i}", o, r.to(out_dtype)) for i, (o, r) in enumerate(zip(outs, refs))]
-    return results
-
-
-_CHECKS: dict[str, Callable] = {
-    "pack_upper": _check_pack_upper,
-    "unpack_upper": _check_unpack_upper,
-    "accumulate_factor": _check_accumulate_factor,
-    "conv_a_factor": _check_conv_a_factor,
-    "cholesky_inverse_damped": _check_cholesky_inverse_damped,
-    "bn_unitwise_fisher": _check_bn_unitwise_fisher,
-    "bn_unitwise_solve": _check_bn_unitwise_solve,
-}
+    return tuple(CHECKS)
