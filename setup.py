@@ -70,8 +70,10 @@ def _extension():
             "nvcc": ["-O3", "-lineinfo"],
         },
     )
-    print(f"{NAME}: building the CUDA extension {NAME}._C for TORCH_CUDA_ARCH_LIST="
-          f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPUs)')}")
+    print(
+        f"{NAME}: building the CUDA extension {NAME}._C for TORCH_CUDA_ARCH_LIST="
+        f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPUs)')}"
+    )
     return [ext], {"build_ext": BuildExtension}
 
 
@@ -90,8 +92,17 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "train": ["tqdm", "matplotlib"],
-        "test": ["tqdm", "matplotlib", "pytest", "hypothesis", "torchvision", "asdfghjkl==0.1a5",
-                 "pytorch-optimizer==3.10.0", "ruff", "mypy"],
+        "test": [
+            "tqdm",
+            "matplotlib",
+            "pytest",
+            "hypothesis",
+            "torchvision",
+            "asdfghjkl==0.1a5",
+            "pytorch-optimizer==3.10.0",
+            "ruff",
+            "mypy",
+        ],
         "peers": ["asdfghjkl==0.1a5", "pytorch-optimizer==3.10.0"],
         "bench": ["cupy-cuda13x"],
     },

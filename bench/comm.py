@@ -141,12 +141,18 @@ def byte_model(plan: dict, elem: int = 4) -> dict:
     frac = (w - 1) / w
     if w == 1:  # one process: LocalCommunicator, nothing moves
         zero = {"contributed": 0, "wire": 0}
-        return {"ddp_allreduce": dict(zero), "spngd_refresh": dict(zero), "spngd_grads_only": dict(zero),
-                "spngd_refresh_unpadded": {"wire": 0}}
+        return {
+            "ddp_allreduce": dict(zero),
+            "spngd_refresh": dict(zero),
+            "spngd_grads_only": dict(zero),
+            "spngd_refresh_unpadded": {"wire": 0},
+        }
     return {
         "ddp_allreduce": {"contributed": p * elem, "wire": 2 * frac * p * elem},
-        "spngd_refresh": {"contributed": (w * cs + w * cg + cg) * elem,
-                          "wire": ((w - 1) * cs + (w - 1) * cg + (w - 1) * cg) * elem},
+        "spngd_refresh": {
+            "contributed": (w * cs + w * cg + cg) * elem,
+            "wire": ((w - 1) * cs + (w - 1) * cg + (w - 1) * cg) * elem,
+        },
         "spngd_grads_only": {"contributed": (w * cg + cg) * elem, "wire": 2 * (w - 1) * cg * elem},
         # the same statistics without padding (variable-size chunks): the lower bound of this design
         "spngd_refresh_unpadded": {"wire": (frac * plan["stats_numel"] + 2 * frac * p) * elem},
@@ -274,16 +280,19 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
     for impl in ("reduce_scatter", "all_reduce", "reduce", "all_to_all"):
         for wire, cdt in (("fp32", None), ("bf16", torch.bfloat16)):
             comm = TorchDistributedCommunicator(group, comm_dtype=cdt, reduce_impl=impl)
-            impls[f"{impl}_{wire}"] = _timed(lambda: (comm.reduce_scatter(stats, cs, kind="stats"), sync()), reps, group,
-                                             f"rs_{impl}_{wire}")
+            impls[f"{impl}_{wire}"] = _timed(
+                lambda: (comm.reduce_scatter(stats, cs, kind="stats"), sync()), reps, group, f"rs_{impl}_{wire}"
+            )
     res["reduce_impl_stats_s"] = impls
     gathers = {}
     for impl in ("all_gather", "broadcast"):
         comm = TorchDistributedCommunicator(group, gather_impl=impl)
         gathers[impl] = _timed(lambda: (comm.all_gather(grads, cg, kind="precond"), sync()), reps, group, f"ag_{impl}")
     res["gather_impl_grads_s"] = gathers
-    res["auto_choice"] = {"reduce": TorchDistributedCommunicator(group).reduce_impl_for(stats),
-                          "gather": TorchDistributedCommunicator(group).gather_impl_for(stats)}
+    res["auto_choice"] = {
+        "reduce": TorchDistributedCommunicator(group).reduce_impl_for(stats),
+        "gather": TorchDistributedCommunicator(group).gather_impl_for(stats),
+    }
 
     # overlap: backward alone, stats reduce-scatter alone, both (async collective issued first)
     if args["overlap"]:
@@ -307,7 +316,9 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
 
         def start_rs():
             if impl == "reduce":  # Gloo: per-owner reduces
-                return [dist.reduce(stats[s * cs : (s + 1) * cs], dst=s, group=group, async_op=True) for s in range(world)]
+                return [
+                    dist.reduce(stats[s * cs : (s + 1) * cs], dst=s, group=group, async_op=True) for s in range(world)
+                ]
             if impl == "all_reduce":  # Gloo at W=2
                 return [dist.all_reduce(stats, group=group, async_op=True)]
             return [_reduce_scatter_single(out_buf, stats, group=group, async_op=True)]
@@ -319,9 +330,9 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
 
         def overlapped():
             model.zero_grad(set_to_none=True)
-            l = loss()  # forward first: its activations' factors (A) are what could be in flight
+            value = loss()  # forward first: its activations' factors (A) are what could be in flight
             works = start_rs()
-            l.backward()
+            value.backward()
             for work in works:
                 work.wait()
             sync()
@@ -337,11 +348,16 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
         t_rs = _timed(rs_only, reps, group)
         t_ov = _timed(overlapped, reps, group)
         res["overlap_s"] = {
-            "forward": t_fwd, "forward_backward": t_fb, "stats_reduce_scatter": t_rs,
+            "forward": t_fwd,
+            "forward_backward": t_fb,
+            "stats_reduce_scatter": t_rs,
             "forward_backward_with_async_reduce_scatter": t_ov,
-            "sequential_sum": t_fb + t_rs, "ideal_max": max(t_fb, t_rs),
+            "sequential_sum": t_fb + t_rs,
+            "ideal_max": max(t_fb, t_rs),
             "saved_fraction_of_comm": (t_fb + t_rs - t_ov) / t_rs if t_rs > 0 else 0.0,
-            "batch": args["overlap_batch"], "image_size": args["overlap_size"], "collective": impl,
+            "batch": args["overlap_batch"],
+            "image_size": args["overlap_size"],
+            "collective": impl,
         }
     res["sent_bytes_measured"] = dict(_SENT)
     if rank == 0:
@@ -350,7 +366,9 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
 
 
 def measure(world: int, args: dict) -> dict:
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=600))
+    store = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=600)
+    )
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "r.json")
         ctx = mp.get_context("spawn")
@@ -378,9 +396,11 @@ def _mb(n: float) -> str:
 def model_table(worlds: list[int]) -> tuple[str, list[dict]]:
     layers = resnet50_layers()
     rows, lines = [], []
-    lines.append("| ranks | ranks owning nothing | LPT imbalance | DDP all-reduce wire MB | SP-NGD refresh wire MB | "
-                 "SP-NGD no-factor step wire MB | refresh unpadded wire MB | refresh contributed MB | "
-                 "stats buffer MB/rank | owned inverses MB/rank | curvature memory MB/rank |")
+    lines.append(
+        "| ranks | ranks owning nothing | LPT imbalance | DDP all-reduce wire MB | SP-NGD refresh wire MB | "
+        "SP-NGD no-factor step wire MB | refresh unpadded wire MB | refresh contributed MB | "
+        "stats buffer MB/rank | owned inverses MB/rank | curvature memory MB/rank |"
+    )
     lines.append("|" + "---|" * 11)
     for w in worlds:
         plan = spngd_plan(layers, w)
@@ -396,8 +416,10 @@ def model_table(worlds: list[int]) -> tuple[str, list[dict]]:
 
 
 def measured_table(results: dict) -> str:
-    lines = ["| ranks | operation | wire | time ms | contributed MB/rank | ring wire MB/rank (model) | sent MB/rank (measured) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| ranks | operation | wire | time ms | contributed MB/rank | ring wire MB/rank (model) | sent MB/rank (measured) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for w, res in sorted(results.items(), key=lambda kv: int(kv[0])):
         plan = res["plan"]
         bm = byte_model(dict(plan, world=int(w)))
@@ -407,34 +429,45 @@ def measured_table(results: dict) -> str:
                 contributed = sum(v for k, v in res["bytes"][key].items() if k != "flag")
                 scale = 0.5 if wire == "bf16" else 1.0
                 sent = res.get("sent_bytes_measured", {}).get(key)
-                lines.append(f"| {w} | {op} | {wire} | {1e3 * res['time_s'][key]:,.0f} | {_mb(contributed)} | "
-                             f"{_mb(bm[op]['wire'] * scale)} | {'-' if sent is None else _mb(sent)} |")
+                lines.append(
+                    f"| {w} | {op} | {wire} | {1e3 * res['time_s'][key]:,.0f} | {_mb(contributed)} | "
+                    f"{_mb(bm[op]['wire'] * scale)} | {'-' if sent is None else _mb(sent)} |"
+                )
     return "\n".join(lines)
 
 
 def impl_table(results: dict) -> str:
     impls = ("reduce_scatter", "all_reduce", "reduce", "all_to_all")
-    lines = ["| ranks | stats buffer MB | wire | " + " | ".join(f"{i} ms (sent MB)" for i in impls) + " |",
-             "|---|---|---|" + "---|" * len(impls)]
+    lines = [
+        "| ranks | stats buffer MB | wire | " + " | ".join(f"{i} ms (sent MB)" for i in impls) + " |",
+        "|---|---|---|" + "---|" * len(impls),
+    ]
     for w, res in sorted(results.items(), key=lambda kv: int(kv[0])):
         sent = res.get("sent_bytes_measured", {})
         mb = 4 * int(w) * res["plan"]["stats_chunk"]
         for wire in ("fp32", "bf16"):
             cells = " | ".join(
-                f"{1e3 * res['reduce_impl_stats_s'][f'{i}_{wire}']:,.0f} ({_mb(sent.get(f'rs_{i}_{wire}', float('nan')))})" for i in impls)
+                f"{1e3 * res['reduce_impl_stats_s'][f'{i}_{wire}']:,.0f} ({_mb(sent.get(f'rs_{i}_{wire}', float('nan')))})"
+                for i in impls
+            )
             lines.append(f"| {w} | {_mb(mb)} | {wire} | {cells} |")
     lines += ["", "| ranks | grad buffer MB | all_gather ms (sent MB) | broadcast ms (sent MB) |", "|---|---|---|---|"]
     for w, res in sorted(results.items(), key=lambda kv: int(kv[0])):
         sent = res.get("sent_bytes_measured", {})
         g = res["gather_impl_grads_s"]
-        lines.append(f"| {w} | {_mb(4 * int(w) * res['plan']['grad_chunk'])} | {1e3 * g['all_gather']:,.0f} ({_mb(sent.get('ag_all_gather', float('nan')))}) | "
-                     f"{1e3 * g['broadcast']:,.0f} ({_mb(sent.get('ag_broadcast', float('nan')))}) |")
+        lines.append(
+            f"| {w} | {_mb(4 * int(w) * res['plan']['grad_chunk'])} | {1e3 * g['all_gather']:,.0f} ({_mb(sent.get('ag_all_gather', float('nan')))}) | "
+            f"{1e3 * g['broadcast']:,.0f} ({_mb(sent.get('ag_broadcast', float('nan')))}) |"
+        )
     return "\n".join(lines)
 
 
 def overlap_table(results: dict) -> str:
-    lines = ["| ranks | fwd ms | fwd+bwd ms | stats reduce-scatter ms | fwd+bwd with async RS ms | sum ms | "
-             "max ms | comm time hidden |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| ranks | fwd ms | fwd+bwd ms | stats reduce-scatter ms | fwd+bwd with async RS ms | sum ms | "
+        "max ms | comm time hidden |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for w, res in sorted(results.items(), key=lambda kv: int(kv[0])):
         o = res.get("overlap_s")
         if not o:
@@ -458,11 +491,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overlap-size", type=int, default=64, help="input image side for the overlap backward")
     ap.add_argument("--deadline", type=float, default=1800.0, help="seconds per world before the ranks are killed")
     ap.add_argument("--model-only", action="store_true", help="print the 1..1024-rank models and exit")
-    ap.add_argument("--design", default="padded", choices=["padded", "segments"],
-                    help="what to measure: the padded per-layer chunks, or ownership per statistic with true-length segments")
-    ap.add_argument("--staging", type=int, default=1 << 24, help="all-to-all staging budget in elements (segments design)")
-    ap.add_argument("--out", default=str(REPO / "runs" / "comm" / "results.json"),
-                    help="JSON output path (default: runs/comm/results.json in the checkout)")
+    ap.add_argument(
+        "--design",
+        default="padded",
+        choices=["padded", "segments"],
+        help="what to measure: the padded per-layer chunks, or ownership per statistic with true-length segments",
+    )
+    ap.add_argument(
+        "--staging", type=int, default=1 << 24, help="all-to-all staging budget in elements (segments design)"
+    )
+    ap.add_argument(
+        "--out",
+        default=str(REPO / "runs" / "comm" / "results.json"),
+        help="JSON output path (default: runs/comm/results.json in the checkout)",
+    )
     a = ap.parse_args(argv)
     model_worlds = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
     table, rows = model_table(model_worlds)
@@ -478,9 +520,17 @@ def main(argv: list[str] | None = None) -> int:
     backend = a.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-    args = dict(backend=backend, repeats=a.repeats, threads=a.threads, overlap=not a.no_overlap,
-                overlap_batch=a.overlap_batch, overlap_size=a.overlap_size, deadline=a.deadline, design=a.design,
-                staging=a.staging)
+    args = dict(
+        backend=backend,
+        repeats=a.repeats,
+        threads=a.threads,
+        overlap=not a.no_overlap,
+        overlap_batch=a.overlap_batch,
+        overlap_size=a.overlap_size,
+        deadline=a.deadline,
+        design=a.design,
+        staging=a.staging,
+    )
     results = {}
     for w in [int(x) for x in a.worlds.split(",")]:
         if backend == "nccl" and w > torch.cuda.device_count():
@@ -489,14 +539,24 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         results[str(w)] = measure(w, args)
         print(f"world {w}: measured in {time.time() - t0:.0f}s", flush=True)
-    info = {"backend": backend, "torch": torch.__version__, "cpus": os.cpu_count(),
-            "loadavg_at_end": os.getloadavg(), "args": args, "command": " ".join(sys.argv)}
+    info = {
+        "backend": backend,
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "loadavg_at_end": os.getloadavg(),
+        "args": args,
+        "command": " ".join(sys.argv),
+    }
     if a.design == "segments":
-        print(f"\n{info}\n\nMeasured (median of {a.repeats}, slowest rank; bytes from /proc/self/io):\n"
-              + segments_measured_table(results, resnet50_layers(), one["params"], one["stats_numel"]))
+        print(
+            f"\n{info}\n\nMeasured (median of {a.repeats}, slowest rank; bytes from /proc/self/io):\n"
+            + segments_measured_table(results, resnet50_layers(), one["params"], one["stats_numel"])
+        )
         if a.out:
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps({"info": info, "measured": results, "model_segments": seg_rows}, indent=1))
+            Path(a.out).write_text(
+                json.dumps({"info": info, "measured": results, "model_segments": seg_rows}, indent=1)
+            )
         return 0
     print(f"\n{info}\n\nMeasured (median of {a.repeats}, slowest rank):\n" + measured_table(results))
     print("\nStats reduce-scatter by implementation:\n" + impl_table(results))

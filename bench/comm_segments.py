@@ -43,8 +43,14 @@ def layer_statistics(layers: list[dict]) -> list[LayerStatistics]:
             out.append(LayerStatistics(layer["name"], (StatisticSpec("F", 0, 3 * c),), 2 * c))
         else:
             da, dg = layer["cin"] * layer["k"] ** 2 + int(layer["bias"]), layer["cout"]
-            out.append(LayerStatistics(layer["name"], (StatisticSpec("A", da, _tri(da)), StatisticSpec("G", dg, _tri(dg))),
-                                       da * dg, (dg, da)))
+            out.append(
+                LayerStatistics(
+                    layer["name"],
+                    (StatisticSpec("A", da, _tri(da)), StatisticSpec("G", dg, _tri(dg))),
+                    da * dg,
+                    (dg, da),
+                )
+            )
     return out
 
 
@@ -78,12 +84,24 @@ def segments_plan(layers: list[dict], world: int) -> dict:
     for li, owners in enumerate(a.stat_owners):
         for s in stats[li].stats:
             dense[owners[s.name]] += s.dim * s.dim
-    return {"world": world, "S": lay.stats_numel, "G": lay.grad_numel, "S_r": s_r, "G_r": g_r, "inv_send": inv_send,
-            "dense_inverses": dense, "makespan": a.makespan, "largest_item": a.largest_item,
-            "lower_bound": a.makespan_lower_bound, "total_compute": sum(a.compute_load),
-            "items_above_mean": sum(1 for layer in stats for _, c, _ in layer.item_costs() if c > sum(a.compute_load) / world),
-            "ranks_owning_nothing": sum(1 for r in range(world) if s_r[r] == 0 and g_r[r] == 0),
-            "staging": [staging_numel(s_r, r) for r in range(world)] if world > 1 else [0]}
+    return {
+        "world": world,
+        "S": lay.stats_numel,
+        "G": lay.grad_numel,
+        "S_r": s_r,
+        "G_r": g_r,
+        "inv_send": inv_send,
+        "dense_inverses": dense,
+        "makespan": a.makespan,
+        "largest_item": a.largest_item,
+        "lower_bound": a.makespan_lower_bound,
+        "total_compute": sum(a.compute_load),
+        "items_above_mean": sum(
+            1 for layer in stats for _, c, _ in layer.item_costs() if c > sum(a.compute_load) / world
+        ),
+        "ranks_owning_nothing": sum(1 for r in range(world) if s_r[r] == 0 and g_r[r] == 0),
+        "staging": [staging_numel(s_r, r) for r in range(world)] if world > 1 else [0],
+    }
 
 
 def segments_model(plan: dict, params: int, stats_numel: int, elem: int = 4) -> dict:
@@ -131,11 +149,13 @@ def _mb(n: float) -> str:
 
 def segments_table(layers: list[dict], worlds: list[int], params: int, stats_numel: int) -> tuple[str, list[dict]]:
     """The per-statistic design from 1 to 1,024 ranks, with the target ratios."""
-    lines = ["| ranks | ranks owning nothing | refresh wire MB (max rank) | unpadded bound MB | refresh / bound | "
-             "no-factor step wire MB (max rank) | DDP all-reduce MB | no-factor / DDP | stats buffer MB | staging MB | "
-             "owned + received inverses MB (max rank) | curvature memory MB (max rank) | memory / 8-rank | "
-             "makespan / largest statistic | makespan / lower bound | padded per-layer makespan / largest statistic |",
-             "|" + "---|" * 16]
+    lines = [
+        "| ranks | ranks owning nothing | refresh wire MB (max rank) | unpadded bound MB | refresh / bound | "
+        "no-factor step wire MB (max rank) | DDP all-reduce MB | no-factor / DDP | stats buffer MB | staging MB | "
+        "owned + received inverses MB (max rank) | curvature memory MB (max rank) | memory / 8-rank | "
+        "makespan / largest statistic | makespan / lower bound | padded per-layer makespan / largest statistic |",
+        "|" + "---|" * 16,
+    ]
     rows = []
     plans = {w: segments_plan(layers, w) for w in sorted(set(worlds) | {8})}
     mem8 = segments_model(plans[8], params, stats_numel)["memory_max"]
@@ -150,7 +170,8 @@ def segments_table(layers: list[dict], worlds: list[int], params: int, stats_num
             f"{_mb(m['grads_only_wire_max'])} | {_mb(m['ddp_wire'])} | {nf:.3f} | {_mb(m['stats_buffer'])} | "
             f"{_mb(m['staging_max'])} | {_mb(m['owned_inverses_max'])} | {_mb(m['memory_max'])} | {m['memory_max'] / mem8:.3f} | "
             f"{plan['makespan'] / plan['largest_item']:.3f} | {plan['makespan'] / plan['lower_bound']:.3f} | "
-            f"{padded_makespan(layers, w) / plan['largest_item']:.3f} |")
+            f"{padded_makespan(layers, w) / plan['largest_item']:.3f} |"
+        )
     return "\n".join(lines), rows
 
 
@@ -236,15 +257,22 @@ def segments_worker(rank: int, world: int, layers: list[dict], args: dict) -> di
             run("refresh_no_A_due_fp32", lambda comm=comm: refresh(comm, not_a), comm)
     for impl in ("all_to_all", "reduce"):
         comm = TorchDistributedCommunicator(group, segment_reduce_impl=impl, staging_numel=args["staging"])
-        run(f"stats_reduce_{impl}_fp32", lambda comm=comm: comm.reduce_segments(stats, lay.stats_sends(), kind="stats"), comm)
+        run(
+            f"stats_reduce_{impl}_fp32",
+            lambda comm=comm: comm.reduce_segments(stats, lay.stats_sends(), kind="stats"),
+            comm,
+        )
     res["auto"] = TorchDistributedCommunicator(group).segment_reduce_impl_for(stats)
     return res
 
 
 def segments_measured_table(results: dict, layers: list[dict], params: int, stats_numel: int) -> str:
     """Measured socket bytes (mean over ranks) against the Gloo byte model, and times."""
-    lines = ["| ranks | operation | time ms | sent MB/rank (measured, mean) | model MB/rank (mean) | measured / model | "
-             "max rank sent MB |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| ranks | operation | time ms | sent MB/rank (measured, mean) | model MB/rank (mean) | measured / model | "
+        "max rank sent MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for w, res in sorted(results.items(), key=lambda kv: int(kv[0])):
         w = int(w)
         plan = segments_plan(layers, w)
@@ -261,16 +289,21 @@ def segments_measured_table(results: dict, layers: list[dict], params: int, stat
         no_a_stats = sum((s - a_bytes) - (s_r[r] - a_own[r]) for r in range(w)) / w
         models = {
             "ddp_allreduce_fp32": 2 * (w - 1) / w * params * 4,
-            "refresh_fp32": m["gloo_refresh_mean"], "refresh_bf16": None,
-            "grads_only_fp32": m["gloo_grads_only_mean"], "grads_only_bf16": m["gloo_grads_only_mean"] / 2,
+            "refresh_fp32": m["gloo_refresh_mean"],
+            "refresh_bf16": None,
+            "grads_only_fp32": m["gloo_grads_only_mean"],
+            "grads_only_bf16": m["gloo_grads_only_mean"] / 2,
             "refresh_no_A_due_fp32": m["gloo_refresh_mean"] - (w - 1) * s / w * 4 + no_a_stats * 4,
-            "stats_reduce_all_to_all_fp32": (w - 1) * s / w * 4, "stats_reduce_reduce_fp32": (w - 1) * s / w * 4,
+            "stats_reduce_all_to_all_fp32": (w - 1) * s / w * 4,
+            "stats_reduce_reduce_fp32": (w - 1) * s / w * 4,
         }
         inv = sum(plan["inv_send"]) / w * 4
         models["refresh_bf16"] = (m["gloo_refresh_mean"] - inv) / 2 + inv  # inverses travel at full precision
         for key, model in models.items():
             sent = res["sent_per_rank"][key]
             mean = sum(sent) / len(sent)
-            lines.append(f"| {w} | {key} | {1e3 * res['time_s'][key]:,.0f} | {_mb(mean)} | {_mb(model)} | "
-                         f"{mean / model:.3f} | {_mb(max(sent))} |")
+            lines.append(
+                f"| {w} | {key} | {1e3 * res['time_s'][key]:,.0f} | {_mb(mean)} | {_mb(model)} | "
+                f"{mean / model:.3f} | {_mb(max(sent))} |"
+            )
     return "\n".join(lines)

@@ -45,8 +45,13 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="256,1024")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", "--json", dest="out", default=str(REPO / "runs" / "conv_a" / "results.json"),
-                   help="JSON output path (default: runs/conv_a/results.json in the checkout)")
+    p.add_argument(
+        "--out",
+        "--json",
+        dest="out",
+        default=str(REPO / "runs" / "conv_a" / "results.json"),
+        help="JSON output path (default: runs/conv_a/results.json in the checkout)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -61,17 +66,36 @@ def main() -> None:
             geometry = ((3, 3), (1, 1), (1, 1), (1, 1))
             s_ref = torch.zeros(torch_path.packed_size(d))
             s_new = torch.zeros(torch_path.packed_size(d))
-            exact = torch_path.conv_a_factor(torch.zeros(torch_path.packed_size(d), dtype=torch.float64), x.double(),
-                                            *geometry, False, 1.0, 0.0)
+            exact = torch_path.conv_a_factor(
+                torch.zeros(torch_path.packed_size(d), dtype=torch.float64), x.double(), *geometry, False, 1.0, 0.0
+            )
             t_ref = t_new = float("inf")
             for _ in range(2):  # alternate, so drift on a shared machine hits both
-                t_ref = min(t_ref, _best_ms(lambda: torch_path.conv_a_factor(s_ref, x, *geometry, False, 1.0, 0.0), args.repeats))
-                t_new = min(t_new, _best_ms(lambda: conv_a_factor_shifted(s_new, x, (3, 3), (1, 1), False, 1.0, 0.0), args.repeats))
+                t_ref = min(
+                    t_ref,
+                    _best_ms(lambda: torch_path.conv_a_factor(s_ref, x, *geometry, False, 1.0, 0.0), args.repeats),
+                )
+                t_new = min(
+                    t_new,
+                    _best_ms(lambda: conv_a_factor_shifted(s_new, x, (3, 3), (1, 1), False, 1.0, 0.0), args.repeats),
+                )
             err_ref = float((s_ref.double() - exact).norm() / exact.norm())
             err_new = float((s_new.double() - exact).norm() / exact.norm())
-            rows.append(dict(batch=batch, c_in=c, hw=hw, im2col_ms=t_ref, shifted_ms=t_new, speedup=t_ref / t_new,
-                             rel_err_im2col=err_ref, rel_err_shifted=err_new))
-            print(f"| {batch} | {c} | {hw} | {t_ref:.1f} | {t_new:.1f} | {t_ref / t_new:.1f}x | {err_ref:.1e} | {err_new:.1e} |")
+            rows.append(
+                dict(
+                    batch=batch,
+                    c_in=c,
+                    hw=hw,
+                    im2col_ms=t_ref,
+                    shifted_ms=t_new,
+                    speedup=t_ref / t_new,
+                    rel_err_im2col=err_ref,
+                    rel_err_shifted=err_new,
+                )
+            )
+            print(
+                f"| {batch} | {c} | {hw} | {t_ref:.1f} | {t_new:.1f} | {t_ref / t_new:.1f}x | {err_ref:.1e} | {err_new:.1e} |"
+            )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(dict(torch=torch.__version__, threads=args.threads, rows=rows), indent=1))

@@ -42,7 +42,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
@@ -51,15 +51,15 @@ if str(REPO) not in sys.path:  # run as a script from a checkout
 import torch  # noqa: E402
 
 from spngd_ext import SPNGD  # noqa: E402
-from spngd_ext.train.data import Dataset, load_dataset  # noqa: E402
 from spngd_ext.layers import KroneckerLayer  # noqa: E402
-from spngd_ext.train.models import build_model  # noqa: E402
-from spngd_ext.train.baselines import SpngdStep  # noqa: E402
-from spngd_ext.train.reporting import markdown_table  # noqa: E402
-from spngd_ext.train.schedules import build_lr_scheduler  # noqa: E402
 from spngd_ext.refresh import StalePolicy  # noqa: E402
 from spngd_ext.train import TrainConfig, evaluate  # noqa: E402
+from spngd_ext.train.baselines import SpngdStep  # noqa: E402
+from spngd_ext.train.data import Dataset, load_dataset  # noqa: E402
 from spngd_ext.train.env import resolve_device  # noqa: E402
+from spngd_ext.train.models import build_model  # noqa: E402
+from spngd_ext.train.reporting import markdown_table  # noqa: E402
+from spngd_ext.train.schedules import build_lr_scheduler  # noqa: E402
 
 SECTION = "## Stale statistics"
 _SIBLING_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
@@ -70,7 +70,7 @@ class RefreshConfig:
     name: str
     curvature_interval: int
     inverse_interval: int
-    threshold: Optional[float] = None  # None: fixed intervals; else stale statistics
+    threshold: float | None = None  # None: fixed intervals; else stale statistics
 
     @property
     def label(self) -> str:
@@ -113,8 +113,9 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()  # the CLI's defaults
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--epochs", type=_positive_int, default=d.epochs)
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
     p.add_argument("--limit-train", type=_positive_int, default=None, help="use the first N training examples")
@@ -132,15 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--backend", choices=("auto", "cuda", "torch"), default="auto")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (CPU)")
-    p.add_argument("--data-dir", default=None,
-                   help="default: $SPNGD_DATA_DIR, else ../shared/data/fashion-mnist beside the "
-                        "checkout, else the loader's own search")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="default: $SPNGD_DATA_DIR, else ../shared/data/fashion-mnist beside the "
+        "checkout, else the loader's own search",
+    )
     p.add_argument("--out", default=str(REPO / "runs" / "stale" / "results.json"))
     p.add_argument("--results-md", default=None, help="also write the section into this markdown file")
     return p
 
 
-def _data_dir(arg: Optional[str]) -> Optional[str]:
+def _data_dir(arg: str | None) -> str | None:
     if arg:
         return arg
     if os.environ.get("SPNGD_DATA_DIR"):
@@ -164,9 +168,16 @@ def run_config(rc: RefreshConfig, data: Dataset, args: argparse.Namespace, devic
     torch.manual_seed(args.seed)  # same initial weights for every configuration
     model = build_model(args.model, num_classes=data.num_classes).to(device)
     opt = SPNGD(
-        model, lr=d.resolved_lr, momentum=d.momentum, weight_decay=d.resolved_weight_decay,
-        damping=args.damping, fisher=args.fisher, curvature_interval=rc.curvature_interval,
-        inverse_interval=rc.inverse_interval, backend=args.backend, seed=args.seed,
+        model,
+        lr=d.resolved_lr,
+        momentum=d.momentum,
+        weight_decay=d.resolved_weight_decay,
+        damping=args.damping,
+        fisher=args.fisher,
+        curvature_interval=rc.curvature_interval,
+        inverse_interval=rc.inverse_interval,
+        backend=args.backend,
+        seed=args.seed,
         stale=StalePolicy(threshold=rc.threshold) if rc.threshold is not None else False,
     )
     step_fn = SpngdStep(model, opt, amp=False)
@@ -181,7 +192,7 @@ def run_config(rc: RefreshConfig, data: Dataset, args: argparse.Namespace, devic
         perm = torch.randperm(n, generator=shuffle).to(device)
         seen = loss_sum = correct = 0.0
         for i in range(steps_per_epoch):
-            idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
+            idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
             x, y = train_x[idx], train_y[idx]
             _sync(device)
             t0 = time.perf_counter()
@@ -196,10 +207,23 @@ def run_config(rc: RefreshConfig, data: Dataset, args: argparse.Namespace, devic
                 diverged = True
                 break
         test_loss, test_acc = evaluate(model, test_x, test_y)
-        evals.append({"epoch": epoch + 1, "step": len(step_times), "test_loss": test_loss, "test_acc": test_acc,
-                      "train_loss": loss_sum / seen, "train_acc": correct / seen, "train_time": sum(step_times)})
-        print(f"  {rc.name}: epoch {epoch + 1}/{args.epochs}  train loss {loss_sum / seen:.3f}  test acc {test_acc:.4f}  "
-              f"median step {1e3 * statistics.median(step_times):.0f} ms", file=sys.stderr, flush=True)
+        evals.append(
+            {
+                "epoch": epoch + 1,
+                "step": len(step_times),
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "train_loss": loss_sum / seen,
+                "train_acc": correct / seen,
+                "train_time": sum(step_times),
+            }
+        )
+        print(
+            f"  {rc.name}: epoch {epoch + 1}/{args.epochs}  train loss {loss_sum / seen:.3f}  test acc {test_acc:.4f}  "
+            f"median step {1e3 * statistics.median(step_times):.0f} ms",
+            file=sys.stderr,
+            flush=True,
+        )
         if diverged:
             break
 
@@ -209,52 +233,82 @@ def run_config(rc: RefreshConfig, data: Dataset, args: argparse.Namespace, devic
     kron_sides = 2 * sum(isinstance(layer, KroneckerLayer) for layer in opt.layers)
     intervals = sorted(k for v in c["intervals"].values() for k in v.values())
     return {
-        "name": rc.name, "label": rc.label, "curvature_interval": rc.curvature_interval,
-        "inverse_interval": rc.inverse_interval, "threshold": rc.threshold,
-        "steps": steps, "steps_run": len(step_times), "statistics": n_stats, "kron_sides": kron_sides,
+        "name": rc.name,
+        "label": rc.label,
+        "curvature_interval": rc.curvature_interval,
+        "inverse_interval": rc.inverse_interval,
+        "threshold": rc.threshold,
+        "steps": steps,
+        "steps_run": len(step_times),
+        "statistics": n_stats,
+        "kron_sides": kron_sides,
         "stat_refreshes": round((1.0 - c["factor_work_skipped"]) * n_stats * steps),
         "inverse_sides": round((1.0 - c["inverse_work_skipped"]) * kron_sides * steps),
-        "factor_work_skipped": c["factor_work_skipped"], "inverse_work_skipped": c["inverse_work_skipped"],
-        "refresh_steps": c["factor_updates"], "inverse_steps": c["inverse_updates"],
-        "mc_backwards": c["mc_backwards"], "skipped_steps": c["skipped_steps"],
-        "final_intervals": c["intervals"], "interval_range": [intervals[0], intervals[-1]] if intervals else None,
+        "factor_work_skipped": c["factor_work_skipped"],
+        "inverse_work_skipped": c["inverse_work_skipped"],
+        "refresh_steps": c["factor_updates"],
+        "inverse_steps": c["inverse_updates"],
+        "mc_backwards": c["mc_backwards"],
+        "skipped_steps": c["skipped_steps"],
+        "final_intervals": c["intervals"],
+        "interval_range": [intervals[0], intervals[-1]] if intervals else None,
         "median_step_ms": 1e3 * statistics.median(step_times),
         "mean_step_ms": 1e3 * statistics.fmean(step_times),
-        "train_time_s": sum(step_times), "final_test_acc": evals[-1]["test_acc"] if evals else float("nan"),
+        "train_time_s": sum(step_times),
+        "final_test_acc": evals[-1]["test_acc"] if evals else float("nan"),
         "final_test_loss": evals[-1]["test_loss"] if evals else float("nan"),
         "last_epoch_train_loss": evals[-1]["train_loss"] if evals else float("nan"),
-        "evals": evals, "step_times_s": step_times, "diverged": diverged,
+        "evals": evals,
+        "step_times_s": step_times,
+        "diverged": diverged,
     }
 
 
 def results_table(results: list[dict[str, Any]]) -> str:
-    header = ["configuration", "statistic refreshes", "factor work skipped", "inverse sides",
-              "inverse work skipped", "MC backwards", "median step (ms)", "mean step (ms)",
-              "final intervals", "last-epoch train loss", "final test acc"]
+    header = [
+        "configuration",
+        "statistic refreshes",
+        "factor work skipped",
+        "inverse sides",
+        "inverse work skipped",
+        "MC backwards",
+        "median step (ms)",
+        "mean step (ms)",
+        "final intervals",
+        "last-epoch train loss",
+        "final test acc",
+    ]
     rows = []
     for r in results:
         lo, hi = r["interval_range"] or (None, None)
-        rows.append([
-            r["label"],
-            f"{r['stat_refreshes']} / {r['statistics'] * r['steps']}",
-            f"{r['factor_work_skipped']:.1%}",
-            f"{r['inverse_sides']} / {r['kron_sides'] * r['steps']}",
-            f"{r['inverse_work_skipped']:.1%}",
-            r["mc_backwards"],
-            f"{r['median_step_ms']:.0f}",
-            f"{r['mean_step_ms']:.0f}",
-            "—" if r["threshold"] is None else (f"{lo}" if lo == hi else f"{lo}–{hi}"),
-            f"{r['last_epoch_train_loss']:.3f}",
-            f"{r['final_test_acc']:.4f}" + (f" (loss non-finite at step {r['steps_run']}: stopped)" if r["diverged"] else ""),
-        ])
+        rows.append(
+            [
+                r["label"],
+                f"{r['stat_refreshes']} / {r['statistics'] * r['steps']}",
+                f"{r['factor_work_skipped']:.1%}",
+                f"{r['inverse_sides']} / {r['kron_sides'] * r['steps']}",
+                f"{r['inverse_work_skipped']:.1%}",
+                r["mc_backwards"],
+                f"{r['median_step_ms']:.0f}",
+                f"{r['mean_step_ms']:.0f}",
+                "—" if r["threshold"] is None else (f"{lo}" if lo == hi else f"{lo}–{hi}"),
+                f"{r['last_epoch_train_loss']:.3f}",
+                f"{r['final_test_acc']:.4f}"
+                + (f" (loss non-finite at step {r['steps_run']}: stopped)" if r["diverged"] else ""),
+            ]
+        )
     return markdown_table(header, rows)
 
 
 def machine_description(device: torch.device) -> dict[str, Any]:
     info = {
-        "date": datetime.date.today().isoformat(), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "date": datetime.date.today().isoformat(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
     }
     try:
         info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
@@ -274,11 +328,16 @@ def write_section(path: Path, section: str) -> None:
         new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
     else:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "\n".join(lines[:start] + section.rstrip("\n").splitlines() + ([""] + lines[end:] if end < len(lines) else [])) + "\n"
+        new = (
+            "\n".join(
+                lines[:start] + section.rstrip("\n").splitlines() + ([""] + lines[end:] if end < len(lines) else [])
+            )
+            + "\n"
+        )
     path.write_text(new)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = shlex.join(["python", "bench/stale.py", *(argv if argv is not None else sys.argv[1:])])
     if args.threads is not None:
@@ -294,9 +353,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     data = load_dataset(_data_dir(args.data_dir), args.limit_train, args.limit_test)
     machine = machine_description(device)
     steps_per_epoch = math.ceil(data.train_x.shape[0] / args.batch_size)
-    print(f"{len(configs)} configurations: {args.model}, batch {args.batch_size} x {steps_per_epoch} steps/epoch x "
-          f"{args.epochs} epochs, {data.train_x.shape[0]} train / {data.test_x.shape[0]} test, {device}, "
-          f"{torch.get_num_threads()} thread(s)", file=sys.stderr)
+    print(
+        f"{len(configs)} configurations: {args.model}, batch {args.batch_size} x {steps_per_epoch} steps/epoch x "
+        f"{args.epochs} epochs, {data.train_x.shape[0]} train / {data.test_x.shape[0]} test, {device}, "
+        f"{torch.get_num_threads()} thread(s)",
+        file=sys.stderr,
+    )
     start = time.perf_counter()
     results = []
     for rc in configs:
@@ -306,38 +368,63 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     table = results_table(results)
     d = TrainConfig(optimizer="spngd", lr=args.lr)
-    settings = (f"{args.model} (small BN CNN), batch {args.batch_size}, {args.epochs} epoch(s) "
-                f"({steps_per_epoch} steps/epoch, {data.train_x.shape[0]} training / {data.test_x.shape[0]} test "
-                f"examples), lr {d.resolved_lr:g} with {args.warmup_epochs:g} warm-up epoch(s) and {args.schedule} "
-                f"decay, damping {args.damping:g}, fisher={args.fisher}, seed {args.seed}")
-    where = (f"{machine['date']}, {machine['device']}"
-             + (f" ({machine['gpu']})" if "gpu" in machine else f", {machine['cpu_count']}-core CPU")
-             + f", {machine['torch_threads']} torch thread(s), torch {machine['torch']}"
-             + (f", load average {machine['load_average_at_start'][0]:g} at the start" if "load_average_at_start" in machine else ""))
+    settings = (
+        f"{args.model} (small BN CNN), batch {args.batch_size}, {args.epochs} epoch(s) "
+        f"({steps_per_epoch} steps/epoch, {data.train_x.shape[0]} training / {data.test_x.shape[0]} test "
+        f"examples), lr {d.resolved_lr:g} with {args.warmup_epochs:g} warm-up epoch(s) and {args.schedule} "
+        f"decay, damping {args.damping:g}, fisher={args.fisher}, seed {args.seed}"
+    )
+    where = (
+        f"{machine['date']}, {machine['device']}"
+        + (f" ({machine['gpu']})" if "gpu" in machine else f", {machine['cpu_count']}-core CPU")
+        + f", {machine['torch_threads']} torch thread(s), torch {machine['torch']}"
+        + (
+            f", load average {machine['load_average_at_start'][0]:g} at the start"
+            if "load_average_at_start" in machine
+            else ""
+        )
+    )
     print(f"\n{table}\n\n{settings}\nMachine: {where}. Whole run: {wall:.0f} s.\nCommand: {command}")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": command, "settings": vars(args) | {"lr": d.resolved_lr},
-                               "machine": machine, "wall_time_s": wall,
-                               "configs": [dataclasses.asdict(c) for c in configs], "results": results},
-                              indent=2, default=str))
+    out.write_text(
+        json.dumps(
+            {
+                "command": command,
+                "settings": vars(args) | {"lr": d.resolved_lr},
+                "machine": machine,
+                "wall_time_s": wall,
+                "configs": [dataclasses.asdict(c) for c in configs],
+                "results": results,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     print(f"wrote {out}", file=sys.stderr)
     if args.results_md:
-        section = "\n".join([
-            SECTION, "",
-            f"Command: `{command}`", "",
-            f"Machine: {where}. Whole run {wall / 60:.1f} min.", "",
-            f"Setting: {settings}.", "",
-            table, "",
-            "Statistic refreshes: A, G and BatchNorm Fishers computed, out of (statistics × steps); "
-            "inverse sides: Kronecker factors inverted, out of (2 × Kronecker layers × steps) — both from "
-            "`opt.counters` (`factor_work_skipped`, `inverse_work_skipped`). Step time: one training step "
-            "(forward, backward(s), `opt.step()`), evaluation excluded. Final intervals: range over all "
-            "statistics at the end (stale configurations). Train loss: mean over the last epoch's "
-            "batches (train mode); test accuracy: the CLI's `evaluate` (eval mode, BatchNorm running "
-            "statistics) after the last epoch.",
-        ])
+        section = "\n".join(
+            [
+                SECTION,
+                "",
+                f"Command: `{command}`",
+                "",
+                f"Machine: {where}. Whole run {wall / 60:.1f} min.",
+                "",
+                f"Setting: {settings}.",
+                "",
+                table,
+                "",
+                "Statistic refreshes: A, G and BatchNorm Fishers computed, out of (statistics × steps); "
+                "inverse sides: Kronecker factors inverted, out of (2 × Kronecker layers × steps) — both from "
+                "`opt.counters` (`factor_work_skipped`, `inverse_work_skipped`). Step time: one training step "
+                "(forward, backward(s), `opt.step()`), evaluation excluded. Final intervals: range over all "
+                "statistics at the end (stale configurations). Train loss: mean over the last epoch's "
+                "batches (train mode); test accuracy: the CLI's `evaluate` (eval mode, BatchNorm running "
+                "statistics) after the last epoch.",
+            ]
+        )
         write_section(Path(args.results_md), section)
         print(f"wrote the section into {args.results_md}", file=sys.stderr)
     return 0

@@ -169,8 +169,16 @@ def _fashion_mnist_dir(explicit: str | None) -> Path | None:
         return None
 
 
-def make_batches(kind: str, batch: int, n: int, example_shape: tuple[int, ...], classes: int,
-                 device: torch.device, data_dir: str | None, seed: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], str]:
+def make_batches(
+    kind: str,
+    batch: int,
+    n: int,
+    example_shape: tuple[int, ...],
+    classes: int,
+    device: torch.device,
+    data_dir: str | None,
+    seed: int,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], str]:
     """n batches, each used by every configuration in the same round (round r uses batch r mod n)."""
     if kind in ("auto", "fmnist") and example_shape == (1, 28, 28):
         directory = _fashion_mnist_dir(data_dir)
@@ -187,7 +195,10 @@ def make_batches(kind: str, batch: int, n: int, example_shape: tuple[int, ...], 
             raise SystemExit("--data fmnist: Fashion-MNIST not found (set SPNGD_DATA_DIR or --data-dir)")
     g = torch.Generator(device=device).manual_seed(seed)
     batches = [
-        (torch.randn(batch, *example_shape, generator=g, device=device), torch.randint(0, classes, (batch,), generator=g, device=device))
+        (
+            torch.randn(batch, *example_shape, generator=g, device=device),
+            torch.randint(0, classes, (batch,), generator=g, device=device),
+        )
         for _ in range(n)
     ]
     return batches, f"random N(0,1) inputs and uniform labels, {n} distinct batches of {batch}"
@@ -206,15 +217,24 @@ def _asdl_config(name: str, step) -> Config:
         inv = curv if not grad_maker.do_accumulate else grad_maker.do_update_preconditioner()
         return "factors+inverse" if inv else ("factors" if curv else "plain")
 
-    return Config(name, "asdl", step.model, step.optimizer, step_fn=lambda x, y: step(x, y)[0], next_kind_fn=next_kind,
-                  counters_fn=lambda: {"steps": grad_maker.state["step"], "factor_updates": step.curvature_updates})
+    return Config(
+        name,
+        "asdl",
+        step.model,
+        step.optimizer,
+        step_fn=lambda x, y: step(x, y)[0],
+        next_kind_fn=next_kind,
+        counters_fn=lambda: {"steps": grad_maker.state["step"], "factor_updates": step.curvature_updates},
+    )
 
 
 def _config(name: str, kind: str, step) -> Config:
     return Config(name, kind, step.model, step.optimizer)
 
 
-def build_configs(names: list[str], base: nn.Module, device: torch.device, lr: float, seed: int) -> tuple[list[Config], dict]:
+def build_configs(
+    names: list[str], base: nn.Module, device: torch.device, lr: float, seed: int
+) -> tuple[list[Config], dict]:
     configs, skipped = [], {}
     for name in names:
         model = copy.deepcopy(base).to(device)
@@ -223,11 +243,25 @@ def build_configs(names: list[str], base: nn.Module, device: torch.device, lr: f
             if name == "sgd":
                 cfg = _config(name, "sgd", build_train_step("sgd", model, OptimizerSettings(**common)))
             elif name == "spngd-every-step":
-                cfg = _config(name, "spngd", build_train_step("spngd", model, OptimizerSettings(**common, curvature_interval=1, inverse_interval=1)))
+                cfg = _config(
+                    name,
+                    "spngd",
+                    build_train_step(
+                        "spngd", model, OptimizerSettings(**common, curvature_interval=1, inverse_interval=1)
+                    ),
+                )
             elif name == "spngd-10/100":
-                cfg = _config(name, "spngd", build_train_step("spngd", model, OptimizerSettings(**common, curvature_interval=10, inverse_interval=100)))
+                cfg = _config(
+                    name,
+                    "spngd",
+                    build_train_step(
+                        "spngd", model, OptimizerSettings(**common, curvature_interval=10, inverse_interval=100)
+                    ),
+                )
             elif name in BACKEND_CONFIGS:
-                settings = OptimizerSettings(**common, curvature_interval=1, inverse_interval=1, backend=BACKEND_CONFIGS[name])
+                settings = OptimizerSettings(
+                    **common, curvature_interval=1, inverse_interval=1, backend=BACKEND_CONFIGS[name]
+                )
                 try:
                     cfg = _config(name, "spngd", build_train_step("spngd", model, settings))
                 except (RuntimeError, ValueError) as exc:  # backend="cuda" without kernels or GPU
@@ -236,9 +270,16 @@ def build_configs(names: list[str], base: nn.Module, device: torch.device, lr: f
                 settings = OptimizerSettings(**common, stale=True, curvature_interval=100, inverse_interval=1)
                 cfg = _config(name, "spngd", build_train_step("spngd", model, settings))
             elif name == "asdl-every-step":
-                cfg = _asdl_config(name, build_train_step("asdl-kfac", model, OptimizerSettings(**common, curvature_interval=1, inverse_interval=1)))
+                cfg = _asdl_config(
+                    name,
+                    build_train_step(
+                        "asdl-kfac", model, OptimizerSettings(**common, curvature_interval=1, inverse_interval=1)
+                    ),
+                )
             elif name == "asdl-10/100":
-                step = build_train_step("asdl-kfac", model, OptimizerSettings(**common, curvature_interval=100, inverse_interval=100))
+                step = build_train_step(
+                    "asdl-kfac", model, OptimizerSettings(**common, curvature_interval=100, inverse_interval=100)
+                )
                 step.config.curvature_upd_interval = 10
                 step.config.ema_decay = 1.0  # replace (no averaging); inversion every preconditioner_upd_interval
                 cfg = _asdl_config(name, step)
@@ -258,24 +299,47 @@ def build_configs(names: list[str], base: nn.Module, device: torch.device, lr: f
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="small_bn_cnn", choices=["small_bn_cnn", "resnet50"])
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cpu for small_bn_cnn, cuda for resnet50")
+    p.add_argument(
+        "--device", default=None, choices=["cpu", "cuda"], help="default: cpu for small_bn_cnn, cuda for resnet50"
+    )
     p.add_argument("--batch-sizes", default="256,1024")
-    p.add_argument("--image-size", type=int, default=None, help="--model resnet50: input height and width (default 224)")
-    p.add_argument("--rounds", type=int, default=None, help=f"timed rounds (default 300; rounded up to a multiple of {PERIOD} unless --quick)")
+    p.add_argument(
+        "--image-size", type=int, default=None, help="--model resnet50: input height and width (default 224)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help=f"timed rounds (default 300; rounded up to a multiple of {PERIOD} unless --quick)",
+    )
     p.add_argument("--warmup", type=int, default=None, help="discarded rounds first (default 10; --quick 2)")
     p.add_argument("--quick", action="store_true", help="smoke test: 20 rounds, short profiles, no period rounding")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     p.add_argument("--configs", default=",".join(ALL_CONFIGS), help="comma list; sgd must be first")
     p.add_argument("--no-asdl", action="store_true", help="drop the ASDL configurations")
     p.add_argument("--no-profile", action="store_true", help="skip the phase breakdown")
-    p.add_argument("--profile-steps", type=int, default=None, help=f"steps per profiled config (default: 20, and {PERIOD} for interval configs)")
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=None,
+        help=f"steps per profiled config (default: 20, and {PERIOD} for interval configs)",
+    )
     p.add_argument("--top-ops", type=int, default=5, help="list the N most expensive ops per SP-NGD phase (0: off)")
     p.add_argument("--data", default="auto", choices=["auto", "fmnist", "random"])
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--n-batches", type=int, default=8, help="distinct batches cycled through (round r uses batch r mod n)")
-    p.add_argument("--lr", type=float, default=0.0, help="learning rate of every optimizer (default 0: frozen weights, see docstring)")
+    p.add_argument(
+        "--n-batches", type=int, default=8, help="distinct batches cycled through (round r uses batch r mod n)"
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=0.0,
+        help="learning rate of every optimizer (default 0: frozen weights, see docstring)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write everything (incl. per-step times) here")
     args = p.parse_args(argv)
@@ -312,20 +376,36 @@ def main(argv: list[str] | None = None) -> dict:
         print(msg, file=sys.stderr, flush=True)
 
     print(f"# step overhead: SP-NGD vs SGD vs ASDL K-FAC\n\ncommand: `{env['command']}`  ")
-    print(f"torch {env['torch']}, threads {env['threads']} (interop {env['interop_threads']}), {env['cpu_count']} cores: {env['cpu_model']}"
-          + (f", GPU {env['gpu']}" if "gpu" in env else "") + f", asdl {env['asdl']}, load average at start {env['load_average']}  ")
+    print(
+        f"torch {env['torch']}, threads {env['threads']} (interop {env['interop_threads']}), {env['cpu_count']} cores: {env['cpu_model']}"
+        + (f", GPU {env['gpu']}" if "gpu" in env else "")
+        + f", asdl {env['asdl']}, load average at start {env['load_average']}  "
+    )
 
     base, example_shape, classes = build_base_model(args.model, args.image_size)
-    result: dict = {"environment": env, "settings": {k: v for k, v in vars(args).items()}, "model": {
-        "name": args.model, "parameters": count_parameters(base), "input": list(example_shape), "classes": classes}, "batch_sizes": {}}
-    print(f"model {args.model} ({count_parameters(base):,} parameters), input {example_shape}, device {args.device}, lr {args.lr}, "
-          f"{args.rounds} timed rounds after {args.warmup} warm-up rounds\n")
+    result: dict = {
+        "environment": env,
+        "settings": {k: v for k, v in vars(args).items()},
+        "model": {
+            "name": args.model,
+            "parameters": count_parameters(base),
+            "input": list(example_shape),
+            "classes": classes,
+        },
+        "batch_sizes": {},
+    }
+    print(
+        f"model {args.model} ({count_parameters(base):,} parameters), input {example_shape}, device {args.device}, lr {args.lr}, "
+        f"{args.rounds} timed rounds after {args.warmup} warm-up rounds\n"
+    )
 
     for batch in args.batch_sizes:
         entry: dict = {}
         result["batch_sizes"][str(batch)] = entry
         try:
-            batches, data_desc = make_batches(args.data, batch, args.n_batches, example_shape, classes, device, args.data_dir, args.seed)
+            batches, data_desc = make_batches(
+                args.data, batch, args.n_batches, example_shape, classes, device, args.data_dir, args.seed
+            )
             entry["data"] = data_desc
             configs, skipped = build_configs(args.config_names, base, device, args.lr, args.seed)
             entry["skipped_configs"] = skipped
@@ -340,8 +420,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(timing_table(summary, batch))
             print(f"\n({data_desc}; timing took {wall:.0f} s)\n")
             for t in entry["targets"]:
-                print(f"- target {t['target']}: {t['value']:.3f} → {'met' if t['met'] else 'NOT MET'}"
-                      + (f" ({t['which']})" if "which" in t else ""))
+                print(
+                    f"- target {t['target']}: {t['value']:.3f} → {'met' if t['met'] else 'NOT MET'}"
+                    + (f" ({t['which']})" if "which" in t else "")
+                )
             print()
 
             if not args.no_profile:

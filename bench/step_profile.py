@@ -31,9 +31,22 @@ from dataclasses import dataclass, field
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-__all__ = ["PHASE_ROWS", "TOP_LEVEL", "CURVATURE_ROWS", "CURVATURE_SPEEDUP_TARGET", "CONFIG_RANGE",
-           "sync", "fmt", "analyse_profile", "profile_configs", "breakdown_table", "top_ops_text",
-           "curvature_phase", "curvature_targets", "curvature_table"]
+__all__ = [
+    "PHASE_ROWS",
+    "TOP_LEVEL",
+    "CURVATURE_ROWS",
+    "CURVATURE_SPEEDUP_TARGET",
+    "CONFIG_RANGE",
+    "sync",
+    "fmt",
+    "analyse_profile",
+    "profile_configs",
+    "breakdown_table",
+    "top_ops_text",
+    "curvature_phase",
+    "curvature_targets",
+    "curvature_table",
+]
 
 # Rows of the breakdown table: (label, range name, parent filter). A parent filter splits a range
 # by the range it is nested in directly (factor accumulation happens in three places).
@@ -74,7 +87,7 @@ class _Range:
     name: str
     start: float
     end: float
-    parent: "_Range | None" = None
+    parent: _Range | None = None
     self_ops_cpu: float = 0.0  # self CPU time of ops directly inside (not in a nested range)
     device: float = 0.0  # kernel time of ops launched directly inside
     children_wall: float = 0.0
@@ -124,7 +137,7 @@ def analyse_profile(events, steps: dict[str, int], use_cuda: bool) -> dict[str, 
     def root(r: _Range) -> str | None:
         while r.parent is not None:
             r = r.parent
-        return r.name[len(CONFIG_RANGE):] if r.name.startswith(CONFIG_RANGE) else None
+        return r.name[len(CONFIG_RANGE) :] if r.name.startswith(CONFIG_RANGE) else None
 
     by_config: dict[str, list[_Range]] = {}
     for r in ranges:
@@ -137,7 +150,11 @@ def analyse_profile(events, steps: dict[str, int], use_cuda: bool) -> dict[str, 
         mine = by_config.get(cname, [])
 
         def agg(name: str, parent: str | None) -> dict:
-            sel = [r for r in mine if r.name == name and (parent is None or (r.parent is not None and r.parent.name == parent))]
+            sel = [
+                r
+                for r in mine
+                if r.name == name and (parent is None or (r.parent is not None and r.parent.name == parent))
+            ]
             res = {
                 "calls_per_step": len(sel) / n,
                 "cpu_inclusive_ms": sum(r.end - r.start for r in sel) / n / 1e3,
@@ -167,7 +184,10 @@ def analyse_profile(events, steps: dict[str, int], use_cuda: bool) -> dict[str, 
                 slot[2] += dv
         res["ops"] = {
             name: sorted(
-                ({"op": op, "self_cpu_ms": sc / n / 1e3, "calls_per_step": k / n, "cuda_ms": dv / n / 1e3} for op, (sc, k, dv) in d.items()),
+                (
+                    {"op": op, "self_cpu_ms": sc / n / 1e3, "calls_per_step": k / n, "cuda_ms": dv / n / 1e3}
+                    for op, (sc, k, dv) in d.items()
+                ),
                 key=lambda o: -(o["cuda_ms"] if use_cuda else o["self_cpu_ms"]),
             )
             for name, d in per_range.items()
@@ -203,7 +223,6 @@ def profile_configs(configs: list, steps: dict[str, int], batches, device: torch
     return results
 
 
-
 # ------------------------------------------------------------------------------------------------
 # printing
 
@@ -237,10 +256,20 @@ def breakdown_table(breakdown: dict, timing: dict, batch: int, use_cuda: bool) -
         if any(cells):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     tot_key = "profiled_step_cuda_ms" if use_cuda else "profiled_step_cpu_ms"
-    lines.append("| **profiled step total** | " + " | ".join(f"**{fmt(breakdown[n][tot_key], 2)}** | " for n in names) + " |")
-    lines.append("| unprofiled mean (timed rounds) | " + " | ".join(f"{fmt(timing[n]['mean_ms'], 2)} | " for n in names if n in timing) + " |")
+    lines.append(
+        "| **profiled step total** | " + " | ".join(f"**{fmt(breakdown[n][tot_key], 2)}** | " for n in names) + " |"
+    )
+    lines.append(
+        "| unprofiled mean (timed rounds) | "
+        + " | ".join(f"{fmt(timing[n]['mean_ms'], 2)} | " for n in names if n in timing)
+        + " |"
+    )
     base = breakdown[names[0]][tot_key]
-    lines.append("| overhead vs SGD (profiled) | " + " | ".join(f"{fmt(breakdown[n][tot_key] - base, 2)} | " for n in names) + " |")
+    lines.append(
+        "| overhead vs SGD (profiled) | "
+        + " | ".join(f"{fmt(breakdown[n][tot_key] - base, 2)} | " for n in names)
+        + " |"
+    )
     return "\n".join(lines)
 
 
@@ -249,7 +278,9 @@ def top_ops_text(breakdown: dict, n: int, use_cuda: bool) -> str:
     for cname, b in breakdown.items():
         if not cname.startswith("spngd"):
             continue
-        out.append(f"Top ops per phase, {cname} (self time per step, exclusive of nested ranges; 'outside ops' = Python/dispatch):")
+        out.append(
+            f"Top ops per phase, {cname} (self time per step, exclusive of nested ranges; 'outside ops' = Python/dispatch):"
+        )
         key = "cuda_ms" if use_cuda else "self_cpu_ms"
         for label, rname, parent in PHASE_ROWS:
             if parent is not None or rname not in b["ops"]:
@@ -261,7 +292,9 @@ def top_ops_text(breakdown: dict, n: int, use_cuda: bool) -> str:
             outside = p["cpu_exclusive_ms"] - p["cpu_exclusive_in_ops_ms"]
             nops = sum(o["calls_per_step"] for o in b["ops"][rname])
             parts = "; ".join(f"{o['op']} {o[key]:.2f} ms ×{o['calls_per_step']:.3g}" for o in ops)
-            out.append(f"  {label.strip():<22} excl {p['cpu_exclusive_ms']:.2f} ms, outside ops {outside:.2f} ms, {nops:.0f} op calls/step: {parts}")
+            out.append(
+                f"  {label.strip():<22} excl {p['cpu_exclusive_ms']:.2f} ms, outside ops {outside:.2f} ms, {nops:.0f} op calls/step: {parts}"
+            )
     return "\n".join(out)
 
 
@@ -270,7 +303,8 @@ def curvature_phase(breakdown: dict, use_cuda: bool) -> dict[str, float]:
     key = "cuda_inclusive_ms" if use_cuda else "cpu_inclusive_ms"
     return {
         name: sum(b["phases"][label][key] for label in CURVATURE_ROWS)
-        for name, b in breakdown.items() if name.startswith("spngd")
+        for name, b in breakdown.items()
+        if name.startswith("spngd")
     }
 
 
@@ -284,16 +318,29 @@ def curvature_targets(phase_ms: dict[str, float], use_cuda: bool, extension_load
     if not (use_cuda and extension_loaded) or cuda <= 0:
         return [{"target": target, "value": None, "met": None, "why": "needs a GPU and the built CUDA kernels"}]
     speedup = torch_ms / cuda
-    return [{"target": target, "value": speedup, "met": speedup >= CURVATURE_SPEEDUP_TARGET,
-             "detail": f"{torch_ms:.2f} ms (torch) vs {cuda:.2f} ms (cuda) of kernel time per step"}]
+    return [
+        {
+            "target": target,
+            "value": speedup,
+            "met": speedup >= CURVATURE_SPEEDUP_TARGET,
+            "detail": f"{torch_ms:.2f} ms (torch) vs {cuda:.2f} ms (cuda) of kernel time per step",
+        }
+    ]
 
 
 def curvature_table(phase_ms: dict[str, float], breakdown: dict, use_cuda: bool) -> str:
     unit = "CUDA kernel ms/step" if use_cuda else "CPU (wall) ms/step"
     key = "cuda_inclusive_ms" if use_cuda else "cpu_inclusive_ms"
     names = list(phase_ms)
-    lines = [f"Curvature phase ({unit}, inclusive):", "", "| part | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines = [
+        f"Curvature phase ({unit}, inclusive):",
+        "",
+        "| part | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
     for label in CURVATURE_ROWS:
-        lines.append(f"| {label.strip()} | " + " | ".join(fmt(breakdown[n]["phases"][label][key], 2) for n in names) + " |")
+        lines.append(
+            f"| {label.strip()} | " + " | ".join(fmt(breakdown[n]["phases"][label][key], 2) for n in names) + " |"
+        )
     lines.append("| **curvature phase** | " + " | ".join(f"**{fmt(phase_ms[n], 2)}**" for n in names) + " |")
     return "\n".join(lines)

@@ -57,8 +57,21 @@ def build(source: Path, exe: Path, *flags: str) -> subprocess.CompletedProcess:
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         pytest.skip(f"no C++ compiler ({cxx}) to build the emulation")
-    cmd = [cxx, "-std=c++20", "-O2", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-Werror=return-type", *flags,
-           f"-I{ROOT / 'csrc'}", f"-I{source.parent}", str(source), "-o", str(exe)]
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-O2",
+        "-pthread",
+        "-Wall",
+        "-Wno-unknown-pragmas",
+        "-Werror=return-type",
+        *flags,
+        f"-I{ROOT / 'csrc'}",
+        f"-I{source.parent}",
+        str(source),
+        "-o",
+        str(exe),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
@@ -104,8 +117,11 @@ def pack_emulator(tmp_path_factory) -> tuple[Path, bool]:
 
 
 def run_checked(exe: Path, *args: str, deadlock_s: int = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TSAN_OPTIONS="exitcode=66 halt_on_error=0 report_signal_unsafe=0",
-               SPNGD_EMU_DEADLOCK_SECONDS=str(deadlock_s))
+    env = dict(
+        os.environ,
+        TSAN_OPTIONS="exitcode=66 halt_on_error=0 report_signal_unsafe=0",
+        SPNGD_EMU_DEADLOCK_SECONDS=str(deadlock_s),
+    )
     done = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300, env=env)
     assert "ThreadSanitizer" not in done.stderr, done.stderr[-6000:]
     return done

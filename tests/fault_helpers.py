@@ -11,7 +11,6 @@ from torch import nn
 from spngd_ext import SPNGD
 
 
-
 class Net(nn.Module):
     """fc1 (A 5×5, G 6×6) → [BN] → tanh → fc2 (A 7×7, G 3×3), times a plain scalar ``temperature``.
 
@@ -58,9 +57,15 @@ def snapshot(model: nn.Module, opt: SPNGD) -> dict:
     """Everything a skipped step must leave untouched."""
     return {
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-        "momentum": {n: opt.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters() if "momentum_buffer" in opt.state[p]},
+        "momentum": {
+            n: opt.state[p]["momentum_buffer"].clone()
+            for n, p in model.named_parameters()
+            if "momentum_buffer" in opt.state[p]
+        },
         "factors": {(layer, k): v.clone() for layer, stats in opt.factors().items() for k, v in stats.items()},
-        "inverses": {layer: tuple(None if t is None else t.clone() for t in pair) for layer, pair in opt.inverses().items()},
+        "inverses": {
+            layer: tuple(None if t is None else t.clone() for t in pair) for layer, pair in opt.inverses().items()
+        },
         # mc_backwards counts sampled backwards that ran (in opt.backward, before the step is judged)
         "counters": {k: v for k, v in opt.counters.items() if k not in ("skipped_steps", "mc_backwards")},
     }
@@ -95,7 +100,16 @@ def roundtrip(obj):
 
 def skip_test_optimizer(model, **kw) -> SPNGD:
     """SP-NGD with MC Fisher, EMA and stale statistics: the most state a skipped step could touch."""
-    base = dict(lr=0.05, momentum=0.9, weight_decay=1e-4, damping=1e-2, fisher="mc", seed=3, ema_decay=0.5,
-                stale=True, backend="torch")
+    base = dict(
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=1e-4,
+        damping=1e-2,
+        fisher="mc",
+        seed=3,
+        ema_decay=0.5,
+        stale=True,
+        backend="torch",
+    )
     base.update(kw)
     return SPNGD(model, **base)

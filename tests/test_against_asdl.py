@@ -56,11 +56,12 @@ with warnings.catch_warnings():
 
 from steps import one_step_update
 
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning"), pytest.mark.usefixtures("float64_default")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning"),
+    pytest.mark.usefixtures("float64_default"),
+]
 
 N = 8
-
-
 
 
 def _randomize_bn(model: nn.Module) -> None:
@@ -75,8 +76,12 @@ def _randomize_bn(model: nn.Module) -> None:
 def make_mlp(bias: bool, seed: int = 11) -> nn.Module:
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Linear(5, 6, bias=bias), nn.BatchNorm1d(6), nn.Tanh(),
-        nn.Linear(6, 7, bias=bias), nn.Tanh(), nn.Linear(7, 4, bias=bias),
+        nn.Linear(5, 6, bias=bias),
+        nn.BatchNorm1d(6),
+        nn.Tanh(),
+        nn.Linear(6, 7, bias=bias),
+        nn.Tanh(),
+        nn.Linear(7, 4, bias=bias),
     )
     _randomize_bn(model)
     return model
@@ -85,9 +90,14 @@ def make_mlp(bias: bool, seed: int = 11) -> nn.Module:
 def make_cnn(bias: bool, seed: int = 12) -> nn.Module:
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1, bias=bias), nn.BatchNorm2d(4), nn.ReLU(),   # T = 36
-        nn.Conv2d(4, 3, 3, stride=2, bias=bias), nn.BatchNorm2d(3), nn.Tanh(),     # T = 4
-        nn.Flatten(), nn.Linear(3 * 2 * 2, 5, bias=bias),
+        nn.Conv2d(2, 4, 3, padding=1, bias=bias),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),  # T = 36
+        nn.Conv2d(4, 3, 3, stride=2, bias=bias),
+        nn.BatchNorm2d(3),
+        nn.Tanh(),  # T = 4
+        nn.Flatten(),
+        nn.Linear(3 * 2 * 2, 5, bias=bias),
     )
     _randomize_bn(model)
     return model
@@ -111,8 +121,9 @@ _SHAPES = [(nn.BatchNorm1d, SHAPE_UNIT_WISE), (nn.BatchNorm2d, SHAPE_UNIT_WISE),
 # ------------------------------------------------------------------------------------------ ASDL side
 def asdl_fisher(model: nn.Module, x, y, fisher_type: str, seed: int | None = None) -> dict:
     """ASDL's K-FAC factors (A, B) and BN unit-wise blocks, by module name."""
-    config = FisherConfig(fisher_type=fisher_type, fisher_shapes=_SHAPES, loss_type=LOSS_CROSS_ENTROPY,
-                          data_size=x.shape[0], seed=seed)
+    config = FisherConfig(
+        fisher_type=fisher_type, fisher_shapes=_SHAPES, loss_type=LOSS_CROSS_ENTROPY, data_size=x.shape[0], seed=seed
+    )
     maker = get_fisher_maker(model, config)
     dummy_y = maker.setup_model_call(model, x)
     maker.setup_loss_call(F.cross_entropy, dummy_y, y)
@@ -132,8 +143,9 @@ def asdl_fisher(model: nn.Module, x, y, fisher_type: str, seed: int | None = Non
 
 def asdl_input_stats(model: nn.Module, x) -> dict:
     """ASDL's mean input (patch) and output spatial size of each Linear/Conv2d."""
-    with asdl.extend(model, (nn.Linear, OP_MEAN_INPUTS, OP_OUT_SPATIAL_SIZE),
-                     (nn.Conv2d, OP_MEAN_INPUTS, OP_OUT_SPATIAL_SIZE)) as cxt:
+    with asdl.extend(
+        model, (nn.Linear, OP_MEAN_INPUTS, OP_OUT_SPATIAL_SIZE), (nn.Conv2d, OP_MEAN_INPUTS, OP_OUT_SPATIAL_SIZE)
+    ) as cxt:
         with torch.no_grad():
             model(x)
         stats = {}
@@ -177,8 +189,9 @@ def _check_factors(ours: dict, ref: dict, rtol: float, atol: float) -> None:
     for name in ref:
         assert set(ours[name]) == set(ref[name]), name
         for key in ref[name]:
-            torch.testing.assert_close(ours[name][key], ref[name][key], rtol=rtol, atol=atol,
-                                       msg=lambda m, n=name, k=key: f"{n}.{k}: {m}")
+            torch.testing.assert_close(
+                ours[name][key], ref[name][key], rtol=rtol, atol=atol, msg=lambda m, n=name, k=key: f"{n}.{k}: {m}"
+            )
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -301,7 +314,9 @@ def test_preconditioned_update_matches_asdl_kfac_without_bias(kind, lam):
     factor T moved between A and G, which π-damping cancels): the updates agree."""
     x, y = make_batch(kind)
     ref_model = MAKERS[kind](False)
-    maker = KfacGradientMaker(ref_model, PreconditioningConfig(data_size=x.shape[0], damping=lam), fisher_type=FISHER_EMP)
+    maker = KfacGradientMaker(
+        ref_model, PreconditioningConfig(data_size=x.shape[0], damping=lam), fisher_type=FISHER_EMP
+    )
     dummy_y = maker.setup_model_call(ref_model, x)
     maker.setup_loss_call(F.cross_entropy, dummy_y, y)
     maker.forward_and_backward()

@@ -23,9 +23,16 @@ def shifted_and_flipped_by_loop(x: torch.Tensor, p: ShiftFlip, fill: float) -> t
     return out
 
 
-@pytest.mark.parametrize("shape, max_shift", [
-    ((1, 1, 1, 1), 0), ((5, 1, 28, 28), 2), ((7, 3, 5, 6), 2), ((4, 2, 9, 4), 3), ((9, 1, 3, 7), 1),
-])
+@pytest.mark.parametrize(
+    "shape, max_shift",
+    [
+        ((1, 1, 1, 1), 0),
+        ((5, 1, 28, 28), 2),
+        ((7, 3, 5, 6), 2),
+        ((4, 2, 9, 4), 3),
+        ((9, 1, 3, 7), 1),
+    ],
+)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_the_per_pixel_loop(shape, max_shift: int, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
@@ -47,8 +54,7 @@ def test_zero_shift_without_flip_is_the_identity() -> None:
 def test_one_known_shift_and_flip() -> None:
     x = torch.arange(9.0).reshape(1, 1, 3, 3)
     down_right = ShiftFlip(torch.tensor([1]), torch.tensor([1]), torch.tensor([False]))
-    assert apply_shift_flip(x, down_right, fill=-1.0)[0, 0].tolist() == [
-        [-1, -1, -1], [-1, 0, 1], [-1, 3, 4]]
+    assert apply_shift_flip(x, down_right, fill=-1.0)[0, 0].tolist() == [[-1, -1, -1], [-1, 0, 1], [-1, 3, 4]]
     flipped = ShiftFlip(torch.tensor([0]), torch.tensor([0]), torch.tensor([True]))
     assert apply_shift_flip(x, flipped, fill=-1.0)[0, 0].tolist() == [[2, 1, 0], [5, 4, 3], [8, 7, 6]]
 
@@ -84,8 +90,7 @@ def test_rank_slices_add_up_to_the_single_process_batch(world: int) -> None:
     x = torch.randn(11, 1, 6, 6, generator=gen)
     params = draw_shift_flip(11, max_shift=2, generator=gen)
     whole = apply_shift_flip(x, params, fill=-1.0)
-    parts = [apply_shift_flip(x[mine], params.select(mine), fill=-1.0)
-             for mine in torch.arange(11).tensor_split(world)]
+    parts = [apply_shift_flip(x[mine], params.select(mine), fill=-1.0) for mine in torch.arange(11).tensor_split(world)]
     assert torch.equal(torch.cat(parts), whole)
 
 
@@ -94,18 +99,35 @@ def test_empty_batch() -> None:
     assert apply_shift_flip(torch.empty(0, 1, 4, 4), p, fill=0.0).shape == (0, 1, 4, 4)
 
 
-@pytest.mark.parametrize("call, complaint", [
-    (lambda: apply_shift_flip(torch.zeros(2, 4, 4), ShiftFlip(*[torch.zeros(2, dtype=torch.int64)] * 2,
-                                                                 torch.zeros(2, dtype=torch.bool)), fill=0.0),
-     r"x must be \(N, C, H, W\)"),
-    (lambda: apply_shift_flip(torch.zeros(3, 1, 4, 4), draw_shift_flip(2, max_shift=1, generator=torch.Generator()),
-                              fill=0.0), "2 shift/flip parameters for 3 images"),
-    (lambda: apply_shift_flip(torch.zeros(1, 1, 2, 5), ShiftFlip(torch.tensor([2]), torch.tensor([0]),
-                                                                 torch.tensor([False])), fill=0.0),
-     r"a shift of up to \(2, 0\) pixels \(rows, columns\) empties a 2x5 image"),
-    (lambda: draw_shift_flip(3, max_shift=-1, generator=torch.Generator()), "max_shift must be >= 0"),
-    (lambda: draw_shift_flip(-1, max_shift=1, generator=torch.Generator()), "n must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "call, complaint",
+    [
+        (
+            lambda: apply_shift_flip(
+                torch.zeros(2, 4, 4),
+                ShiftFlip(*[torch.zeros(2, dtype=torch.int64)] * 2, torch.zeros(2, dtype=torch.bool)),
+                fill=0.0,
+            ),
+            r"x must be \(N, C, H, W\)",
+        ),
+        (
+            lambda: apply_shift_flip(
+                torch.zeros(3, 1, 4, 4), draw_shift_flip(2, max_shift=1, generator=torch.Generator()), fill=0.0
+            ),
+            "2 shift/flip parameters for 3 images",
+        ),
+        (
+            lambda: apply_shift_flip(
+                torch.zeros(1, 1, 2, 5),
+                ShiftFlip(torch.tensor([2]), torch.tensor([0]), torch.tensor([False])),
+                fill=0.0,
+            ),
+            r"a shift of up to \(2, 0\) pixels \(rows, columns\) empties a 2x5 image",
+        ),
+        (lambda: draw_shift_flip(3, max_shift=-1, generator=torch.Generator()), "max_shift must be >= 0"),
+        (lambda: draw_shift_flip(-1, max_shift=1, generator=torch.Generator()), "n must be >= 0"),
+    ],
+)
 def test_bad_input_is_a_clear_error(call, complaint: str) -> None:
     with pytest.raises(ValueError, match=complaint):
         call()

@@ -74,10 +74,29 @@ def test_ops_torch_path_uses_it_only_for_stride_1_dilation_1() -> None:
     x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
     for stride, dilation in [((1, 1), (1, 1)), ((2, 2), (1, 1)), ((1, 1), (2, 2))]:
         d = 2 * 9 + 1
-        want = torch_path.conv_a_factor(torch.zeros(torch_path.packed_size(d), dtype=torch.float64), x,
-                                       (3, 3), stride, (1, 1), dilation, True, 1.0, 0.0)
-        got = ops.conv_a_factor(torch.zeros_like(want), x, kernel_size=3, stride=stride, padding=1,
-                                dilation=dilation, has_bias=True, scale=1.0, decay=0.0, backend="torch")
+        want = torch_path.conv_a_factor(
+            torch.zeros(torch_path.packed_size(d), dtype=torch.float64),
+            x,
+            (3, 3),
+            stride,
+            (1, 1),
+            dilation,
+            True,
+            1.0,
+            0.0,
+        )
+        got = ops.conv_a_factor(
+            torch.zeros_like(want),
+            x,
+            kernel_size=3,
+            stride=stride,
+            padding=1,
+            dilation=dilation,
+            has_bias=True,
+            scale=1.0,
+            decay=0.0,
+            backend="torch",
+        )
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-11)
 
 

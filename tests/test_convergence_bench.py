@@ -14,10 +14,33 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_tiny_convergence_study(fmnist_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "conv"
-    cmd = [sys.executable, "bench/convergence.py", "--batch-sizes", "512", "--epochs", "1",
-           "--optimizers", "sgd", "--lrs-sgd", "0.2", "--small-batch", "256", "--lrs-small-sgd",
-           "0.1", "--limit-train", "1024", "--limit-test", "500", "--device", "cpu",
-           "--no-progress", "--data-dir", str(fmnist_dir), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "bench/convergence.py",
+        "--batch-sizes",
+        "512",
+        "--epochs",
+        "1",
+        "--optimizers",
+        "sgd",
+        "--lrs-sgd",
+        "0.2",
+        "--small-batch",
+        "256",
+        "--lrs-small-sgd",
+        "0.1",
+        "--limit-train",
+        "1024",
+        "--limit-test",
+        "500",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--data-dir",
+        str(fmnist_dir),
+        "--out",
+        str(out),
+    ]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "command: " in first.stdout and "bench/convergence.py --batch-sizes 512" in first.stdout
@@ -54,26 +77,42 @@ def test_reuse_compares_trust_coefficient_for_lars_only(tmp_path: Path) -> None:
         logged = dataclasses.asdict(cfg) | {"trust_coefficient": 1e-3}
         trial = tmp_path / name
         trial.mkdir()
-        (trial / "log.json").write_text(json.dumps(
-            {"config": logged, "rows": [], "summary": {"best_test_acc": 0.5}}))
+        (trial / "log.json").write_text(json.dumps({"config": logged, "rows": [], "summary": {"best_test_acc": 0.5}}))
         assert (conv._load_finished(trial, cfg) is not None) is reused, name
-        assert conv._load_finished(trial, dataclasses.replace(cfg, trust_coefficient=1e-3)) \
-            is not None
+        assert conv._load_finished(trial, dataclasses.replace(cfg, trust_coefficient=1e-3)) is not None
 
 
 def test_per_batch_lr_grids_and_asdl_batch_sizes() -> None:
     conv = _load_convergence_module()
-    args = conv.build_parser().parse_args([
-        "--batch-sizes", "1024,8192", "--asdl-kfac-batch-sizes", "8192",
-        "--lrs-sgd", "8192=0.03,0.06", "--lrs-sgd", "0.5", "--lrs-asdl-kfac", "8192=0.04",
-        "--small-batch", "256", "--lrs-small-sgd", "0.1"])
+    args = conv.build_parser().parse_args(
+        [
+            "--batch-sizes",
+            "1024,8192",
+            "--asdl-kfac-batch-sizes",
+            "8192",
+            "--lrs-sgd",
+            "8192=0.03,0.06",
+            "--lrs-sgd",
+            "0.5",
+            "--lrs-asdl-kfac",
+            "8192=0.04",
+            "--small-batch",
+            "256",
+            "--lrs-small-sgd",
+            "0.1",
+        ]
+    )
     plan = conv.build_plan(args, ["sgd", "spngd", "asdl-kfac"])
     scale = (1024 / conv.REFERENCE_BATCH) ** conv.LR_SCALING_POWER
-    default_spngd = [float(f"{conv.DEFAULT_LR['spngd'] * m * scale:.4g}")
-                     for m in conv.GRID_MULTIPLIERS]
-    assert plan == [("sgd", 1024, [0.5]), ("spngd", 1024, default_spngd),
-                    ("sgd", 8192, [0.03, 0.06]), ("spngd", 8192, plan[3][2]),
-                    ("asdl-kfac", 8192, [0.04]), ("sgd", 256, [0.1])]
+    default_spngd = [float(f"{conv.DEFAULT_LR['spngd'] * m * scale:.4g}") for m in conv.GRID_MULTIPLIERS]
+    assert plan == [
+        ("sgd", 1024, [0.5]),
+        ("spngd", 1024, default_spngd),
+        ("sgd", 8192, [0.03, 0.06]),
+        ("spngd", 8192, plan[3][2]),
+        ("asdl-kfac", 8192, [0.04]),
+        ("sgd", 256, [0.1]),
+    ]
     for bad in ("x=0.1", "0=0.1", "4096=", "4096=-1"):
         with pytest.raises(SystemExit):
             conv.build_parser().parse_args(["--lrs-sgd", bad])

@@ -22,17 +22,16 @@ from spngd_ext.train.data import (
 )
 
 
-def make_dataset_dir(directory: Path, n_train: int = 12, n_test: int = 6, gz: bool = True,
-                     seed: int = 0) -> Path:
+def make_dataset_dir(directory: Path, n_train: int = 12, n_test: int = 6, gz: bool = True, seed: int = 0) -> Path:
     """A tiny MNIST-format dataset (random 28x28 images, labels 0..9) in ``directory``."""
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
     suffix = ".gz" if gz else ""
     for split, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(directory / f"{split}-images-idx3-ubyte{suffix}",
-                  rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
-        write_idx(directory / f"{split}-labels-idx1-ubyte{suffix}",
-                  (np.arange(n) % 10).astype(np.uint8))
+        write_idx(
+            directory / f"{split}-images-idx3-ubyte{suffix}", rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        )
+        write_idx(directory / f"{split}-labels-idx1-ubyte{suffix}", (np.arange(n) % 10).astype(np.uint8))
     return directory
 
 
@@ -120,8 +119,12 @@ def test_mismatched_image_and_label_counts(tmp_path: Path) -> None:
 @pytest.fixture
 def isolated_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     """Point the system and cache locations into tmp_path, unset the env var, forbid the network."""
-    paths = {"system": tmp_path / "system", "cache": tmp_path / "cache", "env": tmp_path / "env",
-             "explicit": tmp_path / "explicit"}
+    paths = {
+        "system": tmp_path / "system",
+        "cache": tmp_path / "cache",
+        "env": tmp_path / "env",
+        "explicit": tmp_path / "explicit",
+    }
     monkeypatch.setattr(data, "SYSTEM_DATA_DIR", paths["system"])
     monkeypatch.setattr(data, "CACHE_DATA_DIR", paths["cache"])
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
@@ -162,8 +165,7 @@ def test_explicit_dir_without_files_is_an_error(isolated_search: dict[str, Path]
     assert "SPNGD_DATA_DIR" in str(info.value)  # and how to get the data
 
 
-def test_env_dir_without_files_is_an_error(isolated_search: dict[str, Path],
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_dir_without_files_is_an_error(isolated_search: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     make_dataset_dir(isolated_search["system"])
     monkeypatch.setenv(data.DATA_DIR_ENV, str(isolated_search["env"]))
     with pytest.raises(DataNotFoundError, match=r"\$SPNGD_DATA_DIR: .* is not a directory"):
@@ -171,21 +173,24 @@ def test_env_dir_without_files_is_an_error(isolated_search: dict[str, Path],
 
 
 @pytest.mark.parametrize("download", [True, False])
-def test_nothing_found_explains_how_to_get_the_data(isolated_search: dict[str, Path],
-                                                    download: bool) -> None:
+def test_nothing_found_explains_how_to_get_the_data(isolated_search: dict[str, Path], download: bool) -> None:
     with pytest.raises(DataNotFoundError) as info:
         find_data_dir(download=download)
     message = str(info.value)
-    for hint in ("apt-get install dataset-fashion-mnist", "SPNGD_DATA_DIR", "--data-dir",
-                 str(isolated_search["system"]), str(isolated_search["cache"])):
+    for hint in (
+        "apt-get install dataset-fashion-mnist",
+        "SPNGD_DATA_DIR",
+        "--data-dir",
+        str(isolated_search["system"]),
+        str(isolated_search["cache"]),
+    ):
         assert hint in message
     # A failed download leaves no partial files that could later pass for a dataset.
     cache = isolated_search["cache"]
     assert not cache.exists() or not any(cache.iterdir())
 
 
-def test_download_into_cache(isolated_search: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
-                             tmp_path: Path) -> None:
+def test_download_into_cache(isolated_search: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     mirror = make_dataset_dir(tmp_path / "mirror")
 
     def fake_urlopen(url: str, timeout: float):

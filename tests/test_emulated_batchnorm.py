@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from emulation import DTYPES, run_checked
 
 from spngd_ext.ops import torch_path
-
-from emulation import DTYPES, run_checked
 
 BN_LINE = re.compile(r"sub=(\d+) blocks_per_channel=(\d+) barrier_mismatch=(\d+)")
 
@@ -32,13 +31,23 @@ def _floats(path: Path) -> torch.Tensor:
 
 # (N, C, HW, sms, decay): 1x1 planes, planes shorter than a warp (sub 4, 2), the unrolled loop's
 # tail, large planes, and batch splits across blocks (ticket and workspace), decay 0 over NaN state.
-BN = [(1, 1, 1, 4, 0.9, "f32"), (2, 3, 5, 4, 0.9, "f32"), (3, 2, 4, 4, 0.0, "f32"), (5, 3, 1000, 4, 0.5, "f32"),
-      (40, 2, 33, 4, 0.9, "f32"), (300, 1, 3, 8, 0.0, "f32"), (64, 16, 49, 4, 0.95, "f32"), (9, 5, 130, 132, 0.9, "f32"),
-      (40, 2, 33, 4, 0.9, "f16"), (7, 3, 50, 4, 0.0, "bf16")]
+BN = [
+    (1, 1, 1, 4, 0.9, "f32"),
+    (2, 3, 5, 4, 0.9, "f32"),
+    (3, 2, 4, 4, 0.0, "f32"),
+    (5, 3, 1000, 4, 0.5, "f32"),
+    (40, 2, 33, 4, 0.9, "f32"),
+    (300, 1, 3, 8, 0.0, "f32"),
+    (64, 16, 49, 4, 0.95, "f32"),
+    (9, 5, 130, 132, 0.9, "f32"),
+    (40, 2, 33, 4, 0.9, "f16"),
+    (7, 3, 50, 4, 0.0, "bf16"),
+]
 
 
-@pytest.mark.parametrize("n, c, hw, sms, decay, dtype", BN,
-                         ids=[f"N{n}-C{c}-HW{hw}-sm{s}-decay{d}-{t}" for n, c, hw, s, d, t in BN])
+@pytest.mark.parametrize(
+    "n, c, hw, sms, decay, dtype", BN, ids=[f"N{n}-C{c}-HW{hw}-sm{s}-decay{d}-{t}" for n, c, hw, s, d, t in BN]
+)
 def test_bn_fisher_matches_float64_reference(bn_emulator, tmp_path, n, c, hw, sms, decay, dtype):
     exe, _ = bn_emulator
     gen = torch.Generator().manual_seed(n * 1000 + c * 10 + hw)
@@ -48,8 +57,21 @@ def test_bn_fisher_matches_float64_reference(bn_emulator, tmp_path, n, c, hw, sm
     state = torch.full((c, 3), float("nan")) if decay == 0.0 else torch.randn(c, 3, generator=gen)
     for name, t in (("g", g), ("xh", xh), ("state", state)):
         (tmp_path / f"{name}.bin").write_bytes(t.contiguous().numpy().tobytes())
-    res = _bn_run(exe, "fisher", dtype, str(n), str(c), str(hw), "0.5", str(decay), str(sms), str(tmp_path / "g.bin"),
-                  str(tmp_path / "xh.bin"), str(tmp_path / "state.bin"), str(tmp_path / "out.bin"))
+    res = _bn_run(
+        exe,
+        "fisher",
+        dtype,
+        str(n),
+        str(c),
+        str(hw),
+        "0.5",
+        str(decay),
+        str(sms),
+        str(tmp_path / "g.bin"),
+        str(tmp_path / "xh.bin"),
+        str(tmp_path / "state.bin"),
+        str(tmp_path / "out.bin"),
+    )
     expected = torch_path.bn_unitwise_fisher(state.double().nan_to_num(), g.double(), xh.double(), 0.5, decay)
     got = _floats(tmp_path / "out.bin").reshape(c, 3)
     assert torch.isfinite(got).all()
@@ -72,10 +94,20 @@ def test_bn_solve_matches_float64_reference(bn_emulator, tmp_path):
     gg, gb = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
     for name, t in (("f", fisher), ("gg", gg), ("gb", gb)):
         (tmp_path / f"{name}.bin").write_bytes(t.contiguous().numpy().tobytes())
-    _bn_run(exe, "solve", str(c), "0.001", str(tmp_path / "f.bin"), str(tmp_path / "gg.bin"), str(tmp_path / "gb.bin"),
-            str(tmp_path / "out.bin"))
+    _bn_run(
+        exe,
+        "solve",
+        str(c),
+        "0.001",
+        str(tmp_path / "f.bin"),
+        str(tmp_path / "gg.bin"),
+        str(tmp_path / "gb.bin"),
+        str(tmp_path / "out.bin"),
+    )
     got = _floats(tmp_path / "out.bin").reshape(2, c)
-    eg, eb = torch_path.bn_unitwise_solve(fisher.double(), gg.double(), gb.double(), float(torch.tensor(0.001, dtype=torch.float32)))
+    eg, eb = torch_path.bn_unitwise_solve(
+        fisher.double(), gg.double(), gb.double(), float(torch.tensor(0.001, dtype=torch.float32))
+    )
     assert torch.isfinite(got).all()
     assert torch.equal(got[0, 3:5], gg[3:5]) and torch.equal(got[1, 3:5], gb[3:5]), "fallback to the plain gradient"
     well = torch.ones(c, dtype=torch.bool)

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from emulation import LINE, spd
 
 from spngd_ext.ops import torch_path
-
-from emulation import LINE, spd
 
 
 def _run(exe: Path, *args: str) -> dict:
@@ -26,7 +25,9 @@ def _run(exe: Path, *args: str) -> dict:
 def _invert(exe: Path, tmp_path: Path, a: torch.Tensor, damping: float, threads: int = 0) -> tuple[dict, torch.Tensor]:
     n = a.shape[0]
     tag = {torch.float32: "f32", torch.float64: "f64"}[a.dtype]
-    (tmp_path / "in.bin").write_bytes(torch.cat([a.reshape(-1), torch.tensor([damping], dtype=a.dtype)]).numpy().tobytes())
+    (tmp_path / "in.bin").write_bytes(
+        torch.cat([a.reshape(-1), torch.tensor([damping], dtype=a.dtype)]).numpy().tobytes()
+    )
     res = _run(exe, "cholesky", tag, str(n), str(threads), str(tmp_path / "in.bin"), str(tmp_path / "out.bin"))
     out = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=a.dtype).reshape(n, n)
     return res, out
@@ -57,7 +58,9 @@ def test_block_inverse_matches_float64_reference(cholesky_emulator, tmp_path, n,
     assert torch.equal(out, out.T), "the two triangles must be written with the same values"
     lower = torch.tril(m.to(torch.float64))
     sym = lower + torch.tril(lower, -1).T
-    expected, info = torch_path.cholesky_inverse_damped(sym[None], torch.tensor([float(torch.tensor(damping, dtype=dtype))], dtype=torch.float64))
+    expected, info = torch_path.cholesky_inverse_damped(
+        sym[None], torch.tensor([float(torch.tensor(damping, dtype=dtype))], dtype=torch.float64)
+    )
     assert int(info[0]) == 0
     rel = float(torch.linalg.norm(out.double() - expected[0]) / torch.linalg.norm(expected[0]))
     assert rel < (2e-6 if dtype == torch.float32 else 1e-13), rel
@@ -81,7 +84,9 @@ def test_block_inverse_flags_the_failed_pivot(cholesky_emulator, tmp_path, n, fa
     assert res["info"] == expected
 
 
-@pytest.mark.parametrize("broken, check", [("race", "races"), ("oob", "out_of_bounds"), ("barrier", "barrier_mismatch")])
+@pytest.mark.parametrize(
+    "broken, check", [("race", "races"), ("oob", "out_of_bounds"), ("barrier", "barrier_mismatch")]
+)
 def test_emulator_checks_fire_on_a_broken_block(cholesky_emulator, broken, check):
     res = _run(cholesky_emulator, "selftest", broken)
     assert res[check] > 0, f"the {check} check did not fire on the {broken!r} self-test"

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from emulation import DTYPES, run_checked
 
 from spngd_ext.ops import torch_path
-
-from emulation import DTYPES, run_checked
 
 PACK_LINE = re.compile(r"launches=(\d+) barrier_mismatch=(\d+)")
 
@@ -40,7 +39,9 @@ PACK = [
 ]
 
 
-@pytest.mark.parametrize("sizes, dtypes, layouts, out", PACK, ids=[f"{len(p[0])}mats-{p[3]}-{i}" for i, p in enumerate(PACK)])
+@pytest.mark.parametrize(
+    "sizes, dtypes, layouts, out", PACK, ids=[f"{len(p[0])}mats-{p[3]}-{i}" for i, p in enumerate(PACK)]
+)
 def test_pack_upper_matches_reference(pack_emulator, tmp_path, sizes, dtypes, layouts, out):
     exe, _ = pack_emulator
     gen = torch.Generator().manual_seed(len(sizes))
@@ -55,12 +56,20 @@ def test_pack_upper_matches_reference(pack_emulator, tmp_path, sizes, dtypes, la
     assert torch.equal(got, expected), float((got - expected).abs().max())
 
 
-UNPACK = [([1, 2, 5, 33], "f32", "f32", 0), ([7, 40, 3], "bf16", "f32", 5), ([33, 64, 65], "f32", "bf16", 0),
-          ([9, 1], "f16", "f64", 3), ([31], "f64", "f16", 0), ([2] * 130 + [3] * 130, "f32", "f32", 1),
-          ([0, 4, 0, 7], "f32", "f32", 2)]
+UNPACK = [
+    ([1, 2, 5, 33], "f32", "f32", 0),
+    ([7, 40, 3], "bf16", "f32", 5),
+    ([33, 64, 65], "f32", "bf16", 0),
+    ([9, 1], "f16", "f64", 3),
+    ([31], "f64", "f16", 0),
+    ([2] * 130 + [3] * 130, "f32", "f32", 1),
+    ([0, 4, 0, 7], "f32", "f32", 2),
+]
 
 
-@pytest.mark.parametrize("sizes, src, out, offset", UNPACK, ids=[f"{len(u[0])}mats-{u[1]}-{u[2]}-off{u[3]}" for u in UNPACK])
+@pytest.mark.parametrize(
+    "sizes, src, out, offset", UNPACK, ids=[f"{len(u[0])}mats-{u[1]}-{u[2]}-off{u[3]}" for u in UNPACK]
+)
 def test_unpack_upper_matches_reference(pack_emulator, tmp_path, sizes, src, out, offset):
     exe, _ = pack_emulator
     gen = torch.Generator().manual_seed(len(sizes) + offset)
@@ -69,14 +78,23 @@ def test_unpack_upper_matches_reference(pack_emulator, tmp_path, sizes, src, out
     scale = torch.rand(len(sizes), generator=gen) + 0.5
     (tmp_path / "in.bin").write_bytes(buffer.double().numpy().tobytes())
     (tmp_path / "scale.bin").write_bytes(scale.numpy().tobytes())
-    launches = _pack_run(exe, "unpack", src, out, str(offset), str(tmp_path / "in.bin"), str(tmp_path / "scale.bin"),
-                         str(tmp_path / "out.bin"), *map(str, sizes))
+    launches = _pack_run(
+        exe,
+        "unpack",
+        src,
+        out,
+        str(offset),
+        str(tmp_path / "in.bin"),
+        str(tmp_path / "scale.bin"),
+        str(tmp_path / "out.bin"),
+        *map(str, sizes),
+    )
     assert launches == (2 if len(sizes) > 256 else 1)
     got = _doubles(tmp_path / "out.bin")
     expected = torch_path.unpack_upper(buffer.double(), sizes, scale.double(), torch.float64, offset)
     pos = 0
     for n, e in zip(sizes, expected):
-        g = got[pos:pos + n * n].view(n, n)
+        g = got[pos : pos + n * n].view(n, n)
         pos += n * n
         assert not torch.isnan(g).any(), f"an element of the {n}x{n} output was not written"
         assert torch.equal(g, g.T)

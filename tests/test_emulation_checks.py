@@ -9,7 +9,6 @@ import subprocess
 
 import pytest
 import torch
-
 from emulation import BN_HARNESS, HARNESS, LINE, PACK_HARNESS, ROOT, SYRK_HARNESS, build, spd, torch_includes
 
 
@@ -17,7 +16,9 @@ from emulation import BN_HARNESS, HARNESS, LINE, PACK_HARNESS, ROOT, SYRK_HARNES
 def test_emulation_has_threadsanitizer(request, which):
     _, tsan = request.getfixturevalue(f"{which}_emulator")
     if not tsan:  # with SPNGD_REQUIRE_TSAN set (as in CI) the fixture fails instead
-        pytest.skip(f"g++ -fsanitize=thread is unavailable (libtsan missing): the {which} cases ran without the race check")
+        pytest.skip(
+            f"g++ -fsanitize=thread is unavailable (libtsan missing): the {which} cases ran without the race check"
+        )
 
 
 # ------------------------------------------------------------------- a missing barrier is caught
@@ -40,7 +41,7 @@ def test_removing_a_needed_barrier_is_reported(kernel, tmp_path):
     text = (mutant / header).read_text()
     at = text.index(anchor)
     cut = text.rindex("__syncthreads();", 0, at)
-    (mutant / header).write_text(text[:cut] + "/* barrier removed */" + text[cut + len("__syncthreads();"):])
+    (mutant / header).write_text(text[:cut] + "/* barrier removed */" + text[cut + len("__syncthreads();") :])
     exe = tmp_path / "mutant"
     tsan = () if kernel == "cholesky" else ("-g", "-fsanitize=thread")
     done = build(harness, exe, f"-I{tmp_path}", *torch_includes(), *tsan)
@@ -55,18 +56,51 @@ def test_removing_a_needed_barrier_is_reported(kernel, tmp_path):
     elif kernel == "syrk":
         (tmp_path / "x.bin").write_bytes(torch.randn(300, 65).numpy().tobytes())
         (tmp_path / "s.bin").write_bytes(torch.zeros(65 * 66 // 2).numpy().tobytes())
-        args = ["dense", "rows=300", "cols=65", "s0=65", "s1=1", "scale=1", "decay=0.5", "sms=4", "max_ws=19500",
-                f"x={tmp_path / 'x.bin'}", f"state={tmp_path / 's.bin'}", f"out={tmp_path / 'o.bin'}"]
+        args = [
+            "dense",
+            "rows=300",
+            "cols=65",
+            "s0=65",
+            "s1=1",
+            "scale=1",
+            "decay=0.5",
+            "sms=4",
+            "max_ws=19500",
+            f"x={tmp_path / 'x.bin'}",
+            f"state={tmp_path / 's.bin'}",
+            f"out={tmp_path / 'o.bin'}",
+        ]
     elif kernel == "bn":
         for name in ("g", "xh"):
             (tmp_path / f"{name}.bin").write_bytes(torch.randn(40, 2, 33).numpy().tobytes())
         (tmp_path / "s.bin").write_bytes(torch.zeros(2, 3).numpy().tobytes())
-        args = ["fisher", "f32", "40", "2", "33", "1", "0.5", "4", str(tmp_path / "g.bin"), str(tmp_path / "xh.bin"),
-                str(tmp_path / "s.bin"), str(tmp_path / "o.bin")]
+        args = [
+            "fisher",
+            "f32",
+            "40",
+            "2",
+            "33",
+            "1",
+            "0.5",
+            "4",
+            str(tmp_path / "g.bin"),
+            str(tmp_path / "xh.bin"),
+            str(tmp_path / "s.bin"),
+            str(tmp_path / "o.bin"),
+        ]
     else:
         (tmp_path / "in.bin").write_bytes(torch.randn(33 * 34 // 2, dtype=torch.float64).numpy().tobytes())
         (tmp_path / "sc.bin").write_bytes(torch.ones(1).numpy().tobytes())
-        args = ["unpack", "f32", "f32", "0", str(tmp_path / "in.bin"), str(tmp_path / "sc.bin"), str(tmp_path / "o.bin"), "33"]
+        args = [
+            "unpack",
+            "f32",
+            "f32",
+            "0",
+            str(tmp_path / "in.bin"),
+            str(tmp_path / "sc.bin"),
+            str(tmp_path / "o.bin"),
+            "33",
+        ]
     run = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300, env=env)
     if kernel == "cholesky":
         assert int(LINE.search(run.stdout).group(3)) > 0, "the race detector missed the removed barrier"
@@ -90,8 +124,20 @@ def test_a_ticket_that_assumes_the_block_order_is_caught(tmp_path):
     for name in ("g", "xh"):
         (tmp_path / f"{name}.bin").write_bytes(torch.randn(40, 2, 33).numpy().tobytes())
     (tmp_path / "s.bin").write_bytes(torch.zeros(2, 3).numpy().tobytes())
-    args = ["fisher", "f32", "40", "2", "33", "1", "0.5", "4", str(tmp_path / "g.bin"), str(tmp_path / "xh.bin"),
-            str(tmp_path / "s.bin"), str(tmp_path / "o.bin")]
+    args = [
+        "fisher",
+        "f32",
+        "40",
+        "2",
+        "33",
+        "1",
+        "0.5",
+        "4",
+        str(tmp_path / "g.bin"),
+        str(tmp_path / "xh.bin"),
+        str(tmp_path / "s.bin"),
+        str(tmp_path / "o.bin"),
+    ]
     outs = {}
     for order in ("forward", "reverse"):
         env = dict(os.environ, SPNGD_EMU_BLOCK_ORDER=order)

@@ -6,21 +6,19 @@ import warnings
 
 import pytest
 import torch
+from fault_helpers import (
+    Net,
+    all_finite,
+    data,
+    forward_backward,
+    skip_test_optimizer,
+    spngd_warnings,
+    train,
+)
 from torch import nn
 
 from spngd_ext import SPNGD, cuda_ops_available, extension_loaded, ops
 from spngd_ext.ops.torch_path import packed_size
-
-from fault_helpers import (
-    Net,
-    data,
-    forward_backward,
-    train,
-    all_finite,
-    spngd_warnings,
-    skip_test_optimizer,
-)
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -42,89 +40,454 @@ _MOM = dict(lr=0.1, momentum=0.9, weight_decay=0.0)
 # (id, call, exception type, message regex): the message names the op and the argument.
 BAD_OP_INPUTS = [
     # ---- pack_upper
-    ("pack_upper-dtype", lambda: ops.pack_upper([torch.ones(2, 2, dtype=torch.int64)]), TypeError, r"pack_upper: mats\[0\] must be a floating"),
-    ("pack_upper-not-tensor", lambda: ops.pack_upper([[1.0, 2.0]]), TypeError, r"pack_upper: mats\[0\] must be a torch.Tensor"),
+    (
+        "pack_upper-dtype",
+        lambda: ops.pack_upper([torch.ones(2, 2, dtype=torch.int64)]),
+        TypeError,
+        r"pack_upper: mats\[0\] must be a floating",
+    ),
+    (
+        "pack_upper-not-tensor",
+        lambda: ops.pack_upper([[1.0, 2.0]]),
+        TypeError,
+        r"pack_upper: mats\[0\] must be a torch.Tensor",
+    ),
     ("pack_upper-1d", lambda: ops.pack_upper([torch.ones(4)]), ValueError, r"pack_upper: mats\[0\] must be 2-D"),
-    ("pack_upper-not-square", lambda: ops.pack_upper([torch.ones(2, 2), torch.ones(2, 3)]), ValueError, r"pack_upper: mats\[1\] must be square"),
-    ("pack_upper-devices", lambda: ops.pack_upper([torch.ones(2, 2), torch.ones(2, 2, device="meta")]), ValueError, r"pack_upper: all tensors must be on one device.*mats\[1\] on meta"),
-    ("pack_upper-out-dtype", lambda: ops.pack_upper([torch.ones(2, 2)], dtype=torch.int32), TypeError, r"pack_upper: dtype"),
-    ("pack_upper-backend", lambda: ops.pack_upper([torch.ones(2, 2)], backend="gpu"), ValueError, r"pack_upper: backend must be one of"),
+    (
+        "pack_upper-not-square",
+        lambda: ops.pack_upper([torch.ones(2, 2), torch.ones(2, 3)]),
+        ValueError,
+        r"pack_upper: mats\[1\] must be square",
+    ),
+    (
+        "pack_upper-devices",
+        lambda: ops.pack_upper([torch.ones(2, 2), torch.ones(2, 2, device="meta")]),
+        ValueError,
+        r"pack_upper: all tensors must be on one device.*mats\[1\] on meta",
+    ),
+    (
+        "pack_upper-out-dtype",
+        lambda: ops.pack_upper([torch.ones(2, 2)], dtype=torch.int32),
+        TypeError,
+        r"pack_upper: dtype",
+    ),
+    (
+        "pack_upper-backend",
+        lambda: ops.pack_upper([torch.ones(2, 2)], backend="gpu"),
+        ValueError,
+        r"pack_upper: backend must be one of",
+    ),
     # ---- unpack_upper
-    ("unpack_upper-dtype", lambda: ops.unpack_upper(torch.ones(3, dtype=torch.int64), [2]), TypeError, r"unpack_upper: buffer must be a floating"),
-    ("unpack_upper-2d", lambda: ops.unpack_upper(torch.ones(3, 1), [2]), ValueError, r"unpack_upper: buffer must be 1-D"),
-    ("unpack_upper-too-short", lambda: ops.unpack_upper(torch.ones(5), [3]), ValueError, r"unpack_upper: buffer has 5 elements.*need 6"),
-    ("unpack_upper-offset", lambda: ops.unpack_upper(torch.ones(6), [3], offset=1), ValueError, r"unpack_upper: buffer has 6 elements.*offset 1 need 7"),
-    ("unpack_upper-negative-offset", lambda: ops.unpack_upper(torch.ones(6), [1], offset=-1), ValueError, r"unpack_upper: .*offset -1"),
-    ("unpack_upper-size", lambda: ops.unpack_upper(torch.ones(6), [0]), ValueError, r"unpack_upper: sizes must be positive"),
-    ("unpack_upper-scale-shape", lambda: ops.unpack_upper(torch.ones(6), [2, 1], scale=torch.ones(3)), ValueError, r"unpack_upper: scale must be"),
-    ("unpack_upper-devices", lambda: ops.unpack_upper(torch.ones(6), [2, 1], scale=torch.ones(2, device="meta")), ValueError, r"unpack_upper: all tensors must be on one device.*scale on meta"),
-    ("unpack_upper-out-dtype", lambda: ops.unpack_upper(torch.ones(3), [2], dtype=torch.int64), TypeError, r"unpack_upper: dtype"),
-    ("unpack_upper-backend", lambda: ops.unpack_upper(torch.ones(3), [2], backend="tpu"), ValueError, r"unpack_upper: backend must be one of"),
+    (
+        "unpack_upper-dtype",
+        lambda: ops.unpack_upper(torch.ones(3, dtype=torch.int64), [2]),
+        TypeError,
+        r"unpack_upper: buffer must be a floating",
+    ),
+    (
+        "unpack_upper-2d",
+        lambda: ops.unpack_upper(torch.ones(3, 1), [2]),
+        ValueError,
+        r"unpack_upper: buffer must be 1-D",
+    ),
+    (
+        "unpack_upper-too-short",
+        lambda: ops.unpack_upper(torch.ones(5), [3]),
+        ValueError,
+        r"unpack_upper: buffer has 5 elements.*need 6",
+    ),
+    (
+        "unpack_upper-offset",
+        lambda: ops.unpack_upper(torch.ones(6), [3], offset=1),
+        ValueError,
+        r"unpack_upper: buffer has 6 elements.*offset 1 need 7",
+    ),
+    (
+        "unpack_upper-negative-offset",
+        lambda: ops.unpack_upper(torch.ones(6), [1], offset=-1),
+        ValueError,
+        r"unpack_upper: .*offset -1",
+    ),
+    (
+        "unpack_upper-size",
+        lambda: ops.unpack_upper(torch.ones(6), [0]),
+        ValueError,
+        r"unpack_upper: sizes must be positive",
+    ),
+    (
+        "unpack_upper-scale-shape",
+        lambda: ops.unpack_upper(torch.ones(6), [2, 1], scale=torch.ones(3)),
+        ValueError,
+        r"unpack_upper: scale must be",
+    ),
+    (
+        "unpack_upper-devices",
+        lambda: ops.unpack_upper(torch.ones(6), [2, 1], scale=torch.ones(2, device="meta")),
+        ValueError,
+        r"unpack_upper: all tensors must be on one device.*scale on meta",
+    ),
+    (
+        "unpack_upper-out-dtype",
+        lambda: ops.unpack_upper(torch.ones(3), [2], dtype=torch.int64),
+        TypeError,
+        r"unpack_upper: dtype",
+    ),
+    (
+        "unpack_upper-backend",
+        lambda: ops.unpack_upper(torch.ones(3), [2], backend="tpu"),
+        ValueError,
+        r"unpack_upper: backend must be one of",
+    ),
     # ---- accumulate_factor
-    ("accumulate_factor-x-dtype", lambda: ops.accumulate_factor(_s(2), torch.ones(4, 2, dtype=torch.int64), **_ACC), TypeError, r"accumulate_factor: x must be a floating"),
-    ("accumulate_factor-state-dtype", lambda: ops.accumulate_factor(_s(2, dtype=torch.bfloat16), _x(4, 2), **_ACC), TypeError, r"accumulate_factor: state must be float32 or float64"),
-    ("accumulate_factor-x-shape", lambda: ops.accumulate_factor(_s(2), _x(4, 2, 1), **_ACC), ValueError, r"accumulate_factor: x must be 2-D"),
-    ("accumulate_factor-state-size", lambda: ops.accumulate_factor(_s(3), _x(4, 2), **_ACC), ValueError, r"accumulate_factor: state must have 3 elements, got 6"),
-    ("accumulate_factor-state-layout", lambda: ops.accumulate_factor(torch.zeros(6)[::2], _x(4, 2), **_ACC), ValueError, r"accumulate_factor: state must be contiguous"),
-    ("accumulate_factor-state-none", lambda: ops.accumulate_factor(None, _x(4, 2), **_ACC), TypeError, r"accumulate_factor: state must be a torch.Tensor"),
-    ("accumulate_factor-devices", lambda: ops.accumulate_factor(_s(2), _x(4, 2, device="meta"), **_ACC), ValueError, r"accumulate_factor: all tensors must be on one device.*x on meta"),
-    ("accumulate_factor-backend", lambda: ops.accumulate_factor(_s(2), _x(4, 2), **_ACC, backend="numpy"), ValueError, r"accumulate_factor: backend must be one of"),
+    (
+        "accumulate_factor-x-dtype",
+        lambda: ops.accumulate_factor(_s(2), torch.ones(4, 2, dtype=torch.int64), **_ACC),
+        TypeError,
+        r"accumulate_factor: x must be a floating",
+    ),
+    (
+        "accumulate_factor-state-dtype",
+        lambda: ops.accumulate_factor(_s(2, dtype=torch.bfloat16), _x(4, 2), **_ACC),
+        TypeError,
+        r"accumulate_factor: state must be float32 or float64",
+    ),
+    (
+        "accumulate_factor-x-shape",
+        lambda: ops.accumulate_factor(_s(2), _x(4, 2, 1), **_ACC),
+        ValueError,
+        r"accumulate_factor: x must be 2-D",
+    ),
+    (
+        "accumulate_factor-state-size",
+        lambda: ops.accumulate_factor(_s(3), _x(4, 2), **_ACC),
+        ValueError,
+        r"accumulate_factor: state must have 3 elements, got 6",
+    ),
+    (
+        "accumulate_factor-state-layout",
+        lambda: ops.accumulate_factor(torch.zeros(6)[::2], _x(4, 2), **_ACC),
+        ValueError,
+        r"accumulate_factor: state must be contiguous",
+    ),
+    (
+        "accumulate_factor-state-none",
+        lambda: ops.accumulate_factor(None, _x(4, 2), **_ACC),
+        TypeError,
+        r"accumulate_factor: state must be a torch.Tensor",
+    ),
+    (
+        "accumulate_factor-devices",
+        lambda: ops.accumulate_factor(_s(2), _x(4, 2, device="meta"), **_ACC),
+        ValueError,
+        r"accumulate_factor: all tensors must be on one device.*x on meta",
+    ),
+    (
+        "accumulate_factor-backend",
+        lambda: ops.accumulate_factor(_s(2), _x(4, 2), **_ACC, backend="numpy"),
+        ValueError,
+        r"accumulate_factor: backend must be one of",
+    ),
     # ---- conv_a_factor
-    ("conv_a_factor-x-dtype", lambda: ops.conv_a_factor(_s(9), torch.ones(1, 1, 4, 4, dtype=torch.int64), **_CONV), TypeError, r"conv_a_factor: x must be a floating"),
-    ("conv_a_factor-state-dtype", lambda: ops.conv_a_factor(_s(9, dtype=torch.float16), _x(1, 1, 4, 4), **_CONV), TypeError, r"conv_a_factor: state must be float32 or float64"),
-    ("conv_a_factor-x-shape", lambda: ops.conv_a_factor(_s(9), _x(1, 4, 4), **_CONV), ValueError, r"conv_a_factor: x must be 4-D"),
-    ("conv_a_factor-state-size", lambda: ops.conv_a_factor(_s(10), _x(1, 1, 4, 4), **_CONV), ValueError, r"conv_a_factor: state must have 45 elements"),
-    ("conv_a_factor-state-layout", lambda: ops.conv_a_factor(torch.zeros(90)[::2], _x(1, 1, 4, 4), **_CONV), ValueError, r"conv_a_factor: state must be contiguous"),
-    ("conv_a_factor-stride", lambda: ops.conv_a_factor(_s(9), _x(1, 1, 4, 4), **_CONV, stride=0), ValueError, r"conv_a_factor: need kernel_size, stride"),
-    ("conv_a_factor-padding", lambda: ops.conv_a_factor(_s(9), _x(1, 1, 4, 4), **_CONV, padding=-1), ValueError, r"conv_a_factor: need kernel_size.*padding >= 0"),
-    ("conv_a_factor-kernel-triple", lambda: ops.conv_a_factor(_s(9), _x(1, 1, 4, 4), kernel_size=(3, 3, 3), has_bias=False, scale=1.0, decay=0.0), ValueError, r"conv_a_factor: kernel_size must be an int or a pair"),
-    ("conv_a_factor-kernel-too-big", lambda: ops.conv_a_factor(_s(9), _x(1, 1, 2, 2), **_CONV), ValueError, r"conv_a_factor: .*kernel"),
-    ("conv_a_factor-devices", lambda: ops.conv_a_factor(_s(9), _x(1, 1, 4, 4, device="meta"), **_CONV), ValueError, r"conv_a_factor: all tensors must be on one device.*x on meta"),
-    ("conv_a_factor-backend", lambda: ops.conv_a_factor(_s(9), _x(1, 1, 4, 4), **_CONV, backend="x"), ValueError, r"conv_a_factor: backend must be one of"),
+    (
+        "conv_a_factor-x-dtype",
+        lambda: ops.conv_a_factor(_s(9), torch.ones(1, 1, 4, 4, dtype=torch.int64), **_CONV),
+        TypeError,
+        r"conv_a_factor: x must be a floating",
+    ),
+    (
+        "conv_a_factor-state-dtype",
+        lambda: ops.conv_a_factor(_s(9, dtype=torch.float16), _x(1, 1, 4, 4), **_CONV),
+        TypeError,
+        r"conv_a_factor: state must be float32 or float64",
+    ),
+    (
+        "conv_a_factor-x-shape",
+        lambda: ops.conv_a_factor(_s(9), _x(1, 4, 4), **_CONV),
+        ValueError,
+        r"conv_a_factor: x must be 4-D",
+    ),
+    (
+        "conv_a_factor-state-size",
+        lambda: ops.conv_a_factor(_s(10), _x(1, 1, 4, 4), **_CONV),
+        ValueError,
+        r"conv_a_factor: state must have 45 elements",
+    ),
+    (
+        "conv_a_factor-state-layout",
+        lambda: ops.conv_a_factor(torch.zeros(90)[::2], _x(1, 1, 4, 4), **_CONV),
+        ValueError,
+        r"conv_a_factor: state must be contiguous",
+    ),
+    (
+        "conv_a_factor-stride",
+        lambda: ops.conv_a_factor(_s(9), _x(1, 1, 4, 4), **_CONV, stride=0),
+        ValueError,
+        r"conv_a_factor: need kernel_size, stride",
+    ),
+    (
+        "conv_a_factor-padding",
+        lambda: ops.conv_a_factor(_s(9), _x(1, 1, 4, 4), **_CONV, padding=-1),
+        ValueError,
+        r"conv_a_factor: need kernel_size.*padding >= 0",
+    ),
+    (
+        "conv_a_factor-kernel-triple",
+        lambda: ops.conv_a_factor(_s(9), _x(1, 1, 4, 4), kernel_size=(3, 3, 3), has_bias=False, scale=1.0, decay=0.0),
+        ValueError,
+        r"conv_a_factor: kernel_size must be an int or a pair",
+    ),
+    (
+        "conv_a_factor-kernel-too-big",
+        lambda: ops.conv_a_factor(_s(9), _x(1, 1, 2, 2), **_CONV),
+        ValueError,
+        r"conv_a_factor: .*kernel",
+    ),
+    (
+        "conv_a_factor-devices",
+        lambda: ops.conv_a_factor(_s(9), _x(1, 1, 4, 4, device="meta"), **_CONV),
+        ValueError,
+        r"conv_a_factor: all tensors must be on one device.*x on meta",
+    ),
+    (
+        "conv_a_factor-backend",
+        lambda: ops.conv_a_factor(_s(9), _x(1, 1, 4, 4), **_CONV, backend="x"),
+        ValueError,
+        r"conv_a_factor: backend must be one of",
+    ),
     # ---- cholesky_inverse_damped
-    ("cholesky_inverse_damped-dtype", lambda: ops.cholesky_inverse_damped(torch.eye(2, dtype=torch.bfloat16)[None], 1.0), TypeError, r"cholesky_inverse_damped: mats must be float32 or float64"),
-    ("cholesky_inverse_damped-int", lambda: ops.cholesky_inverse_damped(torch.ones(1, 2, 2, dtype=torch.int32), 1.0), TypeError, r"cholesky_inverse_damped: mats must be a floating"),
-    ("cholesky_inverse_damped-2d", lambda: ops.cholesky_inverse_damped(torch.eye(2), 1.0), ValueError, r"cholesky_inverse_damped: mats must be 3-D"),
-    ("cholesky_inverse_damped-not-square", lambda: ops.cholesky_inverse_damped(torch.ones(1, 2, 3), 1.0), ValueError, r"cholesky_inverse_damped: mats must be \(B, n, n\)"),
-    ("cholesky_inverse_damped-damping-shape", lambda: ops.cholesky_inverse_damped(torch.ones(2, 2, 2), torch.ones(3)), ValueError, r"cholesky_inverse_damped: damping must be a float or a \(2,\) tensor"),
-    ("cholesky_inverse_damped-devices", lambda: ops.cholesky_inverse_damped(torch.ones(2, 2, 2), torch.ones(2, device="meta")), ValueError, r"cholesky_inverse_damped: all tensors must be on one device.*damping on meta"),
-    ("cholesky_inverse_damped-backend", lambda: ops.cholesky_inverse_damped(torch.ones(2, 2, 2), 1.0, backend="cpu"), ValueError, r"cholesky_inverse_damped: backend must be one of"),
+    (
+        "cholesky_inverse_damped-dtype",
+        lambda: ops.cholesky_inverse_damped(torch.eye(2, dtype=torch.bfloat16)[None], 1.0),
+        TypeError,
+        r"cholesky_inverse_damped: mats must be float32 or float64",
+    ),
+    (
+        "cholesky_inverse_damped-int",
+        lambda: ops.cholesky_inverse_damped(torch.ones(1, 2, 2, dtype=torch.int32), 1.0),
+        TypeError,
+        r"cholesky_inverse_damped: mats must be a floating",
+    ),
+    (
+        "cholesky_inverse_damped-2d",
+        lambda: ops.cholesky_inverse_damped(torch.eye(2), 1.0),
+        ValueError,
+        r"cholesky_inverse_damped: mats must be 3-D",
+    ),
+    (
+        "cholesky_inverse_damped-not-square",
+        lambda: ops.cholesky_inverse_damped(torch.ones(1, 2, 3), 1.0),
+        ValueError,
+        r"cholesky_inverse_damped: mats must be \(B, n, n\)",
+    ),
+    (
+        "cholesky_inverse_damped-damping-shape",
+        lambda: ops.cholesky_inverse_damped(torch.ones(2, 2, 2), torch.ones(3)),
+        ValueError,
+        r"cholesky_inverse_damped: damping must be a float or a \(2,\) tensor",
+    ),
+    (
+        "cholesky_inverse_damped-devices",
+        lambda: ops.cholesky_inverse_damped(torch.ones(2, 2, 2), torch.ones(2, device="meta")),
+        ValueError,
+        r"cholesky_inverse_damped: all tensors must be on one device.*damping on meta",
+    ),
+    (
+        "cholesky_inverse_damped-backend",
+        lambda: ops.cholesky_inverse_damped(torch.ones(2, 2, 2), 1.0, backend="cpu"),
+        ValueError,
+        r"cholesky_inverse_damped: backend must be one of",
+    ),
     # ---- bn_unitwise_fisher
-    ("bn_unitwise_fisher-dtype", lambda: ops.bn_unitwise_fisher(torch.zeros(3, 3), torch.ones(4, 3, dtype=torch.int64), _x(4, 3), **_BN), TypeError, r"bn_unitwise_fisher: grad_out must be a floating"),
-    ("bn_unitwise_fisher-state-dtype", lambda: ops.bn_unitwise_fisher(torch.zeros(3, 3, dtype=torch.bfloat16), _x(4, 3), _x(4, 3), **_BN), TypeError, r"bn_unitwise_fisher: state must be a contiguous float32/float64"),
-    ("bn_unitwise_fisher-shapes", lambda: ops.bn_unitwise_fisher(torch.zeros(3, 3), _x(4, 3), _x(4, 2), **_BN), ValueError, r"bn_unitwise_fisher: grad_out and xhat must share one"),
-    ("bn_unitwise_fisher-1d", lambda: ops.bn_unitwise_fisher(torch.zeros(3, 3), _x(4), _x(4), **_BN), ValueError, r"bn_unitwise_fisher: grad_out and xhat must share one \(N, C, \*\) shape"),
-    ("bn_unitwise_fisher-state-shape", lambda: ops.bn_unitwise_fisher(torch.zeros(3, 2), _x(4, 3), _x(4, 3), **_BN), ValueError, r"bn_unitwise_fisher: state must be \(3, 3\)"),
-    ("bn_unitwise_fisher-state-layout", lambda: ops.bn_unitwise_fisher(torch.zeros(3, 3).t(), _x(4, 3), _x(4, 3), **_BN), (TypeError, ValueError), r"bn_unitwise_fisher: state must be .*contiguous"),
-    ("bn_unitwise_fisher-state-none", lambda: ops.bn_unitwise_fisher(None, _x(4, 3), _x(4, 3), **_BN), TypeError, r"bn_unitwise_fisher: state must be a torch.Tensor"),
-    ("bn_unitwise_fisher-devices", lambda: ops.bn_unitwise_fisher(torch.zeros(3, 3), _x(4, 3), _x(4, 3, device="meta"), **_BN), ValueError, r"bn_unitwise_fisher: all tensors must be on one device.*xhat on meta"),
-    ("bn_unitwise_fisher-backend", lambda: ops.bn_unitwise_fisher(torch.zeros(3, 3), _x(4, 3), _x(4, 3), **_BN, backend="CUDA"), ValueError, r"bn_unitwise_fisher: backend must be one of"),
+    (
+        "bn_unitwise_fisher-dtype",
+        lambda: ops.bn_unitwise_fisher(torch.zeros(3, 3), torch.ones(4, 3, dtype=torch.int64), _x(4, 3), **_BN),
+        TypeError,
+        r"bn_unitwise_fisher: grad_out must be a floating",
+    ),
+    (
+        "bn_unitwise_fisher-state-dtype",
+        lambda: ops.bn_unitwise_fisher(torch.zeros(3, 3, dtype=torch.bfloat16), _x(4, 3), _x(4, 3), **_BN),
+        TypeError,
+        r"bn_unitwise_fisher: state must be a contiguous float32/float64",
+    ),
+    (
+        "bn_unitwise_fisher-shapes",
+        lambda: ops.bn_unitwise_fisher(torch.zeros(3, 3), _x(4, 3), _x(4, 2), **_BN),
+        ValueError,
+        r"bn_unitwise_fisher: grad_out and xhat must share one",
+    ),
+    (
+        "bn_unitwise_fisher-1d",
+        lambda: ops.bn_unitwise_fisher(torch.zeros(3, 3), _x(4), _x(4), **_BN),
+        ValueError,
+        r"bn_unitwise_fisher: grad_out and xhat must share one \(N, C, \*\) shape",
+    ),
+    (
+        "bn_unitwise_fisher-state-shape",
+        lambda: ops.bn_unitwise_fisher(torch.zeros(3, 2), _x(4, 3), _x(4, 3), **_BN),
+        ValueError,
+        r"bn_unitwise_fisher: state must be \(3, 3\)",
+    ),
+    (
+        "bn_unitwise_fisher-state-layout",
+        lambda: ops.bn_unitwise_fisher(torch.zeros(3, 3).t(), _x(4, 3), _x(4, 3), **_BN),
+        (TypeError, ValueError),
+        r"bn_unitwise_fisher: state must be .*contiguous",
+    ),
+    (
+        "bn_unitwise_fisher-state-none",
+        lambda: ops.bn_unitwise_fisher(None, _x(4, 3), _x(4, 3), **_BN),
+        TypeError,
+        r"bn_unitwise_fisher: state must be a torch.Tensor",
+    ),
+    (
+        "bn_unitwise_fisher-devices",
+        lambda: ops.bn_unitwise_fisher(torch.zeros(3, 3), _x(4, 3), _x(4, 3, device="meta"), **_BN),
+        ValueError,
+        r"bn_unitwise_fisher: all tensors must be on one device.*xhat on meta",
+    ),
+    (
+        "bn_unitwise_fisher-backend",
+        lambda: ops.bn_unitwise_fisher(torch.zeros(3, 3), _x(4, 3), _x(4, 3), **_BN, backend="CUDA"),
+        ValueError,
+        r"bn_unitwise_fisher: backend must be one of",
+    ),
     # ---- bn_unitwise_solve
-    ("bn_unitwise_solve-dtype", lambda: ops.bn_unitwise_solve(torch.zeros(3, 3), torch.ones(3, dtype=torch.int64), _x(3), damping=1.0), TypeError, r"bn_unitwise_solve: grad_gamma must be a floating"),
-    ("bn_unitwise_solve-fisher-shape", lambda: ops.bn_unitwise_solve(torch.zeros(3, 2), _x(3), _x(3), damping=1.0), ValueError, r"bn_unitwise_solve: fisher must be \(C, 3\)"),
-    ("bn_unitwise_solve-grad-shape", lambda: ops.bn_unitwise_solve(torch.zeros(3, 3), _x(3), _x(2), damping=1.0), ValueError, r"bn_unitwise_solve: grad_beta must have 3 entries"),
-    ("bn_unitwise_solve-grad-2d", lambda: ops.bn_unitwise_solve(torch.zeros(3, 3), _x(3, 1), _x(3), damping=1.0), ValueError, r"bn_unitwise_solve: grad_gamma must be 1-D"),
-    ("bn_unitwise_solve-devices", lambda: ops.bn_unitwise_solve(torch.zeros(3, 3), _x(3, device="meta"), _x(3), damping=1.0), ValueError, r"bn_unitwise_solve: all tensors must be on one device.*grad_gamma on meta"),
-    ("bn_unitwise_solve-backend", lambda: ops.bn_unitwise_solve(torch.zeros(3, 3), _x(3), _x(3), damping=1.0, backend=""), ValueError, r"bn_unitwise_solve: backend must be one of"),
+    (
+        "bn_unitwise_solve-dtype",
+        lambda: ops.bn_unitwise_solve(torch.zeros(3, 3), torch.ones(3, dtype=torch.int64), _x(3), damping=1.0),
+        TypeError,
+        r"bn_unitwise_solve: grad_gamma must be a floating",
+    ),
+    (
+        "bn_unitwise_solve-fisher-shape",
+        lambda: ops.bn_unitwise_solve(torch.zeros(3, 2), _x(3), _x(3), damping=1.0),
+        ValueError,
+        r"bn_unitwise_solve: fisher must be \(C, 3\)",
+    ),
+    (
+        "bn_unitwise_solve-grad-shape",
+        lambda: ops.bn_unitwise_solve(torch.zeros(3, 3), _x(3), _x(2), damping=1.0),
+        ValueError,
+        r"bn_unitwise_solve: grad_beta must have 3 entries",
+    ),
+    (
+        "bn_unitwise_solve-grad-2d",
+        lambda: ops.bn_unitwise_solve(torch.zeros(3, 3), _x(3, 1), _x(3), damping=1.0),
+        ValueError,
+        r"bn_unitwise_solve: grad_gamma must be 1-D",
+    ),
+    (
+        "bn_unitwise_solve-devices",
+        lambda: ops.bn_unitwise_solve(torch.zeros(3, 3), _x(3, device="meta"), _x(3), damping=1.0),
+        ValueError,
+        r"bn_unitwise_solve: all tensors must be on one device.*grad_gamma on meta",
+    ),
+    (
+        "bn_unitwise_solve-backend",
+        lambda: ops.bn_unitwise_solve(torch.zeros(3, 3), _x(3), _x(3), damping=1.0, backend=""),
+        ValueError,
+        r"bn_unitwise_solve: backend must be one of",
+    ),
     # ---- precondition
-    ("precondition-dtype", lambda: ops.precondition(torch.eye(2), torch.ones(2, 3, dtype=torch.int64), torch.eye(3)), TypeError, r"precondition: grad must be a floating"),
-    ("precondition-dims", lambda: ops.precondition(torch.eye(2), torch.ones(2, 3), torch.eye(3)[None]), ValueError, r"precondition: g_inv, grad, a_inv must all be 2-D or all 3-D"),
-    ("precondition-chain", lambda: ops.precondition(torch.eye(2), torch.ones(3, 3), torch.eye(3)), ValueError, r"precondition: shapes do not chain"),
-    ("precondition-g_inv-not-square", lambda: ops.precondition(torch.ones(4, 2), torch.ones(2, 3), torch.eye(3)), ValueError, r"precondition: .*g_inv"),
-    ("precondition-batch", lambda: ops.precondition(torch.eye(2).expand(2, 2, 2), torch.ones(3, 2, 3), torch.eye(3).expand(3, 3, 3)), ValueError, r"precondition: .*batch|precondition: shapes"),
-    ("precondition-devices", lambda: ops.precondition(torch.eye(2), torch.ones(2, 3, device="meta"), torch.eye(3)), ValueError, r"precondition: all tensors must be on one device.*grad on meta"),
+    (
+        "precondition-dtype",
+        lambda: ops.precondition(torch.eye(2), torch.ones(2, 3, dtype=torch.int64), torch.eye(3)),
+        TypeError,
+        r"precondition: grad must be a floating",
+    ),
+    (
+        "precondition-dims",
+        lambda: ops.precondition(torch.eye(2), torch.ones(2, 3), torch.eye(3)[None]),
+        ValueError,
+        r"precondition: g_inv, grad, a_inv must all be 2-D or all 3-D",
+    ),
+    (
+        "precondition-chain",
+        lambda: ops.precondition(torch.eye(2), torch.ones(3, 3), torch.eye(3)),
+        ValueError,
+        r"precondition: shapes do not chain",
+    ),
+    (
+        "precondition-g_inv-not-square",
+        lambda: ops.precondition(torch.ones(4, 2), torch.ones(2, 3), torch.eye(3)),
+        ValueError,
+        r"precondition: .*g_inv",
+    ),
+    (
+        "precondition-batch",
+        lambda: ops.precondition(torch.eye(2).expand(2, 2, 2), torch.ones(3, 2, 3), torch.eye(3).expand(3, 3, 3)),
+        ValueError,
+        r"precondition: .*batch|precondition: shapes",
+    ),
+    (
+        "precondition-devices",
+        lambda: ops.precondition(torch.eye(2), torch.ones(2, 3, device="meta"), torch.eye(3)),
+        ValueError,
+        r"precondition: all tensors must be on one device.*grad on meta",
+    ),
     # ---- kl_clip_coefficient / kl_clip_from_total (no backend argument)
-    ("kl_clip_coefficient-kl_clip", lambda: ops.kl_clip_coefficient([torch.ones(2)], [torch.ones(2)], [0.1], 0.0), ValueError, r"kl_clip_coefficient: kl_clip must be > 0"),
-    ("kl_clip_coefficient-kl_clip-nan", lambda: ops.kl_clip_coefficient([torch.ones(2)], [torch.ones(2)], [0.1], float("nan")), ValueError, r"kl_clip_coefficient: kl_clip must be > 0"),
-    ("kl_clip_coefficient-lengths", lambda: ops.kl_clip_coefficient([torch.ones(2)], [torch.ones(2)] * 2, [0.1], 1.0), ValueError, r"kl_clip_coefficient: updates, grads and lrs must have one entry per layer"),
-    ("kl_clip_coefficient-shape", lambda: ops.kl_clip_coefficient([torch.ones(2)], [torch.ones(3)], [0.1], 1.0), ValueError, r"kl_clip_coefficient: .*(shape|grads\[0\])"),
-    ("kl_clip_coefficient-devices", lambda: ops.kl_clip_coefficient([torch.ones(2, device="meta")], [torch.ones(2)], [0.1], 1.0), ValueError, r"kl_clip_coefficient: all tensors must be on one device"),
-    ("kl_clip_from_total-kl_clip", lambda: ops.kl_clip_from_total(torch.tensor(1.0), -1.0), ValueError, r"kl_clip_from_total: kl_clip must be > 0"),
+    (
+        "kl_clip_coefficient-kl_clip",
+        lambda: ops.kl_clip_coefficient([torch.ones(2)], [torch.ones(2)], [0.1], 0.0),
+        ValueError,
+        r"kl_clip_coefficient: kl_clip must be > 0",
+    ),
+    (
+        "kl_clip_coefficient-kl_clip-nan",
+        lambda: ops.kl_clip_coefficient([torch.ones(2)], [torch.ones(2)], [0.1], float("nan")),
+        ValueError,
+        r"kl_clip_coefficient: kl_clip must be > 0",
+    ),
+    (
+        "kl_clip_coefficient-lengths",
+        lambda: ops.kl_clip_coefficient([torch.ones(2)], [torch.ones(2)] * 2, [0.1], 1.0),
+        ValueError,
+        r"kl_clip_coefficient: updates, grads and lrs must have one entry per layer",
+    ),
+    (
+        "kl_clip_coefficient-shape",
+        lambda: ops.kl_clip_coefficient([torch.ones(2)], [torch.ones(3)], [0.1], 1.0),
+        ValueError,
+        r"kl_clip_coefficient: .*(shape|grads\[0\])",
+    ),
+    (
+        "kl_clip_coefficient-devices",
+        lambda: ops.kl_clip_coefficient([torch.ones(2, device="meta")], [torch.ones(2)], [0.1], 1.0),
+        ValueError,
+        r"kl_clip_coefficient: all tensors must be on one device",
+    ),
+    (
+        "kl_clip_from_total-kl_clip",
+        lambda: ops.kl_clip_from_total(torch.tensor(1.0), -1.0),
+        ValueError,
+        r"kl_clip_from_total: kl_clip must be > 0",
+    ),
     # ---- momentum_update (no backend argument)
-    ("momentum_update-lengths", lambda: ops.momentum_update([torch.zeros(2)], [torch.ones(2)] * 2, [torch.zeros(2)], **_MOM), ValueError, r"momentum_update: .*same (length|number)"),
-    ("momentum_update-shape", lambda: ops.momentum_update([torch.zeros(2)], [torch.ones(3)], [torch.zeros(2)], **_MOM), ValueError, r"momentum_update: updates\[0\]"),
-    ("momentum_update-devices", lambda: ops.momentum_update([torch.zeros(2)], [torch.ones(2, device="meta")], [torch.zeros(2)], **_MOM), ValueError, r"momentum_update: all tensors must be on one device"),
-    ("momentum_update-buffer-device", lambda: ops.momentum_update([torch.zeros(2)], [torch.ones(2)], [torch.zeros(2, device="meta")], **_MOM), ValueError, r"momentum_update: all tensors must be on one device"),
+    (
+        "momentum_update-lengths",
+        lambda: ops.momentum_update([torch.zeros(2)], [torch.ones(2)] * 2, [torch.zeros(2)], **_MOM),
+        ValueError,
+        r"momentum_update: .*same (length|number)",
+    ),
+    (
+        "momentum_update-shape",
+        lambda: ops.momentum_update([torch.zeros(2)], [torch.ones(3)], [torch.zeros(2)], **_MOM),
+        ValueError,
+        r"momentum_update: updates\[0\]",
+    ),
+    (
+        "momentum_update-devices",
+        lambda: ops.momentum_update([torch.zeros(2)], [torch.ones(2, device="meta")], [torch.zeros(2)], **_MOM),
+        ValueError,
+        r"momentum_update: all tensors must be on one device",
+    ),
+    (
+        "momentum_update-buffer-device",
+        lambda: ops.momentum_update([torch.zeros(2)], [torch.ones(2)], [torch.zeros(2, device="meta")], **_MOM),
+        ValueError,
+        r"momentum_update: all tensors must be on one device",
+    ),
 ]
 
 
@@ -255,15 +618,35 @@ def test_parameter_frozen_mid_run_is_untouched_then_trains_again():
     "name,value",
     [
         # complements tests/test_optimizer_api.py::test_invalid_arguments_raise_value_error_naming_the_argument
-        ("lr", float("inf")), ("lr", "0.1"), ("lr", True), ("momentum", float("nan")), ("weight_decay", float("inf")),
-        ("damping", float("inf")), ("damping", float("nan")), ("damping", True), ("damping", "1e-3"),
-        ("fisher", None), ("mc_samples", 1.5), ("mc_samples", True),
-        ("curvature_interval", 2.0), ("inverse_interval", -1), ("inverse_interval", None),
-        ("ema_decay", float("nan")), ("ema_decay", "0.9"), ("kl_clip", float("inf")), ("kl_clip", float("nan")),
-        ("backend", None), ("backend", "CUDA"),
-        ("stale", "yes"), ("stale", 1), ("stale", None),
-        ("comm_dtype", torch.int8), ("comm_dtype", torch.float64), ("comm_dtype", "bf16"),
-        ("max_inverse_retries", -1), ("max_inverse_retries", 1.5),
+        ("lr", float("inf")),
+        ("lr", "0.1"),
+        ("lr", True),
+        ("momentum", float("nan")),
+        ("weight_decay", float("inf")),
+        ("damping", float("inf")),
+        ("damping", float("nan")),
+        ("damping", True),
+        ("damping", "1e-3"),
+        ("fisher", None),
+        ("mc_samples", 1.5),
+        ("mc_samples", True),
+        ("curvature_interval", 2.0),
+        ("inverse_interval", -1),
+        ("inverse_interval", None),
+        ("ema_decay", float("nan")),
+        ("ema_decay", "0.9"),
+        ("kl_clip", float("inf")),
+        ("kl_clip", float("nan")),
+        ("backend", None),
+        ("backend", "CUDA"),
+        ("stale", "yes"),
+        ("stale", 1),
+        ("stale", None),
+        ("comm_dtype", torch.int8),
+        ("comm_dtype", torch.float64),
+        ("comm_dtype", "bf16"),
+        ("max_inverse_retries", -1),
+        ("max_inverse_retries", 1.5),
     ],
 )
 def test_out_of_range_hyperparameters_raise_value_error_at_construction(name, value):
@@ -313,7 +696,9 @@ def test_backend_cuda_without_kernels_fails_at_construction():
     with pytest.raises(RuntimeError, match="SPNGD: backend='cuda' but .*(not built|no CUDA GPU)"):
         SPNGD(model, backend="cuda", fisher="mc", seed=0)
     assert not model._forward_hooks and not model._forward_pre_hooks
-    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules()), "a failed construction left hooks"
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules()), (
+        "a failed construction left hooks"
+    )
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
@@ -321,5 +706,7 @@ def test_backend_cuda_without_kernels_fails_at_construction():
 def test_backend_cuda_with_a_cpu_model_fails_at_construction():
     if not cuda_ops_available():
         pytest.skip("needs the CUDA kernels")
-    with pytest.raises(ValueError, match="backend='cuda' needs the model on a CUDA device, but its parameters are on cpu"):
+    with pytest.raises(
+        ValueError, match="backend='cuda' needs the model on a CUDA device, but its parameters are on cpu"
+    ):
         SPNGD(Net(), backend="cuda")

@@ -18,25 +18,23 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+from expected_updates import SgdConvention, natural_update
+from fault_helpers import (
+    Net,
+    all_finite,
+    assert_same_state,
+    data,
+    forward_backward,
+    skip_test_optimizer,
+    snapshot,
+    spngd_warnings,
+    train,
+)
 from torch import nn
 
 import spngd_ext.state.inverses as inverses_module
 from spngd_ext import SPNGD, ops
 from spngd_ext.state.inverses import invert_damped
-
-from expected_updates import SgdConvention, natural_update
-from fault_helpers import (
-    Net,
-    data,
-    forward_backward,
-    train,
-    snapshot,
-    assert_same_state,
-    all_finite,
-    spngd_warnings,
-    skip_test_optimizer,
-)
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -57,7 +55,14 @@ class FlakyCholesky:
     def __call__(self, mats, damping, *, backend="auto"):
         inv, info = self.real(mats, damping, backend=backend)
         damping_t = damping if isinstance(damping, torch.Tensor) else torch.full((mats.shape[0],), float(damping))
-        self.calls.append({"n": mats.shape[-1], "batch": mats.shape[0], "damping": damping_t.detach().clone(), "mats": mats.detach().clone()})
+        self.calls.append(
+            {
+                "n": mats.shape[-1],
+                "batch": mats.shape[0],
+                "damping": damping_t.detach().clone(),
+                "mats": mats.detach().clone(),
+            }
+        )
         if mats.shape[-1] == self.size and self.failures > 0:
             self.failures -= 1
             info = torch.full_like(info, 7)
@@ -381,9 +386,15 @@ def test_bf16_autocast_keeps_statistics_in_fp32():
     1e-4 leaves a margin of five and rejects an update 1% off."""
     lr, momentum, lam = 0.05, 0.9, 1e-3
     torch.manual_seed(0)
-    model = nn.Sequential(OrderedDict(
-        conv=nn.Conv2d(1, 3, 3, padding=1), bn=nn.BatchNorm2d(3), act=nn.ReLU(), flat=nn.Flatten(), fc=nn.Linear(3 * 5 * 5, 4),
-    ))
+    model = nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(1, 3, 3, padding=1),
+            bn=nn.BatchNorm2d(3),
+            act=nn.ReLU(),
+            flat=nn.Flatten(),
+            fc=nn.Linear(3 * 5 * 5, 4),
+        )
+    )
     opt = SPNGD(model, lr=lr, momentum=momentum, damping=lam, fisher="mc", seed=0, backend="torch")
     g = torch.Generator().manual_seed(0)
     expected = SgdConvention(model)
@@ -405,7 +416,9 @@ def test_bf16_autocast_keeps_statistics_in_fp32():
         for n, p in model.named_parameters():
             moved, expect = start[n] - p.detach().double(), start[n] - theta[n]
             err = (moved - expect).abs().max().item()
-            assert err <= 1e-4 * expect.abs().max().item(), f"step {step} {n}: max error {err:.3e} of {expect.abs().max().item():.3e}"
+            assert err <= 1e-4 * expect.abs().max().item(), (
+                f"step {step} {n}: max error {err:.3e} of {expect.abs().max().item():.3e}"
+            )
     assert opt.counters["skipped_steps"] == 0 and opt.counters["steps"] == 4
     factors = opt.factors()
     assert set(factors) == {"conv", "bn", "fc"}

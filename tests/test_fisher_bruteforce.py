@@ -11,14 +11,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from steps import one_step_update
 from torch import nn
 
 from spngd_ext import SPNGD
-from steps import one_step_update
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("float64_default")]
-
-
 
 
 def _per_example_output_grads(model, layer, x, y):
@@ -48,8 +46,6 @@ def _damped_update(A, G, grad, lam):
     Gd = G + math.sqrt(lam) / pi * torch.eye(G.shape[0])
     big = torch.kron(Gd, Ad)  # row-major vec: vec(X)[o*d_in+i]
     return torch.linalg.solve(big, grad.reshape(-1)).reshape(grad.shape)
-
-
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -93,7 +89,11 @@ def test_one_example_fisher_block_is_kronecker_product():
 
 @pytest.mark.parametrize(
     "conv_kw",
-    [dict(kernel_size=3, padding=1), dict(kernel_size=2, stride=2), dict(kernel_size=3, dilation=2, padding=2, bias=False)],
+    [
+        dict(kernel_size=3, padding=1),
+        dict(kernel_size=2, stride=2),
+        dict(kernel_size=3, dilation=2, padding=2, bias=False),
+    ],
 )
 def test_conv_factors_follow_kfc_convention(conv_kw):
     torch.manual_seed(2)
@@ -169,7 +169,13 @@ def test_batchnorm_unitwise_fisher_and_update(bn_cls, shape):
     g = store["g"] * shape[0]
     ug = (g * xhat).reshape(shape[0], 3, -1).sum(-1)
     ub = g.reshape(shape[0], 3, -1).sum(-1)
-    Fc = torch.stack([torch.stack([(ug * ug).mean(0), (ug * ub).mean(0)], -1), torch.stack([(ug * ub).mean(0), (ub * ub).mean(0)], -1)], -2)
+    Fc = torch.stack(
+        [
+            torch.stack([(ug * ug).mean(0), (ug * ub).mean(0)], -1),
+            torch.stack([(ug * ub).mean(0), (ub * ub).mean(0)], -1),
+        ],
+        -2,
+    )
 
     opt, grads, deltas = one_step_update(model, x, y, damping=lam)
     est = opt.factors()["0"]["F"]
@@ -257,6 +263,8 @@ def test_ema_is_bias_corrected():
         a = torch.cat([x, torch.ones(5, 1)], dim=1)
         A_raw.append(a.T @ a / 5)
     S = torch.zeros(4, 4)
-    for k, X in enumerate(A_raw, start=1):
+    for X in A_raw:
         S = b * S + (1 - b) * X
-    torch.testing.assert_close(opt.factors()[""]["A"] if "" in opt.factors() else opt.factors()["<root>"]["A"], S / (1 - b**3))
+    torch.testing.assert_close(
+        opt.factors()[""]["A"] if "" in opt.factors() else opt.factors()["<root>"]["A"], S / (1 - b**3)
+    )

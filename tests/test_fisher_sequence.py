@@ -16,7 +16,10 @@ from torch import nn
 
 from spngd_ext import SPNGD
 
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("float64_default", "one_thread")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.usefixtures("float64_default", "one_thread"),
+]
 
 N, L, D, H, C = 5, 7, 4, 6, 3
 
@@ -66,7 +69,9 @@ def test_empirical_fisher_on_token_rows_matches_brute_force():
     got = opt.factors()
     for layer in ("0", "2"):
         for name in ("A", "G"):
-            torch.testing.assert_close(got[layer][name], want[layer][name], rtol=1e-10, atol=1e-13, msg=f"{layer}.{name}")
+            torch.testing.assert_close(
+                got[layer][name], want[layer][name], rtol=1e-10, atol=1e-13, msg=f"{layer}.{name}"
+            )
 
 
 def test_monte_carlo_fisher_on_token_rows_has_the_same_scale():

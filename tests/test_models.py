@@ -58,7 +58,9 @@ def test_resnet50_has_torchvisions_shapes() -> None:
 
     from spngd_ext.train.models import resnet50
 
-    spec = importlib.util.spec_from_file_location("bench_comm_shapes", Path(__file__).resolve().parents[1] / "bench" / "comm.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench_comm_shapes", Path(__file__).resolve().parents[1] / "bench" / "comm.py"
+    )
     comm = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = comm
     spec.loader.exec_module(comm)
@@ -68,7 +70,9 @@ def test_resnet50_has_torchvisions_shapes() -> None:
     found = []
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            found.append(dict(kind="conv", cin=m.in_channels, cout=m.out_channels, k=m.kernel_size[0], bias=m.bias is not None))
+            found.append(
+                dict(kind="conv", cin=m.in_channels, cout=m.out_channels, k=m.kernel_size[0], bias=m.bias is not None)
+            )
         elif isinstance(m, nn.BatchNorm2d):
             found.append(dict(kind="bn", c=m.num_features))
         elif isinstance(m, nn.Linear):

@@ -65,8 +65,10 @@ def check(out, expect, tol, what=""):
 def poison_allocator(*tensors_like) -> None:
     """Leave NaN-filled (integers: -2**31) free blocks of the given (shape, dtype)s for the next
     allocations to reuse."""
-    blocks = [torch.full(shape, float("nan") if dt.is_floating_point else -(2**31), dtype=dt, device=DEV)
-              for shape, dt in tensors_like]
+    blocks = [
+        torch.full(shape, float("nan") if dt.is_floating_point else -(2**31), dtype=dt, device=DEV)
+        for shape, dt in tensors_like
+    ]
     del blocks
 
 
@@ -79,7 +81,6 @@ def spd(batch, n, dtype, cond_shift=0.05):
 # --------------------------------------------------------------------------------------------
 # pack / unpack
 # --------------------------------------------------------------------------------------------
-
 
 
 @pytest.mark.parametrize("sizes", [[1], [2, 3], [17, 31, 32, 33], [64, 65, 127, 130], [257]])
@@ -106,8 +107,8 @@ def test_pack_upper_strided_and_mixed(kernels):
     seeded("pack-strided")
     big = torch.randn(80, 90, device=DEV)
     mats = [
-        big[3:40, 5:42],                               # row stride 90
-        torch.randn(33, 33, device=DEV).t(),           # column-major
+        big[3:40, 5:42],  # row stride 90
+        torch.randn(33, 33, device=DEV).t(),  # column-major
         torch.randn(5, 5, device=DEV, dtype=torch.float64),
         torch.randn(130, 130, device=DEV).to(torch.bfloat16),
     ]
@@ -130,9 +131,17 @@ def test_pack_unpack_many_matrices(kernels):
 
 
 @pytest.mark.parametrize("sizes", [[1], [3, 1, 2], [17, 31, 32, 33], [64, 65, 127], [130, 257]])
-@pytest.mark.parametrize("buf_dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                                 (torch.float32, torch.bfloat16), (torch.float16, torch.float16),
-                                                 (torch.float64, torch.float64), (torch.float32, torch.float64)])
+@pytest.mark.parametrize(
+    "buf_dtype,out_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.float64, torch.float64),
+        (torch.float32, torch.float64),
+    ],
+)
 @pytest.mark.parametrize("offset", [0, 7])
 def test_unpack_upper(kernels, sizes, buf_dtype, out_dtype, offset):
     seeded("unpack", tuple(sizes), buf_dtype, out_dtype, offset)
@@ -164,8 +173,6 @@ def test_pack_unpack_roundtrip(kernels):
 # --------------------------------------------------------------------------------------------
 
 
-
-
 def ref_factor(fn, state, *args):
     s = state.double().clone()
     fn(s, *args)
@@ -177,7 +184,11 @@ def ref_factor(fn, state, *args):
 def test_accumulate_factor(kernels, rows, d, decay):
     seeded("factor", rows, d, decay)
     x = torch.randn(rows, d, device=DEV)
-    state = torch.full((ref.packed_size(d),), float("nan"), device=DEV) if decay == 0 else torch.randn(ref.packed_size(d), device=DEV)
+    state = (
+        torch.full((ref.packed_size(d),), float("nan"), device=DEV)
+        if decay == 0
+        else torch.randn(ref.packed_size(d), device=DEV)
+    )
     expect = ref_factor(ref.accumulate_factor, state, x.double(), 0.5, decay)
     kernels.accumulate_factor(state, x, 0.5, decay)
     check(state, expect, TOL[torch.float32], f"rows={rows} d={d} decay={decay}")
@@ -203,9 +214,6 @@ def test_accumulate_factor_strided_input(kernels):
     check(state, expect, TOL[torch.float32], "strided x")
 
 
-
-
-
 @pytest.mark.parametrize("case", CONV_CASES)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("decay", [0.0, 0.5])
@@ -216,7 +224,11 @@ def test_conv_a_factor(kernels, case, layout, decay):
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     d = c * k[0] * k[1] + int(bias)
-    state = torch.full((ref.packed_size(d),), float("nan"), device=DEV) if decay == 0 else torch.randn(ref.packed_size(d), device=DEV)
+    state = (
+        torch.full((ref.packed_size(d),), float("nan"), device=DEV)
+        if decay == 0
+        else torch.randn(ref.packed_size(d), device=DEV)
+    )
     expect = ref_factor(ref.conv_a_factor, state, x.double(), k, s, p, dil, bias, 0.25, decay)
     kernels.conv_a_factor(state, x, list(k), list(s), list(p), list(dil), bias, 0.25, decay)
     check(state, expect, TOL[torch.float32], f"conv {case} {layout}")
@@ -275,10 +287,10 @@ def test_cholesky_failure_flags(kernels, chol_path, n):
     seeded("chol-fail", n, chol_path)
     good = spd(6, n, torch.float32)
     mats = good.clone()
-    mats[1] = -torch.eye(n, device=DEV)                        # not PD (even with damping)
-    mats[3, n // 2, 0] = float("nan")                          # NaN below the diagonal
+    mats[1] = -torch.eye(n, device=DEV)  # not PD (even with damping)
+    mats[3, n // 2, 0] = float("nan")  # NaN below the diagonal
     mats[3, 0, n // 2] = float("nan")
-    mats[5, n - 1, n - 1] = float("inf")                       # infinite pivot
+    mats[5, n - 1, n - 1] = float("inf")  # infinite pivot
     damping = torch.full((6,), 0.05, device=DEV)
     inv, info = kernels.cholesky_inverse_damped(mats, damping)
     assert info.shape == (6,)
@@ -298,8 +310,6 @@ def test_cholesky_empty_batch(kernels):
 # --------------------------------------------------------------------------------------------
 # BatchNorm
 # --------------------------------------------------------------------------------------------
-
-
 
 
 @pytest.mark.parametrize("shape", BN_SHAPES)
@@ -333,8 +343,8 @@ def test_bn_unitwise_solve(kernels, channels):
     b = (torch.rand(channels, device=DEV) * 2 - 1) * (a * d).sqrt() * 0.9
     fisher = torch.stack([a, b, d], dim=1).contiguous()
     if channels >= 5:
-        fisher[1] = torch.tensor([1.0, 1.0, 1.0])            # singular once damping is 0
-        fisher[3] = torch.tensor([float("nan"), 0.0, 1.0])   # non-finite
+        fisher[1] = torch.tensor([1.0, 1.0, 1.0])  # singular once damping is 0
+        fisher[3] = torch.tensor([float("nan"), 0.0, 1.0])  # non-finite
     gg, gb = torch.randn(channels, device=DEV), torch.randn(channels, device=DEV)
     for damping in (0.0, 1e-3):
         poison_allocator(((channels,), torch.float32), ((channels,), torch.float32))
@@ -357,7 +367,8 @@ def test_error_messages(kernels):
     test (showing the case) instead of ending the whole test run."""
     proc = subprocess.run(child_command("cuda"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "all error cases raised" in proc.stdout, (
-        f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
     ran = [line for line in proc.stdout.splitlines() if line.startswith("case: ")]
     assert len(ran) == len(error_cases(None, "cuda"))  # every case, the device ones included
 
@@ -376,8 +387,13 @@ def test_no_host_sync(kernels):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        kernels.unpack_upper(kernels.pack_upper([mats[0], mats[1]], torch.bfloat16), [40, 40],
-                             torch.ones(2, device=DEV), 0, torch.float32)
+        kernels.unpack_upper(
+            kernels.pack_upper([mats[0], mats[1]], torch.bfloat16),
+            [40, 40],
+            torch.ones(2, device=DEV),
+            0,
+            torch.float32,
+        )
         kernels.accumulate_factor(state, x, 1.0, 0.5)
         kernels.conv_a_factor(conv_state, img, [3, 3], [1, 1], [1, 1], [1, 1], True, 1.0, 0.0)
         kernels.bn_unitwise_fisher(bn_state, g, g, 1.0, 0.0)

@@ -18,10 +18,9 @@ from spngd_ext.train.schedules import build_lr_scheduler, lr_factor_fn
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("float64_default")]
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # damping schedule
+
 
 def test_damping_schedule_warmup_and_decay_values():
     base, factor, final = 1e-3, 10.0, 1e-4
@@ -55,11 +54,20 @@ def test_damping_schedule_defaults_and_degenerate_cases():
     assert [lam(t) for t in (0, 2, 4, 8, 9)] == pytest.approx([1e-3, 5e-4, 2.5e-4, 1e-3 / 16, 1e-3 / 16], rel=1e-12)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(base=0.0), dict(base=-1e-3), dict(base=float("nan")), dict(base=float("inf")),
-    dict(base=1e-3, warmup_steps=-1), dict(base=1e-3, decay_steps=-1),
-    dict(base=1e-3, warmup_factor=0.5), dict(base=1e-3, final=0.0), dict(base=1e-3, final=float("inf")),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(base=0.0),
+        dict(base=-1e-3),
+        dict(base=float("nan")),
+        dict(base=float("inf")),
+        dict(base=1e-3, warmup_steps=-1),
+        dict(base=1e-3, decay_steps=-1),
+        dict(base=1e-3, warmup_factor=0.5),
+        dict(base=1e-3, final=0.0),
+        dict(base=1e-3, final=float("inf")),
+    ],
+)
 def test_damping_schedule_rejects_bad_arguments(kwargs):
     base = kwargs.pop("base")
     with pytest.raises(ValueError):
@@ -75,6 +83,7 @@ def test_damping_schedule_drives_the_optimizer():
 
 # ---------------------------------------------------------------------------------------------
 # momentum correction
+
 
 class PlainParams(nn.Module):
     """No supported layer: SP-NGD applies momentum SGD with U = the gradient."""
@@ -143,6 +152,7 @@ def test_default_update_is_torch_sgd():
 # ---------------------------------------------------------------------------------------------
 # weight rescaling
 
+
 def test_rescaled_weight_norm_limit_values():
     assert rescaled_weight_norm_limit(nn.Linear(7, 5)) == pytest.approx(math.sqrt(10))
     assert rescaled_weight_norm_limit(nn.Linear(7, 5, bias=False)) == pytest.approx(math.sqrt(10))
@@ -156,8 +166,13 @@ def test_rescaled_weight_norm_limit_values():
 def _rescale_model() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(2, 3, (3, 5), padding=(1, 2)), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
-        nn.Linear(3 * 4 * 4, 6), nn.ReLU(), nn.Linear(6, 4),
+        nn.Conv2d(2, 3, (3, 5), padding=(1, 2)),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 6),
+        nn.ReLU(),
+        nn.Linear(6, 4),
     ).double()
 
 
@@ -190,7 +205,9 @@ def test_weight_rescale_projects_only_weights_above_the_limit():
     _one_step(model, opt)
     for m, name in ((conv, "0.weight"), (lin1, "4.weight")):
         assert float(m.weight.norm()) == pytest.approx(limits[m], rel=1e-12)
-        torch.testing.assert_close(m.weight / m.weight.norm(), before[name] / before[name].norm(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(
+            m.weight / m.weight.norm(), before[name] / before[name].norm(), rtol=1e-12, atol=1e-14
+        )
     for name, p in model.named_parameters():
         if name not in ("0.weight", "4.weight"):
             assert torch.equal(p, before[name]), f"{name} changed"
@@ -221,6 +238,7 @@ def test_weight_rescale_after_a_real_update():
 # ---------------------------------------------------------------------------------------------
 # learning-rate schedule
 
+
 def test_lr_factor_warmup_then_polynomial_decay():
     f = lr_factor_fn(total_steps=100, warmup_steps=10, schedule="poly", poly_power=2.0)
     assert f(0) == pytest.approx(1 / 11)  # linear warm-up from 1/(w+1), never zero
@@ -249,8 +267,15 @@ def test_lr_factor_variants():
     assert [short(t) for t in range(5)] == pytest.approx([(t + 1) / 6 for t in range(5)])
 
 
-@pytest.mark.parametrize("kwargs", [dict(total_steps=0), dict(total_steps=-5), dict(total_steps=10, warmup_steps=-1),
-                                    dict(total_steps=10, schedule="step")])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(total_steps=0),
+        dict(total_steps=-5),
+        dict(total_steps=10, warmup_steps=-1),
+        dict(total_steps=10, schedule="step"),
+    ],
+)
 def test_lr_factor_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         lr_factor_fn(**kwargs)

@@ -11,17 +11,34 @@ from pathlib import Path
 
 import pytest
 
-from spngd_ext.train.baselines import DEFAULT_LR, LARS_TRUST_COEFFICIENT, build_train_step
 from spngd_ext.train import build_parser, config_from_args, main, parse_compare
+from spngd_ext.train.baselines import DEFAULT_LR, LARS_TRUST_COEFFICIENT, build_train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def small_run_args(data_dir: Path, out: Path, *extra: str) -> list[str]:
     """2 epochs of 4 steps (1024 examples, batch 256), evaluated every 2 steps on 500."""
-    return ["--data-dir", str(data_dir), "--out", str(out), "--limit-train", "1024",
-            "--limit-test", "500", "--batch-size", "256", "--epochs", "2", "--eval-every", "2",
-            "--device", "cpu", "--no-progress", *extra]
+    return [
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--limit-train",
+        "1024",
+        "--limit-test",
+        "500",
+        "--batch-size",
+        "256",
+        "--epochs",
+        "2",
+        "--eval-every",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def read_log(out: Path) -> list[dict[str, float]]:
@@ -41,8 +58,7 @@ def test_defaults() -> None:
     assert args.augment == "none" and args.max_shift == 2 and args.weight_rescale is False
 
 
-@pytest.mark.parametrize("extra, trust", [([], LARS_TRUST_COEFFICIENT),
-                                           (["--trust-coefficient", "0.02"], 0.02)])
+@pytest.mark.parametrize("extra, trust", [([], LARS_TRUST_COEFFICIENT), (["--trust-coefficient", "0.02"], 0.02)])
 def test_trust_coefficient_reaches_lars(extra: list[str], trust: float) -> None:
     pytest.importorskip("pytorch_optimizer")
     from torch import nn
@@ -54,24 +70,27 @@ def test_trust_coefficient_reaches_lars(extra: list[str], trust: float) -> None:
     assert group["trust_coefficient"] == trust and group["lr"] == DEFAULT_LR["lars"]
 
 
-@pytest.mark.parametrize("bad, complaint", [
-    (["--batch-size", "0"], "must be > 0"),
-    (["--epochs", "-1"], "must be > 0"),
-    (["--lr", "abc"], "not a valid float"),
-    (["--lr", "nan"], "--lr"),
-    (["--target-acc", "1.5"], "accuracy in (0, 1]"),
-    (["--optimizer", "rmsprop"], "invalid choice"),
-    (["--model", "vgg"], "invalid choice"),
-    (["--fisher", "exact"], "invalid choice"),
-    (["--eval-every", "-2"], ">= 0"),
-    (["--compare", "sgd,rmsprop"], "unknown optimizer 'rmsprop'"),
-    (["--compare", "sgd", "--lr", "0.1"], "--compare sgd:0.2"),
-    (["--compare", "sgd:-1"], "must be > 0"),
-    (["--label-smoothing", "1.0"], "label smoothing in [0, 1)"),
-    (["--label-smoothing", "-0.1"], ">= 0"),
-    (["--augment", "mixup"], "invalid choice"),
-    (["--max-shift", "-1"], ">= 0"),
-])
+@pytest.mark.parametrize(
+    "bad, complaint",
+    [
+        (["--batch-size", "0"], "must be > 0"),
+        (["--epochs", "-1"], "must be > 0"),
+        (["--lr", "abc"], "not a valid float"),
+        (["--lr", "nan"], "--lr"),
+        (["--target-acc", "1.5"], "accuracy in (0, 1]"),
+        (["--optimizer", "rmsprop"], "invalid choice"),
+        (["--model", "vgg"], "invalid choice"),
+        (["--fisher", "exact"], "invalid choice"),
+        (["--eval-every", "-2"], ">= 0"),
+        (["--compare", "sgd,rmsprop"], "unknown optimizer 'rmsprop'"),
+        (["--compare", "sgd", "--lr", "0.1"], "--compare sgd:0.2"),
+        (["--compare", "sgd:-1"], "must be > 0"),
+        (["--label-smoothing", "1.0"], "label smoothing in [0, 1)"),
+        (["--label-smoothing", "-0.1"], ">= 0"),
+        (["--augment", "mixup"], "invalid choice"),
+        (["--max-shift", "-1"], ">= 0"),
+    ],
+)
 def test_bad_values_exit_with_usage_error(bad: list[str], complaint: str, capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main(bad)
@@ -120,8 +139,9 @@ def test_parse_compare() -> None:
 
 def test_bad_data_dir_is_a_clear_error(tmp_path: Path, capsys) -> None:
     missing = tmp_path / "nowhere"
-    assert main(["--data-dir", str(missing), "--optimizer", "sgd", "--out", str(tmp_path / "o"),
-                 "--device", "cpu"]) == 1
+    assert (
+        main(["--data-dir", str(missing), "--optimizer", "sgd", "--out", str(tmp_path / "o"), "--device", "cpu"]) == 1
+    )
     err = capsys.readouterr().err
     assert f"--data-dir: {missing} is not a directory" in err
     assert "dataset-fashion-mnist" in err and "SPNGD_DATA_DIR" in err
@@ -130,7 +150,10 @@ def test_bad_data_dir_is_a_clear_error(tmp_path: Path, capsys) -> None:
 def test_bad_data_dir_exit_status_from_the_command_line(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "spngd_ext.train", "--data-dir", str(tmp_path), "--device", "cpu"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert "lacks train-images-idx3-ubyte[.gz]" in proc.stderr
@@ -194,8 +217,9 @@ def test_augment_reaches_every_training_batch(fmnist_dir: Path, tmp_path: Path, 
 
     monkeypatch.setattr(train_module, "apply_shift_flip", recording)
     out = tmp_path / "augment"
-    assert main(small_run_args(fmnist_dir, out, "--optimizer", "sgd", "--augment", "shift-flip",
-                               "--max-shift", "3")) == 0
+    assert (
+        main(small_run_args(fmnist_dir, out, "--optimizer", "sgd", "--augment", "shift-flip", "--max-shift", "3")) == 0
+    )
     assert len(calls) == 8  # 2 epochs x 4 steps
     assert all(x.shape == y.shape == (256, 1, 28, 28) for x, y, _ in calls)
     assert sum(not torch.equal(x, y) for x, y, _ in calls) == 8
@@ -218,8 +242,7 @@ def test_no_augmentation_by_default(fmnist_dir: Path, tmp_path: Path, monkeypatc
         raise AssertionError("augmentation ran without --augment")
 
     monkeypatch.setattr(train_module, "apply_shift_flip", fail)
-    assert main(small_run_args(fmnist_dir, tmp_path / "plain", "--optimizer", "sgd",
-                               "--epochs", "1")) == 0
+    assert main(small_run_args(fmnist_dir, tmp_path / "plain", "--optimizer", "sgd", "--epochs", "1")) == 0
 
 
 def test_weight_rescale_reaches_spngd() -> None:
@@ -253,9 +276,27 @@ def test_asdl_kfac_smoke_run(fmnist_dir: Path, tmp_path: Path) -> None:
 
 def test_compare_sgd_lars(fmnist_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
-    args = ["--compare", "sgd:0.4,lars", "--data-dir", str(fmnist_dir), "--out", str(out),
-            "--limit-train", "1024", "--limit-test", "500", "--batch-size", "256",
-            "--epochs", "1", "--eval-every", "2", "--device", "cpu", "--no-progress"]
+    args = [
+        "--compare",
+        "sgd:0.4,lars",
+        "--data-dir",
+        str(fmnist_dir),
+        "--out",
+        str(out),
+        "--limit-train",
+        "1024",
+        "--limit-test",
+        "500",
+        "--batch-size",
+        "256",
+        "--epochs",
+        "1",
+        "--eval-every",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert (out / "compare.png").stat().st_size > 10_000
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -275,10 +316,26 @@ def test_torchrun_two_ranks_sgd(fmnist_dir: Path, tmp_path: Path, augment: str) 
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "spngd_ext.train", "--optimizer", "sgd", "--lr", "0.4",
-         *small_run_args(fmnist_dir, out, "--epochs", "1", "--augment", augment)],
-        cwd=REPO, capture_output=True, text=True, timeout=180, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "spngd_ext.train",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.4",
+            *small_run_args(fmnist_dir, out, "--epochs", "1", "--augment", augment),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -296,8 +353,7 @@ def test_bf16_autocast_on_cpu(fmnist_dir: Path, tmp_path: Path, optimizer: str) 
 
 def test_divergence_stops_the_run(fmnist_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "diverge"
-    args = small_run_args(fmnist_dir, out, "--optimizer", "sgd", "--lr", "1e12",
-                          "--warmup-epochs", "0")
+    args = small_run_args(fmnist_dir, out, "--optimizer", "sgd", "--lr", "1e12", "--warmup-epochs", "0")
     assert main(args) == 0  # a diverged trial is a result, not a crash
     summary = json.loads((out / "summary.json").read_text())
     assert summary["diverged"] and summary["steps"] < 8

@@ -35,7 +35,8 @@ def _data_dir() -> Path:
         if all((d / (f + ".gz")).is_file() or (d / f).is_file() for f in FILES):
             return d
     pytest.fail(
-        "Fashion-MNIST IDX files not found in " + ", ".join(map(str, candidates))
+        "Fashion-MNIST IDX files not found in "
+        + ", ".join(map(str, candidates))
         + ": set SPNGD_DATA_DIR to a directory with train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz]"
     )
 
@@ -89,17 +90,24 @@ def data():
 def bn_cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 8, 4, stride=4), nn.BatchNorm2d(8), nn.ReLU(),          # 28×28 → 7×7 patches
-        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Flatten(), nn.Linear(16 * 7 * 7, 10),
+        nn.Conv2d(1, 8, 4, stride=4),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),  # 28×28 → 7×7 patches
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 7 * 7, 10),
     )
 
 
 def training_loss(model, x, y) -> float:
     """Mean cross-entropy over the whole subset (batch statistics, chunks of BATCH)."""
     with torch.no_grad():
-        total = sum(F.cross_entropy(model(x[i : i + BATCH]), y[i : i + BATCH], reduction="sum").item()
-                    for i in range(0, x.shape[0], BATCH))
+        total = sum(
+            F.cross_entropy(model(x[i : i + BATCH]), y[i : i + BATCH], reduction="sum").item()
+            for i in range(0, x.shape[0], BATCH)
+        )
     return total / x.shape[0]
 
 
@@ -136,9 +144,14 @@ def test_spngd_lowers_training_loss_faster_per_step_than_sgd(data):
     best_sgd = sgd[best_lr]
 
     spngd, curve = train(
-        x, y, lambda m: SPNGD(m, lr=0.02, momentum=0.9, damping=1e-3, fisher="mc", seed=0), use_spngd=True,
+        x,
+        y,
+        lambda m: SPNGD(m, lr=0.02, momentum=0.9, damping=1e-3, fisher="mc", seed=0),
+        use_spngd=True,
     )
-    report = f"initial {initial:.3f}; SGD {({k: round(v, 4) for k, v in sgd.items()})}; SP-NGD {spngd:.4f} (batch losses {[round(v, 3) for v in curve]})"
+    report = f"initial {initial:.3f}; SGD { ({k: round(v, 4) for k, v in sgd.items()}) }; SP-NGD {spngd:.4f} (batch losses {[round(v, 3) for v in curve]})"
     print(report)
     assert best_sgd < 0.5 * initial, f"SGD baseline did not train: {report}"
-    assert spngd < 0.8 * best_sgd, f"SP-NGD not clearly ahead of the best SGD (lr={best_lr}) after {STEPS} steps: {report}"
+    assert spngd < 0.8 * best_sgd, (
+        f"SP-NGD not clearly ahead of the best SGD (lr={best_lr}) after {STEPS} steps: {report}"
+    )

@@ -9,7 +9,17 @@ ASDL K-FAC, SP-NGD built one way), :mod:`.data` (Fashion-MNIST), :mod:`.models`,
 (torchrun set-up).
 """
 
-from .cli import RunResult, TrainConfig, build_parser, config_from_args, evaluate, main, parse_compare, run_compare, run_training
+from .cli import (
+    RunResult,
+    TrainConfig,
+    build_parser,
+    config_from_args,
+    evaluate,
+    main,
+    parse_compare,
+    run_compare,
+    run_training,
+)
 
 __all__ = [
     "RunResult",

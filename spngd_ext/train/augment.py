@@ -38,7 +38,7 @@ class ShiftFlip:
     def __len__(self) -> int:
         return self.dy.shape[0]
 
-    def select(self, index: torch.Tensor) -> "ShiftFlip":
+    def select(self, index: torch.Tensor) -> ShiftFlip:
         """The parameters of the examples ``index`` (a rank's slice of the global batch)."""
         return ShiftFlip(self.dy[index], self.dx[index], self.flip[index])
 
@@ -46,8 +46,10 @@ class ShiftFlip:
 def check_max_shift(shift_y: int, shift_x: int, height: int, width: int) -> None:
     """A shift must leave part of the image in view: |dy| < height and |dx| < width."""
     if shift_y >= height or shift_x >= width:
-        raise ValueError(f"a shift of up to ({shift_y}, {shift_x}) pixels (rows, columns) empties a "
-                         f"{height}x{width} image; use a smaller --max-shift")
+        raise ValueError(
+            f"a shift of up to ({shift_y}, {shift_x}) pixels (rows, columns) empties a "
+            f"{height}x{width} image; use a smaller --max-shift"
+        )
 
 
 def draw_shift_flip(n: int, *, max_shift: int, generator: torch.Generator) -> ShiftFlip:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +80,7 @@ class OptimizerSettings(SpngdSettings):
     momentum: float = 0.9
     weight_decay: float = 5e-4
     trust_coefficient: float = LARS_TRUST_COEFFICIENT
-    seed: Optional[int] = None  # SP-NGD's MC sampling
+    seed: int | None = None  # SP-NGD's MC sampling
     amp: bool = False
     label_smoothing: float = 0.0  # of the training loss, for every optimizer
 
@@ -235,7 +234,7 @@ def build_train_step(
     model: nn.Module,
     settings: OptimizerSettings,
     distributed: bool = False,
-    ddp_model: Optional[nn.Module] = None,
+    ddp_model: nn.Module | None = None,
 ) -> TrainStep:
     """Build optimizer ``name`` for ``model``.
 
@@ -259,7 +258,7 @@ def _build_train_step(
     model: nn.Module,
     settings: OptimizerSettings,
     distributed: bool,
-    ddp_model: Optional[nn.Module],
+    ddp_model: nn.Module | None,
 ) -> TrainStep:
     if name == "spngd":
         return _build_spngd(model, settings, distributed)

@@ -27,7 +27,6 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -135,9 +134,7 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
         raise IdxFormatError(f"{path}: header declares 0 dimensions")
     header_len = 4 + 4 * ndim
     if len(data) < header_len:
-        raise IdxFormatError(
-            f"{path}: header declares {ndim} dimensions but the file ends after {len(data)} bytes"
-        )
+        raise IdxFormatError(f"{path}: header declares {ndim} dimensions but the file ends after {len(data)} bytes")
     dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     if any(d == 0 for d in dims):
         raise IdxFormatError(f"{path}: a dimension is zero: {dims}")
@@ -147,15 +144,14 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     if actual != expected:
         what = "truncated" if actual < expected else "has trailing bytes"
         raise IdxFormatError(
-            f"{path}: payload {what}: dims {dims} of {dtype.name} need {expected} bytes, "
-            f"found {actual}"
+            f"{path}: payload {what}: dims {dims} of {dtype.name} need {expected} bytes, found {actual}"
         )
     array = np.frombuffer(data, dtype=dtype, offset=header_len).reshape(dims)
     # Native byte order and a writable copy, which torch requires.
     return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
 
 
-def write_idx(path: str | os.PathLike, array: np.ndarray, compress: Optional[bool] = None) -> Path:
+def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool | None = None) -> Path:
     """Write ``array`` as an IDX file; gzip-compressed when ``compress`` (default: name ends .gz).
 
     Used by the tests to build tiny datasets, and handy for subsets.
@@ -192,7 +188,7 @@ class FileSet:
     test_labels: Path
 
 
-def locate_files(directory: str | os.PathLike) -> Optional[FileSet]:
+def locate_files(directory: str | os.PathLike) -> FileSet | None:
     """The four IDX files in ``directory`` (``.gz`` preferred over raw), or None if any is missing."""
     directory = Path(directory).expanduser()
     if not directory.is_dir():
@@ -243,7 +239,7 @@ def _download_fashion_mnist(target: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -
     return True
 
 
-def find_data_dir(data_dir: Optional[str | os.PathLike] = None, download: bool = True) -> Path:
+def find_data_dir(data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
     """The directory holding the dataset, searched in the order given in the module docstring.
 
     ``download=False`` skips the network step (tests, offline machines). Raises
@@ -252,17 +248,13 @@ def find_data_dir(data_dir: Optional[str | os.PathLike] = None, download: bool =
     if data_dir is not None:
         directory = Path(data_dir).expanduser()
         if locate_files(directory) is None:
-            raise DataNotFoundError(
-                f"--data-dir: {_missing_files_message(directory)}.\n{HOW_TO_GET_DATA}"
-            )
+            raise DataNotFoundError(f"--data-dir: {_missing_files_message(directory)}.\n{HOW_TO_GET_DATA}")
         return directory
     env_value = os.environ.get(DATA_DIR_ENV)
     if env_value:
         directory = Path(env_value).expanduser()
         if locate_files(directory) is None:
-            raise DataNotFoundError(
-                f"${DATA_DIR_ENV}: {_missing_files_message(directory)}.\n{HOW_TO_GET_DATA}"
-            )
+            raise DataNotFoundError(f"${DATA_DIR_ENV}: {_missing_files_message(directory)}.\n{HOW_TO_GET_DATA}")
         return directory
     if locate_files(SYSTEM_DATA_DIR) is not None:
         return SYSTEM_DATA_DIR
@@ -274,8 +266,7 @@ def find_data_dir(data_dir: Optional[str | os.PathLike] = None, download: bool =
     tried = [f"${DATA_DIR_ENV} (unset)", str(SYSTEM_DATA_DIR), str(cache)]
     download_note = "download failed or no network" if download else "download disabled"
     raise DataNotFoundError(
-        f"Fashion-MNIST not found (looked in: {', '.join(tried)}; {download_note}).\n"
-        f"{HOW_TO_GET_DATA}"
+        f"Fashion-MNIST not found (looked in: {', '.join(tried)}; {download_note}).\n{HOW_TO_GET_DATA}"
     )
 
 
@@ -307,13 +298,12 @@ def _load_split(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, tor
         raise IdxFormatError(f"{labels_path}: expected 1 dim (N,), got {tuple(labels.shape)}")
     if images.shape[0] != labels.shape[0]:
         raise IdxFormatError(
-            f"{images_path} has {images.shape[0]} images but {labels_path} has "
-            f"{labels.shape[0]} labels"
+            f"{images_path} has {images.shape[0]} images but {labels_path} has {labels.shape[0]} labels"
         )
     return images, labels.to(torch.int64)
 
 
-def _take(x: torch.Tensor, limit: Optional[int]) -> torch.Tensor:
+def _take(x: torch.Tensor, limit: int | None) -> torch.Tensor:
     if limit is None:
         return x
     if limit <= 0:
@@ -322,9 +312,9 @@ def _take(x: torch.Tensor, limit: Optional[int]) -> torch.Tensor:
 
 
 def load_dataset(
-    data_dir: Optional[str | os.PathLike] = None,
-    limit_train: Optional[int] = None,
-    limit_test: Optional[int] = None,
+    data_dir: str | os.PathLike | None = None,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
     download: bool = True,
 ) -> Dataset:
     """Find (see :func:`find_data_dir`) and load the dataset, normalised by the training set.

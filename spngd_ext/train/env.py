@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -47,7 +46,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def setup_env(device: str = "auto", threads: Optional[int] = None) -> TrainEnv:
+def setup_env(device: str = "auto", threads: int | None = None) -> TrainEnv:
     """Pick the device, set the thread count, and join the process group under torchrun."""
     if threads is not None:
         if threads <= 0:

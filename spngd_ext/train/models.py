@@ -7,7 +7,7 @@ run exercises every curvature path: K-FAC for Conv2d and Linear, unit-wise Fishe
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -16,12 +16,19 @@ from torch import nn
 # must run without this application) needs them; re-exported here.
 from ..bench.models import Bottleneck, count_parameters, resnet50, small_bn_cnn
 
-__all__ = ["small_bn_cnn", "mlp", "resnet_bn", "resnet50", "Bottleneck", "MODEL_BUILDERS", "build_model", "count_parameters"]
+__all__ = [
+    "small_bn_cnn",
+    "mlp",
+    "resnet_bn",
+    "resnet50",
+    "Bottleneck",
+    "MODEL_BUILDERS",
+    "build_model",
+    "count_parameters",
+]
 
 
-def mlp(
-    num_classes: int = 10, in_features: int = 28 * 28, hidden: tuple[int, ...] = (256, 128)
-) -> nn.Sequential:
+def mlp(num_classes: int = 10, in_features: int = 28 * 28, hidden: tuple[int, ...] = (256, 128)) -> nn.Sequential:
     """Flatten, then Linear+BatchNorm1d+ReLU per hidden width, then a linear classifier."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features
@@ -48,9 +55,7 @@ class ResidualBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))

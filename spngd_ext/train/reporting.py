@@ -7,8 +7,9 @@ backend, so no display is needed.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from .run_log import EvalRow
 
@@ -27,8 +28,7 @@ def _pyplot():
     return plt
 
 
-def optimizer_colours(panels: Sequence[tuple[str, Sequence[Curve]]],
-                      palette: Sequence[str]) -> dict[str, str]:
+def optimizer_colours(panels: Sequence[tuple[str, Sequence[Curve]]], palette: Sequence[str]) -> dict[str, str]:
     """One colour per optimizer (a curve label's first word) across all panels, in order of first
     appearance, so that every panel of a study reads alike."""
     colour: dict[str, str] = {}
@@ -41,7 +41,7 @@ def optimizer_colours(panels: Sequence[tuple[str, Sequence[Curve]]],
 def plot_accuracy_curves(
     panels: Sequence[tuple[str, Sequence[Curve]]],
     path: Path,
-    target_acc: Optional[float] = None,
+    target_acc: float | None = None,
     ylim: tuple[float, float] = (0.5, 1.0),
 ) -> Path:
     """One row per panel: test accuracy vs optimizer steps (left) and vs training time (right).
@@ -79,7 +79,7 @@ def plot_accuracy_curves(
     return path
 
 
-def format_reach(hit: Optional[dict[str, float]]) -> str:
+def format_reach(hit: dict[str, float] | None) -> str:
     """``"12 / 34.5 s"`` (steps / training time) or ``"not reached"``."""
     if not hit:
         return "not reached"

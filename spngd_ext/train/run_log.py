@@ -9,9 +9,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 __all__ = ["EvalRow", "RunLog", "reach", "summarize", "format_summary", "DEFAULT_THRESHOLDS"]
 
@@ -56,7 +57,7 @@ class RunLog:
         (self.out_dir / "summary.txt").write_text(format_summary(summary) + "\n")
 
 
-def reach(rows: Sequence[EvalRow], threshold: float) -> Optional[dict[str, float]]:
+def reach(rows: Sequence[EvalRow], threshold: float) -> dict[str, float] | None:
     """The first evaluation at or above ``threshold`` test accuracy: steps, wall time, epochs."""
     for row in rows:
         if row.test_acc >= threshold:
@@ -68,7 +69,7 @@ def summarize(
     rows: Sequence[EvalRow],
     target_acc: float,
     thresholds: Iterable[float] = DEFAULT_THRESHOLDS,
-    extra: Optional[dict[str, Any]] = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Steps/time to the target and to each threshold (None: not reached), best and final
     accuracy, and whatever ``extra`` adds (optimizer name, counters, ...)."""

@@ -8,7 +8,7 @@ an epoch at batch 8192 is only a handful of steps.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
