@@ -15,7 +15,7 @@ import pytest
 import torch
 from fake_kernels import CORRECT, install_fake_gpu, wrong
 
-from spngd_ext.selftest import build_checks, kernel_checks, machine, seam_checks
+from spngd_ext.selftest import build_checks, kernel_cases, kernel_checks, machine, seam_checks
 from spngd_ext.selftest.runner import Check, Skip, format_outcomes, run_checks
 
 NO_GPU = not torch.cuda.is_available()
@@ -135,12 +135,12 @@ def test_syrk_plan_mirror_matches_the_header():
 def cpu_kernels(monkeypatch):
     """The GPU checks pointed at the CPU, with the PyTorch path posing as the compiled ops."""
     install = next(install_fake_gpu(monkeypatch))
-    monkeypatch.setattr(kernel_checks, "DEV", "cpu")
-    monkeypatch.setattr(kernel_checks, "_sm_count", lambda: 132)
+    monkeypatch.setattr(kernel_cases, "DEV", "cpu")
+    monkeypatch.setattr(kernel_cases, "sm_count", lambda: 132)
     monkeypatch.setattr(
-        kernel_checks,
+        kernel_cases,
         "FACTOR_CASES",
-        [c for c in kernel_checks.FACTOR_CASES if c[0] * c[1] < 10**6] + [(2000, 65), (600, 520)],
+        [c for c in kernel_cases.FACTOR_CASES if c[0] * c[1] < 10**6] + [(2000, 65), (600, 520)],
     )  # CPU-sized; the split and no-split paths still reached
     limit = {"n": 256}
 

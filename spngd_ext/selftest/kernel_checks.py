@@ -1,32 +1,51 @@
 """The compiled kernels (``torch.ops.spngd_ext.*``) against the float64 PyTorch path, on a GPU.
 
 Inputs are random tensors of many shapes (odd sizes, 1x1, single rows, sizes off the tile grids),
-chosen with the launch plans of csrc/cuda (mirrored below and asserted for this card) so that every
+chosen with the launch plans of csrc/cuda (mirrored in :mod:`.kernel_cases` and asserted for this card) so that every
 tiling, row-split and panel path runs: 64- and 128-wide SYRK tiles with and without row splits, the
 conv loader in NCHW and channels-last, the shared-memory Cholesky below, at and above its 32-column
 panel width and the ATen path, BatchNorm with one and several blocks per channel. Outputs are
 compared as ‖out − ref‖ / ‖ref‖ after checking they are finite: in-place states are poisoned with
 NaN when decay = 0, fresh outputs by leaving NaN blocks in the caching allocator, so an unwritten
-element fails.
+element fails. The shape tables and shared helpers are in :mod:`spngd_ext.selftest.kernel_cases`.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import zlib
-from collections.abc import Callable
 
 import torch
 
 from ..ops import torch_path as ref
+from . import kernel_cases as cases
+from . import seam_checks
+from .kernel_cases import (
+    BN_SHAPES,
+    CHOLESKY_SIZES,
+    CONV_CASES,
+    DTYPES,
+    FACTOR_CASES,
+    SIZES,
+    TOL,
+    bn_plan,
+    expect_close,
+    poison_allocator,
+    ref_state,
+    seeded,
+    spd,
+    syrk_plan,
+)
 from .runner import Check
 
 __all__ = [
     "BN_SHAPES",
     "CHOLESKY_SIZES",
     "CONV_CASES",
+    "DTYPES",
     "FACTOR_CASES",
+    "SIZES",
+    "TOL",
     "bn_plan",
     "expect_close",
     "kernel_checks",
@@ -34,138 +53,6 @@ __all__ = [
     "spd",
     "syrk_plan",
 ]
-
-DEV = "cuda"
-SIZES = [1, 2, 3, 17, 31, 32, 33, 64, 65, 127, 130, 257]
-CHOLESKY_SIZES = SIZES  # panel width 32: below, at, above, several panels; 257 > the default kernel limit
-TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-FACTOR_CASES = [(rows, d) for rows, d in itertools.product([1, 7, 300], SIZES)] + [
-    (1000, 513),
-    (257, 600),
-    (20000, 65),
-    (40000, 520),
-    (0, 17),
-]
-CONV_CASES = [  # N, C, H, W, kernel, stride, padding, dilation, bias
-    (1, 1, 1, 1, (1, 1), (1, 1), (0, 0), (1, 1), False),
-    (2, 3, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1), True),
-    (3, 5, 11, 7, (3, 2), (2, 1), (1, 0), (1, 2), True),
-    (2, 4, 8, 8, (1, 1), (1, 1), (0, 0), (1, 1), True),
-    (2, 16, 14, 14, (3, 3), (2, 2), (1, 1), (1, 1), False),
-    (1, 3, 32, 32, (7, 7), (2, 2), (3, 3), (1, 1), False),
-    (2, 6, 10, 12, (3, 3), (1, 1), (2, 2), (2, 2), True),
-    (4, 2, 32, 32, (3, 3), (1, 1), (1, 1), (1, 1), True),  # few tiles, many rows: split path
-    (2, 70, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1), True),  # d = 631: 128-wide tiles
-]
-BN_SHAPES = [
-    (1, 1, 1, 1),
-    (2, 3),
-    (4, 5, 7, 7),
-    (3, 8, 1, 1),
-    (32, 64, 16, 16),
-    (5, 3, 3, 5),
-    (2, 2, 2),
-    (256, 4, 8, 8),
-    (7, 33, 40),
-    (1, 2048),
-]
-
-
-# ------------------------------------------------------------------------------------------------
-# launch plans (mirrors of plan_syrk in syrk_tiles.cuh and plan_bn_fisher in batchnorm_kernels.cuh)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
-def syrk_plan(d: int, rows: int, sm_count: int, max_ws: int) -> tuple[bool, int]:
-    """(128-wide tiles?, row splits) of one SYRK launch."""
-    np_ = d * (d + 1) // 2
-    large = d >= 512
-    nt = _cdiv(d, 128 if large else 64)
-    tiles = nt * (nt + 1) // 2
-    target = (2 if large else 4) * sm_count
-    splits = 1
-    if tiles < target and rows > 0:
-        splits = max(1, min(_cdiv(target, tiles), _cdiv(rows, 128), max_ws // np_ if np_ > 0 else 1))
-    if splits > 1:
-        splits = _cdiv(rows, _cdiv(_cdiv(rows, splits), 8) * 8)
-    return large, splits
-
-
-def bn_plan(n: int, c: int, hw: int, sm_count: int) -> tuple[int, int]:
-    """(lanes per plane, blocks per channel) of one bn_unitwise_fisher launch."""
-    sub = 32
-    while sub > hw:
-        sub >>= 1
-    g = min(_cdiv(n, 256 // sub), max(1, _cdiv(4 * sm_count, c)))
-    return sub, _cdiv(n, _cdiv(n, g))
-
-
-# ------------------------------------------------------------------------------------------------
-# helpers
-
-
-def seeded(*key) -> None:
-    """Seed the global generator from ``key``: a fresh, reproducible seed per case (unlike hash())."""
-    torch.manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def expect_close(out: torch.Tensor, expect: torch.Tensor, tol: float, what: str) -> None:
-    """Raise AssertionError (naming ``what``) unless ``out`` is finite, has ``expect``'s shape and
-    ‖out − expect‖ / ‖expect‖ <= ``tol``.
-
-    Args:
-        out: the kernel's result.
-        expect: the float64 reference.
-        tol: the largest relative error accepted.
-        what: the case, for the message.
-    """
-    if out.shape != expect.shape:
-        raise AssertionError(f"{what}: shape {tuple(out.shape)}, expected {tuple(expect.shape)}")
-    out, expect = out.double(), expect.double()
-    if not torch.isfinite(out).all():
-        raise AssertionError(f"{what}: non-finite entries (unwritten or poisoned)")
-    den = expect.norm().item()
-    err = (out - expect).norm().item() / (den if den > 0 else 1.0)
-    if not err <= tol:
-        raise AssertionError(f"{what}: relative error {err:.3e} > {tol:.1e}")
-
-
-def _poison_allocator(*shapes_dtypes) -> None:
-    """Leave NaN-filled free blocks for the next allocations to reuse."""
-    blocks = [
-        torch.full(shape, float("nan") if dt.is_floating_point else -(2**31), dtype=dt, device=DEV)
-        for shape, dt in shapes_dtypes
-    ]
-    del blocks
-
-
-def spd(batch: int, n: int, dtype: torch.dtype, shift: float = 0.05) -> torch.Tensor:
-    """``batch`` random symmetric positive definite n×n matrices (Gram matrices + ``shift``·I) on DEV.
-
-    Args:
-        batch: how many matrices.
-        n: their size.
-        dtype: their dtype (built in float64, then cast).
-        shift: added to the diagonal, bounds the condition number.
-    """
-    x = torch.randn(batch, 2 * n + 2, n, dtype=torch.float64, device=DEV)
-    m = x.mT @ x / (2 * n + 2) + shift * torch.eye(n, dtype=torch.float64, device=DEV)
-    return m.to(dtype).contiguous()
-
-
-def _ref_state(fn: Callable, state: torch.Tensor, *args) -> torch.Tensor:
-    s = state.double().clone()
-    fn(s, *args)
-    return s
-
-
-def _sm_count() -> int:
-    return torch.cuda.get_device_properties(0).multi_processor_count
-
 
 # ------------------------------------------------------------------------------------------------
 # pack / unpack
@@ -182,9 +69,9 @@ def check_pack_upper(k) -> str:
     for sizes in ([1], [2, 3], [17, 31, 32, 33], [64, 65, 127, 130], [257]):
         for src, out_dtype in [(a, b) for a in DTYPES for b in DTYPES] + [(torch.float32, None)]:
             seeded("pack", tuple(sizes), src, out_dtype)
-            mats = [torch.randn(s, s, device=DEV).to(src) for s in sizes]
+            mats = [torch.randn(s, s, device=cases.DEV).to(src) for s in sizes]
             total = sum(ref.packed_size(s) for s in sizes)
-            _poison_allocator(((total,), out_dtype or src))
+            poison_allocator(((total,), out_dtype or src))
             out = k.pack_upper(mats, out_dtype)
             if out.dtype != (out_dtype or src):
                 raise AssertionError(f"pack {sizes} {src}->{out_dtype}: result dtype {out.dtype}")
@@ -195,12 +82,12 @@ def check_pack_upper(k) -> str:
                 f"pack {sizes} {src}->{out_dtype}",
             )
             n += 1
-    big = torch.randn(80, 90, device=DEV)
+    big = torch.randn(80, 90, device=cases.DEV)
     mats = [
         big[3:40, 5:42],
-        torch.randn(33, 33, device=DEV).t(),
-        torch.randn(5, 5, device=DEV, dtype=torch.float64),
-        torch.randn(130, 130, device=DEV).to(torch.bfloat16),
+        torch.randn(33, 33, device=cases.DEV).t(),
+        torch.randn(5, 5, device=cases.DEV, dtype=torch.float64),
+        torch.randn(130, 130, device=cases.DEV).to(torch.bfloat16),
     ]
     expect_close(
         k.pack_upper(mats, torch.float32), ref.pack_upper([m.double() for m in mats]), 1e-7, "strided, mixed-dtype pack"
@@ -223,9 +110,9 @@ def check_unpack_upper(k) -> str:
     ):
         seeded("unpack", tuple(sizes), buf_dtype, out_dtype, offset)
         total = offset + sum(ref.packed_size(s) for s in sizes) + 5
-        buf = torch.randn(total, device=DEV).to(buf_dtype)
-        scale = torch.rand(len(sizes), device=DEV) * 2 - 0.5
-        _poison_allocator(*[((s, s), out_dtype) for s in sizes])
+        buf = torch.randn(total, device=cases.DEV).to(buf_dtype)
+        scale = torch.rand(len(sizes), device=cases.DEV) * 2 - 0.5
+        poison_allocator(*[((s, s), out_dtype) for s in sizes])
         outs = k.unpack_upper(buf, sizes, scale, offset, out_dtype)
         expect = ref.unpack_upper(buf.double(), sizes, scale=scale.double(), dtype=torch.float64, offset=offset)
         for s, o, e in zip(sizes, outs, expect):
@@ -241,15 +128,15 @@ def check_pack_many(k) -> str:
     """More matrices than one launch's table holds (256): several launches, one result; round trip."""
     seeded("many")
     sizes = [1, 2, 3, 5] * 80
-    mats = [torch.randn(s, s, device=DEV) for s in sizes]
+    mats = [torch.randn(s, s, device=cases.DEV) for s in sizes]
     packed = k.pack_upper(mats, None)
     expect_close(packed, ref.pack_upper(mats), 0.0, "pack of 320 matrices")
-    scale = torch.rand(len(sizes), device=DEV) + 0.5
+    scale = torch.rand(len(sizes), device=cases.DEV) + 0.5
     for i, (m, o) in enumerate(zip(mats, k.unpack_upper(packed, sizes, scale, 0, torch.float32))):
         expect_close(o, (m.triu() + m.triu(1).mT) * scale[i], 1e-7, f"unpack #{i} of 320")
-    sym = [m + m.mT for m in (torch.randn(s, s, device=DEV) for s in (7, 64, 33, 1, 257))]
+    sym = [m + m.mT for m in (torch.randn(s, s, device=cases.DEV) for s in (7, 64, 33, 1, 257))]
     outs = k.unpack_upper(
-        k.pack_upper(sym, None), [m.shape[0] for m in sym], torch.ones(5, device=DEV), 0, torch.float32
+        k.pack_upper(sym, None), [m.shape[0] for m in sym], torch.ones(5, device=cases.DEV), 0, torch.float32
     )
     if not all(torch.equal(m, o) for m, o in zip(sym, outs)):
         raise AssertionError("pack then unpack does not return the symmetric matrices exactly")
@@ -261,14 +148,14 @@ def check_pack_many(k) -> str:
 
 
 def check_accumulate_factor(k) -> str:
-    sm = _sm_count()
+    sm = cases.sm_count()
     paths = set()
-    for (rows, d), decay in itertools.product(FACTOR_CASES, (0.0, 0.9)):
+    for (rows, d), decay in itertools.product(cases.FACTOR_CASES, (0.0, 0.9)):
         seeded("factor", rows, d, decay)
-        x = torch.randn(rows, d, device=DEV)
+        x = torch.randn(rows, d, device=cases.DEV)
         np_ = ref.packed_size(d)
-        state = torch.full((np_,), float("nan"), device=DEV) if decay == 0 else torch.randn(np_, device=DEV)
-        expect = _ref_state(ref.accumulate_factor, state, x.double(), 0.5, decay)
+        state = torch.full((np_,), float("nan"), device=cases.DEV) if decay == 0 else torch.randn(np_, device=cases.DEV)
+        expect = ref_state(ref.accumulate_factor, state, x.double(), 0.5, decay)
         k.accumulate_factor(state, x, 0.5, decay)
         expect_close(state, expect, TOL[torch.float32], f"rows={rows} d={d} decay={decay}")
         large, splits = syrk_plan(d, rows, sm, rows * d)
@@ -278,33 +165,33 @@ def check_accumulate_factor(k) -> str:
         raise AssertionError(f"the cases miss SYRK paths (128-wide, split) {sorted(missing)} on {sm} SMs")
     for dtype, (rows, d) in itertools.product((torch.bfloat16, torch.float16), ((300, 33), (129, 130), (64, 600))):
         seeded("factor-half", dtype, rows, d)
-        x = torch.randn(rows, d, device=DEV).to(dtype)
-        state = torch.full((ref.packed_size(d),), float("nan"), device=DEV)
-        expect = _ref_state(ref.accumulate_factor, state, x.double(), 1.0 / rows, 0.0)
+        x = torch.randn(rows, d, device=cases.DEV).to(dtype)
+        state = torch.full((ref.packed_size(d),), float("nan"), device=cases.DEV)
+        expect = ref_state(ref.accumulate_factor, state, x.double(), 1.0 / rows, 0.0)
         k.accumulate_factor(state, x, 1.0 / rows, 0.0)
         expect_close(state, expect, TOL[torch.float32], f"{dtype} inputs rows={rows} d={d}")
-    x = torch.randn(70, 500, device=DEV).t()[::2]  # (250, 70), both strides non-unit
-    state = torch.zeros(ref.packed_size(70), device=DEV)
-    expect = _ref_state(ref.accumulate_factor, state, x.double(), 2.0, 0.0)
+    x = torch.randn(70, 500, device=cases.DEV).t()[::2]  # (250, 70), both strides non-unit
+    state = torch.zeros(ref.packed_size(70), device=cases.DEV)
+    expect = ref_state(ref.accumulate_factor, state, x.double(), 2.0, 0.0)
     k.accumulate_factor(state, x, 2.0, 0.0)
     expect_close(state, expect, TOL[torch.float32], "strided x")
-    return f"{2 * len(FACTOR_CASES) + 7} cases; 64/128-wide tiles with and without row splits"
+    return f"{2 * len(cases.FACTOR_CASES) + 7} cases; 64/128-wide tiles with and without row splits"
 
 
 def check_conv_a_factor(k) -> str:
-    sm = _sm_count()
+    sm = cases.sm_count()
     paths = set()
     n_cases = 0
     for case, layout, decay in itertools.product(CONV_CASES, ("nchw", "channels_last"), (0.0, 0.5)):
         n, c, h, w, ks, s, p, dil, bias = case
         seeded("conv", case, layout, decay)
-        x = torch.randn(n, c, h, w, device=DEV)
+        x = torch.randn(n, c, h, w, device=cases.DEV)
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
         d = c * ks[0] * ks[1] + int(bias)
         np_ = ref.packed_size(d)
-        state = torch.full((np_,), float("nan"), device=DEV) if decay == 0 else torch.randn(np_, device=DEV)
-        expect = _ref_state(ref.conv_a_factor, state, x.double(), ks, s, p, dil, bias, 0.25, decay)
+        state = torch.full((np_,), float("nan"), device=cases.DEV) if decay == 0 else torch.randn(np_, device=cases.DEV)
+        expect = ref_state(ref.conv_a_factor, state, x.double(), ks, s, p, dil, bias, 0.25, decay)
         k.conv_a_factor(state, x, list(ks), list(s), list(p), list(dil), bias, 0.25, decay)
         expect_close(state, expect, TOL[torch.float32], f"conv {case} {layout} decay={decay}")
         oh = (h + 2 * p[0] - dil[0] * (ks[0] - 1) - 1) // s[0] + 1
@@ -316,9 +203,9 @@ def check_conv_a_factor(k) -> str:
     if (False, True) not in paths or not ((True, False) in paths or (True, True) in paths):
         raise AssertionError(f"the conv cases miss a SYRK path on {sm} SMs: reached {sorted(paths)}")
     seeded("conv-bf16")
-    x = torch.randn(4, 8, 12, 12, device=DEV).to(torch.bfloat16)
-    state = torch.full((ref.packed_size(8 * 9 + 1),), float("nan"), device=DEV)
-    expect = _ref_state(ref.conv_a_factor, state, x.double(), (3, 3), (1, 1), (1, 1), (1, 1), True, 1.0, 0.0)
+    x = torch.randn(4, 8, 12, 12, device=cases.DEV).to(torch.bfloat16)
+    state = torch.full((ref.packed_size(8 * 9 + 1),), float("nan"), device=cases.DEV)
+    expect = ref_state(ref.conv_a_factor, state, x.double(), (3, 3), (1, 1), (1, 1), (1, 1), True, 1.0, 0.0)
     k.conv_a_factor(state, x, [3, 3], [1, 1], [1, 1], [1, 1], True, 1.0, 0.0)
     expect_close(state, expect, TOL[torch.float32], "bf16 conv input")
     return f"{n_cases + 1} cases; NCHW and channels-last, split and 128-wide tiles"
@@ -338,8 +225,8 @@ def check_cholesky(k) -> str:
                 seeded("chol", n, dtype, path)
                 batch = 5 if n > 64 else 16
                 mats = spd(batch, n, dtype)
-                damping = (torch.rand(batch, device=DEV, dtype=dtype) * 0.1).contiguous()
-                _poison_allocator(((batch, n, n), dtype), ((batch,), torch.int32))
+                damping = (torch.rand(batch, device=cases.DEV, dtype=dtype) * 0.1).contiguous()
+                poison_allocator(((batch, n, n), dtype), ((batch,), torch.int32))
                 inv, info = k.cholesky_inverse_damped(mats, damping)
                 expect, _ = ref.cholesky_inverse_damped(mats.double(), damping.double())
                 if info.dtype != torch.int32 or info.shape != (batch,) or not (info == 0).all():
@@ -348,7 +235,7 @@ def check_cholesky(k) -> str:
                 n_cases += 1
             mats = spd(4, 37, torch.float32)
             junk = mats.tril() + torch.full_like(mats, float("nan")).triu(1)
-            damping = torch.full((4,), 0.01, device=DEV)
+            damping = torch.full((4,), 0.01, device=cases.DEV)
             inv, info = k.cholesky_inverse_damped(junk, damping)
             expect, _ = ref.cholesky_inverse_damped(mats.double(), damping.double())
             if not (info == 0).all():
@@ -357,10 +244,10 @@ def check_cholesky(k) -> str:
             for n in (3, 33, 130):
                 good = spd(6, n, torch.float32)
                 bad = good.clone()
-                bad[1] = -torch.eye(n, device=DEV)
+                bad[1] = -torch.eye(n, device=cases.DEV)
                 bad[3, n // 2, 0] = bad[3, 0, n // 2] = float("nan")
                 bad[5, n - 1, n - 1] = float("inf")
-                damping = torch.full((6,), 0.05, device=DEV)
+                damping = torch.full((6,), 0.05, device=cases.DEV)
                 inv, info = k.cholesky_inverse_damped(bad, damping)
                 flags = (info != 0).tolist()
                 if flags != [False, True, False, True, False, True]:
@@ -369,7 +256,7 @@ def check_cholesky(k) -> str:
                     expect, _ = ref.cholesky_inverse_damped(good[b : b + 1].double(), damping[b : b + 1].double())
                     expect_close(inv[b : b + 1], expect, 2e-4, f"{path} n={n}: good matrix {b} next to failed ones")
             n_cases += 4
-        inv, info = k.cholesky_inverse_damped(torch.zeros(0, 4, 4, device=DEV), torch.zeros(0, device=DEV))
+        inv, info = k.cholesky_inverse_damped(torch.zeros(0, 4, 4, device=cases.DEV), torch.zeros(0, device=cases.DEV))
         if inv.shape != (0, 4, 4) or info.shape != (0,):
             raise AssertionError("empty batch")
     finally:
@@ -382,14 +269,14 @@ def check_cholesky(k) -> str:
 
 
 def check_bn(k) -> str:
-    sm = _sm_count()
+    sm = cases.sm_count()
     plans = set()
     for shape, decay in itertools.product(BN_SHAPES, (0.0, 0.9)):
         seeded("bn", shape, decay)
-        g, xh = torch.randn(shape, device=DEV), torch.randn(shape, device=DEV)
+        g, xh = torch.randn(shape, device=cases.DEV), torch.randn(shape, device=cases.DEV)
         c = shape[1]
-        state = torch.full((c, 3), float("nan"), device=DEV) if decay == 0 else torch.rand(c, 3, device=DEV)
-        expect = _ref_state(ref.bn_unitwise_fisher, state, g.double(), xh.double(), 0.5, decay)
+        state = torch.full((c, 3), float("nan"), device=cases.DEV) if decay == 0 else torch.rand(c, 3, device=cases.DEV)
+        expect = ref_state(ref.bn_unitwise_fisher, state, g.double(), xh.double(), 0.5, decay)
         k.bn_unitwise_fisher(state, g, xh, 0.5, decay)
         expect_close(state, expect, TOL[torch.float32], f"bn {shape} decay={decay}")
         hw = 1
@@ -399,22 +286,25 @@ def check_bn(k) -> str:
     if plans != {False, True}:
         raise AssertionError(f"the BatchNorm shapes miss the one- or several-blocks-per-channel path on {sm} SMs")
     for dtype in (torch.bfloat16, torch.float16):
-        g, xh = torch.randn(16, 24, 9, 9, device=DEV).to(dtype), torch.randn(16, 24, 9, 9, device=DEV).to(dtype)
-        state = torch.full((24, 3), float("nan"), device=DEV)
-        expect = _ref_state(ref.bn_unitwise_fisher, state, g.double(), xh.double(), 1.0, 0.0)
+        g, xh = (
+            torch.randn(16, 24, 9, 9, device=cases.DEV).to(dtype),
+            torch.randn(16, 24, 9, 9, device=cases.DEV).to(dtype),
+        )
+        state = torch.full((24, 3), float("nan"), device=cases.DEV)
+        expect = ref_state(ref.bn_unitwise_fisher, state, g.double(), xh.double(), 1.0, 0.0)
         k.bn_unitwise_fisher(state, g, xh, 1.0, 0.0)
         expect_close(state, expect, TOL[torch.float32], f"bn {dtype} inputs")
     for channels in (1, 5, 300):
         seeded("bn-solve", channels)
-        a, d = torch.rand(channels, device=DEV) + 0.1, torch.rand(channels, device=DEV) + 0.1
-        b = (torch.rand(channels, device=DEV) * 2 - 1) * (a * d).sqrt() * 0.9
+        a, d = torch.rand(channels, device=cases.DEV) + 0.1, torch.rand(channels, device=cases.DEV) + 0.1
+        b = (torch.rand(channels, device=cases.DEV) * 2 - 1) * (a * d).sqrt() * 0.9
         fisher = torch.stack([a, b, d], dim=1).contiguous()
         if channels >= 5:
             fisher[1] = torch.tensor([1.0, 1.0, 1.0])
             fisher[3] = torch.tensor([float("nan"), 0.0, 1.0])
-        gg, gb = torch.randn(channels, device=DEV), torch.randn(channels, device=DEV)
+        gg, gb = torch.randn(channels, device=cases.DEV), torch.randn(channels, device=cases.DEV)
         for damping in (0.0, 1e-3):
-            _poison_allocator(((channels,), torch.float32), ((channels,), torch.float32))
+            poison_allocator(((channels,), torch.float32), ((channels,), torch.float32))
             ug, ub = k.bn_unitwise_solve(fisher, gg, gb, damping)
             eg, eb = ref.bn_unitwise_solve(fisher.double(), gg.double(), gb.double(), damping)
             expect_close(ug, eg, 2e-4, f"solve C={channels} damping={damping} gamma")
@@ -426,8 +316,6 @@ def check_bn(k) -> str:
 
 def kernel_checks() -> list[Check]:
     """The GPU checks, in order (each needs a CUDA GPU and the built extension)."""
-    from . import seam_checks
-
     k = torch.ops.spngd_ext
     named = [
         ("pack_upper: sizes x dtypes, strided and mixed inputs", check_pack_upper),

@@ -9,7 +9,7 @@ import torch
 
 from .. import ops
 from ..ops import packed_size
-from . import kernel_checks as kc
+from . import kernel_cases as cases
 
 __all__ = ["check_error_cases", "check_first_use_guard", "check_no_host_sync", "check_python_seam"]
 
@@ -24,20 +24,24 @@ def check_error_cases(k) -> str:
 
 
 def check_no_host_sync(k) -> str:
-    mats = kc.spd(4, 40, torch.float32)
-    damping = torch.full((4,), 0.01, device=kc.DEV)
-    x = torch.randn(64, 40, device=kc.DEV)
-    state = torch.zeros(packed_size(40), device=kc.DEV)
-    conv_state = torch.zeros(packed_size(3 * 9 + 1), device=kc.DEV)
-    img = torch.randn(2, 3, 8, 8, device=kc.DEV)
-    bn_state = torch.zeros(5, 3, device=kc.DEV)
-    g = torch.randn(64, 5, 4, 4, device=kc.DEV)
+    mats = cases.spd(4, 40, torch.float32)
+    damping = torch.full((4,), 0.01, device=cases.DEV)
+    x = torch.randn(64, 40, device=cases.DEV)
+    state = torch.zeros(packed_size(40), device=cases.DEV)
+    conv_state = torch.zeros(packed_size(3 * 9 + 1), device=cases.DEV)
+    img = torch.randn(2, 3, 8, 8, device=cases.DEV)
+    bn_state = torch.zeros(5, 3, device=cases.DEV)
+    g = torch.randn(64, 5, 4, 4, device=cases.DEV)
     old = k.cholesky_kernel_max_n(-1)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         k.unpack_upper(
-            k.pack_upper([mats[0], mats[1]], torch.bfloat16), [40, 40], torch.ones(2, device=kc.DEV), 0, torch.float32
+            k.pack_upper([mats[0], mats[1]], torch.bfloat16),
+            [40, 40],
+            torch.ones(2, device=cases.DEV),
+            0,
+            torch.float32,
         )
         k.accumulate_factor(state, x, 1.0, 0.5)
         k.conv_a_factor(conv_state, img, [3, 3], [1, 1], [1, 1], [1, 1], True, 1.0, 0.0)
@@ -54,23 +58,23 @@ def check_no_host_sync(k) -> str:
 
 def check_python_seam(k) -> str:
     """spngd_ext.ops with backend='cuda' and 'torch' agree (the dispatch passes the right arguments)."""
-    kc.seeded("seam")
-    x = torch.randn(50, 20, device=kc.DEV)
-    s_cuda, s_torch = torch.zeros(210, device=kc.DEV), torch.zeros(210, device=kc.DEV)
+    cases.seeded("seam")
+    x = torch.randn(50, 20, device=cases.DEV)
+    s_cuda, s_torch = torch.zeros(210, device=cases.DEV), torch.zeros(210, device=cases.DEV)
     ops.accumulate_factor(s_cuda, x, scale=0.1, decay=0.0, backend="cuda")
     ops.accumulate_factor(s_torch, x, scale=0.1, decay=0.0, backend="torch")
-    kc.expect_close(s_cuda, s_torch, 1e-5, "accumulate_factor via spngd_ext.ops")
+    cases.expect_close(s_cuda, s_torch, 1e-5, "accumulate_factor via spngd_ext.ops")
     (full,) = ops.unpack_upper(
-        ops.pack_upper([torch.eye(3, device=kc.DEV)], backend="cuda"), [3], scale=2.0, backend="cuda"
+        ops.pack_upper([torch.eye(3, device=cases.DEV)], backend="cuda"), [3], scale=2.0, backend="cuda"
     )
-    if not torch.equal(full, 2 * torch.eye(3, device=kc.DEV)):
+    if not torch.equal(full, 2 * torch.eye(3, device=cases.DEV)):
         raise AssertionError("pack/unpack via spngd_ext.ops")
-    m = kc.spd(2, 10, torch.float32)
+    m = cases.spd(2, 10, torch.float32)
     inv_c, info_c = ops.cholesky_inverse_damped(m, 0.01, backend="cuda")
     inv_t, info_t = ops.cholesky_inverse_damped(m, 0.01, backend="torch")
     if not ((info_c == 0).all() and (info_t == 0).all()):
         raise AssertionError("cholesky via spngd_ext.ops flagged a positive definite matrix")
-    kc.expect_close(inv_c, inv_t, 1e-4, "cholesky via spngd_ext.ops")
+    cases.expect_close(inv_c, inv_t, 1e-4, "cholesky via spngd_ext.ops")
     return "accumulate_factor, pack/unpack, cholesky"
 
 
@@ -79,9 +83,9 @@ def check_first_use_guard(k) -> str:
     (a false alarm would quietly move an op to the PyTorch path)."""
     from .. import kernel_guard
 
-    z = lambda *shape, dtype=torch.float32, **kw: torch.zeros(*shape, dtype=dtype, device=kc.DEV, **kw)  # noqa: E731
+    z = lambda *shape, dtype=torch.float32, **kw: torch.zeros(*shape, dtype=dtype, device=cases.DEV, **kw)  # noqa: E731
     probes = []
-    for dt in kc.DTYPES:
+    for dt in cases.DTYPES:
         probes += [("pack_upper", [z(4, 4, dtype=dt)]), ("unpack_upper", [z(10, dtype=dt)])]
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         probes += [
