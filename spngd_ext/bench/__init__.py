@@ -95,8 +95,9 @@ def summary_table(kernels: dict | None, step: dict | None) -> str:
 
 
 def _run_step(args: argparse.Namespace, log) -> dict:
+    from .configs import build_configs, random_batches
     from .models import count_parameters, resnet50, small_bn_cnn
-    from .step import build_configs, random_batches, run_rounds, summarise, targets
+    from .step import run_rounds, summarise, targets
 
     device = torch.device(args.device)
     if args.model == "resnet50":

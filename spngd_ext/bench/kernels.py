@@ -3,9 +3,10 @@
 Shapes follow ResNet-50 (factor sizes 147 ... 4609, BN widths 64 ... 2048, 32 examples per GPU).
 Timing: CUDA events around each call, warm-up first, the median of many calls; every case rotates
 through several input sets whose total size exceeds the L2 cache, so no call finds its inputs there.
-Each row has both times, the speedup and the achieved GB/s or TFLOP/s; :func:`targets` checks the
-performance targets (met / NOT MET). Needs a GPU and the built extension; run through
-``python -m spngd_ext.bench`` (or ``python bench/kernels.py``).
+Each row has both times, the speedup and the achieved GB/s or TFLOP/s;
+:func:`spngd_ext.bench.kernel_targets.targets` checks the performance targets (met / NOT MET).
+Needs a GPU and the built extension; run through ``python -m spngd_ext.bench`` (or
+``python bench/kernels.py``).
 """
 
 # ruff: noqa: B023  (every timing lambda runs inside its loop iteration, before the variables change)
@@ -22,8 +23,9 @@ import torch.nn.functional as F
 
 from ..ops import torch_path as ref
 from ..ops.conv_gram import conv_a_factor_shifted
+from .kernel_targets import targets
 
-__all__ = ["run_kernel_bench", "targets", "resnet50_factor_sizes"]
+__all__ = ["run_kernel_bench", "resnet50_factor_sizes"]
 
 DEV = "cuda"
 L2_FLUSH_BYTES = 160 << 20  # input sets per case span at least this much (H100 L2: 50 MB)
@@ -318,72 +320,6 @@ def bench_bn(kernels, quick, budget):
         row("bn_unitwise_solve", f"C={c}", ours, base)
 
 
-# ------------------------------------------------------------------------------------------------
-# targets
-
-
-def targets(crossover) -> list[dict]:
-    def rows(op, pred=lambda r: True):
-        return [r for r in ROWS if r["op"] == op and pred(r)]
-
-    out = []
-
-    def target(name, sel, ok, detail):
-        met = bool(sel) and all(ok(r) for r in sel)
-        out.append({"target": name, "met": met, "detail": detail(sel) if sel else "no rows"})
-
-    packs = rows("pack_upper") + rows("unpack_upper")
-    target(
-        "pack/unpack >= 85% of copy bandwidth",
-        packs,
-        lambda r: r["pct_copy"] >= 85,
-        lambda s: "min {:.0f}%".format(min(r["pct_copy"] for r in s)),
-    )
-    facs = rows("accumulate_factor", lambda r: r["d"] >= 512)
-    target(
-        "factor accumulation >= 1.5x torch (d >= 512)",
-        facs,
-        lambda r: r["speedup"] >= 1.5,
-        lambda s: "min {:.2f}x".format(min(r["speedup"] for r in s)),
-    )
-    convs = rows("conv_a_factor")
-    target(
-        "conv A-factor extra memory <= unfold/(kh*kw)",
-        convs,
-        lambda r: r["extra_MB_ours"] <= r["extra_MB_unfold"] / r["kk"],
-        lambda s: "max ratio {:.4f}".format(max(r["extra_MB_ours"] / max(r["extra_MB_unfold"], 1e-9) for r in s)),
-    )
-    target(
-        "conv A-factor no slower than unfold+GEMM",
-        convs,
-        lambda r: r["speedup"] >= 1.0,
-        lambda s: "min {:.2f}x".format(min(r["speedup"] for r in s)),
-    )
-    chols = rows("cholesky_inverse_damped", lambda r: r["n"] <= 256 and r["batch"] >= 16)
-    target(
-        "Cholesky inverse n<=256, B>=16: >= 5x cholesky_ex+cholesky_inverse",
-        chols,
-        lambda r: r["speedup"] >= 5,
-        lambda s: "min {:.2f}x".format(min(r["speedup"] for r in s)),
-    )
-    bns = rows("bn_unitwise_fisher") + rows("bn_unitwise_solve")
-    target(
-        "unit-wise BN >= 3x the PyTorch composition",
-        bns,
-        lambda r: r["speedup"] >= 3,
-        lambda s: "min {:.2f}x".format(min(r["speedup"] for r in s)),
-    )
-    out.append(
-        {
-            "target": "Cholesky kernel/ATen crossover (B=16)",
-            "met": None,
-            "detail": f"kernel wins up to n={crossover} (default cholesky_kernel_max_n="
-            f"{torch.ops.spngd_ext.cholesky_kernel_max_n(-1)})",
-        }
-    )
-    return out
-
-
 def run_kernel_bench(quick: bool, log: Callable[[str], None] = print) -> dict:
     """Run every kernel benchmark; returns the device, the copy bandwidth, the rows and the targets.
 
@@ -407,7 +343,7 @@ def run_kernel_bench(quick: bool, log: Callable[[str], None] = print) -> dict:
         bench_conv(kernels, quick, budget)
         crossover = bench_cholesky(kernels, quick, budget)
         bench_bn(kernels, quick, budget)
-        results = targets(crossover)
+        results = targets(ROWS, crossover)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     return {
