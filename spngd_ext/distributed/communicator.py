@@ -30,30 +30,66 @@ class Communicator(abc.ABC):
     @abc.abstractmethod
     def reduce_scatter(self, buffer: Tensor, chunk_numel: int, *, kind: str) -> Tensor:
         """Sum chunk ``rank`` of ``buffer`` over ranks; returns that chunk (a view of ``buffer``).
-        The other chunks of ``buffer`` are zero afterwards."""
+        The other chunks of ``buffer`` are zero afterwards.
+
+        Args:
+            buffer: the flat buffer of ``world_size`` × ``chunk_numel`` elements.
+            chunk_numel: the length of one rank's chunk.
+            kind: what the buffer holds ("stats", "grads", "precond"), for the byte counts and errors.
+        """
 
     @abc.abstractmethod
     def all_gather(self, buffer: Tensor, chunk_numel: int, *, kind: str) -> None:
-        """In place: chunk r of ``buffer`` becomes rank r's chunk r, on every rank."""
+        """In place: chunk r of ``buffer`` becomes rank r's chunk r, on every rank.
+
+        Args:
+            buffer: the flat buffer of ``world_size`` × ``chunk_numel`` elements.
+            chunk_numel: the length of one rank's chunk.
+            kind: what the buffer holds ("stats", "grads", "precond"), for the byte counts and errors.
+        """
 
     @abc.abstractmethod
     def any_flag(self, flag: Tensor) -> Tensor:
-        """Logical OR of a 0-dim bool tensor over ranks."""
+        """Logical OR of a 0-dim bool tensor over ranks.
+
+        Args:
+            flag: this rank's 0-dim bool tensor.
+        """
 
     @abc.abstractmethod
     def reduce_segments(self, buffer: Tensor, sends: Sequence[Sequence[Segment]], *, kind: str) -> None:
         """``sends[o]``: the segments of ``buffer`` rank o owns (the same lists on every rank).
         Afterwards rank o holds there the sum over ranks; the segments this rank sent to other
-        owners are zero; everything else is untouched."""
+        owners are zero; everything else is untouched.
+
+        Args:
+            buffer: the flat buffer the segments index.
+            sends: one segment list per owner rank.
+            kind: what the buffer holds ("stats", "grads", "precond"), for the byte counts and errors.
+        """
 
     @abc.abstractmethod
     def gather_segments(self, buffer: Tensor, owned: Sequence[Sequence[Segment]], *, kind: str) -> None:
-        """In place: every rank's copy of rank o's segments ``owned[o]`` becomes rank o's values."""
+        """In place: every rank's copy of rank o's segments ``owned[o]`` becomes rank o's values.
+
+        Args:
+            buffer: the flat buffer the segments index.
+            owned: one segment list per owner rank (the same lists on every rank).
+            kind: what the buffer holds ("stats", "grads", "precond"), for the byte counts and errors.
+        """
 
     @abc.abstractmethod
     def exchange(self, sends: Sequence[Sequence[Tensor]], receives: Sequence[Sequence[Tensor]], *, kind: str,
                  dtype: torch.dtype, device: torch.device) -> None:
-        """Point to point: ``sends[d]`` go to rank d into its ``receives[this rank]`` (same sizes)."""
+        """Point to point: ``sends[d]`` go to rank d into its ``receives[this rank]`` (same sizes).
+
+        Args:
+            sends: per destination rank, the tensors this rank sends it.
+            receives: per source rank, the tensors this rank receives from it (filled in place).
+            kind: what the tensors hold ("stats", "grads", "precond"), for the byte counts and errors.
+            dtype: the dtype of every tensor sent and received.
+            device: the device of every tensor sent and received.
+        """
 
     def begin_step(self) -> None:
         """Called by the optimizer at the start of every step (resets the per-step byte count)."""
@@ -72,22 +108,64 @@ class LocalCommunicator(Communicator):
     world_size = 1
 
     def reduce_scatter(self, buffer: Tensor, chunk_numel: int, *, kind: str) -> Tensor:
+        """The buffer's only chunk, unchanged.
+
+        Args:
+            buffer: the flat buffer (one chunk).
+            chunk_numel: the chunk's length.
+            kind: what the buffer holds (unused with one process).
+        """
         return buffer[:chunk_numel]
 
     def all_gather(self, buffer: Tensor, chunk_numel: int, *, kind: str) -> None:
+        """Nothing to gather: the buffer already holds the only chunk.
+
+        Args:
+            buffer: the flat buffer (one chunk).
+            chunk_numel: the chunk's length.
+            kind: what the buffer holds (unused with one process).
+        """
         return None
 
     def any_flag(self, flag: Tensor) -> Tensor:
+        """``flag`` itself (the OR over one rank).
+
+        Args:
+            flag: this rank's 0-dim bool tensor.
+        """
         return flag
 
     def reduce_segments(self, buffer: Tensor, sends: Sequence[Sequence[Segment]], *, kind: str) -> None:
+        """Nothing to sum; checks there is one segment list (this rank's).
+
+        Args:
+            buffer: the flat buffer the segments index (unchanged).
+            sends: one segment list per owner rank (exactly one).
+            kind: what the buffer holds, for the error message.
+        """
         _check_lists("reduce_segments", kind, sends)
 
     def gather_segments(self, buffer: Tensor, owned: Sequence[Sequence[Segment]], *, kind: str) -> None:
+        """Nothing to gather; checks there is one segment list (this rank's).
+
+        Args:
+            buffer: the flat buffer the segments index (unchanged).
+            owned: one segment list per owner rank (exactly one).
+            kind: what the buffer holds, for the error message.
+        """
         _check_lists("gather_segments", kind, owned)
 
     def exchange(self, sends: Sequence[Sequence[Tensor]], receives: Sequence[Sequence[Tensor]], *, kind: str,
                  dtype: torch.dtype, device: torch.device) -> None:
+        """Nothing to send; ValueError if this rank would send to or receive from itself.
+
+        Args:
+            sends: one tensor list per destination rank (exactly one, empty).
+            receives: one tensor list per source rank (exactly one, empty).
+            kind: what the tensors hold, for the error message.
+            dtype: the tensors' dtype (unused with one process).
+            device: the tensors' device (unused with one process).
+        """
         _check_lists("exchange", kind, sends)
         _check_lists("exchange", kind, receives)
         if sends[0] or receives[0]:
