@@ -105,7 +105,17 @@ def _zero_counts() -> dict[str, int]:
 
 
 class TorchDistributedCommunicator(Communicator):
-    """Collectives over a ``torch.distributed`` process group (default: the world group)."""
+    """Collectives over a ``torch.distributed`` process group (default: the world group).
+
+    Args:
+        group: the process group (None: the world group).
+        comm_dtype: the wire dtype for floating buffers: bfloat16 or float16 (reduced precision,
+            module docstring); None, float32 or float64 send the buffer in its own dtype.
+        reduce_impl: the reduce-scatter algorithm, one of :data:`REDUCE_IMPLS`.
+        gather_impl: the all-gather algorithm, one of :data:`GATHER_IMPLS`.
+        segment_reduce_impl: the algorithm of :meth:`reduce_segments`, one of :data:`SEGMENT_REDUCE_IMPLS`.
+        staging_numel: the most receive-staging elements per all-to-all round of :meth:`reduce_segments`.
+    """
 
     def __init__(self, group=None, comm_dtype: torch.dtype | None = None, *, reduce_impl: str = "auto",
                  gather_impl: str = "auto", segment_reduce_impl: str = "auto",
@@ -140,9 +150,12 @@ class TorchDistributedCommunicator(Communicator):
 
     # ------------------------------------------------------------------ byte counter
     def begin_step(self) -> None:
+        """Start a step: the per-step byte counts (``bytes_sent()["last"]``) restart at zero."""
         self._last = _zero_counts()
 
     def bytes_sent(self) -> dict[str, dict[str, int]]:
+        """Bytes this rank contributed, per kind: ``{"last": {...}, "total": {...}}`` for the step
+        since :meth:`begin_step` and since construction (module docstring)."""
         return {"last": dict(self._last), "total": dict(self._total)}
 
     def _count(self, kind: str, nbytes: int) -> None:
@@ -154,6 +167,14 @@ class TorchDistributedCommunicator(Communicator):
 
     # ------------------------------------------------------------------ collectives
     def reduce_scatter(self, buffer: Tensor, chunk_numel: int, *, kind: str) -> Tensor:
+        """Sum chunk ``rank`` of ``buffer`` over ranks by :meth:`reduce_impl_for`'s algorithm;
+        returns that chunk (a view of ``buffer``), the other chunks are zeroed.
+
+        Args:
+            buffer: the flat buffer of ``world_size`` × ``chunk_numel`` elements.
+            chunk_numel: the length of one rank's chunk.
+            kind: what the buffer holds ("stats", "grads", "precond"), for the byte counts and errors.
+        """
         w, r, c = self.world_size, self.rank, chunk_numel
         if buffer.dim() != 1 or buffer.numel() != w * c:
             raise ValueError(f"reduce_scatter({kind}): expected a flat buffer of {w}×{c} elements, got shape {tuple(buffer.shape)}")
@@ -177,6 +198,14 @@ class TorchDistributedCommunicator(Communicator):
         return mine
 
     def all_gather(self, buffer: Tensor, chunk_numel: int, *, kind: str) -> None:
+        """In place: chunk r of ``buffer`` becomes rank r's chunk r, on every rank (by
+        :meth:`gather_impl_for`'s algorithm; in reduced precision every chunk holds the rounded values).
+
+        Args:
+            buffer: the flat buffer of ``world_size`` × ``chunk_numel`` elements.
+            chunk_numel: the length of one rank's chunk.
+            kind: what the buffer holds ("stats", "grads", "precond"), for the byte counts and errors.
+        """
         w, r, c = self.world_size, self.rank, chunk_numel
         if buffer.dim() != 1 or buffer.numel() != w * c:
             raise ValueError(f"all_gather({kind}): expected a flat buffer of {w}×{c} elements, got shape {tuple(buffer.shape)}")
@@ -208,7 +237,11 @@ class TorchDistributedCommunicator(Communicator):
 
     # ------------------------------------------------------------------ which algorithm
     def reduce_impl_for(self, buffer: Tensor) -> str:
-        """The reduce-scatter algorithm used for ``buffer`` (``reduce_impl`` unless "auto")."""
+        """The reduce-scatter algorithm used for ``buffer`` (``reduce_impl`` unless "auto").
+
+        Args:
+            buffer: the buffer to be reduced (its dtype and device choose under "auto").
+        """
         if self.reduce_impl != "auto":
             return self.reduce_impl
         if self.comm_dtype is not None and buffer.is_floating_point():
@@ -220,6 +253,11 @@ class TorchDistributedCommunicator(Communicator):
         return "reduce_scatter"
 
     def gather_impl_for(self, buffer: Tensor) -> str:
+        """The all-gather algorithm used for ``buffer`` (``gather_impl`` unless "auto").
+
+        Args:
+            buffer: the buffer to be gathered (its device chooses under "auto").
+        """
         if self.gather_impl != "auto":
             return self.gather_impl
         if "gloo" in self.backend and not buffer.is_cuda:
@@ -239,7 +277,11 @@ class TorchDistributedCommunicator(Communicator):
 
     # ------------------------------------------------------------------ true-length segments
     def segment_reduce_impl_for(self, buffer: Tensor) -> str:
-        """The algorithm :meth:`reduce_segments` uses for ``buffer``."""
+        """The algorithm :meth:`reduce_segments` uses for ``buffer``.
+
+        Args:
+            buffer: the buffer to be reduced (its dtype and device choose under "auto").
+        """
         if self.comm_dtype is not None and buffer.is_floating_point():
             return "all_to_all"  # fp32 accumulation of reduced-precision contributions
         if self.segment_reduce_impl != "auto":
@@ -248,6 +290,14 @@ class TorchDistributedCommunicator(Communicator):
         return "all_to_all" if "gloo" in self.backend and not buffer.is_cuda else "reduce"
 
     def reduce_segments(self, buffer: Tensor, sends, *, kind: str) -> None:
+        """Rank o ends up with the sum over ranks of its segments ``sends[o]``; the segments this
+        rank sent to other owners are zeroed (:func:`spngd_ext.distributed.uneven.reduce_segments`).
+
+        Args:
+            buffer: the flat buffer the segments index.
+            sends: one segment list per owner rank (the same lists on every rank).
+            kind: what the buffer holds ("stats", "grads", "precond"), for the byte counts and errors.
+        """
         try:
             uneven.reduce_segments(self, buffer, sends, kind=kind, impl=self.segment_reduce_impl_for(buffer),
                                    wire=self._wire_dtype(buffer), staging_numel=self.staging_numel)
@@ -255,18 +305,41 @@ class TorchDistributedCommunicator(Communicator):
             raise self._failure("reduce_segments", kind, exc) from exc
 
     def gather_segments(self, buffer: Tensor, owned, *, kind: str) -> None:
+        """In place: every rank's copy of rank o's segments ``owned[o]`` becomes rank o's values
+        (:func:`spngd_ext.distributed.uneven.gather_segments`).
+
+        Args:
+            buffer: the flat buffer the segments index.
+            owned: one segment list per owner rank (the same lists on every rank).
+            kind: what the buffer holds ("stats", "grads", "precond"), for the byte counts and errors.
+        """
         try:
             uneven.gather_segments(self, buffer, owned, kind=kind, wire=self._wire_dtype(buffer))
         except RuntimeError as exc:
             raise self._failure("gather_segments", kind, exc) from exc
 
     def exchange(self, sends, receives, *, kind: str, dtype: torch.dtype, device: torch.device) -> None:
+        """Point to point: ``sends[d]`` go to rank d into its ``receives[this rank]``
+        (:func:`spngd_ext.distributed.uneven.exchange`).
+
+        Args:
+            sends: per destination rank, the tensors this rank sends it.
+            receives: per source rank, the tensors this rank receives from it (filled in place).
+            kind: what the tensors hold ("stats", "grads", "precond"), for the byte counts and errors.
+            dtype: the dtype of every tensor sent and received.
+            device: the device of every tensor sent and received.
+        """
         try:
             uneven.exchange(self, sends, receives, kind=kind, dtype=dtype, device=device)
         except RuntimeError as exc:
             raise self._failure("exchange", kind, exc) from exc
 
     def any_flag(self, flag: Tensor) -> Tensor:
+        """Logical OR of ``flag`` over ranks (an ``all_reduce`` MAX of an int32; 4 bytes counted).
+
+        Args:
+            flag: this rank's 0-dim bool tensor.
+        """
         t = flag.detach().reshape(1).to(torch.int32)
         self._count("flag", t.numel() * t.element_size())
         try:
