@@ -28,7 +28,11 @@ __all__ = ["Segment", "SegmentLayout", "coalesce"]
 
 
 def coalesce(segments: Sequence[Segment]) -> list[Segment]:
-    """Sorted, with adjacent or overlapping segments merged and empty ones dropped."""
+    """Sorted, with adjacent or overlapping segments merged and empty ones dropped.
+
+    Args:
+        segments: segments of one buffer, in any order.
+    """
     out: list[Segment] = []
     for s in sorted((s for s in segments if s.numel > 0), key=lambda s: s.offset):
         if out and s.offset <= out[-1].end:
@@ -46,6 +50,20 @@ class SegmentLayout:
     Build with :meth:`build`. Absolute offsets index the full buffers (which every rank holds:
     the statistics are accumulated locally before the reduce, the gradients exist everywhere);
     ``stats_ranges[r]`` / ``grad_ranges[r]`` are rank r's own contiguous parts.
+
+    Args:
+        world_size: the number of ranks.
+        assignment: the owners of statistics and gradients the layout was built for.
+        stats: per layer, {statistic name: its segment of the statistics buffer}.
+        counts: per layer, {statistic name: the absolute index of its count}.
+        stats_ranges: per rank, its contiguous range of the statistics buffer.
+        packed_runs: per rank, (offset, matrix dims, (layer index, statistic name) per matrix) of
+            its packed Kronecker factors, which lie contiguously.
+        grads: per layer, its segment of the gradient buffer.
+        change_slots: per layer, {statistic name: the absolute index of its change slot in the
+            gradient buffer}.
+        kl_slots: per rank, the absolute index of its KL partial sum (None: it owns no gradient).
+        grad_ranges: per rank, its contiguous range of the gradient buffer.
     """
 
     world_size: int
@@ -61,14 +79,17 @@ class SegmentLayout:
 
     @property
     def stats_numel(self) -> int:
+        """The statistics buffer's length (every statistic once, with its count)."""
         return self.stats_ranges[-1].end if self.stats_ranges else 0
 
     @property
     def grad_numel(self) -> int:
+        """The gradient buffer's length (gradients, change slots and KL slots of every rank)."""
         return self.grad_ranges[-1].end if self.grad_ranges else 0
 
     @property
     def inverse_routes(self) -> tuple[InverseRoute, ...]:
+        """Every inverse that moves from its statistic's owner to the gradient owner (the assignment's routes)."""
         return self.assignment.inverse_routes
 
     @classmethod
@@ -155,15 +176,27 @@ class SegmentLayout:
         return [[r] if r.numel else [] for r in self.grad_ranges]
 
     def owned_statistics(self, rank: int) -> list[tuple[int, str]]:
-        """(layer index, statistic name) of every statistic ``rank`` owns."""
+        """(layer index, statistic name) of every statistic ``rank`` owns.
+
+        Args:
+            rank: the owner.
+        """
         return self.assignment.statistics_of(rank)
 
     def owned_gradients(self, rank: int) -> list[int]:
-        """Indices of the layers whose gradient ``rank`` preconditions."""
+        """Indices of the layers whose gradient ``rank`` preconditions.
+
+        Args:
+            rank: the owner.
+        """
         return [li for li, g in enumerate(self.assignment.grad_owners) if g == rank]
 
     def inverse_sends(self, rank: int) -> list[list[InverseRoute]]:
-        """Per destination rank, the inverses ``rank`` sends (in route order)."""
+        """Per destination rank, the inverses ``rank`` sends (in route order).
+
+        Args:
+            rank: the sending rank.
+        """
         out: list[list[InverseRoute]] = [[] for _ in range(self.world_size)]
         for route in self.inverse_routes:
             if route.src == rank:
@@ -171,7 +204,11 @@ class SegmentLayout:
         return out
 
     def inverse_receives(self, rank: int) -> list[list[InverseRoute]]:
-        """Per source rank, the inverses ``rank`` receives (in route order)."""
+        """Per source rank, the inverses ``rank`` receives (in route order).
+
+        Args:
+            rank: the receiving rank.
+        """
         out: list[list[InverseRoute]] = [[] for _ in range(self.world_size)]
         for route in self.inverse_routes:
             if route.dst == rank:
