@@ -56,7 +56,13 @@ def _total(segments: Sequence[Segment]) -> int:
 
 
 def slice_segments(segments: Sequence[Segment], lo: int, hi: int) -> list[Segment]:
-    """Elements [lo, hi) of the concatenation of ``segments``, as segments of the buffer."""
+    """Elements [lo, hi) of the concatenation of ``segments``, as segments of the buffer.
+
+    Args:
+        segments: segments of one buffer, in the order they are concatenated.
+        lo: the first element taken, counted along the concatenation.
+        hi: one past the last element taken.
+    """
     out, pos = [], 0
     for s in segments:
         a, b = max(lo, pos), min(hi, pos + s.numel)
