@@ -38,6 +38,19 @@ class CaptureSink(Protocol):
         ...
 
 
+@torch._dynamo.disable
+def _deliver_output_grad(sink: CaptureSink, index: int, grad: Tensor, context: object) -> None:
+    """Hand an output gradient to the sink, eagerly even under ``torch.compile``.
+
+    Dynamo traces a hook registered on an intermediate tensor into the compiled backward, reading
+    the Python state it consults (is the sampled-label backward running?) once, at trace time;
+    both backwards of a ``fisher="mc"`` step would then make the same decision. Run eagerly, the
+    sink sees the live state. The compiled forward breaks at each hooked layer on refresh steps only
+    (elsewhere the forward hook registers nothing).
+    """
+    sink.on_output_grad(index, grad, context)
+
+
 class ActivationCapture:
     """Owns the hooks of all curvature layers and routes what they see to a sink.
 
@@ -63,7 +76,7 @@ class ActivationCapture:
                 return
             context = sink.on_forward(index, inputs[0], output)
             if output.requires_grad:
-                output.register_hook(lambda grad, _ctx=context: sink.on_output_grad(index, grad, _ctx))
+                output.register_hook(lambda grad, _ctx=context: _deliver_output_grad(sink, index, grad, _ctx))
 
         return hook
 

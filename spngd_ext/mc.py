@@ -76,7 +76,17 @@ class LabelSampler:
                 for _ in range(samples):
                     y = torch.multinomial(probs, 1, generator=gen).reshape(target_shape)
                     loss_mc = F.cross_entropy(out, y, reduction="sum")
-                    torch.autograd.grad(loss_mc, targets, retain_graph=True, allow_unused=True)
+                    try:
+                        torch.autograd.grad(loss_mc, targets, retain_graph=True, allow_unused=True)
+                    except RuntimeError as exc:
+                        if "donated buffers" not in str(exc):
+                            raise
+                        raise RuntimeError(
+                            "SPNGD: fisher='mc' runs a second backward through the model's graph, which a "
+                            "torch.compile'd model allows only without donated buffers: set "
+                            "torch._functorch.config.donated_buffer = False before the model's first compiled call "
+                            "(SPNGD(fisher='mc') does so when it is built), or use fisher='emp'"
+                        ) from exc
         finally:
             self.active = False
         return samples

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch._functorch.config  # donated_buffer (see __init__)
 from torch import Tensor, nn
 from torch.profiler import record_function
 
@@ -124,6 +125,11 @@ class SPNGD(torch.optim.Optimizer):
             self._layers, self._plain_params, self._state, self._schedule, self._comm, opts, self._ddp_wrapped
         )
         self._sampler = LabelSampler(opts.seed, self._comm.rank)
+        if opts.fisher is FisherType.MC:
+            # The sampled-label backward and loss.backward() both run through the model's graph; a
+            # torch.compile'd model allows a second backward only without donated buffers (fixed when
+            # the compiled model first runs). Eager models are unaffected.
+            torch._functorch.config.donated_buffer = False
         # Hooks last: a constructor that raised above leaves the model untouched.
         self._capture = ActivationCapture(self._layers, self)
         # Examples per step (the per-example gradient scale of fisher="emp"): counted once per
