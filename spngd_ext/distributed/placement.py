@@ -24,7 +24,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class LayerCost:
-    """What one layer asks of its owner."""
+    """What one layer asks of its owner.
+
+    Args:
+        name: the layer's name (only for messages).
+        factor_dims: its Kronecker factor sizes (A, G); empty for BatchNorm and plain parameters.
+        grad_shape: (d_out, d_in) of the preconditioned gradient.
+        elementwise: elements of BatchNorm statistics or plain parameters (linear cost).
+    """
 
     name: str
     factor_dims: tuple[int, ...] = ()  # Kronecker factor sizes (A, G); empty for BN/plain params
@@ -32,18 +39,27 @@ class LayerCost:
     elementwise: int = 0  # elements of BN statistics or plain parameters (linear cost)
 
     def compute(self) -> float:
+        """Modelled work: d³ per factor inversion, d_out·d_in·(d_out + d_in) for preconditioning a
+        Kronecker layer's gradient, plus the elementwise count."""
         inv = sum(float(d) ** 3 for d in self.factor_dims)
         d_out, d_in = self.grad_shape
         pre = float(d_out) * d_in * (d_out + d_in) if self.factor_dims else 0.0
         return inv + pre + float(self.elementwise)
 
     def memory(self) -> float:
+        """Modelled memory: d² per factor plus the elementwise count."""
         return sum(float(d) ** 2 for d in self.factor_dims) + float(self.elementwise)
 
 
 @dataclass(frozen=True)
 class OwnerAssignment:
-    """The owner of each layer, plus the modelled load per rank."""
+    """The owner of each layer, plus the modelled load per rank.
+
+    Args:
+        owners: per layer, its owning rank.
+        compute_load: per rank, the summed :meth:`LayerCost.compute` of its layers.
+        memory_load: per rank, the summed :meth:`LayerCost.memory` of its layers.
+    """
 
     owners: tuple[int, ...]
     compute_load: tuple[float, ...]
@@ -51,7 +67,13 @@ class OwnerAssignment:
 
     @classmethod
     def balance(cls, costs: Sequence[LayerCost], world_size: int, memory_weight: float = 0.0) -> OwnerAssignment:
-        """Greedy LPT over ``compute + memory_weight·memory``; works for any number of ranks."""
+        """Greedy LPT over ``compute + memory_weight·memory``; works for any number of ranks.
+
+        Args:
+            costs: every layer's cost, in the optimizer's order.
+            world_size: number of ranks (>= 1).
+            memory_weight: weight of the memory model against the compute model (0: compute only).
+        """
         if world_size < 1:
             raise ValueError(f"OwnerAssignment.balance: world_size must be >= 1, got {world_size}")
         weights = [c.compute() + memory_weight * c.memory() for c in costs]
@@ -69,6 +91,11 @@ class OwnerAssignment:
         return cls(tuple(owners), tuple(comp), tuple(mem))
 
     def layers_of(self, rank: int) -> list[int]:
+        """Indices of the layers ``rank`` owns, in layer order.
+
+        Args:
+            rank: the owner.
+        """
         return [i for i, o in enumerate(self.owners) if o == rank]
 
     @property
@@ -153,7 +180,15 @@ def _vector_score(compute: float, nbytes: float, total_c: float, total_b: float,
 @dataclass(frozen=True)
 class InverseRoute:
     """A Kronecker layer whose two factors have different owners: ``src`` (owner of ``stat``, the
-    smaller factor) sends its packed inverse (``numel`` elements) to ``dst``, the gradient owner."""
+    smaller factor) sends its packed inverse (``numel`` elements) to ``dst``, the gradient owner.
+
+    Args:
+        layer: the layer's index.
+        stat: the name of the statistic whose inverse travels.
+        src: the rank that owns ``stat`` and computes the inverse.
+        dst: the rank that owns the layer's gradient.
+        numel: elements of the packed inverse.
+    """
 
     layer: int
     stat: str
@@ -167,7 +202,17 @@ class StatisticAssignment:
     """The owner of every statistic and of every layer's gradient, plus the modelled load.
 
     Built by :meth:`balance`; a pure function of its arguments, so every rank computes the same
-    assignment without communicating."""
+    assignment without communicating.
+
+    Args:
+        world_size: number of ranks.
+        stat_owners: per layer, {statistic name: owning rank}.
+        grad_owners: per layer, the rank that preconditions its gradient.
+        inverse_routes: the inverses that travel from a statistic's owner to the gradient owner.
+        compute_load: per rank, the modelled compute of the items it owns.
+        byte_load: per rank, the modelled elements moved for the items it owns.
+        largest_item: the largest modelled compute of a single item.
+    """
 
     world_size: int
     stat_owners: tuple[dict[str, int], ...]  # per layer: {statistic name: rank}
@@ -222,7 +267,11 @@ class StatisticAssignment:
         return cls(world_size, tuple(stat_owners), tuple(grad_owners), tuple(routes), tuple(comp), tuple(byts), largest)
 
     def statistics_of(self, rank: int) -> list[tuple[int, str]]:
-        """(layer index, statistic name) of every statistic ``rank`` owns, in layer order."""
+        """(layer index, statistic name) of every statistic ``rank`` owns, in layer order.
+
+        Args:
+            rank: the owner.
+        """
         return [(li, n) for li, owners in enumerate(self.stat_owners) for n, o in owners.items() if o == rank]
 
     @property
