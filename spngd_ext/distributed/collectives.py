@@ -167,14 +167,8 @@ class TorchDistributedCommunicator(Communicator):
 
     # ------------------------------------------------------------------ collectives
     def reduce_scatter(self, buffer: Tensor, chunk_numel: int, *, kind: str) -> Tensor:
-        """Sum chunk ``rank`` of ``buffer`` over ranks by :meth:`reduce_impl_for`'s algorithm;
-        returns that chunk (a view of ``buffer``), the other chunks are zeroed.
-
-        Args:
-            buffer: the flat buffer of ``world_size`` × ``chunk_numel`` elements.
-            chunk_numel: the length of one rank's chunk.
-            kind: what the buffer holds ("stats", "grads", "precond"), for the byte counts and errors.
-        """
+        """Sum chunk ``rank`` over ranks by :meth:`reduce_impl_for`'s algorithm; returns it (a view),
+        the other chunks are zeroed. Args: as :meth:`Communicator.reduce_scatter`."""
         w, r, c = self.world_size, self.rank, chunk_numel
         if buffer.dim() != 1 or buffer.numel() != w * c:
             raise ValueError(f"reduce_scatter({kind}): expected a flat buffer of {w}×{c} elements, got shape {tuple(buffer.shape)}")
@@ -198,14 +192,8 @@ class TorchDistributedCommunicator(Communicator):
         return mine
 
     def all_gather(self, buffer: Tensor, chunk_numel: int, *, kind: str) -> None:
-        """In place: chunk r of ``buffer`` becomes rank r's chunk r, on every rank (by
-        :meth:`gather_impl_for`'s algorithm; in reduced precision every chunk holds the rounded values).
-
-        Args:
-            buffer: the flat buffer of ``world_size`` × ``chunk_numel`` elements.
-            chunk_numel: the length of one rank's chunk.
-            kind: what the buffer holds ("stats", "grads", "precond"), for the byte counts and errors.
-        """
+        """In place, chunk r becomes rank r's chunk r everywhere, by :meth:`gather_impl_for`'s
+        algorithm (reduced precision: every chunk the rounded values). Args: as :meth:`Communicator.all_gather`."""
         w, r, c = self.world_size, self.rank, chunk_numel
         if buffer.dim() != 1 or buffer.numel() != w * c:
             raise ValueError(f"all_gather({kind}): expected a flat buffer of {w}×{c} elements, got shape {tuple(buffer.shape)}")
@@ -290,14 +278,8 @@ class TorchDistributedCommunicator(Communicator):
         return "all_to_all" if "gloo" in self.backend and not buffer.is_cuda else "reduce"
 
     def reduce_segments(self, buffer: Tensor, sends, *, kind: str) -> None:
-        """Rank o ends up with the sum over ranks of its segments ``sends[o]``; the segments this
-        rank sent to other owners are zeroed (:func:`spngd_ext.distributed.uneven.reduce_segments`).
-
-        Args:
-            buffer: the flat buffer the segments index.
-            sends: one segment list per owner rank (the same lists on every rank).
-            kind: what the buffer holds ("stats", "grads", "precond"), for the byte counts and errors.
-        """
+        """Each owner gets the sum of its segments (:func:`.uneven.reduce_segments`); what this rank
+        sent to other owners is zeroed. Args: as :meth:`Communicator.reduce_segments`."""
         try:
             uneven.reduce_segments(self, buffer, sends, kind=kind, impl=self.segment_reduce_impl_for(buffer),
                                    wire=self._wire_dtype(buffer), staging_numel=self.staging_numel)
@@ -305,14 +287,8 @@ class TorchDistributedCommunicator(Communicator):
             raise self._failure("reduce_segments", kind, exc) from exc
 
     def gather_segments(self, buffer: Tensor, owned, *, kind: str) -> None:
-        """In place: every rank's copy of rank o's segments ``owned[o]`` becomes rank o's values
-        (:func:`spngd_ext.distributed.uneven.gather_segments`).
-
-        Args:
-            buffer: the flat buffer the segments index.
-            owned: one segment list per owner rank (the same lists on every rank).
-            kind: what the buffer holds ("stats", "grads", "precond"), for the byte counts and errors.
-        """
+        """Every rank's copy of each owner's segments becomes the owner's values
+        (:func:`.uneven.gather_segments`). Args: as :meth:`Communicator.gather_segments`."""
         try:
             uneven.gather_segments(self, buffer, owned, kind=kind, wire=self._wire_dtype(buffer))
         except RuntimeError as exc:
@@ -320,26 +296,15 @@ class TorchDistributedCommunicator(Communicator):
 
     def exchange(self, sends, receives, *, kind: str, dtype: torch.dtype, device: torch.device) -> None:
         """Point to point: ``sends[d]`` go to rank d into its ``receives[this rank]``
-        (:func:`spngd_ext.distributed.uneven.exchange`).
-
-        Args:
-            sends: per destination rank, the tensors this rank sends it.
-            receives: per source rank, the tensors this rank receives from it (filled in place).
-            kind: what the tensors hold ("stats", "grads", "precond"), for the byte counts and errors.
-            dtype: the dtype of every tensor sent and received.
-            device: the device of every tensor sent and received.
-        """
+        (:func:`.uneven.exchange`). Args: as :meth:`Communicator.exchange`."""
         try:
             uneven.exchange(self, sends, receives, kind=kind, dtype=dtype, device=device)
         except RuntimeError as exc:
             raise self._failure("exchange", kind, exc) from exc
 
     def any_flag(self, flag: Tensor) -> Tensor:
-        """Logical OR of ``flag`` over ranks (an ``all_reduce`` MAX of an int32; 4 bytes counted).
-
-        Args:
-            flag: this rank's 0-dim bool tensor.
-        """
+        """Logical OR of ``flag`` over ranks (``all_reduce`` MAX of an int32, 4 bytes counted).
+        Args: as :meth:`Communicator.any_flag`."""
         t = flag.detach().reshape(1).to(torch.int32)
         self._count("flag", t.numel() * t.element_size())
         try:
