@@ -9,6 +9,7 @@ collectives in :mod:`spngd_ext.distributed`.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,7 @@ from . import checkpoint
 from .capture import ActivationCapture
 from .distributed import Communicator, default_communicator
 from .distributed.placement import LayerCost, OwnerAssignment
-from .layers import CurvatureLayer, find_curvature_layers
+from .layers import Coverage, CurvatureLayer, classify
 from .layout import build_layouts
 from .mc import LabelSampler
 from .ops.extension import cuda_ops_available, extension_loaded
@@ -108,7 +109,9 @@ class SPNGD(torch.optim.Optimizer):
         super().__init__(params, dict(lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay))
         _check_backend(opts.backend, device)
         self._model = model
-        self._layers: list[CurvatureLayer] = find_curvature_layers(inner)
+        self._layers: list[CurvatureLayer]
+        self._layers, self._coverage = classify(inner)
+        logging.getLogger("spngd_ext").info(self._coverage.summary())
         if not self._layers:
             warnings.warn(
                 "SPNGD: the model has no supported layer (Linear, Conv2d, BatchNorm); training as momentum SGD",
@@ -167,6 +170,11 @@ class SPNGD(torch.optim.Optimizer):
         how many (op, device, dtype) kernels in this process failed their first-use check and run
         the PyTorch path instead (process-wide; ``spngd_ext.kernel_guard.fallbacks()`` lists them)."""
         return self._runner.report()
+
+    def coverage(self) -> Coverage:
+        """Which curvature each parameter gets (by layer kind) and why the others train
+        first-order; what the construction logged (logger ``spngd_ext``, one INFO line)."""
+        return self._coverage
 
     @property
     def layers(self) -> list[CurvatureLayer]:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import warnings
-
 from torch import nn
 
 from .base import CurvatureLayer, KroneckerLayer, LayerCurvature, StatSpec
 from .batchnorm import BatchNormCurvature
 from .conv import Conv2dCurvature
+from .coverage import Coverage, ParameterCoverage, classify_model
+from .grouped_conv import GroupedConvCurvature
 from .linear import LinearCurvature
+from .norm import GroupNormCurvature, LayerNormCurvature, UnitwiseNormCurvature
 
 __all__ = [
     "CurvatureLayer",
@@ -18,44 +19,72 @@ __all__ = [
     "LayerCurvature",
     "LinearCurvature",
     "Conv2dCurvature",
+    "GroupedConvCurvature",
     "BatchNormCurvature",
+    "UnitwiseNormCurvature",
+    "LayerNormCurvature",
+    "GroupNormCurvature",
+    "Coverage",
+    "ParameterCoverage",
     "curvature_layer_for",
     "find_curvature_layers",
+    "classify",
 ]
 
+_NO_AFFINE = "normalisation without affine parameters (nothing to precondition)"
 
-def curvature_layer_for(name: str, module: nn.Module) -> CurvatureLayer | None:
-    """The curvature handler for a module, or None when it stays first-order.
 
-    Grouped convolutions and non-affine BatchNorm are not supported: one warning, then plain
-    gradient for their parameters.
-    """
+def _layer_or_reason(name: str, module: nn.Module) -> CurvatureLayer | str | None:
+    """The curvature handler for a module; a reason string for an unsupported configuration of a
+    supported type; None for a module type without curvature."""
     if isinstance(module, nn.Linear):
         return LinearCurvature(name, module)
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1 or isinstance(module.padding, str) or module.padding_mode != "zeros":
-            warnings.warn(
-                f"SPNGD: {name} (Conv2d, groups={module.groups}, padding={module.padding!r}, "
-                f"padding_mode={module.padding_mode!r}) is trained with the plain gradient; "
-                "Kronecker curvature supports groups=1 with numeric zero padding",
-                stacklevel=3,
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if isinstance(module.padding, str) or module.padding_mode != "zeros":
+            return (
+                f"{type(module).__name__} padding={module.padding!r}, padding_mode={module.padding_mode!r}: "
+                "Kronecker curvature supports numeric zero padding"
             )
-            return None
-        return Conv2dCurvature(name, module)
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and not isinstance(module, nn.SyncBatchNorm):
-        if not module.affine:
-            return None
-        return BatchNormCurvature(name, module)
-    if isinstance(module, nn.SyncBatchNorm) and module.affine:
-        return BatchNormCurvature(name, module)
+        if isinstance(module, nn.Conv2d) and module.groups == 1:
+            return Conv2dCurvature(name, module)
+        return GroupedConvCurvature(name, module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and isinstance(
+        module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
+    ):
+        return BatchNormCurvature(name, module) if module.affine else _NO_AFFINE
+    if isinstance(module, nn.LayerNorm):
+        return LayerNormCurvature(name, module) if module.weight is not None else _NO_AFFINE
+    if isinstance(module, nn.GroupNorm):
+        return GroupNormCurvature(name, module) if module.affine else _NO_AFFINE
     return None
 
 
+def curvature_layer_for(name: str, module: nn.Module) -> CurvatureLayer | None:
+    """The curvature handler for a module, or None when its parameters (if any) stay first-order.
+
+    Args:
+        name: the module's name in the model.
+        module: the module.
+    """
+    result = _layer_or_reason(name, module)
+    return result if isinstance(result, CurvatureLayer) else None
+
+
 def find_curvature_layers(model: nn.Module) -> list[CurvatureLayer]:
-    """Supported layers in ``named_modules()`` order, skipping those with no trainable weight."""
-    layers = []
-    for name, module in model.named_modules():
-        layer = curvature_layer_for(name or "<root>", module)
-        if layer is not None and module.weight is not None:
-            layers.append(layer)
-    return layers
+    """Supported layers in ``named_modules()`` order, skipping those with no trainable weight; an
+    unsupported configuration warns once, naming its parameters (see :func:`classify`).
+
+    Args:
+        model: the model (not wrapped).
+    """
+    return classify_model(model, _layer_or_reason)[0]
+
+
+def classify(model: nn.Module) -> tuple[list[CurvatureLayer], Coverage]:
+    """The curvature layers of ``model`` (as :func:`find_curvature_layers`) and the coverage of
+    every parameter: which curvature it gets, or why it trains first-order.
+
+    Args:
+        model: the model (not wrapped).
+    """
+    return classify_model(model, _layer_or_reason)

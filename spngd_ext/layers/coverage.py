@@ -1,0 +1,174 @@
+"""Which parameters of a model get which curvature, and why the others train first-order.
+
+:func:`classify_model` walks ``named_modules()`` once and decides, per module, whether a curvature
+layer handles it; every parameter not handled is listed with the reason. The optimizer builds its
+layers from the same walk, so the report is what the optimizer does, not a separate guess.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .base import CurvatureLayer
+
+# Parameters that SP-NGD leaves first-order by design (no layer computes them as a weight of its
+# input): listed as "expected" rather than as a gap.
+_EXPECTED_FIRST_ORDER = ("class_token", "cls_token", "pos_embedding", "pos_embed", "layer_scale", "gamma")
+
+
+@dataclass(frozen=True)
+class ParameterCoverage:
+    """How one parameter is trained.
+
+    Args:
+        name: the parameter's name in the model.
+        numel: its element count.
+        curvature: the curvature layer kind ("linear", "conv2d", "batchnorm", ...) or "first-order".
+        layer: the curvature layer's name (empty for first-order).
+        reason: why it is first-order (empty otherwise).
+        expected: a first-order parameter that no curvature layer type is meant to cover
+            (positional embeddings, class tokens, layer scales).
+    """
+
+    name: str
+    numel: int
+    curvature: str
+    layer: str = ""
+    reason: str = ""
+    expected: bool = False
+
+
+@dataclass
+class Coverage:
+    """The curvature each parameter of a model gets.
+
+    Args:
+        parameters: one entry per trainable parameter, in ``named_parameters()`` order.
+    """
+
+    parameters: list[ParameterCoverage] = field(default_factory=list)
+
+    @property
+    def first_order(self) -> list[ParameterCoverage]:
+        """The parameters trained with the plain (momentum) gradient."""
+        return [p for p in self.parameters if p.curvature == "first-order"]
+
+    def fraction(self, weights_only: bool = False) -> float:
+        """Fraction of parameter elements with curvature.
+
+        Args:
+            weights_only: count only parameters with two or more dimensions' worth of structure
+                (names ending in ``weight``), as a coverage target is usually stated.
+        """
+        chosen = [p for p in self.parameters if not weights_only or p.name.endswith("weight")]
+        total = sum(p.numel for p in chosen)
+        covered = sum(p.numel for p in chosen if p.curvature != "first-order")
+        return covered / total if total else 1.0
+
+    def by_kind(self) -> dict[str, int]:
+        """Parameter elements per curvature kind (including "first-order")."""
+        counts: Counter[str] = Counter()
+        for p in self.parameters:
+            counts[p.curvature] += p.numel
+        return dict(counts)
+
+    def summary(self) -> str:
+        """One line: elements per curvature kind and the first-order parameters with their reasons."""
+        total = sum(p.numel for p in self.parameters) or 1
+        kinds = ", ".join(f"{k} {n} ({100.0 * n / total:.1f}%)" for k, n in sorted(self.by_kind().items()))
+        gaps = "; ".join(f"{p.name}: {p.reason}" for p in self.first_order)
+        return f"SPNGD coverage: {kinds}" + (f"; first-order: {gaps}" if gaps else "")
+
+
+def _mha_out_proj_names(model: nn.Module) -> dict[str, str]:
+    """Names of the out_proj Linear of every nn.MultiheadAttention: F.multi_head_attention_forward
+    reads its weight directly, so the Linear's own forward (and its hooks) never runs."""
+    names = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            names[f"{name}.out_proj" if name else "out_proj"] = name or "<root>"
+    return names
+
+
+def classify_model(
+    model: nn.Module, layer_for: Callable[[str, nn.Module], CurvatureLayer | str | None]
+) -> tuple[list[CurvatureLayer], Coverage]:
+    """The curvature layers of ``model`` and the coverage of every trainable parameter.
+
+    Unsupported configurations (the reason string ``layer_for`` returns, a weight shared by two
+    layers, a Linear used only through the functional API) warn once each, naming the parameter.
+
+    Args:
+        model: the model (unwrapped).
+        layer_for: ``(name, module) ->`` a curvature layer, a reason the module's parameters stay
+            first-order (an unsupported configuration), or None (no curvature type for the module).
+    """
+    reasons: dict[int, str] = {}
+    claimed: dict[int, CurvatureLayer] = {}
+    layers: list[CurvatureLayer] = []
+    functional = _mha_out_proj_names(model)
+    for name, module in model.named_modules():
+        name = name or "<root>"
+        if name in functional:
+            why = (
+                f"read by nn.MultiheadAttention {functional[name]} through the functional API (module hooks never run)"
+            )
+            _warn_first_order(name, module, why, reasons)
+            continue
+        result = layer_for(name, module)
+        if isinstance(result, str):
+            _warn_first_order(name, module, result, reasons)
+            continue
+        if result is None or getattr(module, "weight", None) is None:
+            continue
+        shared = [p for p in result.params if id(p) in claimed]
+        if shared:
+            other = claimed[id(shared[0])]
+            why = f"weight shared by the layers {other.name} and {name}"
+            layers.remove(other)
+            for p in other.params:
+                claimed.pop(id(p), None)
+            _warn_first_order(name, module, why, reasons)
+            for p in other.params:
+                reasons[id(p)] = why
+            continue
+        layers.append(result)
+        for p in result.params:
+            claimed[id(p)] = result
+    owners = {id(p): layer for layer in layers for p in layer.params}
+    entries = []
+    for pname, p in model.named_parameters():
+        layer = owners.get(id(p))
+        if layer is not None:
+            entries.append(ParameterCoverage(pname, p.numel(), layer.kind, layer.name))
+            continue
+        expected = pname.rsplit(".", 1)[-1] in _EXPECTED_FIRST_ORDER
+        reason = reasons.get(id(p)) or _default_reason(model, pname, expected)
+        entries.append(ParameterCoverage(pname, p.numel(), "first-order", "", reason, expected))
+    return layers, Coverage(entries)
+
+
+def _warn_first_order(name: str, module: nn.Module, why: str, reasons: dict[int, str]) -> None:
+    params = [n for n, _ in module.named_parameters(recurse=False)]
+    warnings.warn(
+        f"SPNGD: {name} ({type(module).__name__}; parameters {', '.join(params) or 'none'}) is trained with the "
+        f"plain gradient: {why}",
+        stacklevel=4,
+    )
+    for p in module.parameters(recurse=False):
+        reasons[id(p)] = why
+
+
+def _default_reason(model: nn.Module, pname: str, expected: bool) -> str:
+    owner_name = pname.rsplit(".", 1)[0] if "." in pname else ""
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if expected:
+        return f"{type(owner).__name__} parameter outside any layer type's input-to-output map (first-order by design)"
+    if isinstance(owner, nn.MultiheadAttention):
+        return "nn.MultiheadAttention's packed projection is used through the functional API (no curvature type)"
+    return f"no curvature type for {type(owner).__name__} parameters"

@@ -1,0 +1,167 @@
+"""Block-diagonal Kronecker factors of grouped and depthwise Conv2d, and of Conv1d (any groups).
+
+Group k of a convolution with G groups maps its C_in/G input channels to its C_out/G output
+channels with its own filters, so its Fisher block is factored on its own (KFC convention per
+group): a_{n,t,k} = group k's (C_in/G)·kh·kw input patch at output position t (+1 for the bias),
+g_{n,t,k} = the output gradient of its C_out/G channels; A_k = (1/N) Σ_{n,t} a aᵀ,
+G_k = (1/(N·T)) Σ_{n,t} g gᵀ, and the update of group k is Ĝ_k⁻¹ [∇W_k | ∇b_k] Â_k⁻¹ with
+π-damping per group. Blocks between groups are zero (the weights of different groups never meet
+in one output). A Conv1d is the Conv2d over a height-1 input.
+
+Each group's factor is one statistic (``A0``, ``G0``, ``A1``, ...), so the buffers, reduction and
+estimates treat them like any other packed factor. The layer has no inverse sides: the G small
+inversions of both sides run batched, from the estimates, when the layer is preconditioned
+(a depthwise layer: C inversions of (kh·kw+1)² and C of 1×1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ..distributed.placement import LayerCost
+from ..options import Backend
+from .base import CurvatureLayer, LayerCurvature, StatSpec
+
+
+def _pair(v: int | Sequence[int], one_d: bool) -> tuple[int, int]:
+    """A Conv1d's 1-tuple argument as the (1, v) pair of the equivalent height-1 Conv2d."""
+    vals = (v,) if isinstance(v, int) else tuple(v)
+    return (1, vals[0]) if one_d else (vals[0], vals[1])
+
+
+class GroupedConvCurvature(CurvatureLayer):
+    """Per-group Kronecker factors of a grouped/depthwise nn.Conv2d or an nn.Conv1d (numeric zero padding).
+
+    Its gradient segment is [∇W, ∇b] as the parameters hold them; the update is computed per group.
+
+    Args:
+        name: the module's name in the model.
+        module: the Conv1d or Conv2d.
+    """
+
+    kind = "grouped_conv"
+    module: nn.Conv1d | nn.Conv2d
+
+    def __init__(self, name: str, module: nn.Conv1d | nn.Conv2d) -> None:
+        if isinstance(module.padding, str) or module.padding_mode != "zeros":
+            raise ValueError(
+                f"{name}: {type(module).__name__} needs numeric zero padding, got "
+                f"padding={module.padding!r}, padding_mode={module.padding_mode!r}"
+            )
+        super().__init__(name, module)
+        self.one_d = isinstance(module, nn.Conv1d)
+        m = module
+        self.kernel_size = _pair(m.kernel_size, self.one_d)
+        self.stride = _pair(m.stride, self.one_d)
+        self.dilation = _pair(m.dilation, self.one_d)
+        pad = _pair(cast("tuple[int, ...]", m.padding), self.one_d)
+        self.padding = (0, pad[1]) if self.one_d else pad
+        self.groups = m.groups
+        self.dim_a = m.in_channels // m.groups * self.kernel_size[0] * self.kernel_size[1] + int(m.bias is not None)
+        self.dim_g = m.out_channels // m.groups
+        self._a_names = tuple(f"A{k}" for k in range(self.groups))
+        self._g_names = tuple(f"G{k}" for k in range(self.groups))
+
+    def stat_specs(self) -> list[StatSpec]:
+        na, ng = self.dim_a * (self.dim_a + 1) // 2, self.dim_g * (self.dim_g + 1) // 2
+        a_specs = [StatSpec(n, na, self.dim_a) for n in self._a_names]
+        return a_specs + [StatSpec(n, ng, self.dim_g) for n in self._g_names]
+
+    def forward_stat_names(self) -> tuple[str, ...]:
+        return self._a_names
+
+    def backward_stat_names(self) -> tuple[str, ...]:
+        return self._g_names
+
+    def placement_cost(self) -> LayerCost:
+        a_cost = self.groups * self.dim_a**3
+        g_cost = self.groups * self.dim_g**3
+        return LayerCost(self.name, elementwise=self.grad_numel * 3 + a_cost + g_cost)
+
+    # ---- accumulation ----------------------------------------------------------------------
+    def _as_2d(self, t: Tensor, spatial_dims: int) -> Tensor:
+        """A batched 4-D (N, C, H, W) view of an input or output gradient."""
+        if t.dim() == spatial_dims + 1:  # unbatched
+            t = t.unsqueeze(0)
+        return t.unsqueeze(2) if self.one_d else t
+
+    def accumulate_forward(
+        self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: Backend | str
+    ) -> tuple[object, int]:
+        x = self._as_2d(inputs.detach(), 1 if self.one_d else 2)
+        n = x.shape[0]
+        patches = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+        # unfold orders the patch as (channel, kh, kw): group k's channels are one contiguous run
+        t = patches.shape[2]
+        rows = patches.view(n, self.groups, -1, t).permute(1, 0, 3, 2).reshape(self.groups, n * t, -1)
+        if self.bias is not None:
+            rows = torch.cat([rows, rows.new_ones(self.groups, n * t, 1)], dim=2)
+        _accumulate_grams(rows, [stats[k] for k in self._a_names], first)
+        return None, n
+
+    def accumulate_backward(
+        self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: Backend | str
+    ) -> int:
+        g = self._as_2d(grad_out.detach(), 1 if self.one_d else 2)
+        n, c = g.shape[:2]
+        rows = g.reshape(n, self.groups, self.dim_g, -1).permute(1, 0, 3, 2).reshape(self.groups, -1, self.dim_g)
+        _accumulate_grams(rows, [stats[k] for k in self._g_names], first)
+        return rows.shape[1]
+
+    # ---- curvature -----------------------------------------------------------------------------
+    def estimate_from_packed(self, name: str, packed: Tensor, scale: Tensor | float) -> Tensor:
+        """The dense symmetric factor of one group from its packed upper triangle."""
+        dim = self.dim_a if name.startswith("A") else self.dim_g
+        return ops.unpack_upper(packed, [dim], scale=scale, dtype=packed.dtype, backend="torch")[0]
+
+    def group_gradients(self, grad: Tensor) -> Tensor:
+        """The flat [∇W, ∇b] segment as (G, C_out/G, dim_a) per-group matrices [∇W_k | ∇b_k]."""
+        w_numel = self.weight.numel()
+        mats = grad[:w_numel].view(self.groups, self.dim_g, -1)
+        if self.bias is not None:
+            mats = torch.cat([mats, grad[w_numel:].view(self.groups, self.dim_g, 1)], dim=2)
+        return mats
+
+    def precondition(self, grad: Tensor, curvature: LayerCurvature, damping: float, backend: Backend | str) -> Tensor:
+        """Per group Ĝ_k⁻¹ [∇W_k | ∇b_k] Â_k⁻¹ with π-damping per group; a group whose damped
+        factor fails its Cholesky keeps the identity on that side. Flat like ``grad``."""
+        est = curvature.estimates
+        a = torch.stack([est[n] for n in self._a_names])
+        g = torch.stack([est[n] for n in self._g_names])
+        mean_a = a.diagonal(dim1=1, dim2=2).sum(1) / self.dim_a
+        mean_g = g.diagonal(dim1=1, dim2=2).sum(1) / self.dim_g
+        ok = torch.isfinite(mean_a) & torch.isfinite(mean_g) & (mean_a > 0) & (mean_g > 0)
+        pi = torch.where(ok, torch.sqrt(torch.where(ok, mean_a / torch.where(ok, mean_g, 1.0), 1.0)), 1.0)
+        root = damping**0.5
+        a_inv, a_info = ops.cholesky_inverse_damped(a, pi * root, backend=backend)
+        g_inv, g_info = ops.cholesky_inverse_damped(g, root / pi, backend=backend)
+        eye_a = torch.eye(self.dim_a, dtype=a.dtype, device=a.device)
+        eye_g = torch.eye(self.dim_g, dtype=g.dtype, device=g.device)
+        a_inv = torch.where((a_info == 0).view(-1, 1, 1), a_inv, eye_a)
+        g_inv = torch.where((g_info == 0).view(-1, 1, 1), g_inv, eye_g)
+        u = g_inv @ self.group_gradients(grad) @ a_inv
+        w_numel = self.weight.numel()
+        if self.bias is None:
+            return u.reshape(-1)
+        return torch.cat([u[:, :, :-1].reshape(w_numel), u[:, :, -1].reshape(-1)])
+
+
+def _accumulate_grams(rows: Tensor, states: Sequence[Tensor], first: bool) -> None:
+    """states[k] (packed upper triangles) ← (0 if first else states[k]) + packed(rows[k]ᵀ rows[k])."""
+    acc_dtype = states[0].dtype
+    r = rows.to(acc_dtype)
+    grams = r.transpose(1, 2) @ r
+    d = grams.shape[1]
+    iu = torch.triu_indices(d, d, device=grams.device)
+    packed = grams[:, iu[0], iu[1]]
+    for k, state in enumerate(states):
+        if first:
+            state.copy_(packed[k])
+        else:
+            state.add_(packed[k])
