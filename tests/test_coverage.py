@@ -18,18 +18,13 @@ from spngd_ext.layers import classify
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-# MultiheadAttention's packed projection and its out_proj are read by F.multi_head_attention_forward:
-# no curvature type captures them yet, and the report must say so.
-_MHA = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
-
 
 def _first_order(model: nn.Module) -> dict[str, str]:
-    """The first-order parameters and their reasons; only MultiheadAttention may warn."""
+    """The first-order parameters and their reasons (a supported model warns about nothing)."""
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         _, coverage = classify(model)
-    has_mha = any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
-    assert bool(record) == has_mha, [str(w.message) for w in record]
+    assert not record, [str(w.message) for w in record]
     return {p.name: p.reason for p in coverage.first_order}
 
 
@@ -47,29 +42,31 @@ def test_torchvision_convnets_have_every_weight_covered(build):
     assert all(p.expected for p in coverage.first_order)
 
 
-def test_vit_b_16_reports_attention_and_tokens_as_first_order_with_reasons():
+def test_vit_b_16_and_transformer_encoder_have_every_weight_covered():
+    """Attention projections through their F.linear calls; only the class token and the positional
+    embedding (first-order by design) are left."""
     model = torchvision.models.vit_b_16()
-    gaps = _first_order(model)
-    allowed = {"class_token", "encoder.pos_embedding"}
-    for name, reason in gaps.items():
-        assert name in allowed or name.endswith(_MHA), name
-        assert reason, name
-    assert sum(name.endswith("in_proj_weight") for name in gaps) == 12
+    assert set(_first_order(model)) == {"class_token", "encoder.pos_embedding"}
     _, coverage = classify(model)
+    assert coverage.fraction(weights_only=True) == 1.0 and all(p.expected for p in coverage.first_order)
     kinds = {p.name: p.curvature for p in coverage.parameters}
-    assert kinds["conv_proj.weight"] == "conv2d" and kinds["encoder.layers.encoder_layer_0.ln_1.weight"] == "layernorm"
-    assert kinds["encoder.layers.encoder_layer_0.mlp.0.weight"] == "linear"
+    block = "encoder.layers.encoder_layer_0"
+    assert kinds["conv_proj.weight"] == "conv2d" and kinds[f"{block}.ln_1.weight"] == "layernorm"
+    assert kinds[f"{block}.mlp.0.weight"] == "linear"
+    assert kinds[f"{block}.self_attention.in_proj_weight"] == "attention_linear"
+    assert kinds[f"{block}.self_attention.out_proj.weight"] == "attention_linear"
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128), 3, enable_nested_tensor=False)
+    assert _first_order(encoder) == {}
 
 
-def test_mha_out_proj_is_not_registered_as_a_layer_whose_hooks_never_fire():
+def test_mha_out_proj_is_covered_through_the_attention_not_its_own_hooks():
     layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
-    with pytest.warns(UserWarning, match=r"SPNGD: self_attn.out_proj .*functional API"):
-        layers, coverage = classify(layer)
-    assert "self_attn.out_proj" not in [lay.name for lay in layers]
-    by_name = {p.name: p for p in coverage.parameters}
-    assert by_name["self_attn.out_proj.weight"].curvature == "first-order"
-    assert "functional" in by_name["self_attn.in_proj_weight"].reason
-    assert by_name["norm1.weight"].curvature == "layernorm" and by_name["linear1.weight"].curvature == "linear"
+    layers, coverage = classify(layer)
+    names = [lay.name for lay in layers]
+    assert names.count("self_attn.out_proj") == 1 and "self_attn.in_proj" in names
+    out_proj = next(lay for lay in layers if lay.name == "self_attn.out_proj")
+    assert out_proj.module is not layer.self_attn.out_proj  # its hooks would never fire
+    assert out_proj.weight is layer.self_attn.out_proj.weight
 
 
 def _steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 3) -> SPNGD:

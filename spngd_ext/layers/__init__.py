@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .attention import AttentionProjectionCurvature, attention_layers
 from .base import CurvatureLayer, KroneckerLayer, LayerCurvature, StatSpec
 from .batchnorm import BatchNormCurvature
 from .conv import Conv2dCurvature
@@ -24,6 +25,7 @@ __all__ = [
     "UnitwiseNormCurvature",
     "LayerNormCurvature",
     "GroupNormCurvature",
+    "AttentionProjectionCurvature",
     "Coverage",
     "ParameterCoverage",
     "curvature_layer_for",
@@ -34,9 +36,11 @@ __all__ = [
 _NO_AFFINE = "normalisation without affine parameters (nothing to precondition)"
 
 
-def _layer_or_reason(name: str, module: nn.Module) -> CurvatureLayer | str | None:
-    """The curvature handler for a module; a reason string for an unsupported configuration of a
-    supported type; None for a module type without curvature."""
+def _layer_or_reason(name: str, module: nn.Module) -> CurvatureLayer | list[CurvatureLayer] | str | None:
+    """The curvature handler(s) for a module; a reason string for an unsupported configuration of
+    a supported type; None for a module type without curvature."""
+    if isinstance(module, nn.MultiheadAttention):
+        return list(attention_layers(name, module))
     if isinstance(module, nn.Linear):
         return LinearCurvature(name, module)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
@@ -60,13 +64,16 @@ def _layer_or_reason(name: str, module: nn.Module) -> CurvatureLayer | str | Non
 
 
 def curvature_layer_for(name: str, module: nn.Module) -> CurvatureLayer | None:
-    """The curvature handler for a module, or None when its parameters (if any) stay first-order.
+    """The curvature handler for a module, or None when its parameters (if any) stay first-order
+    or need several handlers (nn.MultiheadAttention: see :func:`classify`).
 
     Args:
         name: the module's name in the model.
         module: the module.
     """
     result = _layer_or_reason(name, module)
+    if isinstance(result, list):
+        return result[0] if len(result) == 1 else None
     return result if isinstance(result, CurvatureLayer) else None
 
 

@@ -16,6 +16,7 @@ from typing import ClassVar, cast
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .. import ops
 from ..distributed.placement import LayerCost
@@ -179,6 +180,11 @@ class CurvatureLayer(abc.ABC):
             backend: the ops backend.
         """
         return [layer.precondition(g, c, damping, backend) for layer, g, c in zip(layers, grads, curvatures)]
+
+    def attach(self) -> list[RemovableHandle]:
+        """Hooks this layer needs on the model besides the forward hook on :attr:`module` (which the
+        capture registers); the capture removes them with its own. Default: none."""
+        return []
 
     def rescale_weight(self) -> None:  # noqa: B027  (a hook: most layer types have nothing to rescale)
         """After the update: bound the weight's norm (``SPNGD(weight_rescale=True)``); default: nothing."""

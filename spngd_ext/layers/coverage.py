@@ -96,7 +96,7 @@ def _mha_out_proj_names(model: nn.Module) -> dict[str, str]:
 
 
 def classify_model(
-    model: nn.Module, layer_for: Callable[[str, nn.Module], CurvatureLayer | str | None]
+    model: nn.Module, layer_for: Callable[[str, nn.Module], CurvatureLayer | list[CurvatureLayer] | str | None]
 ) -> tuple[list[CurvatureLayer], Coverage]:
     """The curvature layers of ``model`` and the coverage of every trainable parameter.
 
@@ -115,31 +115,21 @@ def classify_model(
     for name, module in model.named_modules():
         name = name or "<root>"
         if name in functional:
+            own = list(module.parameters(recurse=False))
+            if own and all(id(p) in claimed for p in own):
+                continue  # covered through its attention module's projections
             why = (
                 f"read by nn.MultiheadAttention {functional[name]} through the functional API (module hooks never run)"
             )
             _warn_first_order(name, module, why, reasons)
             continue
-        result = layer_for(name, module)
-        if isinstance(result, str):
-            _warn_first_order(name, module, result, reasons)
+        found = layer_for(name, module)
+        if isinstance(found, str):
+            _warn_first_order(name, module, found, reasons)
             continue
-        if result is None or getattr(module, "weight", None) is None:
-            continue
-        shared = [p for p in result.params if id(p) in claimed]
-        if shared:
-            other = claimed[id(shared[0])]
-            why = f"weight shared by the layers {other.name} and {name}"
-            layers.remove(other)
-            for p in other.params:
-                claimed.pop(id(p), None)
-            _warn_first_order(name, module, why, reasons)
-            for p in other.params:
-                reasons[id(p)] = why
-            continue
-        layers.append(result)
-        for p in result.params:
-            claimed[id(p)] = result
+        for result in found if isinstance(found, list) else [found]:
+            if result is not None and getattr(result.module, "weight", None) is not None:
+                _claim(result, name, module, layers, claimed, reasons)
     owners = {id(p): layer for layer in layers for p in layer.params}
     entries = []
     for pname, p in model.named_parameters():
@@ -151,6 +141,32 @@ def classify_model(
         reason = reasons.get(id(p)) or _default_reason(model, pname, expected)
         entries.append(ParameterCoverage(pname, p.numel(), "first-order", "", reason, expected))
     return layers, Coverage(entries)
+
+
+def _claim(
+    layer: CurvatureLayer,
+    name: str,
+    module: nn.Module,
+    layers: list[CurvatureLayer],
+    claimed: dict[int, CurvatureLayer],
+    reasons: dict[int, str],
+) -> None:
+    """Add ``layer`` unless a parameter of it already belongs to another layer; then neither gets
+    curvature (their statistics would describe different uses of one weight)."""
+    shared = [p for p in layer.params if id(p) in claimed]
+    if shared:
+        other = claimed[id(shared[0])]
+        why = f"weight shared by the layers {other.name} and {layer.name}"
+        if other in layers:
+            layers.remove(other)
+        for p in other.params:
+            claimed.pop(id(p), None)
+            reasons[id(p)] = why
+        _warn_first_order(name, module, why, reasons)
+        return
+    layers.append(layer)
+    for p in layer.params:
+        claimed[id(p)] = layer
 
 
 def _warn_first_order(name: str, module: nn.Module, why: str, reasons: dict[int, str]) -> None:
@@ -170,5 +186,5 @@ def _default_reason(model: nn.Module, pname: str, expected: bool) -> str:
     if expected:
         return f"{type(owner).__name__} parameter outside any layer type's input-to-output map (first-order by design)"
     if isinstance(owner, nn.MultiheadAttention):
-        return "nn.MultiheadAttention's packed projection is used through the functional API (no curvature type)"
+        return "bias slices of in_proj_bias shared by the separate q/k/v projections (no curvature type)"
     return f"no curvature type for {type(owner).__name__} parameters"

@@ -1,0 +1,166 @@
+"""Kronecker factors of nn.MultiheadAttention's projections, captured by what is computed.
+
+``nn.MultiheadAttention`` never calls its ``out_proj`` module: ``F.multi_head_attention_forward``
+applies ``F.linear`` to the packed ``in_proj_weight`` (or the separate ``q/k/v_proj_weight``) and to
+``out_proj.weight`` directly, so module hooks on those Linears never fire. While an attention
+module runs, its hooks route those ``F.linear`` calls through a :class:`FunctionalLinear` per
+weight: an ``nn.Linear`` that owns no parameter, computes exactly the same ``F.linear``, and whose
+forward hooks therefore see the projection's input and output. Each gets the Linear's Kronecker
+factors (rows = sequence positions × examples, as for any Linear).
+
+Covered: self-attention with the packed projection (query, key and value one tensor, as in
+``nn.TransformerEncoderLayer`` and torchvision's ViT), separate q/k/v weights (their bias slices of
+``in_proj_bias`` stay first-order), and ``out_proj``. A packed projection applied to distinct query
+and key/value tensors (encoder-decoder attention) is computed in slices of the packed weight; it
+then gets no statistics, and a one-time warning names it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .linear import LinearCurvature
+
+__all__ = ["FunctionalLinear", "AttentionProjectionCurvature", "attention_layers", "routed_linear_is_plain"]
+
+_plain_linear: Callable[..., Tensor] = F.linear
+
+
+class FunctionalLinear(nn.Linear):
+    """A weight that ``F.multi_head_attention_forward`` applies with ``F.linear``, as an ``nn.Linear``
+    whose forward is that call (hooks see its input and output). It holds no parameter of its own:
+    ``weight``/``bias`` read the attention module's, ``training`` follows it.
+
+    Args:
+        owner: the nn.MultiheadAttention.
+        weight_name: attribute path of the weight on ``owner`` ("in_proj_weight", "out_proj.weight", ...).
+        bias_name: attribute path of the bias, or None (no bias in the curvature).
+    """
+
+    def __init__(self, owner: nn.MultiheadAttention, weight_name: str, bias_name: str | None) -> None:
+        nn.Module.__init__(self)
+        self._owner = [owner]  # a list: not registered as a submodule
+        self._weight_name = weight_name
+        self._bias_name = bias_name
+        self.out_features, self.in_features = owner.get_parameter(weight_name).shape
+
+    @property
+    def weight(self) -> nn.Parameter:  # type: ignore[override]
+        return self._owner[0].get_parameter(self._weight_name)
+
+    @property
+    def bias(self) -> nn.Parameter | None:  # type: ignore[override]
+        if self._bias_name is None:
+            return None
+        return self._owner[0].get_parameter(self._bias_name)
+
+    @property
+    def training(self) -> bool:
+        return self._owner[0].training
+
+    @training.setter
+    def training(self, value: bool) -> None:
+        pass  # follows the attention module
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        return _plain_linear(x, weight, bias)
+
+
+class AttentionProjectionCurvature(LinearCurvature):
+    """Kronecker factors of one projection of an nn.MultiheadAttention (see the module docstring).
+
+    Args:
+        name: the projection's name ("<attention>.in_proj", "<attention>.out_proj", ...).
+        module: its :class:`FunctionalLinear`.
+        attention: the nn.MultiheadAttention whose F.linear calls are routed.
+        router: the routing shared by the attention module's projections.
+    """
+
+    kind = "attention_linear"
+
+    def __init__(
+        self, name: str, module: FunctionalLinear, attention: nn.MultiheadAttention, router: _LinearRouter
+    ) -> None:
+        super().__init__(name, module)
+        self.attention = attention
+        self.router = router
+
+    def attach(self) -> list[RemovableHandle]:
+        return self.router.attach()
+
+
+class _LinearRouter:
+    """While its attention module runs, ``F.linear`` on one of the watched weights goes through that
+    weight's FunctionalLinear (same result, hooks fire); other calls are untouched."""
+
+    def __init__(self, name: str, attention: nn.MultiheadAttention, proxies: list[FunctionalLinear]) -> None:
+        self.name = name
+        self.attention = attention
+        self.by_weight = {id(p.weight): p for p in proxies}
+        self.handles: list[RemovableHandle] = []
+        self.saved: list[Callable[..., Tensor]] = []
+        self.warned = False
+
+    def attach(self) -> list[RemovableHandle]:
+        """Install the routing hooks once per router (every projection layer asks)."""
+        if self.handles and self.handles[0].id in self.attention._forward_pre_hooks:
+            return []  # another projection of this module installed them
+        self.handles = [
+            self.attention.register_forward_pre_hook(self._enter),
+            self.attention.register_forward_hook(self._exit, always_call=True),
+        ]
+        return list(self.handles)
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        self.saved.append(F.linear)
+        F.linear = self._route  # type: ignore[assignment]
+
+    def _exit(self, module: nn.Module, args: tuple, output: object) -> None:
+        if self.saved:
+            F.linear = self.saved.pop()
+
+    def _route(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        proxy = self.by_weight.get(id(weight))
+        if proxy is not None:
+            return proxy(x, weight, bias)
+        base = weight._base
+        if base is not None and id(base) in self.by_weight and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"SPNGD: {self.name}.in_proj_weight is applied in slices (query distinct from key/value): "
+                "it gets no curvature statistics and trains with the plain gradient",
+                stacklevel=2,
+            )
+        return _plain_linear(x, weight, bias)
+
+
+def attention_layers(name: str, module: nn.MultiheadAttention) -> list[AttentionProjectionCurvature]:
+    """The projection layers of one nn.MultiheadAttention (its in-projection(s) and out_proj).
+
+    Args:
+        name: the attention module's name in the model.
+        module: the nn.MultiheadAttention.
+    """
+    if module._qkv_same_embed_dim:
+        specs: list[tuple[str, str, str | None]] = [
+            ("in_proj", "in_proj_weight", "in_proj_bias" if module.in_proj_bias is not None else None)
+        ]
+    else:
+        specs = [(f"{s}_proj", f"{s}_proj_weight", None) for s in ("q", "k", "v")]
+    specs.append(("out_proj", "out_proj.weight", "out_proj.bias" if module.out_proj.bias is not None else None))
+    proxies = [FunctionalLinear(module, w, b) for _, w, b in specs]
+    router = _LinearRouter(name, module, proxies)
+    return [
+        AttentionProjectionCurvature(f"{name}.{short}", proxy, module, router)
+        for (short, _, _), proxy in zip(specs, proxies)
+    ]
+
+
+def routed_linear_is_plain() -> bool:
+    """Whether ``F.linear`` is torch's own (no attention module is mid-forward)."""
+    return F.linear is _plain_linear
