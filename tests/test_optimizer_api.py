@@ -226,11 +226,22 @@ def test_zero_grad_clears_all_gradients():
 
 
 # ============================================================================ unsupported layers
+class PlainLookup(nn.Module):
+    """A lookup table as a bare parameter: no curvature type covers it (nn.Embedding has one)."""
+
+    def __init__(self, num: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num, dim))
+
+    def forward(self, idx):
+        return F.embedding(idx, self.weight)
+
+
 class EmbedClassifier(nn.Module):
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
         torch.manual_seed(seed)
-        self.emb = nn.Embedding(12, 4)
+        self.emb = PlainLookup(12, 4)
         self.head = nn.Linear(3 * 4, 3)
 
     def forward(self, tokens):
@@ -239,7 +250,7 @@ class EmbedClassifier(nn.Module):
 
 @pytest.mark.parametrize("lr,momentum,wd", [(0.1, 0.9, 0.0), (0.05, 0.5, 1e-2), (0.2, 0.0, 0.0), (0.2, 0.0, 1e-3)])
 def test_embedding_params_get_exactly_torch_sgd_updates(lr, momentum, wd):
-    """The Embedding (no curvature) follows torch.optim.SGD bit for bit, while the Linear head gets
+    """The lookup table (no curvature) follows torch.optim.SGD bit for bit, while the Linear head gets
     the preconditioned update Ĝ⁻¹[∇W | ∇b]Â⁻¹ built here in float64 from opt.inverses() and the
     head's gradient, through the same momentum/weight-decay convention."""
     lam = 1e-2
@@ -290,7 +301,7 @@ class NoSupportedLayers(nn.Module):
         torch.manual_seed(seed)
         self.w = nn.Parameter(torch.randn(4, 3))
         self.b = nn.Parameter(torch.zeros(3))
-        self.emb = nn.Embedding(5, 3)
+        self.emb = PlainLookup(5, 3)
 
     def forward(self, x, idx):
         return torch.tanh(x @ self.w) + self.b + self.emb(idx)

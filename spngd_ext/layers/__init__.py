@@ -9,6 +9,7 @@ from .base import CurvatureLayer, KroneckerLayer, LayerCurvature, StatSpec
 from .batchnorm import BatchNormCurvature
 from .conv import Conv2dCurvature
 from .coverage import Coverage, ParameterCoverage, classify_model
+from .embedding import EmbeddingCurvature
 from .grouped_conv import GroupedConvCurvature
 from .linear import LinearCurvature
 from .norm import GroupNormCurvature, LayerNormCurvature, UnitwiseNormCurvature
@@ -26,6 +27,7 @@ __all__ = [
     "LayerNormCurvature",
     "GroupNormCurvature",
     "AttentionProjectionCurvature",
+    "EmbeddingCurvature",
     "Coverage",
     "ParameterCoverage",
     "curvature_layer_for",
@@ -56,6 +58,10 @@ def _layer_or_reason(name: str, module: nn.Module) -> CurvatureLayer | list[Curv
         module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
     ):
         return BatchNormCurvature(name, module) if module.affine else _NO_AFFINE
+    if isinstance(module, nn.Embedding):
+        if module.sparse:
+            return "Embedding(sparse=True): sparse gradients have no curvature here"
+        return EmbeddingCurvature(name, module)
     if isinstance(module, nn.LayerNorm):
         return LayerNormCurvature(name, module) if module.weight is not None else _NO_AFFINE
     if isinstance(module, nn.GroupNorm):

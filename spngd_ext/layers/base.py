@@ -181,6 +181,13 @@ class CurvatureLayer(abc.ABC):
         """
         return [layer.precondition(g, c, damping, backend) for layer, g, c in zip(layers, grads, curvatures)]
 
+    def frobenius_weights(self, name: str) -> Tensor:
+        """Per element of statistic ``name`` (one that is not a packed matrix, ``dim == 0``), its
+        weight in the statistic's squared Frobenius norm (for measuring how much a refresh changes
+        it). Default: 1 for every element."""
+        spec = next(s for s in self.stat_specs() if s.name == name)
+        return torch.ones(spec.numel)
+
     def attach(self) -> list[RemovableHandle]:
         """Hooks this layer needs on the model besides the forward hook on :attr:`module` (which the
         capture registers); the capture removes them with its own. Default: none."""

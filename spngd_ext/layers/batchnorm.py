@@ -115,6 +115,10 @@ class BatchNormCurvature(CurvatureLayer):
             ops.bn_unitwise_fisher(stats["F"], g, cast(Tensor, context), scale=1.0, decay=decay, backend=backend)
         return g.shape[0]
 
+    def frobenius_weights(self, name: str) -> torch.Tensor:
+        """(γγ, γβ, ββ) per unit: the off-diagonal entry counts twice in the 2×2 block."""
+        return torch.tensor([1.0, 2.0, 1.0]).repeat(self.channels)
+
     def estimate_from_packed(self, name: str, packed: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
         """F as (C, 3) = (γγ, γβ, ββ)."""
         return packed.view(-1, 3) * scale

@@ -78,6 +78,10 @@ class UnitwiseNormCurvature(CurvatureLayer):
         ops.bn_unitwise_fisher(stats["F"], g, xhat, scale=1.0, decay=0.0 if first else 1.0, backend=backend)
         return g.shape[0]
 
+    def frobenius_weights(self, name: str) -> torch.Tensor:
+        """(γγ, γβ, ββ) per unit: the off-diagonal entry counts twice in the 2×2 block."""
+        return torch.tensor([1.0, 2.0, 1.0]).repeat(self.units)
+
     def estimate_from_packed(self, name: str, packed: Tensor, scale: Tensor | float) -> Tensor:
         """F as (C, 3) = (γγ, γβ, ββ)."""
         return packed.view(-1, 3) * scale

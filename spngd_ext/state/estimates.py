@@ -118,7 +118,7 @@ class Estimates:
                 rows = torch.arange(spec.dim)
                 w[rows * spec.dim - rows * (rows - 1) // 2] = 1.0  # packed diagonal positions
             else:
-                w = torch.tensor([1.0, 2.0, 1.0], dtype=buf.dtype).repeat(seg.numel // 3)
+                w = self.layers[i].frobenius_weights(n).to(buf.dtype)
             weight[lo:hi] = w
             count_pos.append(buf.stats_layout.counts[i][n] - base)
             slots.append(buf.grad_layout.change_slots[i][n])
