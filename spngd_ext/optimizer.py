@@ -138,6 +138,10 @@ class SPNGD(torch.optim.Optimizer):
         # Examples per step (the per-example gradient scale of fisher="emp"): counted once per
         # forward pass of the whole model, so shared layers and unbatched inputs count right.
         self._root_hook = inner.register_forward_hook(self._count_examples)
+        # Curvature layers whose hooks saw a training forward; after the first step that collected
+        # statistics, the others are reported once (a layer that never runs never gets curvature).
+        self._layers_ran: set[int] = set()
+        self._unused_checked = False
 
     def _build_state(self) -> CurvatureState:
         """Place layers on ranks, lay out the buffers, and build this rank's curvature state."""
@@ -227,6 +231,15 @@ class SPNGD(torch.optim.Optimizer):
         amp_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         self._runner.run(self.param_groups, self.state, amp_scale, found_inf)
+        if not self._unused_checked and self._layers_ran:
+            self._unused_checked = True
+            unused = [layer.name for i, layer in enumerate(self._layers) if i not in self._layers_ran]
+            if unused:
+                warnings.warn(
+                    f"SPNGD: the curvature layer(s) {', '.join(unused)} did not run in the first training step; "
+                    "until they do they collect no statistics and their parameters take the plain gradient",
+                    stacklevel=2,
+                )
         self._sampler.outputs = []
         return loss
 
@@ -246,6 +259,7 @@ class SPNGD(torch.optim.Optimizer):
     def on_forward(self, index: int, inputs: Tensor, output: Tensor) -> object:
         """Capture sink: a training forward of layer ``index``; returns its backward context."""
         acc = self._state.accumulation
+        self._layers_ran.add(index)
         if output.requires_grad and acc.backward_due(index):
             # only layers whose output-gradient statistic is due: the MC backward can stop early
             self._sampler.remember_output(output, self._layers[index].weight)

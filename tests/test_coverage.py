@@ -144,3 +144,27 @@ def test_weight_shared_by_two_layers_warns_and_trains_first_order():
     opt.zero_grad()
     model(x).sum().backward()
     opt.step()
+
+
+def test_a_registered_layer_that_never_runs_is_reported_once():
+    class Skips(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(4, 3)
+            self.unused = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Skips()
+    opt = SPNGD(model, lr=0.1, backend="torch")
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.zero_grad()
+            out = model(x)
+            opt.backward(F.cross_entropy(out, y), out)
+            opt.step()
+    messages = [str(w.message) for w in record if str(w.message).startswith("SPNGD")]
+    assert len(messages) == 1 and "unused" in messages[0] and "did not run" in messages[0], messages
