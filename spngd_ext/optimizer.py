@@ -22,9 +22,9 @@ from torch.profiler import record_function
 from . import checkpoint
 from .capture import ActivationCapture
 from .distributed import Communicator, default_communicator
-from .distributed.placement import LayerCost, OwnerAssignment
+from .distributed.placement import LayerCost, LayerStatistics, OwnerAssignment, StatisticAssignment, StatisticSpec
+from .distributed.segments import SegmentLayout
 from .layers import Coverage, CurvatureLayer, classify
-from .layout import build_layouts
 from .mc import LabelSampler
 from .ops.extension import cuda_ops_available, extension_loaded
 from .options import Backend, FisherType, SPNGDOptions, options_doc
@@ -149,21 +149,20 @@ class SPNGD(torch.optim.Optimizer):
         if self._plain_params:
             costs.append(LayerCost("<plain>", elementwise=sum(p.numel() for p in self._plain_params)))
         self.assignment = OwnerAssignment.balance(costs, self._comm.world_size)
-        specs = [[(s.name, s.numel, s.dim) for s in layer.stat_specs()] for layer in self._layers]
-        grad_numels = [layer.grad_numel for layer in self._layers]
+        stats = [
+            LayerStatistics(
+                layer.name,
+                tuple(StatisticSpec(s.name, s.dim, s.numel) for s in layer.stat_specs()),
+                layer.grad_numel,
+            )
+            for layer in self._layers
+        ]
         if self._plain_params:
-            specs.append([])
-            grad_numels.append(sum(p.numel() for p in self._plain_params))
-        stats_layout, grad_layout = build_layouts(specs, grad_numels, self.assignment.owners, self._comm.world_size)
-        return CurvatureState.build(
-            self._layers,
-            stats_layout,
-            grad_layout,
-            self.assignment.owners,
-            self._comm.rank,
-            self.options,
-            self._plain_params,
-        )
+            stats.append(LayerStatistics("<plain>", (), sum(p.numel() for p in self._plain_params)))
+        # One owner per layer (A and G together), each statistic at its true length in the buffers.
+        placement = StatisticAssignment.per_layer(stats, self.assignment.owners, self._comm.world_size)
+        layout = SegmentLayout.build(stats, placement)
+        return CurvatureState.build(self._layers, layout, self._comm.rank, self.options, self._plain_params)
 
     # ------------------------------------------------------------------ public API
     @property

@@ -6,11 +6,11 @@ The stages, with the profiler ranges they run under:
 1. ``spngd::gather_gradients``: copy gradients into the flat buffer (unscaled under AMP); on a
    refresh scale the output-gradient statistics and write the row counts; agree over ranks on
    whether anything is non-finite (one host sync) and skip the step if so;
-2. ``spngd::communication``: reduce-scatter statistics (on a refresh) and gradients to owners;
+2. ``spngd::communication``: sum the due statistics (on a refresh) and the gradients onto owners;
 3. ``spngd::factor_finalize``: owners fold the new statistics into their estimates;
 4. ``spngd::inversion``: owners re-invert (π-damped) when due;
 5. ``spngd::preconditioning``: owners precondition their gradients (and their KL share);
-6. ``spngd::communication``: all-gather the updates;
+6. ``spngd::communication``: gather the updates from their owners;
 7. ``spngd::update``: KL-clip coefficient, momentum update, weight rescale.
 """
 
@@ -187,7 +187,7 @@ class StepRunner:
 
         with record_function("spngd::communication"):
             if refresh:
-                buffers.reduce_stats(self.comm)
+                buffers.reduce_stats(self.comm, acc.due_stats())
             buffers.reduce_gradients(self.comm, already_averaged=self.ddp_wrapped)
         fresh = acc.fresh_stats() if refresh else []
         self._refresh_curvature(refresh, fresh, lam)
@@ -238,7 +238,7 @@ class StepRunner:
         with record_function("spngd::preconditioning"):
             st.preconditioner.precondition_owned(lam, lrs, opts.backend, plain_lrs=plain_lrs)
         with record_function("spngd::communication"):
-            self.comm.all_gather(st.buffers.grad_buffer, st.buffers.grad_layout.chunk_numel, kind="precond")
+            st.buffers.gather_updates(self.comm)
         with record_function("spngd::update"):
             nu = st.preconditioner.kl_coefficient(opts.kl_clip) if opts.kl_clip is not None else None
             self._apply_updates(param_groups, param_state, nu)

@@ -348,11 +348,12 @@ def _w_fault(rank: int, world: int, payload: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the tests
 
-def _expected_bytes(kind: str, owners: list[int], world: int, elem: int, *, refresh: bool, ddp: bool = False) -> dict:
-    """The byte-counter formula, from the layer shapes alone (independent of spngd_ext.layout):
-    stats chunk = max over ranks of Σ_owned (packed A + packed G, or 3C for BN, + 1 count per
-    statistic); grad chunk = max over ranks of Σ_owned (gradient numel + 1 change slot per
-    statistic) + 1 KL slot. A reduce-scatter contributes W chunks, an all-gather one."""
+def _expected_bytes(kind: str, owners: list[int], elem: int, *, rank: int, refresh: bool, ddp: bool = False) -> dict:
+    """The byte-counter formula, from the layer shapes alone (independent of the layout code):
+    every statistic and gradient travels at its true length. Rank r owns S_r statistics elements
+    (packed A + packed G, or 3C for BN, + 1 count per statistic) and G_r gradient elements
+    (gradient numel + 1 change slot per statistic, + 1 KL slot if it owns any gradient). The
+    reduces send every other owner's part (S − S_r, G − G_r), the gather sends the own part G_r."""
     model = make_model(kind)
     opt = SPNGD(model, **OPT_KW)  # only to walk the same layers in the same order
     stats, grads = [], []
@@ -361,21 +362,25 @@ def _expected_bytes(kind: str, owners: list[int], world: int, elem: int, *, refr
             da, dg = layer.dim_a, layer.dim_g
             stats.append(da * (da + 1) // 2 + dg * (dg + 1) // 2 + 2)
             grads.append(dg * da + 2)
-        else:
-            assert isinstance(layer, BatchNormCurvature)
+        elif isinstance(layer, BatchNormCurvature):
             stats.append(3 * layer.channels + 1)
             grads.append(2 * layer.channels + 1)
+        else:  # another elementwise layer: its own statistics' sizes, one count and change slot each
+            specs = layer.stat_specs()
+            stats.append(sum(sp.numel + 1 for sp in specs))
+            grads.append(sum(p.numel() for p in layer.params) + len(specs))
     plain = [p for p in model.parameters() if all(p is not q for layer in opt.layers for q in layer.params)]
     if plain:
         stats.append(0)
         grads.append(sum(p.numel() for p in plain))
     assert len(owners) == len(stats)
-    cs = max(sum(s for s, o in zip(stats, owners) if o == r) for r in range(world))
-    cg = max(sum(g for g, o in zip(grads, owners) if o == r) for r in range(world)) + 1
+    s_own = sum(s for s, o in zip(stats, owners) if o == rank)
+    g_own = sum(g for g, o in zip(grads, owners) if o == rank) + (1 if rank in owners else 0)
+    g_all = sum(grads) + len(set(owners))
     return {
-        "stats": world * cs * elem if refresh else 0,
-        "grads": 0 if ddp else world * cg * elem,
-        "precond": cg * elem,
+        "stats": (sum(stats) - s_own) * elem if refresh else 0,
+        "grads": 0 if ddp else (g_all - g_own) * elem,
+        "precond": g_own * elem,
         "flag": 4,
     }
 
@@ -401,7 +406,7 @@ def test_equivalence_with_one_process(world: int) -> None:
         interval = cfg.get("curvature_interval", 1)
         for r, res in enumerate(per_rank):
             for step, got in enumerate(res["bytes"]):
-                want = _expected_bytes(cfg["kind"], res["owners"], world, 8, refresh=step % interval == 0)
+                want = _expected_bytes(cfg["kind"], res["owners"], 8, rank=r, refresh=step % interval == 0)
                 assert got == want, f"{name}, rank {r}, step {step}: {got} != {want}"
             total = {k: sum(b[k] for b in res["bytes"]) for k in res["total_bytes"]}
             assert total == res["total_bytes"]
@@ -426,10 +431,10 @@ def test_ddp_wrapped_model_matches_and_skips_gradient_reduction() -> None:
     assert_factors_match(ddp, ref["factors"])
     for a, b in zip(ddp[0]["params"], plain[0]["params"]):
         torch.testing.assert_close(a, b, rtol=EQUIV_RTOL, atol=EQUIV_ATOL)
-    for res in ddp:
+    for r, res in enumerate(ddp):
         for got in res["bytes"]:
             assert got["grads"] == 0, "DDP already averaged the gradients: SP-NGD must not send them again"
-            assert got == _expected_bytes("conv_evalbn", res["owners"], world, 8, refresh=True, ddp=True)
+            assert got == _expected_bytes("conv_evalbn", res["owners"], 8, rank=r, refresh=True, ddp=True)
 
 
 def test_reduced_precision_communication_and_mc_seeds() -> None:
@@ -453,8 +458,8 @@ def test_reduced_precision_communication_and_mc_seeds() -> None:
         for r, res in enumerate(results):
             for step, got in enumerate(res[name]["bytes"]):
                 want32 = results[r]["fp32"]["bytes"][step]
-                # half the bytes (+ the fp16 power-of-two scales: W floats per reduce-scatter, 1 per all-gather)
-                extra = {"stats": 4 * world, "grads": 4 * world, "precond": 4, "flag": 0} if name == "fp16" else dict.fromkeys(want32, 0)
+                # half the bytes (+ the fp16 power-of-two scales: W − 1 floats per reduce, 1 per gather)
+                extra = {"stats": 4 * (world - 1), "grads": 4 * (world - 1), "precond": 4, "flag": 0} if name == "fp16" else dict.fromkeys(want32, 0)
                 assert got == {k: (v // 2 if k != "flag" else v) + extra[k] for k, v in want32.items()}
     # fp32 distributed equals one process in fp32 up to float32 reordering
     ref = reference(kind="conv_syncbn", steps=steps, global_batch=batch, dtype=f32)

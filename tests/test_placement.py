@@ -240,3 +240,44 @@ def test_statistic_assignment_rejects_bad_world_size() -> None:
     with pytest.raises(ValueError, match="world_size"):
         StatisticAssignment.balance(random_net(1), 0)
     assert StatisticAssignment.balance([], 3).grad_owners == ()
+
+
+def test_per_layer_assignment_keeps_each_layer_on_its_owner() -> None:
+    layers = random_net(2, n=12)
+    owners = [i % 3 for i in range(len(layers))]
+    a = StatisticAssignment.per_layer(layers, owners, 3)
+    assert a.grad_owners == tuple(owners) and a.inverse_routes == ()
+    for i, layer in enumerate(layers):
+        assert a.stat_owners[i] == {s.name: owners[i] for s in layer.stats}
+    for r in range(3):  # each rank's load is the sum of its layers' items
+        want_c = sum(c for i, layer in enumerate(layers) if owners[i] == r for _, c, _ in layer.item_costs())
+        want_b = sum(b for i, layer in enumerate(layers) if owners[i] == r for _, _, b in layer.item_costs())
+        assert a.compute_load[r] == pytest.approx(want_c) and a.byte_load[r] == pytest.approx(want_b)
+    assert a.largest_item == max(c for layer in layers for _, c, _ in layer.item_costs())
+    with pytest.raises(ValueError, match="owners"):
+        StatisticAssignment.per_layer(layers, owners[:-1], 3)
+    with pytest.raises(ValueError, match="owners"):
+        StatisticAssignment.per_layer(layers, [3] * len(layers), 3)
+    with pytest.raises(ValueError, match="world_size"):
+        StatisticAssignment.per_layer(layers, owners, 0)
+
+
+def test_curvature_state_needs_one_owner_per_layer() -> None:
+    """The optimizer's state preconditions a layer on the rank that owns both its factors; a layout
+    that splits them is rejected by name (ownership per statistic is not wired into the state)."""
+    from torch import nn
+
+    from spngd_ext.distributed.segments import SegmentLayout
+    from spngd_ext.layers import find_curvature_layers
+    from spngd_ext.options import SPNGDOptions
+    from spngd_ext.state import CurvatureState
+
+    layers = find_curvature_layers(nn.Sequential(nn.Linear(4, 3)))
+    stats = [LayerStatistics(layer.name, tuple(StatisticSpec(s.name, s.dim, s.numel) for s in layer.stat_specs()),
+                             layer.grad_numel) for layer in layers]
+    split = StatisticAssignment(2, ({"A": 0, "G": 1},), (0,), (), (0.0, 0.0), (0.0, 0.0), 0.0)
+    with pytest.raises(ValueError, match="each layer needs one owner"):
+        CurvatureState.build(layers, SegmentLayout.build(stats, split), 0, SPNGDOptions(), [])
+    together = StatisticAssignment.per_layer(stats, [1], 2)
+    state = CurvatureState.build(layers, SegmentLayout.build(stats, together), 0, SPNGDOptions(), [])
+    assert state.buffers.chunk_numel == 0 and state.preconditioner.owned == []  # rank 0 owns nothing

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spngd_ext import SPNGD
+from spngd_ext.layers import BatchNormCurvature, KroneckerLayer
 from spngd_ext.refresh import StalePolicy
 
 WORLD = 2
@@ -86,8 +87,9 @@ def run_scenario(sc: dict, rank: int, world: int) -> dict:
     model = make_model(sc["kind"])
     opt = SPNGD(model, **sc["opt"])
     shard = sc["global_batch"] // world
-    intervals, params = [], []
+    intervals, params, due, nbytes = [], [], [], []
     for step in range(sc["steps"]):
+        due.append(opt._state.accumulation.due_stats())  # this step's due statistics
         if sc["switch"] is None:
             x, y = make_batch(1000 + step, sc["global_batch"])
         else:
@@ -99,9 +101,20 @@ def run_scenario(sc: dict, rank: int, world: int) -> dict:
         opt.backward(loss, out)
         opt.step()
         intervals.append(opt.counters["intervals"])
+        nbytes.append(opt._comm.bytes_sent()["last"])
         params.append(torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()]))
     counters = opt.counters
-    return {"intervals": intervals, "params": params, "counters": counters}
+    numel = {}  # (layer index, statistic) -> elements, from the module shapes
+    for i, layer in enumerate(opt.layers):
+        if isinstance(layer, KroneckerLayer):
+            numel[(i, "A")] = layer.dim_a * (layer.dim_a + 1) // 2
+            numel[(i, "G")] = layer.dim_g * (layer.dim_g + 1) // 2
+        elif isinstance(layer, BatchNormCurvature):
+            numel[(i, "F")] = 3 * layer.channels
+        else:  # another elementwise layer: its own statistics' sizes
+            numel.update({(i, sp.name): sp.numel for sp in layer.stat_specs()})
+    return {"intervals": intervals, "params": params, "counters": counters, "due": due, "bytes": nbytes,
+            "owners": list(opt.assignment.owners), "numel": numel}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,3 +215,22 @@ def test_ranks_match_one_process_on_the_whole_batch(world_results):
     halved = {(layer, s) for t in range(switch, CLEAR["steps"]) for layer, d in single["intervals"][t].items()
               for s, k in d.items() if k == 4}
     assert len(halved) == sum(len(d) for d in before.values()), f"not every statistic halved after the switch: {halved}"
+
+
+def test_stale_steps_send_only_the_due_statistics(world_results):
+    """The statistics reduce moves, per rank, exactly the due statistics (and their counts) of the
+    other owners, counted by the communicator: a statistic that is not due sends nothing, and an
+    owner none of whose statistics is due receives nothing. ("clear" refreshes all statistics
+    together; "noisy" has steps where only some are due.)"""
+    partial = 0
+    for name in ("clear", "noisy"):
+        for rank, res in enumerate(r[name] for r in world_results):
+            owners, numel = res["owners"], res["numel"]
+            everything = sum(n + 1 for (i, _), n in numel.items() if owners[i] != rank) * 8
+            for step, (due, got) in enumerate(zip(res["due"], res["bytes"])):
+                want = sum(numel[key] + 1 for key in due if owners[key[0]] != rank) * 8
+                assert got["stats"] == want, (
+                    f"{name}, rank {rank}, step {step}: due {due}, sent {got['stats']} bytes, expected {want}")
+                if due and want < everything:
+                    partial += 1  # some statistic of another owner was not due, and was not sent
+    assert partial > 0, "no step left another owner's statistic out; the byte check would be vacuous"

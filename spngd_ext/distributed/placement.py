@@ -266,6 +266,35 @@ class StatisticAssignment:
         largest = max((c for _, _, c, _ in items), default=0.0)
         return cls(world_size, tuple(stat_owners), tuple(grad_owners), tuple(routes), tuple(comp), tuple(byts), largest)
 
+    @classmethod
+    def per_layer(
+        cls, layers: Sequence[LayerStatistics], owners: Sequence[int], world_size: int
+    ) -> StatisticAssignment:
+        """Every statistic and the gradient of layer i on ``owners[i]`` (no inverse travels).
+
+        Args:
+            layers: every layer in the optimizer's order.
+            owners: the owning rank of each layer (e.g. :attr:`OwnerAssignment.owners`).
+            world_size: number of ranks (>= 1).
+        """
+        if world_size < 1:
+            raise ValueError(f"StatisticAssignment.per_layer: world_size must be >= 1, got {world_size}")
+        if len(owners) != len(layers) or any(not 0 <= o < world_size for o in owners):
+            raise ValueError(
+                f"StatisticAssignment.per_layer: owners needs one rank in [0, {world_size}) per layer "
+                f"({len(layers)}), got {list(owners)}"
+            )
+        comp = [0.0] * world_size
+        byts = [0.0] * world_size
+        largest = 0.0
+        for layer, o in zip(layers, owners):
+            for _, c, b in layer.item_costs():
+                comp[o] += c
+                byts[o] += b
+                largest = max(largest, c)
+        stat_owners = tuple({s.name: o for s in layer.stats} for layer, o in zip(layers, owners))
+        return cls(world_size, stat_owners, tuple(owners), (), tuple(comp), tuple(byts), largest)
+
     def statistics_of(self, rank: int) -> list[tuple[int, str]]:
         """(layer index, statistic name) of every statistic ``rank`` owns, in layer order.
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..distributed.segments import SegmentLayout
 from ..layers import CurvatureLayer
-from ..layout import GradLayout, StatsLayout
 from ..options import SPNGDOptions
 from .accumulation import Accumulation
 from .buffers import FlatBuffers
@@ -50,9 +50,7 @@ class CurvatureState:
     def build(
         cls,
         layers: Sequence[CurvatureLayer],
-        stats_layout: StatsLayout,
-        grad_layout: GradLayout,
-        owners: Sequence[int],
+        layout: SegmentLayout,
         rank: int,
         options: SPNGDOptions,
         plain_params: Sequence[nn.Parameter],
@@ -61,16 +59,22 @@ class CurvatureState:
 
         Args:
             layers: the curvature layers.
-            stats_layout: statistics buffer layout.
-            grad_layout: gradient buffer layout.
-            owners: the owning rank of each layer, then of the plain parameters (if any).
+            layout: both buffers' segments and the owner of every statistic and gradient (one
+                entry per layer, then one for the plain parameters if any).
             rank: this process's rank.
             options: the optimizer's options (EMA decay, inversion retries).
             plain_params: parameters outside curvature layers.
         """
-        owned = [i for i in range(len(layers)) if owners[i] == rank]
-        plain_owned = bool(plain_params) and owners[len(layers)] == rank
-        buffers = FlatBuffers(layers, stats_layout, grad_layout, rank, plain_params)
+        grad_owners = layout.assignment.grad_owners
+        for i, owners in enumerate(layout.assignment.stat_owners[: len(layers)]):
+            if any(o != grad_owners[i] for o in owners.values()):
+                raise ValueError(
+                    f"CurvatureState.build: the statistics of {layers[i].name} have owners {owners} and its "
+                    f"gradient rank {grad_owners[i]}; each layer needs one owner"
+                )
+        owned = [i for i in range(len(layers)) if grad_owners[i] == rank]
+        plain_owned = bool(plain_params) and grad_owners[len(layers)] == rank
+        buffers = FlatBuffers(layers, layout, rank, plain_params)
         accumulation = Accumulation(layers, buffers)
         estimates = Estimates(layers, buffers, owned, options.ema_decay)
         inverses = InverseCache(layers, buffers, estimates, owned, options.max_inverse_retries)

@@ -88,6 +88,10 @@ class Accumulation:
         """Whether statistic ``name`` of layer ``index`` received rows this step."""
         return self._counts[index][name] > 0
 
+    def due_stats(self) -> list[tuple[int, str]]:
+        """(layer index, statistic name) of the statistics due this step."""
+        return [(i, n) for i, n in self.stat_ids if self._due[i][n]]
+
     def fresh_stats(self) -> list[tuple[int, str]]:
         """(layer, statistic) pairs collected this step."""
         return [(i, n) for i, n in self.stat_ids if self.is_fresh(i, n)]
@@ -125,7 +129,7 @@ class Accumulation:
                 for n in layer.backward_stat_names():
                     if self.is_fresh(i, n):
                         buffers.acc_views(i)[n].mul_(factor)
-        stats = buffers.stats_layout.counts
+        stats = buffers.layout.counts
         buffers.write_counts([float(self._counts[i][n]) for i, per_layer in enumerate(stats) for n in per_layer])
 
     def reset(self) -> None:

@@ -1,27 +1,28 @@
 """The optimizer's three flat buffers and the views into them.
 
-* ``acc``: the statistics accumulator of every layer (all ranks' chunks), reduce-scattered on a
-  refresh step;
-* ``est``: this rank's chunk of the curvature estimates (the statistics it owns, and one refresh
+* ``acc``: the statistics accumulator of every layer (every statistic once, at its true length,
+  grouped by owner); on a refresh step the due statistics are summed onto their owners;
+* ``est``: this rank's range of the curvature estimates (the statistics it owns, and one refresh
   count per statistic);
 * ``grad_buffer``: every layer's gradient segment (then its update), the per-statistic change
-  slots and the KL slot of each chunk; reduce-scattered as gradients, all-gathered as updates.
+  slots and each gradient owner's KL slot; summed onto the owners as gradients, gathered from
+  them as updates.
 
-Where each piece lives is :mod:`spngd_ext.layout`'s business; this module allocates the buffers
-on the model's device on first use and hands out the views.
+Where each piece lives is :class:`~spngd_ext.distributed.segments.SegmentLayout`'s business; this
+module allocates the buffers on the model's device on first use and hands out the views.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..distributed.communicator import Communicator
+from ..distributed.segments import SegmentLayout
 from ..layers import CurvatureLayer
 from ..layers.base import write_flat_gradients
-from ..layout import GradLayout, StatsLayout
 
 __all__ = ["FlatBuffers"]
 
@@ -31,8 +32,8 @@ class FlatBuffers:
 
     Args:
         layers: the curvature layers, in layout order.
-        stats_layout: where each statistic lives in ``acc``/``est``.
-        grad_layout: where each gradient, change slot and KL slot lives in ``grad_buffer``.
+        layout: where each statistic lives in ``acc``/``est`` and each gradient, change slot and
+            KL slot in ``grad_buffer``, and which rank owns each.
         rank: this process's rank.
         plain_params: parameters outside curvature layers (one more gradient segment).
     """
@@ -40,14 +41,12 @@ class FlatBuffers:
     def __init__(
         self,
         layers: Sequence[CurvatureLayer],
-        stats_layout: StatsLayout,
-        grad_layout: GradLayout,
+        layout: SegmentLayout,
         rank: int,
         plain_params: Sequence[nn.Parameter],
     ) -> None:
         self.layers = list(layers)
-        self.stats_layout = stats_layout
-        self.grad_layout = grad_layout
+        self.layout = layout
         self.rank = rank
         self.plain_params = list(plain_params)
         self.all_params = [p for layer in self.layers for p in layer.params] + self.plain_params
@@ -64,8 +63,13 @@ class FlatBuffers:
 
     @property
     def chunk_base(self) -> int:
-        """Offset of this rank's chunk in the statistics buffer."""
-        return self.rank * self.stats_layout.chunk_numel
+        """Offset of this rank's range in the statistics buffer."""
+        return self.layout.stats_ranges[self.rank].offset
+
+    @property
+    def chunk_numel(self) -> int:
+        """Elements of this rank's range of the statistics buffer (the size of ``est``)."""
+        return self.layout.stats_ranges[self.rank].numel
 
     def ensure(self, device: torch.device) -> None:
         """Allocate the buffers on ``device`` the first time; ValueError if the model moved since."""
@@ -85,20 +89,21 @@ class FlatBuffers:
         self.device = device
         # Statistics are kept in fp32 (fp64 when the model is fp64), whatever the activations' dtype.
         self.dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.all_params) else torch.float32
-        self.acc = torch.zeros(self.stats_layout.numel, dtype=self.dtype, device=device)
-        self.est = torch.zeros(self.stats_layout.chunk_numel, dtype=self.dtype, device=device)
-        self.grad_buffer = torch.zeros(self.grad_layout.numel, dtype=self.dtype, device=device)
+        self.acc = torch.zeros(self.layout.stats_numel, dtype=self.dtype, device=device)
+        self.est = torch.zeros(self.chunk_numel, dtype=self.dtype, device=device)
+        self.grad_buffer = torch.zeros(self.layout.grad_numel, dtype=self.dtype, device=device)
         self._acc_views = [
             {
                 n: self.acc[s.offset : s.end].view(-1, 3) if n == "F" else self.acc[s.offset : s.end]
                 for n, s in stats.items()
             }
-            for stats in self.stats_layout.stats
+            for stats in self.layout.stats
         ]
-        slots = list(self.grad_layout.kl_slots) + [c for ch in self.grad_layout.change_slots for c in ch.values()]
+        kl_slots = [k for k in self.layout.kl_slots if k is not None]
+        slots = kl_slots + [c for ch in self.layout.change_slots for c in ch.values()]
         self._slot_index = torch.tensor(slots, dtype=torch.long, device=device)
         self._count_index = torch.tensor(
-            [c for counts in self.stats_layout.counts for c in counts.values()], dtype=torch.long, device=device
+            [c for counts in self.layout.counts for c in counts.values()], dtype=torch.long, device=device
         )
 
     # ------------------------------------------------------------------ views
@@ -108,12 +113,12 @@ class FlatBuffers:
 
     def grad_segment(self, index: int) -> Tensor:
         """The flat gradient (later update) segment of layer ``index``; ``len(layers)``: the plain parameters."""
-        seg = self.grad_layout.grads[index]
+        seg = self.layout.grads[index]
         return self.grad_buffer[seg.offset : seg.end]
 
     def est_view(self, index: int, name: str) -> Tensor:
         """The estimate of statistic ``name`` of an owned layer, in this rank's estimate chunk."""
-        seg = self.stats_layout.stats[index][name]
+        seg = self.layout.stats[index][name]
         return self.est[seg.offset - self.chunk_base : seg.end - self.chunk_base]
 
     def write_counts(self, counts: Sequence[float]) -> None:
@@ -148,18 +153,34 @@ class FlatBuffers:
                 bad = bad or any(not bool(torch.isfinite(v).all()) for v in self._acc_views[i].values())
             if bad:
                 names.append(layer.name)
-        if len(self.grad_layout.grads) > len(self.layers):
+        if len(self.layout.grads) > len(self.layers):
             if not bool(torch.isfinite(self.grad_segment(len(self.layers))).all()):
                 names.append("<parameters outside supported layers>")
         return names
 
-    def reduce_stats(self, comm: Communicator) -> None:
-        """Sum the statistics over ranks into their owners' chunks."""
-        comm.reduce_scatter(self.acc, self.stats_layout.chunk_numel, kind="stats")
+    def reduce_stats(self, comm: Communicator, due: Collection[tuple[int, str]]) -> None:
+        """Sum the due statistics (and their counts) over ranks onto their owners; a statistic
+        that is not due moves nothing, so an owner with nothing due receives nothing.
+
+        Args:
+            comm: the communicator.
+            due: (layer index, statistic name) of the statistics due this step.
+        """
+        if comm.world_size == 1:
+            return
+        comm.reduce_segments(self.acc, self.layout.stats_sends(due), kind="stats")
 
     def reduce_gradients(self, comm: Communicator, already_averaged: bool) -> None:
-        """Average the gradients over ranks into their owners' chunks (DDP has done it already)."""
+        """Average the gradients over ranks onto their owners (DDP has done it already)."""
         if comm.world_size == 1 or already_averaged:
             return
-        chunk = comm.reduce_scatter(self.grad_buffer, self.grad_layout.chunk_numel, kind="grads")
-        chunk.div_(comm.world_size)
+        comm.reduce_segments(self.grad_buffer, self.layout.grad_sends(), kind="grads")
+        mine = self.layout.grad_ranges[self.rank]
+        self.grad_buffer[mine.offset : mine.end].div_(comm.world_size)
+
+    def gather_updates(self, comm: Communicator) -> None:
+        """Every rank's copy of each owner's gradient range (updates, change and KL slots)
+        becomes the owner's values."""
+        if comm.world_size == 1:
+            return
+        comm.gather_segments(self.grad_buffer, self.layout.grad_sends(), kind="precond")

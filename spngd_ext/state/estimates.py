@@ -54,7 +54,7 @@ class Estimates:
         With ``track_changes``, r = ‖X − Ê‖_F / ‖Ê‖_F of every owned statistic — the newly
         collected X against the current (bias-corrected) estimate Ê, before X enters it — is
         written into its change slot of the gradient buffer (returned to all ranks by the
-        all-gather), computed for all statistics in a few whole-chunk ops. Comparing two EMA
+        gather of the updates), computed for all statistics in a few whole-chunk ops. Comparing two EMA
         estimates instead would read a change of X as only (1−b)·r.
 
         Args:
@@ -67,10 +67,10 @@ class Estimates:
         base = buf.chunk_base
         b = self.ema_decay
         for i in self.owned:
-            for n, seg in buf.stats_layout.stats[i].items():
+            for n, seg in buf.layout.stats[i].items():
                 if not accumulation.is_fresh(i, n):
                     continue
-                c = buf.stats_layout.counts[i][n]
+                c = buf.layout.counts[i][n]
                 value = buf.acc[seg.offset : seg.end] / buf.acc[c]
                 e = buf.est[seg.offset - base : seg.end - base]
                 k = buf.est[c - base : c - base + 1]
@@ -93,7 +93,7 @@ class Estimates:
 
     def estimate(self, index: int, name: str) -> Tensor:
         """The bias-corrected estimate of an owned statistic, in its layer's usable form."""
-        scale = self.bias_correction([self.buffers.stats_layout.counts[index][name]])
+        scale = self.bias_correction([self.buffers.layout.counts[index][name]])
         return self.layers[index].estimate_from_packed(name, self.buffers.est_view(index, name), scale)
 
     # ------------------------------------------------------------------ change measurement
@@ -103,13 +103,13 @@ class Estimates:
         if self._change_cache is not None:
             return self._change_cache
         buf = self.buffers
-        base, n_chunk = buf.chunk_base, buf.stats_layout.chunk_numel
+        base, n_chunk = buf.chunk_base, buf.chunk_numel
         owned_stats = [(i, n) for i in self.owned for n in self.names[i]]
         seg_id = torch.full((n_chunk,), len(owned_stats), dtype=torch.long)
         weight = torch.zeros(n_chunk, dtype=buf.dtype)
         count_pos, slots = [], []
         for k, (i, n) in enumerate(owned_stats):
-            seg = buf.stats_layout.stats[i][n]
+            seg = buf.layout.stats[i][n]
             lo, hi = seg.offset - base, seg.end - base
             seg_id[lo:hi] = k
             spec = next(sp for sp in self.layers[i].stat_specs() if sp.name == n)
@@ -120,8 +120,8 @@ class Estimates:
             else:
                 w = self.layers[i].frobenius_weights(n).to(buf.dtype)
             weight[lo:hi] = w
-            count_pos.append(buf.stats_layout.counts[i][n] - base)
-            slots.append(buf.grad_layout.change_slots[i][n])
+            count_pos.append(buf.layout.counts[i][n] - base)
+            slots.append(buf.layout.change_slots[i][n])
         dev = buf.device
         self._change_cache = (
             seg_id.to(dev),
@@ -137,7 +137,7 @@ class Estimates:
             return
         buf = self.buffers
         base = buf.chunk_base
-        collected = buf.acc[base : base + buf.stats_layout.chunk_numel]
+        collected = buf.acc[base : base + buf.chunk_numel]
         rows = collected[count_pos]
         # X = sum / count per statistic; a statistic not collected this step (count 0) gives inf/NaN
         # here, but only the fresh statistics' slots are read (read_changes).
@@ -159,7 +159,7 @@ class Estimates:
         if not stats:
             return []
         buf = self.buffers
-        idx = torch.tensor([buf.grad_layout.change_slots[i][n] for i, n in stats], device=buf.device)
+        idx = torch.tensor([buf.layout.change_slots[i][n] for i, n in stats], device=buf.device)
         return buf.grad_buffer[idx].tolist()
 
     # ------------------------------------------------------------------ export, checkpoint
@@ -181,7 +181,7 @@ class Estimates:
     def validate_state_dict(self, sd: dict) -> None:
         """ValueError for saved estimates that do not fit this model (before anything is loaded)."""
         est = sd["est"]
-        chunk = self.buffers.stats_layout.chunk_numel
+        chunk = self.buffers.chunk_numel
         if est is not None and (not isinstance(est, Tensor) or est.numel() != chunk):
             got = est.numel() if isinstance(est, Tensor) else type(est).__name__
             raise ValueError(f"{_WHERE}: curvature estimate has {got} elements, expected {chunk}")

@@ -185,10 +185,10 @@ class InverseCache:
         """
         events = InversionEvents()
         buf = self.buffers
-        offset, sizes, items = buf.stats_layout.packed_runs[buf.rank]
+        offset, sizes, items = buf.layout.packed_runs[buf.rank]
         if not sizes:
             return events
-        slots = [buf.stats_layout.counts[i][n] for i, n in items]
+        slots = [buf.layout.counts[i][n] for i, n in items]
         mats = ops.unpack_upper(
             buf.est,
             sizes,

@@ -106,13 +106,13 @@ class Preconditioner:
                 g = flat[pos : pos + p.numel()]
                 kl_terms.append(lr**2 * (g * g).sum())
                 pos += p.numel()
-        if lrs is not None:
-            slot = buf.grad_layout.kl_slots[buf.rank]
+        slot = buf.layout.kl_slots[buf.rank]  # None: this rank owns no gradient
+        if lrs is not None and slot is not None:
             total = torch.stack(kl_terms).sum() if kl_terms else torch.zeros((), device=buf.device)
             buf.grad_buffer[slot] = total
 
     def kl_coefficient(self, kl_clip: float) -> Tensor:
         """ν = min(1, sqrt(kl_clip / Σ_ranks KL share)) from the gathered KL slots (on the device)."""
         buf = self.buffers
-        slots = torch.tensor(buf.grad_layout.kl_slots, device=buf.device)
+        slots = torch.tensor([k for k in buf.layout.kl_slots if k is not None], device=buf.device, dtype=torch.long)
         return ops.kl_clip_from_total(buf.grad_buffer[slots].sum(), kl_clip)
