@@ -67,6 +67,7 @@ class GroupedConvCurvature(CurvatureLayer):
         self.dim_g = m.out_channels // m.groups
         self._a_names = tuple(f"A{k}" for k in range(self.groups))
         self._g_names = tuple(f"G{k}" for k in range(self.groups))
+        self._unpack_index: dict[tuple[int, torch.device], Tensor] = {}
 
     def stat_specs(self) -> list[StatSpec]:
         na, ng = self.dim_a * (self.dim_a + 1) // 2, self.dim_g * (self.dim_g + 1) // 2
@@ -118,7 +119,16 @@ class GroupedConvCurvature(CurvatureLayer):
     def estimate_from_packed(self, name: str, packed: Tensor, scale: Tensor | float) -> Tensor:
         """The dense symmetric factor of one group from its packed upper triangle."""
         dim = self.dim_a if name.startswith("A") else self.dim_g
-        return ops.unpack_upper(packed, [dim], scale=scale, dtype=packed.dtype, backend="torch")[0]
+        # One gather through a cached index (this runs for every group at every step): the
+        # position in the row-major packed upper triangle of each (i, j) of the full matrix.
+        key = (dim, packed.device)
+        index = self._unpack_index.get(key)
+        if index is None:
+            i, j = torch.meshgrid(torch.arange(dim), torch.arange(dim), indexing="ij")
+            lo, hi = torch.minimum(i, j), torch.maximum(i, j)
+            index = (lo * dim - lo * (lo - 1) // 2 + (hi - lo)).reshape(-1).to(packed.device)
+            self._unpack_index[key] = index
+        return (packed[index] * scale).view(dim, dim)
 
     def group_gradients(self, grad: Tensor) -> Tensor:
         """The flat [∇W, ∇b] segment as (G, C_out/G, dim_a) per-group matrices [∇W_k | ∇b_k]."""
