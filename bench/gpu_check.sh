@@ -98,7 +98,7 @@ timeout "$(stage_timeout $T_BENCH $R_BENCH)" python3 -m spngd_ext.bench $full $s
 bench_rc=${PIPESTATUS[0]}
 set -e
 
-# 5. Curvature phase of a whole ResNet-50 step (issue 3's last target): both backends, interleaved.
+# 5. Curvature phase of a whole ResNet-50 step (target: kernels ≥ 3× the pure-PyTorch path): both backends, interleaved.
 echo "== curvature phase (ResNet-50, batch 32)"
 set +e
 timeout "$(stage_timeout $T_CURV 5)" python3 bench/step_overhead.py --model resnet50 --batch-sizes 32 --quick --rounds 20 --warmup 3 \

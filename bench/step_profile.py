@@ -70,7 +70,7 @@ PHASE_ROWS = [
 TOP_LEVEL = ("bench::zero_grad", "bench::forward", "bench::backward", "bench::step")
 # The curvature phase: these ranges never nest in one another, so their inclusive times add up.
 CURVATURE_ROWS = ("factor accumulation (all)", "  factor finalize", "  inversion", "  preconditioning")
-CURVATURE_SPEEDUP_TARGET = 3.0  # issue 3: the whole curvature phase ≥ 3× faster than pure PyTorch
+CURVATURE_SPEEDUP_TARGET = 3.0  # target: the whole curvature phase ≥ 3× faster than pure PyTorch
 
 
 def sync(device: torch.device) -> None:
@@ -309,7 +309,7 @@ def curvature_phase(breakdown: dict, use_cuda: bool) -> dict[str, float]:
 
 
 def curvature_targets(phase_ms: dict[str, float], use_cuda: bool, extension_loaded: bool) -> list[dict]:
-    """Issue 3: the CUDA kernels' curvature phase ≥ 3× faster than the pure-PyTorch path on the
+    """Target: the CUDA kernels' curvature phase ≥ 3× faster than the pure-PyTorch path on the
     same GPU. Only meaningful on CUDA with the kernels loaded; otherwise reported as not measured."""
     cuda, torch_ms = phase_ms.get("spngd-every-step-cuda"), phase_ms.get("spngd-every-step-torch")
     if cuda is None or torch_ms is None:

@@ -35,11 +35,31 @@ def test_step_overhead_quick(tmp_path, capsys):
         configs += ",asdl-every-step"
     threads = torch.get_num_threads()
     try:
-        result = bench.main([
-            "--quick", "--batch-sizes", "8", "--rounds", "3", "--warmup", "1", "--threads", "1",
-            "--data", "random", "--n-batches", "2", "--configs", configs,
-            "--profile-steps", "2", "--top-ops", "3", "--json", str(out),
-        ])
+        result = bench.main(
+            [
+                "--quick",
+                "--batch-sizes",
+                "8",
+                "--rounds",
+                "3",
+                "--warmup",
+                "1",
+                "--threads",
+                "1",
+                "--data",
+                "random",
+                "--n-batches",
+                "2",
+                "--configs",
+                configs,
+                "--profile-steps",
+                "2",
+                "--top-ops",
+                "3",
+                "--json",
+                str(out),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)  # main() sets it process-wide
     printed = capsys.readouterr().out
@@ -63,7 +83,15 @@ def test_step_overhead_quick(tmp_path, capsys):
     breakdown = entry["breakdown"]
     assert set(breakdown) == {"sgd", "spngd-every-step", "spngd-10/100", "spngd-stale"}
     every = breakdown["spngd-every-step"]["phases"]
-    for phase in ("forward", "backward", "MC backward", "factor accumulation (all)", "  inversion", "  preconditioning", "  update"):
+    for phase in (
+        "forward",
+        "backward",
+        "MC backward",
+        "factor accumulation (all)",
+        "  inversion",
+        "  preconditioning",
+        "  update",
+    ):
         assert every[phase]["calls_per_step"] > 0, phase
         assert every[phase]["cpu_inclusive_ms"] >= every[phase]["cpu_exclusive_ms"] >= 0
     assert every["forward"]["cpu_inclusive_ms"] > every["forward"]["cpu_exclusive_ms"]  # accumulation nested inside
@@ -72,17 +100,35 @@ def test_step_overhead_quick(tmp_path, capsys):
 
 
 def _phases(**ms: float) -> dict:
-    return {label: {"cpu_inclusive_ms": ms.get(label.strip(), 0.0), "cuda_inclusive_ms": 10 * ms.get(label.strip(), 0.0)}
-            for label in ("factor accumulation (all)", "  factor finalize", "  inversion", "  preconditioning", "  update", "MC backward")}
+    return {
+        label: {"cpu_inclusive_ms": ms.get(label.strip(), 0.0), "cuda_inclusive_ms": 10 * ms.get(label.strip(), 0.0)}
+        for label in (
+            "factor accumulation (all)",
+            "  factor finalize",
+            "  inversion",
+            "  preconditioning",
+            "  update",
+            "MC backward",
+        )
+    }
 
 
 def test_curvature_phase_adds_factors_finalize_inversion_and_preconditioning_only():
     bench = _load_bench()
     breakdown = {
         "sgd": {"phases": _phases()},
-        "spngd-every-step-torch": {"phases": _phases(**{"factor accumulation (all)": 1.0, "factor finalize": 2.0,
-                                                         "inversion": 4.0, "preconditioning": 8.0, "update": 16.0,
-                                                         "MC backward": 32.0})},
+        "spngd-every-step-torch": {
+            "phases": _phases(
+                **{
+                    "factor accumulation (all)": 1.0,
+                    "factor finalize": 2.0,
+                    "inversion": 4.0,
+                    "preconditioning": 8.0,
+                    "update": 16.0,
+                    "MC backward": 32.0,
+                }
+            )
+        },
     }
     assert bench.curvature_phase(breakdown, use_cuda=False) == {"spngd-every-step-torch": 15.0}
     assert bench.curvature_phase(breakdown, use_cuda=True) == {"spngd-every-step-torch": 150.0}
@@ -108,11 +154,31 @@ def test_backend_pinned_configs_report_the_curvature_phase(tmp_path, capsys):
 
     threads = torch.get_num_threads()
     try:
-        result = bench.main([
-            "--quick", "--batch-sizes", "8", "--rounds", "2", "--warmup", "1", "--threads", "1",
-            "--data", "random", "--n-batches", "1", "--configs", "sgd,spngd-every-step-cuda,spngd-every-step-torch",
-            "--profile-steps", "1", "--top-ops", "0", "--json", str(tmp_path / "out.json"),
-        ])
+        result = bench.main(
+            [
+                "--quick",
+                "--batch-sizes",
+                "8",
+                "--rounds",
+                "2",
+                "--warmup",
+                "1",
+                "--threads",
+                "1",
+                "--data",
+                "random",
+                "--n-batches",
+                "1",
+                "--configs",
+                "sgd,spngd-every-step-cuda,spngd-every-step-torch",
+                "--profile-steps",
+                "1",
+                "--top-ops",
+                "0",
+                "--json",
+                str(tmp_path / "out.json"),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out

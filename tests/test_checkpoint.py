@@ -16,14 +16,17 @@ from spngd_ext.refresh import StalePolicy
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("float64_default")]
 
 
-
-
 def cnn(seed: int = 0, width: int = 4) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-        nn.Conv2d(width, 4, 3, stride=2, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * 2 * 2, 5),
+        nn.Conv2d(1, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, 4, 3, stride=2, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, 5),
     )
 
 
@@ -98,7 +101,9 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(config):
 def test_resume_at_a_stale_step_reuses_the_saved_factors_and_inverses():
     """curvature_interval=2, inverse_interval=4: step index 3 (the first after resuming from 3 steps)
     refreshes nothing, so its update is built entirely from restored state."""
-    kw = dict(lr=0.05, momentum=0.0, damping=1e-2, backend="torch", fisher="emp", curvature_interval=2, inverse_interval=4)
+    kw = dict(
+        lr=0.05, momentum=0.0, damping=1e-2, backend="torch", fisher="emp", curvature_interval=2, inverse_interval=4
+    )
     data = batches(4, seed=7)
     model = cnn()
     opt = SPNGD(model, **kw)
@@ -154,8 +159,14 @@ def _trained_state_dict(model) -> dict:
     "other_factory",
     [
         pytest.param(lambda: cnn(width=6), id="different-layer-size"),
-        pytest.param(lambda: nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5)), id="different-layers"),
-        pytest.param(lambda: nn.Sequential(*list(cnn().children())[:-1], nn.Linear(16, 5), nn.ReLU(), nn.Linear(5, 5)), id="extra-layer"),
+        pytest.param(
+            lambda: nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5)),
+            id="different-layers",
+        ),
+        pytest.param(
+            lambda: nn.Sequential(*list(cnn().children())[:-1], nn.Linear(16, 5), nn.ReLU(), nn.Linear(5, 5)),
+            id="extra-layer",
+        ),
     ],
 )
 def test_state_dict_from_another_model_is_rejected_with_a_clear_message(other_factory):

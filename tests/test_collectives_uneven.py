@@ -36,7 +36,10 @@ def owned_for(world: int) -> list[list[Segment]]:
 
 def contribution(rank: int, world: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     g = torch.Generator().manual_seed(100 + rank)
-    x = torch.randint(-50, 50, (NUMEL,), generator=g).double() * 2.0 ** torch.randint(-4, 4, (NUMEL,), generator=g).double()
+    x = (
+        torch.randint(-50, 50, (NUMEL,), generator=g).double()
+        * 2.0 ** torch.randint(-4, 4, (NUMEL,), generator=g).double()
+    )
     x[0] = 1.0 if rank == 0 else 2.0**-8  # fp32 accumulation check (module docstring)
     x[13] = 3.0 * 2.0**20  # large for fp16 (max 65504): must be scaled, not overflow
     return x.to(dtype)
@@ -54,7 +57,9 @@ def _w_uneven(rank: int, world: int, payload) -> dict:
                 continue
             for staging in STAGING:
                 for name, sends in (("all", owned), ("due", due)):
-                    comm = TorchDistributedCommunicator(None, comm_dtype=wire, segment_reduce_impl=impl, staging_numel=staging)
+                    comm = TorchDistributedCommunicator(
+                        None, comm_dtype=wire, segment_reduce_impl=impl, staging_numel=staging
+                    )
                     buf = contribution(rank, world)
                     comm.begin_step()
                     comm.reduce_segments(buf, sends, kind="stats")
@@ -70,8 +75,10 @@ def _w_uneven(rank: int, world: int, payload) -> dict:
         comm.gather_segments(rough, owned, kind="precond")
         res[("gather", str(wire))] = (buf, rough)
     comm = TorchDistributedCommunicator(None)
-    res["auto"] = (comm.segment_reduce_impl_for(torch.zeros(1)),
-                   TorchDistributedCommunicator(None, comm_dtype=torch.bfloat16).segment_reduce_impl_for(torch.zeros(1)))
+    res["auto"] = (
+        comm.segment_reduce_impl_for(torch.zeros(1)),
+        TorchDistributedCommunicator(None, comm_dtype=torch.bfloat16).segment_reduce_impl_for(torch.zeros(1)),
+    )
     # nothing due anywhere: no collective, no bytes
     comm.begin_step()
     before = contribution(rank, world)

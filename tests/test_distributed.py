@@ -31,11 +31,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from steps import train_step
 from torch import nn
 
 from spngd_ext import SPNGD
 from spngd_ext.layers import BatchNormCurvature, KroneckerLayer
-from steps import train_step
 
 EQUIV_RTOL = 1e-10  # float64: only float reordering separates W ranks from one process (seen: ≤ 6e-16)
 EQUIV_ATOL = 1e-12
@@ -50,6 +50,7 @@ GROUP_TIMEOUT = 60.0  # seconds, the process group's collective timeout in the o
 # ---------------------------------------------------------------------------------------------
 # models and data (identical in every process: everything is derived from fixed seeds)
 
+
 class CpuSyncBN(nn.SyncBatchNorm):
     """nn.SyncBatchNorm's computation on CPU (torch's own refuses CPU tensors): batch statistics
     over every rank of the world, gradients through an autograd-aware all-reduce. With one
@@ -58,8 +59,9 @@ class CpuSyncBN(nn.SyncBatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         synced = self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if not synced:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                self.training, self.momentum, self.eps)
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps
+            )
         from torch.distributed.nn.functional import all_reduce
 
         dims = [0] + list(range(2, x.dim()))
@@ -95,9 +97,15 @@ def _make_model(kind: str, dtype: torch.dtype) -> nn.Module:
     elif kind in ("conv_evalbn", "conv_syncbn"):
         bn = nn.BatchNorm2d(4) if kind == "conv_evalbn" else CpuSyncBN(4)
         model = nn.Sequential(
-            nn.Conv2d(2, 4, 3, padding=1, bias=True), bn, nn.ReLU(),
-            nn.Conv2d(4, 6, 3, stride=2, bias=False), nn.ReLU(), nn.Flatten(),
-            nn.Linear(6 * 3 * 3, 8, bias=True), nn.LayerNorm(8), nn.ReLU(),  # LayerNorm: plain-gradient params
+            nn.Conv2d(2, 4, 3, padding=1, bias=True),
+            bn,
+            nn.ReLU(),
+            nn.Conv2d(4, 6, 3, stride=2, bias=False),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(6 * 3 * 3, 8, bias=True),
+            nn.LayerNorm(8),
+            nn.ReLU(),  # LayerNorm: plain-gradient params
             nn.Linear(8, 5, bias=False),
         )
         with torch.no_grad():  # non-trivial BN affine parameters and running statistics
@@ -134,8 +142,18 @@ def flat_params(model: nn.Module) -> torch.Tensor:
 OPT_KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, damping=1e-2, fisher="emp", kl_clip=1e-2)
 
 
-def train(kind: str, steps: int, global_batch: int, rank: int, world: int, *, ddp: bool = False,
-          dtype: torch.dtype = torch.float64, use_opt_backward: bool = True, **opt_kw) -> dict:
+def train(
+    kind: str,
+    steps: int,
+    global_batch: int,
+    rank: int,
+    world: int,
+    *,
+    ddp: bool = False,
+    dtype: torch.dtype = torch.float64,
+    use_opt_backward: bool = True,
+    **opt_kw,
+) -> dict:
     """Run ``steps`` steps on this rank's shard; return per-step parameters and byte counts."""
     model = make_model(kind, dtype)
     net = model
@@ -185,32 +203,53 @@ def _entry(rank: int, world: int, port: int, group_timeout: float, outdir: str, 
         if backend == "nccl":
             torch.cuda.set_device(rank)
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=group_timeout))
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=group_timeout))
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=group_timeout)
+        )
         result = worker(rank, world, payload)
         torch.save({"ok": True, "result": result}, path / f"rank{rank}.pt")
         dist.destroy_process_group()
     except BaseException as exc:  # report, then leave at once (closing the sockets peers wait on)
-        torch.save({"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc(),
-                    "time": time.time(), "injected_at": _INJECTED_AT}, path / f"rank{rank}.pt")
+        torch.save(
+            {
+                "ok": False,
+                "error": f"{type(exc).__name__}: {exc}",
+                "trace": traceback.format_exc(),
+                "time": time.time(),
+                "injected_at": _INJECTED_AT,
+            },
+            path / f"rank{rank}.pt",
+        )
         os._exit(1)
     os._exit(0)
 
 
-def run_world(world: int, worker, payload=None, *, deadline: float = SPAWN_DEADLINE,
-              group_timeout: float = GROUP_TIMEOUT, expect_errors: bool = False, backend: str = "gloo") -> list[dict]:
+def run_world(
+    world: int,
+    worker,
+    payload=None,
+    *,
+    deadline: float = SPAWN_DEADLINE,
+    group_timeout: float = GROUP_TIMEOUT,
+    expect_errors: bool = False,
+    backend: str = "gloo",
+) -> list[dict]:
     """Start ``world`` ranks running ``worker(rank, world, payload)``; every rank's outcome.
 
     The rendezvous store lives in this process on an OS-chosen port of 127.0.0.1 (no port races).
     Ranks still alive at ``deadline`` are killed and the test fails.
     """
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=group_timeout))
+    store = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=group_timeout)
+    )
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as outdir:
-        procs = [ctx.Process(target=_entry, args=(r, world, store.port, group_timeout, outdir, worker, payload, backend),
-                             daemon=True)
-                 for r in range(world)]
+        procs = [
+            ctx.Process(
+                target=_entry, args=(r, world, store.port, group_timeout, outdir, worker, payload, backend), daemon=True
+            )
+            for r in range(world)
+        ]
         start = time.time()
         for p in procs:
             p.start()
@@ -224,7 +263,9 @@ def run_world(world: int, worker, payload=None, *, deadline: float = SPAWN_DEADL
         outcomes = []
         for r in range(world):
             f = Path(outdir) / f"rank{r}.pt"
-            outcomes.append(torch.load(f, weights_only=False) if f.exists() else {"ok": False, "error": "no report", "trace": ""})
+            outcomes.append(
+                torch.load(f, weights_only=False) if f.exists() else {"ok": False, "error": "no report", "trace": ""}
+            )
         elapsed = time.time() - start
     del store
     if hung:
@@ -242,7 +283,9 @@ def run_world(world: int, worker, payload=None, *, deadline: float = SPAWN_DEADL
 def assert_ranks_identical(results: list[dict]) -> None:
     for r, res in enumerate(results[1:], start=1):
         for step, (a, b) in enumerate(zip(results[0]["params"], res["params"])):
-            assert torch.equal(a, b), f"rank {r} differs from rank 0 after step {step}: max |Δ| = {(a - b).abs().max():.3e}"
+            assert torch.equal(a, b), (
+                f"rank {r} differs from rank 0 after step {step}: max |Δ| = {(a - b).abs().max():.3e}"
+            )
 
 
 def assert_factors_match(results: list[dict], ref: dict) -> None:
@@ -256,8 +299,13 @@ def assert_factors_match(results: list[dict], ref: dict) -> None:
     for name in ref:
         assert merged[name].keys() == ref[name].keys()
         for stat in ref[name]:
-            torch.testing.assert_close(merged[name][stat], ref[name][stat], rtol=EQUIV_RTOL, atol=EQUIV_ATOL,
-                                       msg=lambda m: f"{name}.{stat}: {m}")
+            torch.testing.assert_close(
+                merged[name][stat],
+                ref[name][stat],
+                rtol=EQUIV_RTOL,
+                atol=EQUIV_ATOL,
+                msg=lambda m: f"{name}.{stat}: {m}",
+            )
 
 
 def assert_close_to_reference(results: list[dict], ref: list[torch.Tensor], rtol=EQUIV_RTOL, atol=EQUIV_ATOL) -> None:
@@ -270,6 +318,7 @@ def assert_close_to_reference(results: list[dict], ref: list[torch.Tensor], rtol
 
 # ---------------------------------------------------------------------------------------------
 # workers (module level so the spawned processes can import them)
+
 
 def _w_equivalence(rank: int, world: int, payload: dict) -> dict:
     out = {}
@@ -300,9 +349,14 @@ def _w_collectives(rank: int, world: int, payload) -> dict:
                 comm.reduce_scatter(buf, c, kind="stats")
             # The returned chunk is this rank's part of the buffer itself, not a copy.
             returns_view = mine.numel() == c and mine.data_ptr() == buf[rank * c :].data_ptr()
-            res[(impl, str(dtype))] = {"got": first[rank * c : (rank + 1) * c], "exact": exact.float(),
-                                       "returns_view": returns_view,
-                                       "bytes": comm.bytes_sent(), "first": first, "again": buf.clone()}
+            res[(impl, str(dtype))] = {
+                "got": first[rank * c : (rank + 1) * c],
+                "exact": exact.float(),
+                "returns_view": returns_view,
+                "bytes": comm.bytes_sent(),
+                "first": first,
+                "again": buf.clone(),
+            }
     for gather_impl in ("all_gather", "broadcast"):
         for dtype in (None, torch.bfloat16, torch.float16):
             comm = TorchDistributedCommunicator(None, comm_dtype=dtype, gather_impl=gather_impl)
@@ -311,8 +365,11 @@ def _w_collectives(rank: int, world: int, payload) -> dict:
             comm.all_gather(buf, c, kind="precond")
             res[("gather", str(dtype), gather_impl)] = buf.clone()
     auto = TorchDistributedCommunicator(None)
-    res["auto"] = (auto.reduce_impl_for(base[rank]), auto.gather_impl_for(base[rank]),
-                   TorchDistributedCommunicator(None, comm_dtype=torch.bfloat16).reduce_impl_for(base[rank]))
+    res["auto"] = (
+        auto.reduce_impl_for(base[rank]),
+        auto.gather_impl_for(base[rank]),
+        TorchDistributedCommunicator(None, comm_dtype=torch.bfloat16).reduce_impl_for(base[rank]),
+    )
     res["chunks"] = [base[r, r * c : (r + 1) * c] for r in range(world)]
     comm = TorchDistributedCommunicator(None)
     res["flag_none"] = bool(comm.any_flag(torch.tensor(False)))
@@ -331,6 +388,7 @@ def _w_fault(rank: int, world: int, payload: dict) -> dict:
             global _INJECTED_AT
             _INJECTED_AT = time.time()
             if payload["mode"] == "raise":
+
                 def boom(*a, **k):
                     raise ValueError("injected failure on the owner")
 
@@ -347,6 +405,7 @@ def _w_fault(rank: int, world: int, payload: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # the tests
+
 
 def _expected_bytes(kind: str, owners: list[int], elem: int, *, rank: int, refresh: bool, ddp: bool = False) -> dict:
     """The byte-counter formula, from the layer shapes alone (independent of the layout code):
@@ -392,7 +451,9 @@ def test_equivalence_with_one_process(world: int) -> None:
         "evalbn": dict(kind="conv_evalbn", steps=steps, global_batch=batch),
         "syncbn": dict(kind="conv_syncbn", steps=steps, global_batch=batch),
         "linear": dict(kind="linear", steps=steps, global_batch=batch),
-        "interval2": dict(kind="conv_syncbn", steps=steps, global_batch=batch, curvature_interval=2, use_opt_backward=False),
+        "interval2": dict(
+            kind="conv_syncbn", steps=steps, global_batch=batch, curvature_interval=2, use_opt_backward=False
+        ),
     }
     results = run_world(world, _w_equivalence, payload)
     for name, cfg in payload.items():
@@ -459,7 +520,11 @@ def test_reduced_precision_communication_and_mc_seeds() -> None:
             for step, got in enumerate(res[name]["bytes"]):
                 want32 = results[r]["fp32"]["bytes"][step]
                 # half the bytes (+ the fp16 power-of-two scales: W − 1 floats per reduce, 1 per gather)
-                extra = {"stats": 4 * (world - 1), "grads": 4 * (world - 1), "precond": 4, "flag": 0} if name == "fp16" else dict.fromkeys(want32, 0)
+                extra = (
+                    {"stats": 4 * (world - 1), "grads": 4 * (world - 1), "precond": 4, "flag": 0}
+                    if name == "fp16"
+                    else dict.fromkeys(want32, 0)
+                )
                 assert got == {k: (v // 2 if k != "flag" else v) + extra[k] for k, v in want32.items()}
     # fp32 distributed equals one process in fp32 up to float32 reordering
     ref = reference(kind="conv_syncbn", steps=steps, global_batch=batch, dtype=f32)
@@ -585,10 +650,16 @@ def _w_nccl_single(rank: int, world: int, payload) -> dict:
             out[("ag", impl, str(dtype))] = float(((b - buf).abs() / buf.abs().clamp(min=1)).max())
     comm = TorchDistributedCommunicator(None)
     out["auto"] = (comm.reduce_impl_for(buf), comm.gather_impl_for(buf), comm.backend)
-    out["flag"] = (bool(comm.any_flag(torch.tensor(True, device=dev))), bool(comm.any_flag(torch.tensor(False, device=dev))))
+    out["flag"] = (
+        bool(comm.any_flag(torch.tensor(True, device=dev))),
+        bool(comm.any_flag(torch.tensor(False, device=dev))),
+    )
     runs = {}
-    for name, make in (("local", lambda: None), ("nccl", lambda: TorchDistributedCommunicator(None)),
-                       ("nccl_bf16", lambda: TorchDistributedCommunicator(None, comm_dtype=torch.bfloat16))):
+    for name, make in (
+        ("local", lambda: None),
+        ("nccl", lambda: TorchDistributedCommunicator(None)),
+        ("nccl_bf16", lambda: TorchDistributedCommunicator(None, comm_dtype=torch.bfloat16)),
+    ):
         model = make_model("conv_evalbn", torch.float32).to(dev)
         kw = dict(OPT_KW)
         opt = SPNGD(model, communicator=make(), **kw)

@@ -7,19 +7,17 @@ import warnings
 
 import pytest
 import torch
+from fault_helpers import (
+    Net,
+    all_finite,
+    data,
+    forward_backward,
+    roundtrip,
+    train,
+)
 
 from spngd_ext import SPNGD
 from spngd_ext.refresh import StalePolicy
-
-from fault_helpers import (
-    Net,
-    data,
-    forward_backward,
-    train,
-    all_finite,
-    roundtrip,
-)
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -29,8 +27,19 @@ def test_resume_with_stale_statistics_mc_and_ema_is_bit_identical():
     """stale=True + fisher='mc' (2 samples) + EMA + momentum/wd/KL clip, with a skipped step before
     the save: the state_dict holds factors, inverses, intervals and the MC RNG, and a fresh model +
     optimizer continue exactly like the uninterrupted run. (Single features: tests/test_checkpoint.py.)"""
-    kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, damping=1e-2, fisher="mc", mc_samples=2, ema_decay=0.8,
-              stale=StalePolicy(threshold=0.5), kl_clip=1e-2, seed=17, backend="torch")
+    kw = dict(
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=1e-3,
+        damping=1e-2,
+        fisher="mc",
+        mc_samples=2,
+        ema_decay=0.8,
+        stale=StalePolicy(threshold=0.5),
+        kl_clip=1e-2,
+        seed=17,
+        backend="torch",
+    )
     batches = data(12, seed=5)
     k = 7  # saved with some intervals lengthened (asserted below): the resumed run skips refreshes
 
@@ -59,8 +68,9 @@ def test_resume_with_stale_statistics_mc_and_ema_is_bit_identical():
     assert len(extra["schedule"]["intervals"]) == 5, "A, G of fc1 and fc2, F of bn"
     saved = roundtrip({"model": model.state_dict(), "opt": sd})
     counters_at_save = opt.counters
-    assert max(k for stats in counters_at_save["intervals"].values() for k in stats.values()) > 1, \
+    assert max(k for stats in counters_at_save["intervals"].values() for k in stats.values()) > 1, (
         "the save should happen with lengthened (stale) intervals"
+    )
 
     torch.manual_seed(1234)
     fresh = Net(seed=99)

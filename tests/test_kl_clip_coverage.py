@@ -17,7 +17,10 @@ from torch import nn
 
 from spngd_ext import SPNGD
 
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("float64_default", "one_thread")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.usefixtures("float64_default", "one_thread"),
+]
 
 DAMPING = 1e-2
 
@@ -74,7 +77,7 @@ def test_kl_clip_counts_and_scales_every_parameter(scale_lr):
     opt.add_param_group(groups[0])
     lrs = {n: (scale_lr if n == "scale" else lr) for n, _ in model.named_parameters()}
     x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
-    for step in range(2):  # the second step has estimates for every layer
+    for _ in range(2):  # the second step has estimates for every layer
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         opt.zero_grad()
         out = model(x)
@@ -108,8 +111,9 @@ def test_batchnorm_without_an_estimate_counts_its_plain_gradient():
     by the same ν."""
     torch.manual_seed(1)
     model = OptionalNorm()
-    opt = SPNGD(model, lr=0.1, momentum=0.0, fisher="emp", damping=DAMPING, backend="torch", kl_clip=1e-4,
-                curvature_interval=2)
+    opt = SPNGD(
+        model, lr=0.1, momentum=0.0, fisher="emp", damping=DAMPING, backend="torch", kl_clip=1e-4, curvature_interval=2
+    )
     x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
     for step in range(2):  # step 0 refreshes without the BN; step 1 uses the BN, no refresh
         model.use_bn = step == 1

@@ -32,7 +32,11 @@ def test_every_element_once_and_no_padding(world: int) -> None:
     assert lay.grad_numel == sum(layer.grad_numel for layer in layers) + n_stats + owners_with_grads
     stat_elems = covered([s for d in lay.stats for s in d.values()]) + [c for d in lay.counts for c in d.values()]
     assert sorted(stat_elems) == list(range(lay.stats_numel))
-    grad_elems = covered(list(lay.grads)) + [c for d in lay.change_slots for c in d.values()] + [k for k in lay.kl_slots if k is not None]
+    grad_elems = (
+        covered(list(lay.grads))
+        + [c for d in lay.change_slots for c in d.values()]
+        + [k for k in lay.kl_slots if k is not None]
+    )
     assert sorted(grad_elems) == list(range(lay.grad_numel))
     # each rank's statistics, counts, gradients, change and KL slots lie in its own range
     for i, layer in enumerate(layers):
@@ -59,8 +63,11 @@ def test_packed_factors_of_a_rank_are_one_contiguous_run() -> None:
         for d, (i, n) in zip(dims, items):
             assert lay.stats[i][n] == Segment(pos, d * (d + 1) // 2)
             pos += d * (d + 1) // 2
-        assert sorted(items) == sorted((i, n) for i, n in lay.owned_statistics(r) if lay.stats[i][n].numel and
-                                       next(s for s in layers[i].stats if s.name == n).dim > 0)
+        assert sorted(items) == sorted(
+            (i, n)
+            for i, n in lay.owned_statistics(r)
+            if lay.stats[i][n].numel and next(s for s in layers[i].stats if s.name == n).dim > 0
+        )
 
 
 def test_ranks_owning_nothing_have_empty_ranges() -> None:

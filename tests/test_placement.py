@@ -148,9 +148,14 @@ def test_memory_weight() -> None:
 # ---------------------------------------------------------------------------------------------
 # ownership per statistic
 
+
 def kfac_layer(name: str, d_in: int, d_out: int) -> LayerStatistics:
-    return LayerStatistics(name, (StatisticSpec("A", d_in, d_in * (d_in + 1) // 2),
-                                  StatisticSpec("G", d_out, d_out * (d_out + 1) // 2)), d_in * d_out, (d_out, d_in))
+    return LayerStatistics(
+        name,
+        (StatisticSpec("A", d_in, d_in * (d_in + 1) // 2), StatisticSpec("G", d_out, d_out * (d_out + 1) // 2)),
+        d_in * d_out,
+        (d_out, d_in),
+    )
 
 
 def bn_layer(name: str, c: int) -> LayerStatistics:
@@ -209,14 +214,24 @@ def test_statistic_assignment_covers_every_statistic_and_routes_inverses() -> No
 def test_statistic_assignment_is_the_same_in_every_process() -> None:
     """Every rank computes the assignment on its own: the result must not depend on anything
     process-specific (hash seeds, dict order)."""
-    code = ("import sys; sys.path.insert(0, 'tests'); from test_placement import random_net; "
-            "from spngd_ext.distributed.placement import StatisticAssignment as S; "
-            "a = S.balance(random_net(5), 7); print(a.stat_owners, a.grad_owners, a.inverse_routes)")
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from test_placement import random_net; "
+        "from spngd_ext.distributed.placement import StatisticAssignment as S; "
+        "a = S.balance(random_net(5), 7); print(a.stat_owners, a.grad_owners, a.inverse_routes)"
+    )
     outs = set()
     for seed in ("0", "1", "12345"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
-        outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                                cwd=Path(__file__).resolve().parents[1]).stdout)
+        outs.add(
+            subprocess.run(
+                [sys.executable, "-c", code],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=Path(__file__).resolve().parents[1],
+            ).stdout
+        )
     assert len(outs) == 1
 
 
@@ -273,8 +288,12 @@ def test_curvature_state_needs_one_owner_per_layer() -> None:
     from spngd_ext.state import CurvatureState
 
     layers = find_curvature_layers(nn.Sequential(nn.Linear(4, 3)))
-    stats = [LayerStatistics(layer.name, tuple(StatisticSpec(s.name, s.dim, s.numel) for s in layer.stat_specs()),
-                             layer.grad_numel) for layer in layers]
+    stats = [
+        LayerStatistics(
+            layer.name, tuple(StatisticSpec(s.name, s.dim, s.numel) for s in layer.stat_specs()), layer.grad_numel
+        )
+        for layer in layers
+    ]
     split = StatisticAssignment(2, ({"A": 0, "G": 1},), (0,), (), (0.0, 0.0), (0.0, 0.0), 0.0)
     with pytest.raises(ValueError, match="each layer needs one owner"):
         CurvatureState.build(layers, SegmentLayout.build(stats, split), 0, SPNGDOptions(), [])

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from spngd_ext import SPNGD
-from spngd_ext.refresh import StalePolicy
 from steps import train_step
 from test_stale import ALL_STATS, batch, intervals, make_model
 
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("float64_default", "one_thread")]
+from spngd_ext import SPNGD
+from spngd_ext.refresh import StalePolicy
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.usefixtures("float64_default", "one_thread"),
+]
 
 
 def _collected_statistics(model, x, y) -> dict:
@@ -40,8 +43,9 @@ def _frobenius_change(new: torch.Tensor, old: torch.Tensor, *, unitwise: bool) -
 @pytest.mark.parametrize("ema_decay", [None, 0.9])
 def test_measured_change_matches_a_hand_computation(monkeypatch, ema_decay):
     model = make_model()
-    opt = SPNGD(model, lr=0.0, fisher="emp", damping=1e-2, ema_decay=ema_decay,
-                stale=StalePolicy(threshold=0.1, max_interval=4))
+    opt = SPNGD(
+        model, lr=0.0, fisher="emp", damping=1e-2, ema_decay=ema_decay, stale=StalePolicy(threshold=0.1, max_interval=4)
+    )
     recorded: list[tuple[int, list[int], list[float]]] = []
     record = opt._schedule.record
 
@@ -59,12 +63,14 @@ def test_measured_change_matches_a_hand_computation(monkeypatch, ema_decay):
         train_step(model, opt, x, y)
         if not recorded:
             continue
-        (_, refreshed, changes), = recorded
+        ((_, refreshed, changes),) = recorded
         for stat, r in zip(refreshed, changes):
             layer_index, name = opt._state.accumulation.stat_ids[stat]
             layer = opt.layers[layer_index].name
             if layer not in before or name not in before[layer]:
-                assert r == float("inf") or r != r, f"step {step}: first refresh of {layer}.{name} must read as large, got {r}"
+                assert r == float("inf") or r != r, (
+                    f"step {step}: first refresh of {layer}.{name} must read as large, got {r}"
+                )
                 continue
             want = _frobenius_change(collected[layer][name], before[layer][name], unitwise=name == "F")
             assert r == pytest.approx(want, rel=1e-9, abs=1e-12), f"step {step}: {layer}.{name}"
@@ -77,8 +83,9 @@ def test_ema_does_not_hide_a_change_from_the_stale_policy():
     the data halves every statistic's interval at its next refresh (a 50 % change of X reads as
     r ≈ 0.5, not 0.025)."""
     model = make_model()
-    opt = SPNGD(model, lr=0.0, fisher="emp", damping=1e-2, ema_decay=0.95,
-                stale=StalePolicy(threshold=0.1, max_interval=8))
+    opt = SPNGD(
+        model, lr=0.0, fisher="emp", damping=1e-2, ema_decay=0.95, stale=StalePolicy(threshold=0.1, max_interval=8)
+    )
     old, new = batch(1), batch(2, shifted=True)
     for _ in range(40):
         train_step(model, opt, *old)

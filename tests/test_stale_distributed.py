@@ -43,18 +43,27 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 # ---------------------------------------------------------------------------------------------
 # scenarios (deterministic: everything derives from fixed seeds, identically in every process)
 
+
 def make_model(kind: str) -> nn.Module:
     torch.manual_seed(11)
     if kind == "plain":  # no BatchNorm: W shards reduce to exactly the whole-batch statistics
         model = nn.Sequential(
-            nn.Conv2d(2, 3, 3, padding=1, bias=True), nn.ReLU(),
-            nn.Conv2d(3, 4, 3, stride=2, bias=False), nn.ReLU(), nn.Flatten(),
+            nn.Conv2d(2, 3, 3, padding=1, bias=True),
+            nn.ReLU(),
+            nn.Conv2d(3, 4, 3, stride=2, bias=False),
+            nn.ReLU(),
+            nn.Flatten(),
             nn.Linear(4 * 2 * 2, 5),
         )
     elif kind == "bn":  # plain BatchNorm2d: each rank normalises its shard with its own moments
         model = nn.Sequential(
-            nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
-            nn.Linear(3 * 5 * 5, 6), nn.ReLU(), nn.Linear(6, 5),
+            nn.Conv2d(2, 3, 3, padding=1, bias=False),
+            nn.BatchNorm2d(3),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(3 * 5 * 5, 6),
+            nn.ReLU(),
+            nn.Linear(6, 5),
         )
     else:
         raise ValueError(kind)
@@ -73,14 +82,30 @@ def make_batch(seed: int, n: int, *, shifted: bool = False) -> tuple[torch.Tenso
 
 # "clear": stationary, then an abrupt switch; lr small enough that the stationary changes stay
 # below ~0.02 and the switch's changes are above ~0.2: decisions are far from the threshold 0.1.
-CLEAR = dict(kind="plain", steps=36, switch=18, global_batch=64,
-             opt=dict(lr=1e-5, momentum=0.9, damping=1e-2, fisher="emp",
-                      stale=StalePolicy(threshold=0.1, max_interval=8)))
+CLEAR = dict(
+    kind="plain",
+    steps=36,
+    switch=18,
+    global_batch=64,
+    opt=dict(lr=1e-5, momentum=0.9, damping=1e-2, fisher="emp", stale=StalePolicy(threshold=0.1, max_interval=8)),
+)
 # "noisy": a fresh batch each step, sampled labels (different on each rank by design), per-shard
 # BatchNorm, a real learning rate: changes land anywhere, decisions must still agree.
-NOISY = dict(kind="bn", steps=30, switch=None, global_batch=64,
-             opt=dict(lr=0.1, momentum=0.9, weight_decay=1e-3, damping=1e-2, fisher="mc", seed=9,
-                      stale=StalePolicy(threshold=0.15, max_interval=8)))
+NOISY = dict(
+    kind="bn",
+    steps=30,
+    switch=None,
+    global_batch=64,
+    opt=dict(
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-3,
+        damping=1e-2,
+        fisher="mc",
+        seed=9,
+        stale=StalePolicy(threshold=0.15, max_interval=8),
+    ),
+)
 
 
 def run_scenario(sc: dict, rank: int, world: int) -> dict:
@@ -113,12 +138,20 @@ def run_scenario(sc: dict, rank: int, world: int) -> dict:
             numel[(i, "F")] = 3 * layer.channels
         else:  # another elementwise layer: its own statistics' sizes
             numel.update({(i, sp.name): sp.numel for sp in layer.stat_specs()})
-    return {"intervals": intervals, "params": params, "counters": counters, "due": due, "bytes": nbytes,
-            "owners": list(opt.assignment.owners), "numel": numel}
+    return {
+        "intervals": intervals,
+        "params": params,
+        "counters": counters,
+        "due": due,
+        "bytes": nbytes,
+        "owners": list(opt.assignment.owners),
+        "numel": numel,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # spawn harness
+
 
 def _rank_main(rank: int, world: int, port: int, outdir: str, scenarios: dict) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -140,12 +173,15 @@ def _rank_main(rank: int, world: int, port: int, outdir: str, scenarios: dict) -
 def spawn_world(scenarios: dict, world: int = WORLD) -> list[dict]:
     """Run the scenarios on ``world`` ranks; each rank's results. The rendezvous store is hosted
     here on a port the OS picks (so there is no race for a free port)."""
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=GROUP_TIMEOUT))
+    store = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=GROUP_TIMEOUT)
+    )
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as outdir:
-        procs = [ctx.Process(target=_rank_main, args=(r, world, store.port, outdir, scenarios), daemon=True)
-                 for r in range(world)]
+        procs = [
+            ctx.Process(target=_rank_main, args=(r, world, store.port, outdir, scenarios), daemon=True)
+            for r in range(world)
+        ]
         start = time.monotonic()
         for p in procs:
             p.start()
@@ -178,6 +214,7 @@ def world_results() -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # tests
 
+
 @pytest.mark.parametrize("name", ["clear", "noisy"])
 def test_ranks_make_identical_interval_decisions(world_results, name):
     ranks = [res[name] for res in world_results]
@@ -186,9 +223,11 @@ def test_ranks_make_identical_interval_decisions(world_results, name):
         for step in range(steps):
             assert ranks[r]["intervals"][step] == ranks[0]["intervals"][step], (
                 f"{name}: rank {r} intervals differ from rank 0 after step {step}: "
-                f"{ranks[r]['intervals'][step]} vs {ranks[0]['intervals'][step]}")
+                f"{ranks[r]['intervals'][step]} vs {ranks[0]['intervals'][step]}"
+            )
             assert torch.equal(ranks[r]["params"][step], ranks[0]["params"][step]), (
-                f"{name}: rank {r} parameters differ from rank 0 after step {step}")
+                f"{name}: rank {r} parameters differ from rank 0 after step {step}"
+            )
         for key in ("factor_work_skipped", "inverse_work_skipped", "factor_updates", "inverse_updates", "intervals"):
             assert ranks[r]["counters"][key] == ranks[0]["counters"][key], f"{name}: counters[{key!r}] differ"
     # the scenario is not vacuous: intervals grew, and some moved down again
@@ -212,8 +251,13 @@ def test_ranks_match_one_process_on_the_whole_batch(world_results):
     switch = CLEAR["switch"]
     before = single["intervals"][switch - 1]
     assert all(k == 8 for layer in before.values() for k in layer.values()), before
-    halved = {(layer, s) for t in range(switch, CLEAR["steps"]) for layer, d in single["intervals"][t].items()
-              for s, k in d.items() if k == 4}
+    halved = {
+        (layer, s)
+        for t in range(switch, CLEAR["steps"])
+        for layer, d in single["intervals"][t].items()
+        for s, k in d.items()
+        if k == 4
+    }
     assert len(halved) == sum(len(d) for d in before.values()), f"not every statistic halved after the switch: {halved}"
 
 
@@ -230,7 +274,8 @@ def test_stale_steps_send_only_the_due_statistics(world_results):
             for step, (due, got) in enumerate(zip(res["due"], res["bytes"])):
                 want = sum(numel[key] + 1 for key in due if owners[key[0]] != rank) * 8
                 assert got["stats"] == want, (
-                    f"{name}, rank {rank}, step {step}: due {due}, sent {got['stats']} bytes, expected {want}")
+                    f"{name}, rank {rank}, step {step}: due {due}, sent {got['stats']} bytes, expected {want}"
+                )
                 if due and want < everything:
                     partial += 1  # some statistic of another owner was not due, and was not sent
     assert partial > 0, "no step left another owner's statistic out; the byte check would be vacuous"

@@ -10,56 +10,14 @@ Three operations on a flat buffer cut into ``world_size`` equal chunks (see :mod
 * ``all_gather``: in place, chunk r of every rank's buffer becomes rank r's chunk r;
 * ``any_flag``: a logical OR over ranks (``all_reduce`` MAX of an int32).
 
-How the sum is computed (``reduce_impl``):
-
-``"reduce_scatter"``
-    ``dist.reduce_scatter_single`` (``reduce_scatter_tensor`` before torch 2.14): one collective;
-    a ring sends (W−1)/W of the buffer per rank. NCCL's native path. This torch's Gloo has it too
-    (probed: fp32/fp64/bf16/fp16), but measured on 127.0.0.1 it sends as much as an all-reduce
-    (B at W=2, 1.5·B at W=4, counted with /proc/self/io) and is the slowest choice.
-``"all_reduce"``
-    ``dist.all_reduce`` of the whole buffer, then the rank keeps its chunk: same result, 2(W−1)/W
-    of the buffer per rank.
-``"reduce"``
-    one ``dist.reduce`` per owner, all issued asynchronously, then waited on.
-``"all_to_all"``
-    ``dist.all_to_all_single`` sends chunk s to rank s; each rank adds the W contributions it
-    receives itself, in the buffer's dtype (fp32). Exactly (W−1)/W of the buffer per rank (the
-    ring optimum), and the only way to keep fp32 accumulation when the wire dtype is bf16/fp16.
-
-``"auto"`` (the default): NCCL and other backends ``reduce_scatter``; Gloo ``all_reduce`` at
-W=2 and ``reduce`` at W≥3; ``all_to_all`` whenever ``comm_dtype`` is bf16/fp16. Gloo numbers
-(``bench/comm.py`` on 16 idle cores, ResNet-50 statistics buffer; ms and MB sent per rank, see
-``docs/scaling.md``): W=2 (353 MB): reduce_scatter 538 ms/353 MB, all_reduce 143/353, reduce
-200/439, all_to_all 438/177; W=4 (428 MB): 657/643, 272/643, 210/502, 506/321; W=8 (344 MB):
-601/602, 291/602, 215/368, 456/301.
-
-The true-length segment operations (``reduce_segments``, ``gather_segments``, ``exchange``;
-ownership per statistic) are in :mod:`spngd_ext.distributed.uneven`; ``segment_reduce_impl``
-picks their reduce algorithm ("auto": ``all_to_all`` on Gloo and for bf16/fp16, ``reduce``
-elsewhere) and ``staging_numel`` bounds the all-to-all's receive staging.
-
-The all-gather (``gather_impl``): ``"all_gather"`` (``dist.all_gather_single``) or
-``"broadcast"`` (one async broadcast per owner). Both send (W−1)·chunk per rank; on Gloo the
-broadcasts were about 2x faster (gradient buffer: W=2 195 vs 90 ms, W=4 242 vs 111, W=8 235 vs
-116), so ``"auto"`` is ``broadcast`` on Gloo and ``all_gather`` elsewhere.
-
-Reduced-precision communication (``comm_dtype``): the buffer is cast to bf16/fp16 for the wire,
-received values are cast back, and whatever this class adds up is added in the buffer's dtype
-(fp32). Backends add in the wire dtype. Gloo: measured with 4 ranks, 1 + 3·2⁻⁹ in bf16 summed
-by ``all_reduce`` gave 1.0 in 12 of 16 positions (the correctly rounded sum is 1.0078125), i.e.
-each partial sum is rounded to bf16. NCCL's reductions on bf16/fp16 likewise keep every ring
-step's partial sum in the wire dtype before passing it on (whatever precision the add itself
-uses; a property of NCCL's design, not measurable here with one GPU), so a ring of W ranks
-rounds up to W−1 times. ``all_to_all`` (the default for reduced
-precision) rounds each contribution exactly once and adds in fp32. fp16 has a small range (max
-65504; factor sums over ~10⁵ rows overflow it), so fp16 buffers are scaled per chunk by a power
-of two before the cast and unscaled afterwards (exact short of underflow; the scales travel in
-a tiny extra fp32 collective). bf16 has fp32's range and needs no scaling. The all-gather of a
-reduced-precision buffer also overwrites the owner's own chunk with the rounded values, so every
-rank applies bit-identical updates. On Gloo/CPU, bf16 was slower than fp32 in every measurement
-(the casts and CPU bf16 arithmetic cost more than the halved loopback bytes save): it is meant
-for bandwidth-bound links.
+How the sum is computed (``reduce_impl``: ``reduce_scatter``, ``all_reduce``, ``reduce``,
+``all_to_all``; ``"auto"`` picks by backend and wire dtype), the all-gather (``gather_impl``:
+``all_gather`` or ``broadcast``), reduced-precision communication (``comm_dtype``; sums kept in
+fp32, fp16 scaled by powers of two) and the Gloo measurements behind each default are described
+in ``docs/scaling.md`` ("Collective algorithms and reduced precision"). The true-length segment
+operations the optimizer uses (``reduce_segments``, ``gather_segments``, ``exchange``) are in
+:mod:`spngd_ext.distributed.uneven`; ``segment_reduce_impl`` picks their reduce algorithm and
+``staging_numel`` bounds the all-to-all's receive staging.
 
 Bytes: ``bytes_sent()`` counts what each rank *contributes* to each collective, numel × element
 size of the wire dtype: the whole buffer for a reduce-scatter (whatever the algorithm), its own
@@ -117,20 +75,37 @@ class TorchDistributedCommunicator(Communicator):
         staging_numel: the most receive-staging elements per all-to-all round of :meth:`reduce_segments`.
     """
 
-    def __init__(self, group=None, comm_dtype: torch.dtype | None = None, *, reduce_impl: str = "auto",
-                 gather_impl: str = "auto", segment_reduce_impl: str = "auto",
-                 staging_numel: int = uneven.DEFAULT_STAGING_NUMEL) -> None:
+    def __init__(
+        self,
+        group=None,
+        comm_dtype: torch.dtype | None = None,
+        *,
+        reduce_impl: str = "auto",
+        gather_impl: str = "auto",
+        segment_reduce_impl: str = "auto",
+        staging_numel: int = uneven.DEFAULT_STAGING_NUMEL,
+    ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("TorchDistributedCommunicator: torch.distributed is not initialised (call init_process_group first)")
+            raise RuntimeError(
+                "TorchDistributedCommunicator: torch.distributed is not initialised (call init_process_group first)"
+            )
         if comm_dtype not in (None, torch.float32, torch.float64) + _LOW:
-            raise ValueError(f"TorchDistributedCommunicator: comm_dtype must be None, float32, bfloat16 or float16, got {comm_dtype!r}")
+            raise ValueError(
+                f"TorchDistributedCommunicator: comm_dtype must be None, float32, bfloat16 or float16, got {comm_dtype!r}"
+            )
         if reduce_impl not in REDUCE_IMPLS:
-            raise ValueError(f"TorchDistributedCommunicator: reduce_impl must be one of {REDUCE_IMPLS}, got {reduce_impl!r}")
+            raise ValueError(
+                f"TorchDistributedCommunicator: reduce_impl must be one of {REDUCE_IMPLS}, got {reduce_impl!r}"
+            )
         if gather_impl not in GATHER_IMPLS:
-            raise ValueError(f"TorchDistributedCommunicator: gather_impl must be one of {GATHER_IMPLS}, got {gather_impl!r}")
+            raise ValueError(
+                f"TorchDistributedCommunicator: gather_impl must be one of {GATHER_IMPLS}, got {gather_impl!r}"
+            )
         if segment_reduce_impl not in SEGMENT_REDUCE_IMPLS:
-            raise ValueError(f"TorchDistributedCommunicator: segment_reduce_impl must be one of {SEGMENT_REDUCE_IMPLS}, "
-                             f"got {segment_reduce_impl!r}")
+            raise ValueError(
+                f"TorchDistributedCommunicator: segment_reduce_impl must be one of {SEGMENT_REDUCE_IMPLS}, "
+                f"got {segment_reduce_impl!r}"
+            )
         if int(staging_numel) < 1:
             raise ValueError(f"TorchDistributedCommunicator: staging_numel must be >= 1, got {staging_numel}")
         self.segment_reduce_impl = segment_reduce_impl
@@ -143,8 +118,10 @@ class TorchDistributedCommunicator(Communicator):
         self.comm_dtype = comm_dtype if comm_dtype in _LOW else None
         self.reduce_impl = reduce_impl
         self.gather_impl = gather_impl
-        self._global_ranks = [dist.get_global_rank(self.group, r) if self.group is not dist.group.WORLD else r  # type: ignore[arg-type]  # not None: set above
-                              for r in range(self.world_size)]
+        self._global_ranks = [
+            dist.get_global_rank(self.group, r) if self.group is not dist.group.WORLD else r  # type: ignore[arg-type]  # not None: set above
+            for r in range(self.world_size)
+        ]
         self._last = _zero_counts()
         self._total = _zero_counts()
 
@@ -171,7 +148,9 @@ class TorchDistributedCommunicator(Communicator):
         the other chunks are zeroed. Args: as :meth:`Communicator.reduce_scatter`."""
         w, r, c = self.world_size, self.rank, chunk_numel
         if buffer.dim() != 1 or buffer.numel() != w * c:
-            raise ValueError(f"reduce_scatter({kind}): expected a flat buffer of {w}×{c} elements, got shape {tuple(buffer.shape)}")
+            raise ValueError(
+                f"reduce_scatter({kind}): expected a flat buffer of {w}×{c} elements, got shape {tuple(buffer.shape)}"
+            )
         mine = buffer[r * c : (r + 1) * c]
         if c == 0:
             return mine
@@ -196,7 +175,9 @@ class TorchDistributedCommunicator(Communicator):
         algorithm (reduced precision: every chunk the rounded values). Args: as :meth:`Communicator.all_gather`."""
         w, r, c = self.world_size, self.rank, chunk_numel
         if buffer.dim() != 1 or buffer.numel() != w * c:
-            raise ValueError(f"all_gather({kind}): expected a flat buffer of {w}×{c} elements, got shape {tuple(buffer.shape)}")
+            raise ValueError(
+                f"all_gather({kind}): expected a flat buffer of {w}×{c} elements, got shape {tuple(buffer.shape)}"
+            )
         if c == 0:
             return
         mine = buffer[r * c : (r + 1) * c]
@@ -256,8 +237,10 @@ class TorchDistributedCommunicator(Communicator):
         """``out`` (W·c) ← every rank's ``mine`` (c), by the configured algorithm."""
         if self.gather_impl_for(like) == "broadcast":
             out[self.rank * c : (self.rank + 1) * c].copy_(mine)
-            works = [dist.broadcast(out[s * c : (s + 1) * c], src=self._global_ranks[s], group=self.group, async_op=True)
-                     for s in range(self.world_size)]
+            works = [
+                dist.broadcast(out[s * c : (s + 1) * c], src=self._global_ranks[s], group=self.group, async_op=True)
+                for s in range(self.world_size)
+            ]
             for work in works:
                 work.wait()  # type: ignore[union-attr]  # async_op=True returns a Work
         else:
@@ -281,8 +264,15 @@ class TorchDistributedCommunicator(Communicator):
         """Each owner gets the sum of its segments (:func:`.uneven.reduce_segments`); what this rank
         sent to other owners is zeroed. Args: as :meth:`Communicator.reduce_segments`."""
         try:
-            uneven.reduce_segments(self, buffer, sends, kind=kind, impl=self.segment_reduce_impl_for(buffer),
-                                   wire=self._wire_dtype(buffer), staging_numel=self.staging_numel)
+            uneven.reduce_segments(
+                self,
+                buffer,
+                sends,
+                kind=kind,
+                impl=self.segment_reduce_impl_for(buffer),
+                wire=self._wire_dtype(buffer),
+                staging_numel=self.staging_numel,
+            )
         except RuntimeError as exc:
             raise self._failure("reduce_segments", kind, exc) from exc
 
@@ -323,7 +313,10 @@ class TorchDistributedCommunicator(Communicator):
         elif impl == "all_reduce":
             dist.all_reduce(buffer, group=g)
         elif impl == "reduce":
-            works = [dist.reduce(buffer[s * c : (s + 1) * c], dst=self._global_ranks[s], group=g, async_op=True) for s in range(w)]
+            works = [
+                dist.reduce(buffer[s * c : (s + 1) * c], dst=self._global_ranks[s], group=g, async_op=True)
+                for s in range(w)
+            ]
             for work in works:
                 work.wait()  # type: ignore[union-attr]  # async_op=True returns a Work
         elif impl == "all_to_all":
@@ -368,7 +361,10 @@ class TorchDistributedCommunicator(Communicator):
             dist.all_reduce(send, group=g)
             out = send[self.rank * c : (self.rank + 1) * c]
         elif impl == "reduce":
-            works = [dist.reduce(send[s * c : (s + 1) * c], dst=self._global_ranks[s], group=g, async_op=True) for s in range(w)]
+            works = [
+                dist.reduce(send[s * c : (s + 1) * c], dst=self._global_ranks[s], group=g, async_op=True)
+                for s in range(w)
+            ]
             for work in works:
                 work.wait()  # type: ignore[union-attr]  # async_op=True returns a Work
             out = send[self.rank * c : (self.rank + 1) * c]

@@ -79,8 +79,15 @@ class Communicator(abc.ABC):
         """
 
     @abc.abstractmethod
-    def exchange(self, sends: Sequence[Sequence[Tensor]], receives: Sequence[Sequence[Tensor]], *, kind: str,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def exchange(
+        self,
+        sends: Sequence[Sequence[Tensor]],
+        receives: Sequence[Sequence[Tensor]],
+        *,
+        kind: str,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         """Point to point: ``sends[d]`` go to rank d into its ``receives[this rank]`` (same sizes).
 
         Args:
@@ -91,7 +98,7 @@ class Communicator(abc.ABC):
             device: the device of every tensor sent and received.
         """
 
-    def begin_step(self) -> None:
+    def begin_step(self) -> None:  # noqa: B027 — optional hook; communicators without a byte count need nothing
         """Called by the optimizer at the start of every step (resets the per-step byte count)."""
 
     def bytes_sent(self) -> dict[str, dict[str, int]]:
@@ -155,8 +162,15 @@ class LocalCommunicator(Communicator):
         """
         _check_lists("gather_segments", kind, owned)
 
-    def exchange(self, sends: Sequence[Sequence[Tensor]], receives: Sequence[Sequence[Tensor]], *, kind: str,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def exchange(
+        self,
+        sends: Sequence[Sequence[Tensor]],
+        receives: Sequence[Sequence[Tensor]],
+        *,
+        kind: str,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         """Nothing to send; ValueError if this rank would send to or receive from itself.
 
         Args:

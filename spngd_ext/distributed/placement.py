@@ -247,7 +247,8 @@ class StatisticAssignment:
         owner_of: dict[tuple[int, str | None], int] = {}
         for k in order:
             li, name, c, b = items[k]
-            r = min(range(world_size), key=lambda q, c=c, b=b: _vector_score(comp[q] + c, byts[q] + b, total_c, total_b, q))  # type: ignore[misc]
+            scores = [_vector_score(comp[q] + c, byts[q] + b, total_c, total_b, q) for q in range(world_size)]
+            r = min(range(world_size), key=scores.__getitem__)
             owner_of[(li, name)] = r
             comp[r] += c
             byts[r] += b

@@ -102,11 +102,15 @@ class SegmentLayout:
         """
         n, w = len(layers), assignment.world_size
         if len(assignment.stat_owners) != n or len(assignment.grad_owners) != n:
-            raise ValueError(f"SegmentLayout.build: assignment covers {len(assignment.stat_owners)} layers, layers has {n}")
+            raise ValueError(
+                f"SegmentLayout.build: assignment covers {len(assignment.stat_owners)} layers, layers has {n}"
+            )
         for li, layer in enumerate(layers):
             if set(assignment.stat_owners[li]) != {s.name for s in layer.stats}:
-                raise ValueError(f"SegmentLayout.build: layer {li} ({layer.name}): assignment has statistics "
-                                 f"{sorted(assignment.stat_owners[li])}, layer has {[s.name for s in layer.stats]}")
+                raise ValueError(
+                    f"SegmentLayout.build: layer {li} ({layer.name}): assignment has statistics "
+                    f"{sorted(assignment.stat_owners[li])}, layer has {[s.name for s in layer.stats]}"
+                )
         stats: list[dict[str, Segment]] = [dict() for _ in range(n)]
         counts: list[dict[str, int]] = [dict() for _ in range(n)]
         changes: list[dict[str, int]] = [dict() for _ in range(n)]
@@ -117,8 +121,12 @@ class SegmentLayout:
         kl_slots: list[int | None] = []
         pos = gpos = 0
         for rank in range(w):
-            mine = [(li, s) for li, layer in enumerate(layers) for s in layer.stats
-                    if assignment.stat_owners[li][s.name] == rank]
+            mine = [
+                (li, s)
+                for li, layer in enumerate(layers)
+                for s in layer.stats
+                if assignment.stat_owners[li][s.name] == rank
+            ]
             start, run_start = pos, pos
             dims: list[int] = []
             items: list[tuple[int, str]] = []
@@ -151,8 +159,18 @@ class SegmentLayout:
             else:
                 kl_slots.append(None)
             grad_ranges.append(Segment(gstart, gpos - gstart))
-        return cls(w, assignment, tuple(stats), tuple(counts), tuple(stats_ranges), tuple(runs), tuple(grads),
-                   tuple(changes), tuple(kl_slots), tuple(grad_ranges))
+        return cls(
+            w,
+            assignment,
+            tuple(stats),
+            tuple(counts),
+            tuple(stats_ranges),
+            tuple(runs),
+            tuple(grads),
+            tuple(changes),
+            tuple(kl_slots),
+            tuple(grad_ranges),
+        )
 
     def stats_sends(self, due: Collection[tuple[int, str]] | None = None) -> list[list[Segment]]:
         """Per owner, the statistics-buffer segments a reduce moves.

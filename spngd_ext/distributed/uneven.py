@@ -111,8 +111,16 @@ def _rounds(sends: Sequence[Sequence[Segment]], world: int, staging_numel: int) 
     return max(1, math.ceil(world * largest / max(1, staging_numel)))
 
 
-def reduce_segments(comm, buffer: Tensor, sends: Sequence[Sequence[Segment]], *, kind: str, impl: str,
-                    wire: torch.dtype, staging_numel: int = DEFAULT_STAGING_NUMEL) -> None:
+def reduce_segments(
+    comm,
+    buffer: Tensor,
+    sends: Sequence[Sequence[Segment]],
+    *,
+    kind: str,
+    impl: str,
+    wire: torch.dtype,
+    staging_numel: int = DEFAULT_STAGING_NUMEL,
+) -> None:
     """Sum each owner's segments over ranks onto the owner (see the module docstring).
 
     Args:
@@ -131,16 +139,23 @@ def reduce_segments(comm, buffer: Tensor, sends: Sequence[Sequence[Segment]], *,
         return  # nothing due anywhere: no collective at all
     if impl == "reduce":
         if wire != buffer.dtype:
-            raise ValueError(f"reduce_segments({kind}): impl='reduce' adds in the wire dtype; use 'all_to_all' for {wire}")
+            raise ValueError(
+                f"reduce_segments({kind}): impl='reduce' adds in the wire dtype; use 'all_to_all' for {wire}"
+            )
         comm._count(kind, sum(_total(s) for o, s in enumerate(sends) if o != r) * buffer.element_size())
-        works = [dist.reduce(buffer[s.offset : s.end], dst=comm._global_ranks[o], group=comm.group, async_op=True)
-                 for o in range(w) for s in sends[o]]
+        works = [
+            dist.reduce(buffer[s.offset : s.end], dst=comm._global_ranks[o], group=comm.group, async_op=True)
+            for o in range(w)
+            for s in sends[o]
+        ]
         _wait_all(works)
     elif impl == "all_to_all":
         rounds = _rounds(sends, w, staging_numel)
         for j in range(rounds):
-            pieces = [slice_segments(sends[o], j * _total(sends[o]) // rounds, (j + 1) * _total(sends[o]) // rounds)
-                      for o in range(w)]
+            pieces = [
+                slice_segments(sends[o], j * _total(sends[o]) // rounds, (j + 1) * _total(sends[o]) // rounds)
+                for o in range(w)
+            ]
             _all_to_all_round(comm, buffer, pieces, kind, wire)
     else:
         raise ValueError(f"reduce_segments({kind}): impl must be 'all_to_all' or 'reduce', got {impl!r}")
@@ -191,8 +206,11 @@ def gather_segments(comm, buffer: Tensor, owned: Sequence[Sequence[Segment]], *,
         return
     comm._count(kind, _total(owned[r]) * wire.itemsize)
     if wire == buffer.dtype:
-        works = [dist.broadcast(buffer[s.offset : s.end], src=comm._global_ranks[o], group=g, async_op=True)
-                 for o in range(w) for s in owned[o]]
+        works = [
+            dist.broadcast(buffer[s.offset : s.end], src=comm._global_ranks[o], group=g, async_op=True)
+            for o in range(w)
+            for s in owned[o]
+        ]
         _wait_all(works)
         return
     scale = None
@@ -217,8 +235,15 @@ def gather_segments(comm, buffer: Tensor, owned: Sequence[Sequence[Segment]], *,
             _scatter_back(buffer, owned[o], values)
 
 
-def exchange(comm, sends: Sequence[Sequence[Tensor]], receives: Sequence[Sequence[Tensor]], *, kind: str,
-             dtype: torch.dtype, device: torch.device) -> None:
+def exchange(
+    comm,
+    sends: Sequence[Sequence[Tensor]],
+    receives: Sequence[Sequence[Tensor]],
+    *,
+    kind: str,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
     """Point to point, at full precision: ``sends[d]`` (contiguous tensors) go to rank d, where
     they land in its ``receives[this rank]`` (same sizes, same order). One ``all_to_all_single``
     in which every rank takes part, also one with nothing to send or receive; a caller whose
@@ -239,10 +264,16 @@ def exchange(comm, sends: Sequence[Sequence[Tensor]], receives: Sequence[Sequenc
         raise ValueError(f"exchange({kind}): rank {r} cannot send to itself")
     in_sizes = [sum(t.numel() for t in ts) for ts in sends]
     out_sizes = [sum(t.numel() for t in ts) for ts in receives]
-    bad = [tuple(t.shape) for ts in list(sends) + list(receives) for t in ts if t.dtype != dtype or not t.is_contiguous()]
+    bad = [
+        tuple(t.shape) for ts in list(sends) + list(receives) for t in ts if t.dtype != dtype or not t.is_contiguous()
+    ]
     if bad:
         raise ValueError(f"exchange({kind}): every tensor must be contiguous {dtype}; got shapes {bad}")
-    send = torch.cat([t.reshape(-1) for ts in sends for t in ts]) if any(in_sizes) else torch.empty(0, dtype=dtype, device=device)
+    send = (
+        torch.cat([t.reshape(-1) for ts in sends for t in ts])
+        if any(in_sizes)
+        else torch.empty(0, dtype=dtype, device=device)
+    )
     recv = torch.empty(sum(out_sizes), dtype=dtype, device=device)
     comm._count(kind, send.numel() * send.element_size())
     dist.all_to_all_single(recv, send, output_split_sizes=out_sizes, input_split_sizes=in_sizes, group=comm.group)

@@ -13,7 +13,7 @@ that fails runs its PyTorch path under "auto" (with one warning) and raises unde
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -232,8 +232,8 @@ def _conv_a_factor_fake(state, x, kernel_size, stride, padding, dilation, has_bi
     _value(
         op,
         all(len(g) == 2 for g in geometry),
-        lambda: (
-            "kernel_size, stride, padding and dilation must have 2 entries each, got {}, {}, {}, {}".format(*geometry)
+        lambda: "kernel_size, stride, padding and dilation must have 2 entries each, got {}, {}, {}, {}".format(
+            *geometry
         ),
     )
     k, s, p, d = geometry
