@@ -80,3 +80,36 @@ def test_resnet50_has_torchvisions_shapes() -> None:
     expected = [{k: v for k, v in layer.items() if k != "name"} for layer in comm.resnet50_layers()]
     assert found == expected
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+
+
+@pytest.mark.parametrize(
+    "name,kinds",
+    [
+        ("vit", {"attention_linear", "conv2d", "layernorm", "linear"}),
+        ("dwcnn", {"conv2d", "grouped_conv", "groupnorm"}),
+    ],
+)
+def test_new_layer_models_get_curvature_and_train(name: str, kinds: set[str]) -> None:
+    """vit and dwcnn exercise the attention/LayerNorm and grouped-conv/GroupNorm curvature: every
+    parameter but vit's positional embedding has curvature, and two SP-NGD steps lower the loss."""
+    import torch.nn.functional as F
+
+    from spngd_ext import SPNGD
+
+    torch.manual_seed(0)
+    model = build_model(name)
+    opt = SPNGD(model, lr=0.01, damping=0.03, backend="torch", seed=0)
+    coverage = opt.coverage()
+    assert [p.name for p in coverage.first_order] == (["pos"] if name == "vit" else [])
+    assert kinds <= set(coverage.by_kind())
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        opt.backward(loss, out)
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert opt.counters["factor_updates"] == 3 and opt.counters["skipped_steps"] == 0
+    assert losses[-1] < losses[0]

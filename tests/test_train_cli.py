@@ -195,6 +195,16 @@ def test_spngd_smoke_run(fmnist_dir: Path, tmp_path: Path) -> None:
     assert summary["counters"]["factor_updates"] >= 1
 
 
+def test_spngd_trains_the_vision_transformer(fmnist_dir: Path, tmp_path: Path) -> None:
+    """python -m spngd_ext.train --model vit: attention projections and LayerNorm on real data
+    (dwcnn's grouped convolutions and GroupNorm train in tests/test_models.py)."""
+    model = "vit"
+    out = tmp_path / model
+    assert main(small_run_args(fmnist_dir, out, "--optimizer", "spngd", "--model", model, "--damping", "0.03")) == 0
+    summary = check_run_outputs(out, "spngd")
+    assert summary["model"] == model and summary["counters"]["skipped_steps"] == 0
+
+
 def test_spngd_stale_flag(fmnist_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "stale"
     assert main(small_run_args(fmnist_dir, out, "--optimizer", "spngd", "--stale", "--epochs", "1")) == 0

@@ -1,8 +1,10 @@
 """Small models for 28x28 single-channel images (Fashion-MNIST and friends).
 
-Each one uses the layer types SP-NGD preconditions (Conv2d, Linear, BatchNorm), so a training
-run exercises every curvature path: K-FAC for Conv2d and Linear, unit-wise Fisher for BatchNorm.
-``resnet_bn`` adds what trips up hook-based curvature code: in-place ReLU and residual additions.
+``cnn``, ``mlp`` and ``resnet`` use Conv2d, Linear and BatchNorm (K-FAC for Conv2d and Linear,
+unit-wise Fisher for BatchNorm); ``resnet_bn`` adds what trips up hook-based curvature code: in-place
+ReLU and residual additions. ``vit`` (a small vision transformer on 7×7 patches) exercises the
+attention projections and LayerNorm, ``dwcnn`` (depthwise-separable convolutions with GroupNorm)
+the grouped convolutions and GroupNorm.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ __all__ = [
     "mlp",
     "resnet_bn",
     "resnet50",
+    "vit",
+    "dwcnn",
     "Bottleneck",
     "MODEL_BUILDERS",
     "build_model",
@@ -92,15 +96,91 @@ def resnet_bn(num_classes: int = 10, in_channels: int = 1) -> ResNetBN:
     return ResNetBN(num_classes=num_classes, in_channels=in_channels)
 
 
+class PatchViT(nn.Module):
+    """A vision transformer for small single-channel images: non-overlapping patches embedded by a
+    strided Conv2d, a learned positional embedding, pre-norm ``nn.TransformerEncoderLayer`` blocks
+    (``nn.MultiheadAttention`` + LayerNorm + a GELU MLP, no dropout), a final LayerNorm, the mean
+    over tokens and a linear head. Every weight but the positional embedding has curvature.
+
+    Args:
+        num_classes: outputs of the head.
+        in_channels: input channels.
+        image_size: input height and width.
+        patch: patch side (must divide ``image_size``).
+        width: token width (embedding dimension).
+        depth: encoder layers.
+        heads: attention heads (must divide ``width``).
+        mlp_ratio: the MLP's hidden width over ``width``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        image_size: int = 28,
+        patch: int = 7,
+        width: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: int = 2,
+    ) -> None:
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"PatchViT: patch={patch} must divide image_size={image_size}")
+        self.embed = nn.Conv2d(in_channels, width, patch, stride=patch)
+        self.pos = nn.Parameter(torch.zeros(1, (image_size // patch) ** 2, width))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, mlp_ratio * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2) + self.pos  # (N, patches, width)
+        return self.head(self.norm(self.encoder(tokens)).mean(dim=1))
+
+
+def vit(num_classes: int = 10, in_channels: int = 1) -> PatchViT:
+    """PatchViT on 28×28 inputs: 16 patches of 7×7, width 64, 2 layers, 4 heads (≈ 70k parameters)."""
+    return PatchViT(num_classes=num_classes, in_channels=in_channels)
+
+
+def dwcnn(num_classes: int = 10, in_channels: int = 1, widths: tuple[int, ...] = (32, 64, 128)) -> nn.Sequential:
+    """A stem conv, then per width a depthwise-separable block (3×3 depthwise conv, GroupNorm, ReLU,
+    1×1 conv, GroupNorm, ReLU; stride 2 after the first), pool and a linear head."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+        nn.GroupNorm(8, widths[0]),
+        nn.ReLU(),
+    ]
+    c_in = widths[0]
+    for i, width in enumerate(widths):
+        layers += [
+            nn.Conv2d(c_in, c_in, 3, stride=1 if i == 0 else 2, padding=1, groups=c_in, bias=False),
+            nn.GroupNorm(8, c_in),
+            nn.ReLU(),
+            nn.Conv2d(c_in, width, 1, bias=False),
+            nn.GroupNorm(8, width),
+            nn.ReLU(),
+        ]
+        c_in = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]
+    return nn.Sequential(*layers)
+
+
 MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "cnn": small_bn_cnn,
     "mlp": mlp,
     "resnet": resnet_bn,
+    "vit": vit,
+    "dwcnn": dwcnn,
 }
 
 
 def build_model(name: str, num_classes: int = 10) -> nn.Module:
-    """A fresh model by registry name (``cnn``, ``mlp``, ``resnet``)."""
+    """A fresh model by registry name (``cnn``, ``mlp``, ``resnet``, ``vit``, ``dwcnn``)."""
     try:
         builder = MODEL_BUILDERS[name]
     except KeyError:
