@@ -4,15 +4,20 @@ the adaptive one of stale statistics.
 Fixed (``curvature_interval`` = k, no stale statistics): every statistic is due on the steps
 divisible by k.
 
-Adaptive (:class:`StalePolicy`): each statistic refreshes on its own interval. At a refresh,
-r = ‖X_new − X_old‖_F / ‖X_old‖_F. If r < threshold the statistic's interval doubles, otherwise it
-halves, always within [1, max_interval]. The relative changes are computed on the device for all
-statistics at once and read back in one transfer per refresh step; every rank reads the same
-(all-gathered) values, so every rank makes the same decisions.
+Adaptive (:class:`StalePolicy`): each statistic refreshes on its own interval. At a refresh the
+owner measures how much the statistic moved: with ``rule="relative"`` (the paper's rule)
+r = ‖X_new − X_old‖_F / ‖X_old‖_F; with ``rule="noise"`` the part of r² that sampling noise
+explains is taken out first, d = √max(0, r² − (1 + c)·ν²), ν being the relative noise of X
+measured from the two halves of the batch (docs/design.md, "Telling change from sampling noise").
+If the measure is < threshold the statistic's interval doubles, otherwise it halves, always within
+[1, max_interval]. The measures are computed on the device for all statistics at once and read
+back in one transfer per refresh step; every rank reads the same (all-gathered) values, so every
+rank makes the same decisions.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,19 +25,38 @@ from dataclasses import dataclass
 DEFAULT_MAX_INTERVAL = 32
 
 
+class StaleRule(str, enum.Enum):
+    """What a refresh compares with the threshold.
+
+    RELATIVE: r = ‖X − Ê‖_F / ‖Ê‖_F (Osawa et al.). NOISE: the drift d = √max(0, r² − (1 + c)·ν²)
+    left after removing what the sampling noise ν of X and Ê explains.
+    """
+
+    RELATIVE = "relative"
+    NOISE = "noise"
+
+
 @dataclass(frozen=True)
 class StalePolicy:
     """When to lengthen or shorten a statistic's refresh interval.
 
-    threshold: relative Frobenius change under which a statistic counts as unchanged.
+    threshold: relative Frobenius change (``rule="relative"``) or drift (``rule="noise"``) under
+    which a statistic counts as unchanged.
     max_interval: cap on any interval; None takes the optimizer's ``curvature_interval`` when it
     is > 1, else ``DEFAULT_MAX_INTERVAL``.
+    rule: ``"relative"`` (the paper's rule, the default) or ``"noise"`` (noise-aware; each refresh
+    of a statistic with a noise estimate then also collects its first half-batch separately).
     """
 
     threshold: float = 0.1
     max_interval: int | None = None
+    rule: StaleRule = StaleRule.RELATIVE
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "rule", StaleRule(self.rule))
+        except ValueError:
+            raise ValueError(f"StalePolicy: rule must be 'relative' or 'noise', got {self.rule!r}") from None
         if isinstance(self.threshold, bool) or not (
             isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold > 0
         ):
@@ -69,6 +93,11 @@ class RefreshSchedule:
     def adaptive(self) -> bool:
         """Whether intervals adapt to the statistics' changes (a :class:`StalePolicy` is set)."""
         return self.policy is not None
+
+    @property
+    def noise_aware(self) -> bool:
+        """Whether the changes are measured net of sampling noise (``rule="noise"``)."""
+        return self.policy is not None and self.policy.rule is StaleRule.NOISE
 
     def due(self, step: int) -> list[bool]:
         """For every statistic, whether it is refreshed at ``step``."""

@@ -197,6 +197,17 @@ class CurvatureLayer(abc.ABC):
         """After the update: bound the weight's norm (``SPNGD(weight_rescale=True)``); default: nothing."""
 
     # ---- accumulation (called from hooks) ----------------------------------------------------
+    def splits_by_example(self, tensor: Tensor) -> bool:
+        """Whether one call's input or output gradient ``tensor`` may be cut along dim 0 into two
+        sets of examples whose statistics add up to the call's (for the sampling-noise estimate of
+        ``StalePolicy(rule="noise")``; the context must then be cut by :meth:`slice_context`).
+        Default: no (the layer's statistics get no noise estimate)."""
+        return False
+
+    def slice_context(self, context: object, part: slice) -> object:
+        """The backward context of examples ``part`` of a call whose context is ``context``."""
+        return context
+
     @abc.abstractmethod
     def accumulate_forward(
         self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: Backend | str

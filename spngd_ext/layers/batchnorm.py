@@ -93,6 +93,15 @@ class BatchNormCurvature(CurvatureLayer):
         group = m.process_group if m.process_group is not None else dist.group.WORLD
         return group if dist.get_world_size(group) > 1 else None
 
+    def splits_by_example(self, tensor: Tensor) -> bool:
+        return tensor.shape[0] >= 2
+
+    def slice_context(self, context: object, part: slice) -> object:
+        """x̂ of the examples ``part`` (normalised with the whole call's moments)."""
+        if isinstance(context, _BatchInput):
+            context = self.normalized_input(context.x)
+        return cast(Tensor, context)[part]
+
     def accumulate_forward(
         self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: Backend | str
     ) -> tuple[object, int]:

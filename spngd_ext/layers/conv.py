@@ -48,6 +48,9 @@ class Conv2dCurvature(KroneckerLayer):
     def dim_g(self) -> int:
         return self.module.out_channels
 
+    def splits_by_example(self, tensor: Tensor) -> bool:
+        return tensor.dim() == 4 and tensor.shape[0] >= 2
+
     def accumulate_forward(
         self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: Backend | str
     ) -> tuple[object, int]:

@@ -36,6 +36,9 @@ class LinearCurvature(KroneckerLayer):
     def dim_g(self) -> int:
         return self.module.out_features
 
+    def splits_by_example(self, tensor: Tensor) -> bool:
+        return tensor.dim() >= 2 and tensor.shape[0] >= 2
+
     def accumulate_forward(
         self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: Backend | str
     ) -> tuple[object, int]:

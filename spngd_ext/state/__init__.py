@@ -77,6 +77,8 @@ class CurvatureState:
         buffers = FlatBuffers(layers, layout, rank, plain_params)
         accumulation = Accumulation(layers, buffers)
         estimates = Estimates(layers, buffers, owned, options.ema_decay)
+        policy = options.stale_policy
+        accumulation.split_halves = estimates.noise_aware = policy is not None and policy.rule == "noise"
         inverses = InverseCache(layers, buffers, estimates, owned, options.max_inverse_retries)
         preconditioner = Preconditioner(layers, buffers, estimates, inverses, owned, plain_owned)
         return cls(buffers, accumulation, estimates, inverses, preconditioner)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from ..layers import CurvatureLayer
@@ -35,6 +36,12 @@ class Accumulation:
         self._first = [{n: True for n in names} for names in self.names]
         self._examples = [0] * len(self.layers)
         self._due = [{n: True for n in names} for names in self.names]
+        # Noise-aware stale statistics: each call is cut into two sets of examples, the first
+        # accumulated into the buffers' ``half``; calls per statistic cut in two / taken whole.
+        self.split_halves = False
+        self._first_half = [{n: True for n in names} for names in self.names]
+        self._halves = [{n: 0 for n in names} for names in self.names]
+        self._wholes = [{n: 0 for n in names} for names in self.names]
 
     # ------------------------------------------------------------------ schedule
     def set_due(self, flags: Sequence[bool]) -> None:
@@ -65,11 +72,30 @@ class Accumulation:
         if names and not any(self._due[index][n] for n in names):
             return None  # only the output-gradient statistic is due; it needs no forward context
         first = bool(names) and self._first[index][names[0]]
-        context, count = layer.accumulate_forward(inputs, self.buffers.acc_views(index), first, backend)
+        acc = self.buffers.acc_views(index)
+        first_half = bool(names) and self._first_half[index][names[0]]
+        if names and self._split(index, names, inputs):
+            h = inputs.shape[0] // 2
+            _, count = layer.accumulate_forward(inputs[:h], self.buffers.half_views(index), first_half, backend)
+            context, rest = layer.accumulate_forward(inputs[h:], acc, first, backend)  # a splitting layer's
+            count += rest  # forward context is None: nothing to join
+        else:
+            context, count = layer.accumulate_forward(inputs, acc, first, backend)
         for n in names:
             self._first[index][n] = False
             self._counts[index][n] += count
         return context
+
+    def _split(self, index: int, names: Sequence[str], tensor: Tensor) -> bool:
+        """Whether this call of layer ``index`` is cut into two halves (noise-aware refresh); counts it."""
+        split = self.split_halves and self.layers[index].splits_by_example(tensor)
+        for n in names:
+            if split:
+                self._halves[index][n] += 1
+                self._first_half[index][n] = False
+            else:
+                self._wholes[index][n] += 1
+        return split
 
     def accumulate_backward(self, index: int, grad: Tensor, context: object, backend: Backend | str) -> None:
         """Fold an output gradient into layer ``index``'s output-gradient statistic, when due."""
@@ -78,7 +104,17 @@ class Accumulation:
         if not self._due[index][names[0]]:
             return
         first = self._first[index][names[0]]
-        count = layer.accumulate_backward(grad, context, self.buffers.acc_views(index), first, backend)
+        acc = self.buffers.acc_views(index)
+        first_half = self._first_half[index][names[0]]
+        if self._split(index, names, grad):
+            h = grad.shape[0] // 2
+            whole = layer.slice_context(context, slice(None))
+            ctx = layer.slice_context(whole, slice(0, h))
+            count = layer.accumulate_backward(grad[:h], ctx, self.buffers.half_views(index), first_half, backend)
+            ctx = layer.slice_context(whole, slice(h, None))
+            count += layer.accumulate_backward(grad[h:], ctx, acc, first, backend)
+        else:
+            count = layer.accumulate_backward(grad, context, acc, first, backend)
         for n in names:
             self._first[index][n] = False
             self._counts[index][n] += count
@@ -121,6 +157,8 @@ class Accumulation:
             loss_scale: the GradScaler's scale of the loss, or None.
         """
         buffers = self.buffers
+        if self.split_halves:
+            self._join_halves()
         if grad_scale != 1.0 or loss_scale is not None:
             factor: Tensor | float = grad_scale * grad_scale
             if loss_scale is not None:
@@ -129,8 +167,20 @@ class Accumulation:
                 for n in layer.backward_stat_names():
                     if self.is_fresh(i, n):
                         buffers.acc_views(i)[n].mul_(factor)
+                        if self.split_halves:
+                            buffers.half_views(i)[n].mul_(factor)
         stats = buffers.layout.counts
         buffers.write_counts([float(self._counts[i][n]) for i, per_layer in enumerate(stats) for n in per_layer])
+
+    def _join_halves(self) -> None:
+        """acc ← the whole batch's sums (second halves + first halves). A statistic with a call
+        that was not cut gets half = acc / 2: S1 − S2 = 0, no noise estimate (the paper's rule)."""
+        for i, n in self.fresh_stats():
+            acc, half = self.buffers.acc_views(i)[n], self.buffers.half_views(i)[n]
+            if self._halves[i][n]:
+                acc.add_(half)
+            if self._wholes[i][n] or not self._halves[i][n]:
+                torch.mul(acc, 0.5, out=half)
 
     def reset(self) -> None:
         """Forget this step's rows (after the step, or when it is skipped)."""
@@ -138,4 +188,6 @@ class Accumulation:
             for n in names:
                 self._counts[i][n] = 0
                 self._first[i][n] = True
+                self._first_half[i][n] = True
+                self._halves[i][n] = self._wholes[i][n] = 0
             self._examples[i] = 0

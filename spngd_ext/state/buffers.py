@@ -53,7 +53,9 @@ class FlatBuffers:
         self.device: torch.device | None = None  # None until allocated on the model's device
         self.dtype = torch.float32
         self.acc = self.est = self.grad_buffer = torch.empty(0)
+        self.half: Tensor | None = None  # first half-batch accumulator (noise-aware stale statistics)
         self._acc_views: list[dict[str, Tensor]] = []
+        self._half_views: list[dict[str, Tensor]] = []
         self._slot_index = self._count_index = torch.empty(0, dtype=torch.long)
 
     @property
@@ -92,13 +94,7 @@ class FlatBuffers:
         self.acc = torch.zeros(self.layout.stats_numel, dtype=self.dtype, device=device)
         self.est = torch.zeros(self.chunk_numel, dtype=self.dtype, device=device)
         self.grad_buffer = torch.zeros(self.layout.grad_numel, dtype=self.dtype, device=device)
-        self._acc_views = [
-            {
-                n: self.acc[s.offset : s.end].view(-1, 3) if n == "F" else self.acc[s.offset : s.end]
-                for n, s in stats.items()
-            }
-            for stats in self.layout.stats
-        ]
+        self._acc_views = self._views(self.acc)
         kl_slots = [k for k in self.layout.kl_slots if k is not None]
         slots = kl_slots + [c for ch in self.layout.change_slots for c in ch.values()]
         self._slot_index = torch.tensor(slots, dtype=torch.long, device=device)
@@ -106,10 +102,24 @@ class FlatBuffers:
             [c for counts in self.layout.counts for c in counts.values()], dtype=torch.long, device=device
         )
 
+    def _views(self, flat: Tensor) -> list[dict[str, Tensor]]:
+        return [
+            {n: flat[s.offset : s.end].view(-1, 3) if n == "F" else flat[s.offset : s.end] for n, s in stats.items()}
+            for stats in self.layout.stats
+        ]
+
     # ------------------------------------------------------------------ views
     def acc_views(self, index: int) -> dict[str, Tensor]:
         """The accumulator of each statistic of layer ``index`` (BatchNorm's F as (C, 3))."""
         return self._acc_views[index]
+
+    def half_views(self, index: int) -> dict[str, Tensor]:
+        """The first-half-batch accumulator of each statistic of layer ``index`` (allocated, like
+        ``acc``, on first use)."""
+        if self.half is None:
+            self.half = torch.zeros_like(self.acc)
+            self._half_views = self._views(self.half)
+        return self._half_views[index]
 
     def grad_segment(self, index: int) -> Tensor:
         """The flat gradient (later update) segment of layer ``index``; ``len(layers)``: the plain parameters."""
@@ -169,6 +179,8 @@ class FlatBuffers:
         if comm.world_size == 1:
             return
         comm.reduce_segments(self.acc, self.layout.stats_sends(due), kind="stats")
+        if self.half is not None:  # the noise estimate's half-batch sums travel like the statistics
+            comm.reduce_segments(self.half, self.layout.stats_sends(due), kind="stats")
 
     def reduce_gradients(self, comm: Communicator, already_averaged: bool) -> None:
         """Average the gradients over ranks onto their owners (DDP has done it already)."""

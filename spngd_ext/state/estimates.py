@@ -41,6 +41,7 @@ class Estimates:
         self.ema_decay = ema_decay
         self.names = [[s.name for s in layer.stat_specs()] for layer in self.layers]
         self.ready = [{n: False for n in names} for names in self.names]
+        self.noise_aware = False  # measure the change net of sampling noise (StalePolicy(rule="noise"))
         self._change_cache: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     def is_ready(self, index: int, names: Sequence[str] | None = None) -> bool:
@@ -141,17 +142,31 @@ class Estimates:
         rows = collected[count_pos]
         # X = sum / count per statistic; a statistic not collected this step (count 0) gives inf/NaN
         # here, but only the fresh statistics' slots are read (read_changes).
-        new = collected * torch.cat([1.0 / rows, rows.new_ones(1)])[seg_id]
+        per_row = torch.cat([1.0 / rows, rows.new_ones(1)])[seg_id]
+        new = collected * per_row
         old = buf.est
         b = self.ema_decay
+        k = buf.est[count_pos]  # refreshes so far
         if b is not None:  # the bias-corrected estimate; no refresh yet (k = 0) leaves it zero: "large"
-            k = buf.est[count_pos]
             corr = torch.where(k > 0, 1.0 / (1.0 - torch.pow(torch.full_like(k, b), k)), torch.zeros_like(k))
             old = old * torch.cat([corr, k.new_ones(1)])[seg_id]
         n_bins = slots.numel() + 1
-        diff = torch.zeros(n_bins, dtype=buf.dtype, device=buf.device).index_add_(0, seg_id, weight * (new - old) ** 2)
-        norm = torch.zeros(n_bins, dtype=buf.dtype, device=buf.device).index_add_(0, seg_id, weight * old**2)
-        change = torch.sqrt(diff / norm)[:-1]  # 0/0 or x/0 (no previous estimate) gives NaN/inf: "large"
+
+        def binned(values: Tensor) -> Tensor:  # weighted squared Frobenius norm per statistic
+            return torch.zeros(n_bins, dtype=buf.dtype, device=buf.device).index_add_(0, seg_id, weight * values)
+
+        diff = binned((new - old) ** 2)
+        if self.noise_aware and buf.half is not None:
+            # (S1 − S2)/rows: ‖·‖² estimates the noise variance of X (docs/design.md, "Telling change
+            # from sampling noise"); Ê carries c_k times that (1 without EMA)
+            noise = binned(((2.0 * buf.half[base : base + buf.chunk_numel] - collected) * per_row) ** 2)[:-1]
+            c = torch.ones_like(k)
+            if b is not None:
+                bk = torch.pow(torch.full_like(k, b), k)
+                c = torch.where(k > 0, (1.0 - b) * (1.0 + bk) / ((1.0 + b) * (1.0 - bk)), c)
+            diff = diff - torch.cat([(1.0 + c) * noise, noise.new_zeros(1)])
+        norm = binned(old**2)
+        change = torch.sqrt(diff.clamp(min=0.0) / norm)[:-1]  # 0/0 or x/0 (no previous estimate): NaN/inf, "large"
         buf.grad_buffer.index_copy_(0, slots, change.to(buf.grad_buffer.dtype))
 
     def read_changes(self, stats: Sequence[tuple[int, str]]) -> list[float]:
