@@ -84,3 +84,70 @@ def test_monte_carlo_fisher_on_token_rows_has_the_same_scale():
     got = opt.factors()["2"]["G"]
     rel = float((got - mc_g2).norm() / mc_g2.norm())
     assert rel < 0.05, rel  # 400 samples × 35 tokens: sampling error about 1 %
+
+
+# ---- LayerNorm on token rows: per-token losses under both Fisher types ------------------------
+
+
+def _layernorm_model_and_batch():
+    """A token-wise LayerNorm → tanh → Linear with random affine parameters: a token's loss term
+    depends on its own row only, so per-term gradients are exact from one backward per term."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.LayerNorm(D), nn.Tanh(), nn.Linear(D, C))
+    with torch.no_grad():
+        model[0].weight.uniform_(0.5, 1.5)
+        model[0].bias.uniform_(-0.5, 0.5)
+    return model, torch.randn(N, L, D), torch.randint(0, C, (N, L))
+
+
+def _layernorm_unit_jacobians(model, x):
+    """(N·L, C_out, D, 2): ∂logit_k / ∂(γ_c, β_c) of every token row, by brute force."""
+    norm = model[0]
+    logits = model(x).reshape(-1, C)
+    jac = []
+    for r in range(N * L):
+        per_class = []
+        for k in range(C):
+            gw, gb = torch.autograd.grad(logits[r, k], (norm.weight, norm.bias), retain_graph=True)
+            per_class.append(torch.stack([gw, gb], dim=-1))
+        jac.append(torch.stack(per_class))
+    return torch.stack(jac), torch.softmax(logits.detach(), dim=-1)
+
+
+def _as_stored(fisher):
+    """(D, 2, 2) blocks as the stored (D, 3) = (γγ, γβ, ββ)."""
+    return torch.stack([fisher[:, 0, 0], fisher[:, 0, 1], fisher[:, 1, 1]], dim=1)
+
+
+def test_layernorm_empirical_fisher_is_the_per_token_fisher():
+    """Token-mean loss, fisher='emp': each unit's F is (1/(N·L)) Σ_{n,l} ∇ℓ_{nl} ∇ℓ_{nl}ᵀ over the
+    per-term gradients of (γ_c, β_c) (the scale of the Linear factors above), and the update solves
+    with it."""
+    model, x, y = _layernorm_model_and_batch()
+    jac, probs = _layernorm_unit_jacobians(model, x)
+    resid = probs - F.one_hot(y.reshape(-1), C)  # ∂ℓ_{nl}/∂logits
+    per_term = torch.einsum("rk,rkci->rci", resid, jac)  # (N·L, D, 2)
+    want = torch.einsum("rci,rcj->cij", per_term, per_term) / (N * L)
+    grad = per_term.mean(0)  # ∇ of the token-mean loss, (D, 2)
+    lam = 1e-3
+    opt = SPNGD(model, lr=1.0, momentum=0.0, fisher="emp", damping=lam, backend="torch")
+    before = [p.detach().clone() for p in model[0].parameters()]
+    _step(model, opt, x, y)
+    torch.testing.assert_close(opt.factors()["0"]["F"], _as_stored(want), rtol=1e-10, atol=1e-13)
+    update = torch.linalg.solve(want + lam * torch.eye(2), grad.unsqueeze(-1)).squeeze(-1)
+    moved = torch.stack([b - p.detach() for b, p in zip(before, model[0].parameters())], dim=-1)
+    torch.testing.assert_close(moved, update, rtol=1e-8, atol=1e-10)
+
+
+def test_layernorm_monte_carlo_fisher_has_the_same_scale():
+    """fisher='mc' converges to (1/(N·L)) Σ Jᵀ (diag(p) − p pᵀ) J per unit, the expectation of the
+    empirical F's summands over labels drawn from the model."""
+    model, x, y = _layernorm_model_and_batch()
+    jac, probs = _layernorm_unit_jacobians(model, x)
+    cov = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    want = torch.einsum("rkci,rkl,rlcj->cij", jac, cov, jac) / (N * L)
+    opt = SPNGD(model, lr=0.0, fisher="mc", mc_samples=400, damping=1e-3, backend="torch", seed=0)
+    _step(model, opt, x, y)
+    got, expected = opt.factors()["0"]["F"], _as_stored(want)
+    rel = float((got - expected).norm() / expected.norm())
+    assert rel < 0.05, rel

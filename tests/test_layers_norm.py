@@ -1,9 +1,12 @@
-"""LayerNorm and GroupNorm unit-wise Fisher and update against per-example parameter gradients.
+"""LayerNorm and GroupNorm unit-wise Fisher and update against per-sample parameter gradients.
 
-Float64, pure-PyTorch backend. A normalisation layer mixes nothing across examples, so the
-per-example gradient of (γ_c, β_c) from a one-example backward is exactly the unit vector
-u_{n,c} = [Σ_p g·x̂, Σ_p g]; the reference Fisher is (1/N) Σ_n u uᵀ from those gradients, which
-checks the layer's x̂, its grouping of positions into units, and the solve.
+Float64, pure-PyTorch backend. A normalisation layer mixes nothing across examples, so for
+GroupNorm and a channels-first LayerNorm (samples are examples) the gradient of (γ_c, β_c) from a
+one-example backward is exactly the unit vector u_{n,c} = [Σ_p g·x̂, Σ_p g]. A channels-last
+LayerNorm counts every row of its leading dimensions as a sample (as a Linear does): its reference
+u_{r,c} is the gradient through row r's own copy of (γ, β). The reference Fisher is (1/R) Σ_r u uᵀ
+from those gradients, which checks the layer's x̂, its grouping of positions into units, and the
+solve. Per-token losses under both Fisher types: tests/test_fisher_sequence.py.
 """
 
 from __future__ import annotations
@@ -29,12 +32,29 @@ def _per_example_unit_grads(model: nn.Module, norm: nn.Module, x: torch.Tensor, 
     return torch.stack(rows)
 
 
-def _check(model: nn.Module, norm: nn.Module, x: torch.Tensor, y: torch.Tensor, lam: float) -> None:
+def _per_row_unit_grads(model: nn.Sequential, norm: nn.LayerNorm, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(R, C, 2): per row (one position of the leading dimensions of one example) the gradient of
+    that example's loss through that row's use of (γ, β), from a forward with one copy of γ and β
+    per row (the copies' gradients sum to ∇γ, ∇β)."""
+    shape, units = tuple(norm.normalized_shape), norm.weight.numel()
+    rows = []
+    for n in range(x.shape[0]):
+        xn = x[n : n + 1]
+        full = xn.shape
+        w = norm.weight.detach().expand(full).clone().requires_grad_()
+        b = norm.bias.detach().expand(full).clone().requires_grad_()
+        out = F.layer_norm(xn, shape, None, None, norm.eps) * w + b
+        gw, gb = torch.autograd.grad(F.cross_entropy(model[1:](out), y[n : n + 1]), (w, b))
+        rows.append(torch.stack([gw.reshape(-1, units), gb.reshape(-1, units)], dim=-1))
+    return torch.cat(rows)
+
+
+def _check(model: nn.Module, norm: nn.Module, x: torch.Tensor, y: torch.Tensor, lam: float, per_row=False) -> None:
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
         norm.bias.uniform_(-0.5, 0.5)
-    u = _per_example_unit_grads(model, norm, x, y)
-    fisher = torch.einsum("nci,ncj->cij", u, u) / x.shape[0]
+    u = _per_row_unit_grads(model, norm, x, y) if per_row else _per_example_unit_grads(model, norm, x, y)
+    fisher = torch.einsum("nci,ncj->cij", u, u) / u.shape[0]
     opt, grads, deltas = one_step_update(model, x, y, damping=lam)
     est = opt.factors()["0"]["F"]
     expected = torch.stack([fisher[:, 0, 0], fisher[:, 0, 1], fisher[:, 1, 1]], dim=1)
@@ -47,14 +67,14 @@ def _check(model: nn.Module, norm: nn.Module, x: torch.Tensor, y: torch.Tensor, 
 
 @pytest.mark.parametrize("shape", [(5, 3, 4), (5, 4), (5, 2, 3, 4)])
 def test_layernorm_unitwise_fisher_and_update(shape):
-    """Units are the normalised elements; positions sharing them are the leading dimensions."""
+    """Units are the normalised elements; every row of the leading dimensions is a sample."""
     torch.manual_seed(0)
     normalized = shape[-1:] if len(shape) < 4 else shape[-2:]
     norm = nn.LayerNorm(normalized)
     model = nn.Sequential(norm, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
     x, y = torch.randn(*shape), torch.randint(0, 3, (shape[0],))
     model(x)
-    _check(model, norm, x, y, lam=1e-3)
+    _check(model, norm, x, y, lam=1e-3, per_row=True)
 
 
 def test_channels_first_layernorm_of_convnext():

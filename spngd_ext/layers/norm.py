@@ -1,14 +1,16 @@
 """Unit-wise (per affine unit 2×2) Fisher of LayerNorm and GroupNorm, as SP-NGD does for BatchNorm.
 
-A unit is one (γ, β) pair. Per example n and unit c, u = [Σ_p g·x̂, Σ_p g] over the positions p
-of that example that share the unit's affine parameters: for GroupNorm the spatial positions of
-channel c; for LayerNorm the leading (sequence) positions of element c of ``normalized_shape``.
-F_c = (1/N) Σ_n u uᵀ, stored as (C, 3) = (γγ, γβ, ββ) like BatchNorm, and the update solves
-(F_c + λI) [uγ, uβ] = [∇γ_c, ∇β_c] per unit (docs/design.md, "LayerNorm and GroupNorm").
+A unit is one (γ, β) pair. Per sample r and unit c, u = [Σ_p g·x̂, Σ_p g] over the positions p
+of that sample that share the unit's affine parameters, and F_c = (1/R) Σ_r u uᵀ, stored as
+(C, 3) = (γγ, γβ, ββ) like BatchNorm; the update solves (F_c + λI) [uγ, uβ] = [∇γ_c, ∇β_c] per
+unit (docs/design.md, "LayerNorm and GroupNorm"). GroupNorm (and a channels-first LayerNorm such
+as ConvNeXt's LayerNorm2d): a sample is an example (the input's first dimension), p its spatial
+positions, as for BatchNorm and a convolution's KFC factors. A channels-last LayerNorm: a sample
+is a row, one position of the leading dimensions (a token), as a Linear on the same input counts
+rows, so on sequence inputs both have the scale of the per-token Fisher.
 
-The example dimension is the input's first one. x̂ is recomputed from the input in the forward hook
-(with the module's own per-example statistics), never read from the output, which an in-place
-activation may overwrite.
+x̂ is recomputed from the input in the forward hook (with the module's own statistics), never read
+from the output, which an in-place activation may overwrite.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class UnitwiseNormCurvature(CurvatureLayer):
 
     @abc.abstractmethod
     def unit_major(self, t: Tensor) -> Tensor:
-        """``t`` (shaped like the module's input) as (N, C, positions), units on dimension 1."""
+        """``t`` (shaped like the module's input) as (samples, C, positions), units on dimension 1."""
 
     def accumulate_forward(
         self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: Backend | str
@@ -130,12 +132,12 @@ class LayerNormCurvature(UnitwiseNormCurvature):
         return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
 
     def unit_major(self, t: Tensor) -> Tensor:
+        """(samples, C, positions): channels-first, the examples with their spatial positions;
+        channels-last, every row of the leading dimensions as one sample of one position."""
         units = self.units
-        if t.dim() == len(self.module.normalized_shape):  # unbatched: one example, one position
-            return t.reshape(1, units, 1)
         if self._channels_first(t):
             return t.reshape(t.shape[0], units, -1)
-        return t.reshape(t.shape[0], -1, units).transpose(1, 2)
+        return t.reshape(-1, units, 1)
 
 
 class GroupNormCurvature(UnitwiseNormCurvature):
