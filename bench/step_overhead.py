@@ -46,6 +46,12 @@ profiled breakdown. After the timed rounds a profiled run breaks each step into 
 --model resnet50 is ``spngd_ext.train.models.resnet50`` (torchvision's ResNet-50 v1.5 layer shapes,
 25.6M parameters) on random 3×224×224 inputs (--image-size to change), so no torchvision or
 dataset is needed on the GPU machine.
+
+--model vit and --model dwcnn are the training application's models with the newer layer types
+(attention projections and LayerNorm; depthwise/grouped convolutions and GroupNorm), on the same
+Fashion-MNIST batches as small_bn_cnn (Linear/Conv2d/BatchNorm). With the profile, each run also
+prints the curvature phase per parameter that has curvature (ns), to compare the layer types'
+statistics cost per parameter across runs of the three models.
 """
 
 from __future__ import annotations
@@ -77,7 +83,7 @@ from spngd_ext.train.baselines import (  # noqa: E402
     OptimizerUnavailableError,
     build_train_step,
 )
-from spngd_ext.train.models import count_parameters, resnet50, small_bn_cnn  # noqa: E402
+from spngd_ext.train.models import count_parameters, dwcnn, resnet50, small_bn_cnn, vit  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, also when loaded by path
 import step_profile  # noqa: E402,F401  (the module too: tests read its constants through this one)
@@ -94,6 +100,7 @@ ALL_CONFIGS = ("sgd", "spngd-every-step", "spngd-10/100", "spngd-stale", "asdl-e
 BACKEND_CONFIGS = {"spngd-every-step-cuda": "cuda", "spngd-every-step-torch": "torch"}  # opt-in
 KNOWN_CONFIGS = ALL_CONFIGS + tuple(BACKEND_CONFIGS)
 PROFILED = ("sgd", "spngd-every-step", "spngd-10/100", "spngd-stale", *BACKEND_CONFIGS)
+NEW_LAYER_MODELS = {"vit": vit, "dwcnn": dwcnn}  # attention + LayerNorm; grouped conv + GroupNorm
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,7 +159,17 @@ def build_base_model(name: str, image_size: int | None = None) -> tuple[nn.Modul
     if name == "resnet50":
         size = image_size or 224
         return resnet50(), (3, size, size), 1000
-    raise SystemExit(f"unknown --model {name!r}; choose small_bn_cnn or resnet50")
+    if name in NEW_LAYER_MODELS:
+        return NEW_LAYER_MODELS[name](), (1, 28, 28), 10
+    raise SystemExit(f"unknown --model {name!r}; choose small_bn_cnn, resnet50, {' or '.join(NEW_LAYER_MODELS)}")
+
+
+def curvature_parameters(model: nn.Module) -> int:
+    """Parameter elements that get curvature (every other one trains first-order)."""
+    from spngd_ext.layers import classify
+
+    coverage = classify(model)[1]
+    return sum(p.numel for p in coverage.parameters if p.curvature != "first-order")
 
 
 def _fashion_mnist_dir(explicit: str | None) -> Path | None:
@@ -302,7 +319,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", default="small_bn_cnn", choices=["small_bn_cnn", "resnet50"])
+    p.add_argument("--model", default="small_bn_cnn", choices=["small_bn_cnn", "resnet50", *NEW_LAYER_MODELS])
     p.add_argument(
         "--device", default=None, choices=["cpu", "cuda"], help="default: cpu for small_bn_cnn, cuda for resnet50"
     )
@@ -447,6 +464,10 @@ def main(argv: list[str] | None = None) -> dict:
                 entry["curvature_phase_ms"] = phase_ms
                 if phase_ms:
                     print(curvature_table(phase_ms, breakdown, device.type == "cuda"))
+                    covered = curvature_parameters(base)
+                    entry["curvature_ns_per_parameter"] = {n: 1e6 * ms / covered for n, ms in phase_ms.items()}
+                    per_param = ", ".join(f"{n} {v:.1f}" for n, v in entry["curvature_ns_per_parameter"].items())
+                    print(f"\ncurvature phase per parameter with curvature ({covered:,}), ns: {per_param}")
                     print()
                 extra = curvature_targets(phase_ms, device.type == "cuda", env["extension_loaded"])
                 entry["targets"] += extra

@@ -202,3 +202,15 @@ def test_image_size_is_for_resnet50_only():
     assert bench.parse_args(["--model", "resnet50", "--device", "cpu", "--image-size", "64"]).image_size == 64
     model, shape, classes = bench.build_base_model("resnet50", 64)
     assert shape == (3, 64, 64) and classes == 1000
+
+
+@pytest.mark.parametrize("name,first_order", [("vit", 1024), ("dwcnn", 0)])
+def test_new_layer_models_run_on_fashion_mnist_shapes(name, first_order):
+    """--model vit / dwcnn: 1×28×28 inputs (the Fashion-MNIST batches), and the per-parameter
+    curvature cost divides by the parameters with curvature (vit: all but the positional embedding)."""
+    bench = _load_bench()
+    assert bench.parse_args(["--model", name]).device == "cpu"
+    model, shape, classes = bench.build_base_model(name)
+    assert shape == (1, 28, 28) and classes == 10
+    total = sum(p.numel() for p in model.parameters())
+    assert bench.curvature_parameters(model) == total - first_order
