@@ -22,6 +22,7 @@ from torch.profiler import record_function
 from . import checkpoint
 from .capture import ActivationCapture
 from .distributed import Communicator, default_communicator
+from .distributed.fsdp import ShardedGradients, is_sharded
 from .distributed.placement import LayerCost, LayerStatistics, OwnerAssignment, StatisticAssignment, StatisticSpec
 from .distributed.segments import SegmentLayout
 from .layers import Coverage, CurvatureLayer, classify
@@ -124,9 +125,16 @@ class SPNGD(torch.optim.Optimizer):
         self._schedule = RefreshSchedule(
             len(self._state.accumulation.stat_ids), fixed_interval=opts.curvature_interval, policy=opts.stale_policy
         )
+        # FSDP2 (DTensor parameters): the gradients arrive averaged, in shards (distributed/fsdp.py)
+        sharded = is_sharded(params)
+        averaged = self._ddp_wrapped or sharded
         self._runner = StepRunner(
-            self._layers, self._plain_params, self._state, self._schedule, self._comm, opts, self._ddp_wrapped
+            self._layers, self._plain_params, self._state, self._schedule, self._comm, opts, averaged
         )
+        if sharded:
+            self._runner.sharded = ShardedGradients.for_model(
+                inner, self._layers, self._plain_params, self._state.buffers.layout, self._comm, opts
+            )
         self._sampler = LabelSampler(opts.seed, self._comm.rank)
         if opts.fisher is FisherType.MC:
             # The sampled-label backward and loss.backward() both run through the model's graph; a

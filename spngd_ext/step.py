@@ -26,6 +26,7 @@ from torch.profiler import record_function
 
 from . import kernel_guard, ops
 from .distributed.communicator import Communicator
+from .distributed.fsdp import ShardedGradients, local_tensor
 from .layers import CurvatureLayer
 from .options import FisherType, SPNGDOptions
 from .refresh import RefreshSchedule
@@ -81,6 +82,8 @@ class StepRunner:
         self.inverse_sides_done = 0
         self.counters = {name: 0 for name in _COUNTER_NAMES}
         self._warned: set[str] = set()
+        self.sharded: ShardedGradients | None = None  # FSDP2 models: set by SPNGD (distributed/fsdp.py)
+        self._local_updates: dict[int, Tensor] = {}
         self.set_due()
 
     # ------------------------------------------------------------------ bookkeeping
@@ -164,7 +167,7 @@ class StepRunner:
         lam = opts.damping_at(self.step_index)
 
         with record_function("spngd::gather_gradients"):
-            buffers.fill_gradients()
+            buffers.fill_gradients() if self.sharded is None else self.sharded.fill_gradients(buffers.grad_buffer)
             if amp_scale is not None:
                 buffers.grad_buffer.mul_(torch.reciprocal(amp_scale.to(buffers.grad_buffer)))
             if refresh:
@@ -238,7 +241,10 @@ class StepRunner:
         with record_function("spngd::preconditioning"):
             st.preconditioner.precondition_owned(lam, lrs, opts.backend, plain_lrs=plain_lrs)
         with record_function("spngd::communication"):
-            st.buffers.gather_updates(self.comm)
+            if self.sharded is None:
+                st.buffers.gather_updates(self.comm)
+            else:
+                self._local_updates = self.sharded.local_updates(st.buffers.grad_buffer)
         with record_function("spngd::update"):
             nu = st.preconditioner.kl_coefficient(opts.kl_clip) if opts.kl_clip is not None else None
             self._apply_updates(param_groups, param_state, nu)
@@ -256,13 +262,15 @@ class StepRunner:
         """θ ← θ − lr·v with v ← m·v + (ν·U + wd·θ), per parameter group (torch-SGD form)."""
         buffers = self.state.buffers
         updates: dict[int, Tensor] = {}
-        for index, layer in enumerate(self.layers):
+        if self.sharded is not None:  # this rank's shards of the updates (FSDP2)
+            updates = {k: u * nu if nu is not None else u for k, u in self._local_updates.items()}
+        for index, layer in enumerate(self.layers if self.sharded is None else ()):
             u = buffers.grad_segment(index)
             if nu is not None:
                 u = u * nu
             for p, part in zip(layer.params, layer.split_update(u)):
                 updates[id(p)] = part.view_as(p)
-        if self.plain_params:
+        if self.plain_params and self.sharded is None:
             flat = buffers.grad_segment(len(self.layers))
             if nu is not None:  # the KL sum counted these parameters too
                 flat = flat * nu
@@ -281,9 +289,9 @@ class StepRunner:
                 state = param_state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                ps.append(p)
+                ps.append(local_tensor(p))
                 us.append(updates[id(p)].to(p.dtype))
-                bufs.append(state["momentum_buffer"])
+                bufs.append(local_tensor(state["momentum_buffer"]))
             ops.momentum_update(
                 ps, us, bufs, lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"]
             )

@@ -1,0 +1,319 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): gradient shards to their layers' owners,
+preconditioned updates back to the shards.
+
+Under FSDP2 every parameter is a ``DTensor`` sharded over a 1-D device mesh (``Shard(d)``,
+``torch.chunk`` pieces along dimension d, the last ones possibly short or empty), and after the
+backward each rank holds its shard of the *averaged* gradient (FSDP2's reduce-scatter). The
+statistics are collected by the usual hooks from the unsharded activations and output gradients
+and reduced onto their owners as without FSDP. The gradients move differently:
+
+1. :meth:`ShardedGradients.fill_gradients`: one ``all_to_all`` (:func:`.uneven.exchange`) in which
+   every rank sends each owner exactly its shards of that owner's layers' gradients; the owner
+   writes them into its layers' segments of the gradient buffer through precomputed position
+   indices (one ``index_copy_`` per source rank). No rank holds another owner's gradients, so no
+   rank materialises the whole model's gradients; no further gradient reduction runs.
+2. the owner preconditions its segments as usual;
+3. :meth:`ShardedGradients.local_updates`: one ``all_to_all`` returns every rank its shards of
+   every owner's updates (read through the same indices), and one gather copies each owner's
+   change and KL slots to every rank; the updates are applied to the local shards.
+
+Positions: a layer's :meth:`~spngd_ext.layers.CurvatureLayer.split_update` applied to
+``arange(n)`` gives, for every parameter element, its place in the layer's flat segment, so the
+positions of rank r's shard are the r-th ``torch.chunk`` of that along the shard dimension. Any
+shard dimension works.
+
+What is refused at construction (``ValueError`` naming the parameter and its placement): a
+DTensor parameter on a mesh of more than one dimension (HSDP, tensor parallelism), a placement
+other than ``Shard(d)`` (``Replicate``, ``Partial``, strided shards), a mesh whose ranks are not
+the optimizer's process group, a local shard that is not the ``torch.chunk`` piece, and a model
+that mixes DTensor and plain parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..layout import Segment
+from .communicator import Communicator
+from .segments import SegmentLayout
+
+__all__ = ["ShardedGradients", "is_sharded", "local_tensor"]
+
+
+def is_sharded(params: Sequence[Tensor]) -> bool:
+    """Whether any of ``params`` is a ``DTensor`` (an FSDP2 model).
+
+    Args:
+        params: the model's parameters.
+    """
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in params)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """A DTensor's local shard (in place updates reach the DTensor); any other tensor itself.
+
+    Args:
+        t: a tensor or DTensor.
+    """
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _shard_dim(name: str, p: Tensor, comm: Communicator) -> int:
+    """The dimension ``p`` is sharded on, after checking the placement is one SPNGD supports."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(p, DTensor):
+        raise ValueError(
+            f"SPNGD: {name} is a plain tensor but other parameters are FSDP2 DTensors; shard every "
+            "parameter with fully_shard (a parameter FSDP2 ignores is not averaged over ranks)"
+        )
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    if mesh.ndim != 1:
+        raise ValueError(
+            f"SPNGD: {name} has placements {placements} on a {mesh.ndim}-D device mesh; only a 1-D "
+            "mesh (fully_shard over one dimension) is supported, not HSDP or tensor parallelism"
+        )
+    pl = placements[0]
+    if type(pl) is not Shard:
+        raise ValueError(
+            f"SPNGD: {name} has placement {pl!r}; only Shard(d) placements (fully_shard) are supported "
+            "(Replicate, Partial and strided shards are not)"
+        )
+    ranks = [int(r) for r in mesh.mesh.reshape(-1).tolist()]
+    group_ranks = getattr(comm, "_global_ranks", list(range(comm.world_size)))
+    if ranks != list(group_ranks):
+        raise ValueError(
+            f"SPNGD: {name} is sharded over ranks {ranks} but the optimizer's process group has ranks "
+            f"{list(group_ranks)}; pass process_group=<the mesh's group>"
+        )
+    dim = pl.dim if pl.dim >= 0 else pl.dim + p.dim()
+    expected = _chunk_shape(tuple(p.shape), dim, comm.world_size, comm.rank)
+    if tuple(p._local_tensor.shape) != expected:
+        raise ValueError(
+            f"SPNGD: {name} ({pl!r}, global shape {tuple(p.shape)}) has a local shard of shape "
+            f"{tuple(p._local_tensor.shape)} on rank {comm.rank}, expected the torch.chunk piece {expected}"
+        )
+    return dim
+
+
+def _split_flat(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    """``flat`` cut into pieces shaped like ``params`` (one after another)."""
+    out, pos = [], 0
+    for p in params:
+        out.append(flat[pos : pos + p.numel()].view(p.shape))
+        pos += p.numel()
+    return out
+
+
+def _chunk_shape(shape: tuple[int, ...], dim: int, world: int, rank: int) -> tuple[int, ...]:
+    """The shape of rank ``rank``'s ``torch.chunk`` piece (empty past the last chunk)."""
+    size = shape[dim]
+    step = -(-size // world) if size else 0
+    lo, hi = min(rank * step, size), min((rank + 1) * step, size)
+    return shape[:dim] + (hi - lo,) + shape[dim + 1 :]
+
+
+def _chunk(t: Tensor, dim: int, world: int, rank: int) -> Tensor:
+    """Rank ``rank``'s ``torch.chunk`` piece of ``t`` along ``dim`` (possibly empty)."""
+    size = t.shape[dim]
+    step = -(-size // world) if size else 0
+    lo, hi = min(rank * step, size), min((rank + 1) * step, size)
+    return t.narrow(dim, lo, hi - lo)
+
+
+class ShardedGradients:
+    """Routes an FSDP2 model's gradient shards to their owners and the updates back.
+
+    Build with :meth:`build` (which refuses what is not supported). Segment i is layer i's
+    gradient segment, the last one (when there are plain parameters) theirs.
+
+    Args:
+        segment_params: per gradient segment, its parameters in segment order.
+        shard_dims: per segment, each parameter's shard dimension.
+        positions: per source rank, the absolute gradient-buffer positions of that rank's shards
+            of this rank's segments, in the order the source sends them.
+        slots: per owner, its change and KL slots (gathered to every rank after preconditioning).
+        owners: per segment, the rank that preconditions it.
+        clear: the absolute indices of every change and KL slot (zeroed before the gradients arrive).
+        comm: the communicator.
+    """
+
+    def __init__(
+        self,
+        segment_params: Sequence[Sequence[nn.Parameter]],
+        shard_dims: Sequence[Sequence[int]],
+        positions: Sequence[Tensor],
+        slots: Sequence[Sequence[Segment]],
+        owners: Sequence[int],
+        clear: Sequence[int],
+        comm: Communicator,
+    ) -> None:
+        self.segment_params = [list(ps) for ps in segment_params]
+        self.shard_dims = [list(ds) for ds in shard_dims]
+        self.positions = list(positions)
+        self.slots = [list(s) for s in slots]
+        self.owners = list(owners)
+        self.clear = torch.tensor(list(clear), dtype=torch.long)
+        self.comm = comm
+        self._device_positions: list[Tensor] = []
+
+    @classmethod
+    def build(
+        cls,
+        named: dict[int, str],
+        segment_params: Sequence[Sequence[nn.Parameter]],
+        segment_splits: Sequence,
+        layout: SegmentLayout,
+        comm: Communicator,
+    ) -> ShardedGradients:
+        """Check every parameter's placement and precompute this rank's positions.
+
+        Args:
+            named: parameter id → its name in the model (for the errors).
+            segment_params: per gradient segment, its parameters in segment order.
+            segment_splits: per segment, a function taking the flat segment to per-parameter
+                tensors shaped like the parameters (``CurvatureLayer.split_update``).
+            layout: the buffers' layout (segment offsets and owners).
+            comm: the communicator (its world must be the mesh).
+        """
+        w, me = comm.world_size, comm.rank
+        dims = [[_shard_dim(named.get(id(p), "<parameter>"), p, comm) for p in ps] for ps in segment_params]
+        owners = list(layout.assignment.grad_owners)
+        positions: list[list[Tensor]] = [[] for _ in range(w)]
+        for i, split in enumerate(segment_splits):
+            if owners[i] != me:
+                continue
+            seg = layout.grads[i]
+            parts = split(torch.arange(seg.offset, seg.end))
+            for part, d in zip(parts, dims[i]):
+                for r in range(w):
+                    positions[r].append(_chunk(part, d, w, r).reshape(-1))
+        flat = [torch.cat(ps) if ps else torch.empty(0, dtype=torch.long) for ps in positions]
+        slots = []
+        for o in range(w):
+            rng = layout.grad_ranges[o]
+            lo = rng.offset + sum(layout.grads[i].numel for i in layout.owned_gradients(o))
+            slots.append([Segment(lo, rng.end - lo)] if rng.end > lo else [])
+        clear = [k for k in layout.kl_slots if k is not None] + [c for ch in layout.change_slots for c in ch.values()]
+        return cls(segment_params, dims, flat, slots, owners, clear, comm)
+
+    @classmethod
+    def for_model(
+        cls,
+        model: nn.Module,
+        layers: Sequence,
+        plain_params: Sequence[nn.Parameter],
+        layout: SegmentLayout,
+        comm: Communicator,
+        options: object = None,
+    ) -> ShardedGradients:
+        """:meth:`build` for the optimizer's curvature layers and its other parameters (one last segment).
+
+        Args:
+            model: the model (for the parameters' names in errors).
+            layers: the curvature layers (``CurvatureLayer``), in layout order.
+            plain_params: the parameters outside curvature layers.
+            layout: the buffers' layout.
+            comm: the communicator.
+            options: the optimizer's ``SPNGDOptions`` (options not supported with FSDP2 are refused).
+        """
+        if getattr(options, "weight_rescale", False):
+            raise ValueError("SPNGD: weight_rescale=True is not supported with FSDP2 (sharded) parameters")
+        if getattr(options, "compile_backend", None) is not None:
+            raise ValueError(
+                "SPNGD: a compiled step (compile_backend) is not supported with FSDP2 (sharded) parameters"
+            )
+        named = {id(p): n for n, p in model.named_parameters()}
+        segments = [list(layer.params) for layer in layers]
+        splits = [layer.split_update for layer in layers]
+        if plain_params:
+            plain = list(plain_params)
+            segments.append(plain)
+            splits.append(lambda flat: _split_flat(flat, plain))
+        return cls.build(named, segments, splits, layout, comm)
+
+    def _positions(self, device: torch.device) -> list[Tensor]:
+        if not self._device_positions or self._device_positions[0].device != device:
+            self._device_positions = [p.to(device) for p in self.positions]
+        return self._device_positions
+
+    def _by_owner(self) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in range(self.comm.world_size)]
+        for i, o in enumerate(self.owners):
+            out[o].append(i)
+        return out
+
+    def fill_gradients(self, grad_buffer: Tensor) -> None:
+        """Owners' segments of ``grad_buffer`` ← the averaged gradients from every rank's shards;
+        the change and KL slots are cleared (last step's values are not gradients).
+
+        Args:
+            grad_buffer: the flat gradient buffer.
+        """
+        from torch.distributed.tensor import DTensor
+
+        grad_buffer.index_fill_(0, self.clear.to(grad_buffer.device), 0.0)
+        w, me = self.comm.world_size, self.comm.rank
+        dtype, device = grad_buffer.dtype, grad_buffer.device
+        sends: list[list[Tensor]] = []
+        for segs in self._by_owner():
+            pieces = []
+            for i in segs:
+                for p in self.segment_params[i]:
+                    g = p.grad
+                    if g is None:
+                        pieces.append(torch.zeros(local_tensor(p).numel(), dtype=dtype, device=device))
+                    else:
+                        local = g._local_tensor if isinstance(g, DTensor) else g
+                        pieces.append(local.reshape(-1).to(dtype))
+            sends.append([torch.cat(pieces) if pieces else grad_buffer.new_empty(0)])
+        pos = self._positions(device)
+        grad_buffer.index_copy_(0, pos[me], sends[me][0])
+        sends[me] = []
+        receives = [[grad_buffer.new_empty(pos[r].numel())] if r != me else [] for r in range(w)]
+        if w > 1:
+            self.comm.exchange(sends, receives, kind="grads", dtype=dtype, device=device)
+            for r in range(w):
+                if r != me:
+                    grad_buffer.index_copy_(0, pos[r], receives[r][0])
+
+    def local_updates(self, grad_buffer: Tensor) -> dict[int, Tensor]:
+        """Every rank's shards of the owners' updates (by parameter id), after copying each owner's
+        change and KL slots to every rank.
+
+        Args:
+            grad_buffer: the flat buffer whose owned segments hold the preconditioned updates.
+        """
+        w, me = self.comm.world_size, self.comm.rank
+        dtype, device = grad_buffer.dtype, grad_buffer.device
+        pos = self._positions(device)
+        mine = [grad_buffer.index_select(0, pos[r]) for r in range(w)]
+        by_owner = self._by_owner()
+        receives = [
+            [grad_buffer.new_empty(sum(local_tensor(p).numel() for i in segs for p in self.segment_params[i]))]
+            if o != me
+            else []
+            for o, segs in enumerate(by_owner)
+        ]
+        if w > 1:
+            sends = [[mine[r]] if r != me else [] for r in range(w)]
+            self.comm.exchange(sends, receives, kind="precond", dtype=dtype, device=device)
+            if any(self.slots):
+                self.comm.gather_segments(grad_buffer, self.slots, kind="precond")
+        receives[me] = [mine[me]]
+        out: dict[int, Tensor] = {}
+        for o, segs in enumerate(by_owner):
+            flat, at = receives[o][0], 0
+            for i in segs:
+                for p in self.segment_params[i]:
+                    local = local_tensor(p)
+                    out[id(p)] = flat[at : at + local.numel()].view(local.shape)
+                    at += local.numel()
+        return out

@@ -1,0 +1,202 @@
+"""SP-NGD on FSDP2 (``fully_shard``) models, on Gloo ranks on the CPU (spawned as in test_distributed).
+
+* Equivalence: W ranks of FSDP2 + SPNGD on equal shards of a batch vs one process (no FSDP) on
+  the concatenated batch, float64, fisher="emp", KL clipping on; the full parameters after every
+  step agree within ``EQUIV_RTOL``/``EQUIV_ATOL`` (float reordering only, as in test_distributed).
+  Models: the CNN with a synchronised BatchNorm (whole-batch BN, its unit-wise Fisher collected)
+  of test_distributed, and a small transformer (embedding, pre-norm self-attention blocks built
+  from Linear layers, LayerNorm, a position table trained first-order, mean-pooled classifier).
+  Parameter sizes are chosen so that 4 ranks get uneven and empty shards.
+* Bytes: each rank sends exactly its shards of the gradients other ranks own (nothing else of
+  the gradients), so no rank receives the gradients of layers it does not own.
+* Refusals at construction: HSDP (2-D mesh), a Replicate placement, a plain parameter next to
+  DTensor ones; each error names the parameter and its placement.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from steps import train_step
+from test_distributed import EQUIV_ATOL, EQUIV_RTOL, OPT_KW, make_batch, make_model, run_world
+from torch import nn
+
+from spngd_ext import SPNGD
+
+VOCAB, SEQ, WIDTH, CLASSES = 11, 5, 6, 5
+
+
+class TinyAttention(nn.Module):
+    """Causal-free multi-head self-attention from Linear layers (their Kronecker factors apply)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, dim=-1)
+        return self.proj((att @ v).transpose(1, 2).reshape(n, t, d))
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = TinyAttention(width, heads=2)
+        self.fc1, self.fc2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.pos = nn.Parameter(0.1 * torch.randn(SEQ, WIDTH))  # no curvature layer: first-order
+        self.blocks = nn.ModuleList([TinyBlock(WIDTH), TinyBlock(WIDTH)])
+        self.norm = nn.LayerNorm(WIDTH)
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens) + self.pos
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h).mean(dim=1))
+
+
+def build(kind: str) -> nn.Module:
+    if kind == "transformer":
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            torch.manual_seed(4321)
+            return TinyTransformer().double().train()
+        finally:
+            torch.set_default_dtype(old)
+    return make_model(kind)
+
+
+def batch(kind: str, step: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if kind == "transformer":
+        g = torch.Generator().manual_seed(200 + step)
+        return torch.randint(0, VOCAB, (n, SEQ), generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+    return make_batch(kind, step, n)
+
+
+def shard(model: nn.Module, kind: str, mesh=None) -> None:
+    """fully_shard the inner blocks (each its own FSDP group), then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    inner = list(model.blocks) if kind == "transformer" else [model[6]]
+    for m in inner:
+        fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def full_params(model: nn.Module) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return torch.cat(
+        [(p.full_tensor() if isinstance(p, DTensor) else p).detach().reshape(-1).clone() for p in model.parameters()]
+    )
+
+
+def train(kind: str, steps: int, global_batch: int, rank: int, world: int, *, fsdp: bool) -> dict:
+    model = build(kind)
+    if fsdp:
+        shard(model, kind)
+    opt = SPNGD(model, **OPT_KW)
+    part = global_batch // world
+    params, nbytes = [full_params(model)], []
+    for step in range(steps):
+        x, y = batch(kind, step, global_batch)
+        train_step(model, opt, x[rank * part : (rank + 1) * part], y[rank * part : (rank + 1) * part])
+        params.append(full_params(model))
+        nbytes.append(opt._comm.bytes_sent()["last"])
+    expected_grad_bytes = 0
+    if fsdp:  # this rank's shards of every segment another rank owns, in float64
+        sharded = opt._runner.sharded
+        for i, params_i in enumerate(sharded.segment_params):
+            if sharded.owners[i] != rank:
+                expected_grad_bytes += sum(p.to_local().numel() for p in params_i) * 8
+    return {"params": params, "bytes": nbytes, "expected_grad_bytes": expected_grad_bytes}
+
+
+def _w_equivalence(rank: int, world: int, payload: dict) -> dict:
+    out = {name: train(rank=rank, world=world, fsdp=True, **cfg) for name, cfg in payload.items()}
+    out["refusals"] = _refusals(rank, world) if world == 4 else {}
+    return out
+
+
+def _refusals(rank: int, world: int) -> dict:
+    """The error message of each unsupported configuration (None: it was accepted)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    def message(make) -> str | None:
+        try:
+            SPNGD(make(), **OPT_KW)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    def hsdp() -> nn.Module:
+        model = build("conv_syncbn")
+        shard(
+            model, "conv_syncbn", mesh=init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        )
+        return model
+
+    def replicated() -> nn.Module:
+        model = nn.Sequential(nn.Linear(4, 3)).double()
+        mesh = init_device_mesh("cpu", (world,))
+        model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Replicate()]))
+        model[0].bias = nn.Parameter(distribute_tensor(model[0].bias.detach(), mesh, [Replicate()]))
+        return model
+
+    def mixed() -> nn.Module:
+        from torch.distributed.fsdp import fully_shard
+
+        model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).double()
+        fully_shard(model[0])
+        return model
+
+    return {"hsdp": message(hsdp), "replicated": message(replicated), "mixed": message(mixed)}
+
+
+CONFIGS = {
+    "cnn_syncbn": dict(kind="conv_syncbn", steps=3, global_batch=8),
+    "transformer": dict(kind="transformer", steps=3, global_batch=8),
+}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_matches_one_process_on_the_concatenated_batch(world: int) -> None:
+    results = run_world(world, _w_equivalence, CONFIGS)
+    for name, cfg in CONFIGS.items():
+        ref = train(rank=0, world=1, fsdp=False, **cfg)["params"]
+        moved = (ref[-1] - ref[0]).abs().max()
+        assert moved > 1e-3, f"{name}: the reference did not move: the comparison would be vacuous"
+        for r, res in enumerate(results):
+            got = res[name]
+            for step, (a, b) in enumerate(zip(got["params"], ref)):
+                torch.testing.assert_close(
+                    a, b, rtol=EQUIV_RTOL, atol=EQUIV_ATOL, msg=lambda m: f"{name}, rank {r}, step {step}: {m}"
+                )
+            # each rank sends only its shards of the gradients other ranks own, every step
+            assert got["expected_grad_bytes"] > 0
+            assert [b["grads"] for b in got["bytes"]] == [got["expected_grad_bytes"]] * cfg["steps"], name
+    if world == 4:
+        refusals = results[0]["refusals"]
+        assert refusals["hsdp"] is not None and "0.weight" in refusals["hsdp"], refusals
+        assert "Replicate()" in refusals["hsdp"] and "2-D device mesh" in refusals["hsdp"], refusals
+        assert refusals["replicated"] is not None and "0.weight" in refusals["replicated"], refusals
+        assert "Replicate()" in refusals["replicated"], refusals
+        assert refusals["mixed"] is not None and "1.weight is a plain tensor" in refusals["mixed"], refusals
