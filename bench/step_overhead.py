@@ -3,6 +3,11 @@
     python bench/step_overhead.py [--batch-sizes 256,1024] [--rounds 200] [--quick] [--json PATH]
     python bench/step_overhead.py --model resnet50 --device cuda --batch-sizes 32,128
     python bench/step_overhead.py --model resnet50 --batch-sizes 32 --configs sgd,spngd-every-step-cuda,spngd-every-step-torch
+    python bench/step_overhead.py --whole-run [--batch-size 4096 --threads 2]   # bench/whole_run.py
+
+``--whole-run`` hands over to bench/whole_run.py: every configuration (SGD, every step, stale
+statistics with either rule) trains the whole main job, side by side, and the report gives the mean
+step over the run and the fraction of each kind of work skipped.
 
 Timed configurations (all built through ``spngd_ext.train.baselines``, as the train CLI builds
 them):
@@ -382,6 +387,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--whole-run" in argv:  # whole training runs side by side (bench/whole_run.py)
+        import whole_run
+
+        return whole_run.main([a for a in argv if a != "--whole-run"])
     args = parse_args(argv)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     torch.manual_seed(args.seed)

@@ -214,3 +214,40 @@ def test_new_layer_models_run_on_fashion_mnist_shapes(name, first_order):
     assert shape == (1, 28, 28) and classes == 10
     total = sum(p.numel() for p in model.parameters())
     assert bench.curvature_parameters(model) == total - first_order
+
+
+@pytest.mark.timeout(180)
+def test_whole_run_mode_reports_mean_steps_and_skipped_work(tmp_path, capsys):
+    """--whole-run: every configuration trains side by side; per configuration the mean step over
+    the run, its ratio to SGD's and the fraction of each kind of work skipped."""
+    bench = _load_bench()
+    out = tmp_path / "whole.json"
+    threads = torch.get_num_threads()
+    configs = "sgd,spngd-every-step,spngd-stale,spngd-stale-noise@0.3,spngd-stale@1e9"
+    try:
+        result = bench.main(
+            ["--whole-run", "--data", "random", "--batch-size", "32", "--limit-train", "96", "--limit-test", "32"]
+            + ["--epochs", "3", "--eval-every", "4", "--threads", "1", "--configs", configs, "--json", str(out)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(out.read_text())["command"].startswith("python bench/step_overhead.py --whole-run")
+    rows = {r["name"]: r for r in result["runs"]}
+    assert list(rows) == configs.split(",")
+    for r in rows.values():
+        assert r["steps"] == 9 and len(r["step_times_s"]) == 9 and _positive_finite(r["mean_step_s"])
+        assert r["evals"][-1]["step"] == 9
+    assert rows["sgd"]["mean_ratio"] == 1.0 and "factor_work_skipped" not in rows["sgd"]
+    every = rows["spngd-every-step"]
+    assert every["factor_work_skipped"] == every["mc_backward_skipped"] == every["refresh_steps_skipped"] == 0.0
+    assert every["plain_steps"] == 0 and every["plain_ratio"] is None
+    # every change is below 1e9: intervals 1, 2, 4, 8 — refreshes at steps 0, 1, 3, 7 of 9
+    always_similar = rows["spngd-stale@1e9"]
+    assert always_similar["plain_steps"] == 5 and always_similar["refresh_steps_skipped"] == pytest.approx(5 / 9)
+    assert always_similar["mc_backward_skipped"] == pytest.approx(5 / 9)
+    for name in ("spngd-stale", "spngd-stale-noise@0.3", "spngd-stale@1e9"):
+        r = rows[name]
+        for key in ("factor_work_skipped", "inverse_work_skipped", "mc_backward_skipped", "refresh_steps_skipped"):
+            assert 0.0 <= r[key] < 1.0, (name, key)
+        assert r["plain_steps"] == round(r["refresh_steps_skipped"] * 9)
+    assert "mean step ÷ SGD's" in capsys.readouterr().out
