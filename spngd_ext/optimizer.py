@@ -71,8 +71,11 @@ def _check_backend(backend: Backend, device: torch.device) -> None:
 class SPNGD(torch.optim.Optimizer):
     """Scalable and Practical Natural Gradient Descent (Osawa et al., TPAMI 2020).
 
-    Kronecker-factored Fisher for Linear and Conv2d, unit-wise 2×2 Fisher for BatchNorm, other
-    parameters momentum SGD. See docs/design.md for the formulas; ``opt.counters`` reports the work done.
+    Kronecker-factored Fisher for Linear, Conv2d, grouped/depthwise Conv2d and Conv1d (one pair per
+    group), the projections of MultiheadAttention and Embedding (diagonal A); unit-wise 2×2 Fisher
+    for BatchNorm, LayerNorm and GroupNorm; every other parameter momentum SGD (``opt.coverage()``
+    says which parameter gets what, and why). See docs/design.md ("Supported layers") for the
+    formulas; ``opt.counters`` reports the work done.
 
     With ``torch.amp.GradScaler``: ``scaler.step(opt)`` hands this optimizer the scale and the
     found-inf flag (``_step_supports_amp_scaling``); the step unscales the gradients (and, with
@@ -115,7 +118,8 @@ class SPNGD(torch.optim.Optimizer):
         logging.getLogger("spngd_ext").info(self._coverage.summary())
         if not self._layers:
             warnings.warn(
-                "SPNGD: the model has no supported layer (Linear, Conv2d, BatchNorm); training as momentum SGD",
+                "SPNGD: the model has no supported layer (Linear, Conv1d/Conv2d, BatchNorm, LayerNorm, GroupNorm, "
+                "MultiheadAttention, Embedding); training as momentum SGD",
                 stacklevel=2,
             )
         layer_ids = {id(p) for layer in self._layers for p in layer.params}
@@ -194,11 +198,15 @@ class SPNGD(torch.optim.Optimizer):
 
     def factors(self) -> dict[str, dict[str, Tensor]]:
         """Current curvature estimates (bias-corrected) of the layers this rank owns, by layer name:
-        dense ``A`` and ``G`` for Linear/Conv2d, ``F`` as (C, 3) = (γγ, γβ, ββ) for BatchNorm."""
+        dense ``A`` and ``G`` for Linear/Conv2d and attention projections; ``A0``…, ``G0``… per group
+        for grouped convolutions; ``A`` as the (V,) token-frequency diagonal and dense ``G`` for
+        Embedding; ``F`` as (C, 3) = (γγ, γβ, ββ) for BatchNorm, LayerNorm and GroupNorm."""
         return self._state.estimates.export()
 
     def inverses(self) -> dict[str, tuple[Tensor | None, ...]]:
-        """Damped inverses (Â⁻¹, Ĝ⁻¹) of the owned Kronecker layers; None means identity (fallback)."""
+        """Damped inverses (Â⁻¹, Ĝ⁻¹) of the owned Kronecker layers that cache them (Linear, Conv2d,
+        attention projections); None means identity (fallback). Grouped convolutions and Embedding
+        invert their factors when preconditioned and are not listed."""
         return self._state.inverses.by_name()
 
     def backward(self, loss: Tensor, out: Tensor | None = None) -> None:
