@@ -200,3 +200,56 @@ def test_fsdp2_matches_one_process_on_the_concatenated_batch(world: int) -> None
         assert refusals["replicated"] is not None and "0.weight" in refusals["replicated"], refusals
         assert "Replicate()" in refusals["replicated"], refusals
         assert refusals["mixed"] is not None and "1.weight is a plain tensor" in refusals["mixed"], refusals
+
+
+# ---------------------------------------------------------------------------------------------
+# DCP: save at 4 ranks, resume at 2
+
+DCP_KW = dict(OPT_KW, ema_decay=0.9, stale=True)  # EMA counts and adaptive intervals travel too
+DCP_STEPS, DCP_SAVE_AT, DCP_BATCH = 4, 2, 8
+
+
+def _w_dcp(rank: int, world: int, payload: dict) -> dict:
+    """Save (payload['save']) after DCP_SAVE_AT steps and go on, or load and go on."""
+    import torch.distributed.checkpoint as dcp
+
+    from spngd_ext.distributed import dcp as spngd_dcp
+
+    kind, path = "conv_syncbn", payload["path"]
+    model = build(kind)
+    shard(model, kind)
+    opt = SPNGD(model, **DCP_KW)
+    part = DCP_BATCH // world
+    first = 0
+    if not payload["save"]:
+        state = model.state_dict()
+        dcp.load(state, checkpoint_id=f"{path}/model")
+        model.load_state_dict(state)
+        spngd_dcp.load(opt, f"{path}/optim")
+        first = DCP_SAVE_AT
+    params = {}
+    for step in range(first, DCP_STEPS):
+        if payload["save"] and step == DCP_SAVE_AT:
+            dcp.save(model.state_dict(), checkpoint_id=f"{path}/model")
+            spngd_dcp.save(opt, f"{path}/optim")
+        x, y = batch(kind, step, DCP_BATCH)
+        train_step(model, opt, x[rank * part : (rank + 1) * part], y[rank * part : (rank + 1) * part])
+        params[step + 1] = full_params(model)
+    return {"params": params, "intervals": opt.counters["intervals"], "step": opt._runner.step_index}
+
+
+def test_dcp_checkpoint_saved_at_4_ranks_resumes_at_2(tmp_path) -> None:
+    saved = run_world(4, _w_dcp, {"save": True, "path": str(tmp_path)})[0]
+    resumed = run_world(2, _w_dcp, {"save": False, "path": str(tmp_path)})[0]
+    assert resumed["step"] == saved["step"] == DCP_STEPS
+    assert resumed["intervals"] == saved["intervals"]
+    moved = (saved["params"][DCP_STEPS] - saved["params"][DCP_SAVE_AT]).abs().max()
+    assert moved > 1e-3, "the steps after the checkpoint did not move the parameters"
+    for step in range(DCP_SAVE_AT + 1, DCP_STEPS + 1):
+        torch.testing.assert_close(
+            resumed["params"][step],
+            saved["params"][step],
+            rtol=EQUIV_RTOL,
+            atol=EQUIV_ATOL,
+            msg=lambda m: f"step {step}: {m}",
+        )
