@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from steps import train_step
-from test_distributed import EQUIV_ATOL, EQUIV_RTOL, OPT_KW, make_batch, make_model, run_world
+from test_distributed import BF16_REL_TOL, EQUIV_ATOL, EQUIV_RTOL, OPT_KW, make_batch, make_model, run_world
 from torch import nn
 
 from spngd_ext import SPNGD
@@ -90,14 +90,15 @@ def batch(kind: str, step: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return make_batch(kind, step, n)
 
 
-def shard(model: nn.Module, kind: str, mesh=None) -> None:
+def shard(model: nn.Module, kind: str, mesh=None, mp_policy=None) -> None:
     """fully_shard the inner blocks (each its own FSDP group), then the root."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
     inner = list(model.blocks) if kind == "transformer" else [model[6]]
     for m in inner:
-        fully_shard(m, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(m, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 def full_params(model: nn.Module) -> torch.Tensor:
@@ -132,6 +133,33 @@ def train(kind: str, steps: int, global_batch: int, rank: int, world: int, *, fs
 def _w_equivalence(rank: int, world: int, payload: dict) -> dict:
     out = {name: train(rank=rank, world=world, fsdp=True, **cfg) for name, cfg in payload.items()}
     out["refusals"] = _refusals(rank, world) if world == 4 else {}
+    out["mixed"] = _mixed_precision(rank, world) if world == 2 else {}
+    return out
+
+
+def _mixed_precision(rank: int, world: int) -> dict:
+    """The float32 transformer under FSDP2 with bf16 parameters and bf16 gradient reduction, and
+    without a policy: parameters after the steps, and the dtypes of statistics and inverses."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    out = {}
+    for name, policy in (("fp32", None), ("bf16", MixedPrecisionPolicy(torch.bfloat16, torch.bfloat16))):
+        model = build("transformer").float()
+        shard(model, "transformer", mp_policy=policy)
+        opt = SPNGD(model, **OPT_KW)
+        start = full_params(model)
+        for step in range(3):
+            x, y = batch("transformer", step, 8)
+            train_step(model, opt, x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4])
+        dtypes = {str(t.dtype) for f in opt.factors().values() for t in f.values()}
+        dtypes |= {str(t.dtype) for inv in opt.inverses().values() for t in inv if t is not None}
+        out[name] = {
+            "start": start,
+            "end": full_params(model),
+            "dtypes": dtypes,
+            "buffers": str(opt._state.buffers.dtype),
+            "factors": len(opt.factors()),
+        }
     return out
 
 
@@ -193,6 +221,13 @@ def test_fsdp2_matches_one_process_on_the_concatenated_batch(world: int) -> None
             # each rank sends only its shards of the gradients other ranks own, every step
             assert got["expected_grad_bytes"] > 0
             assert [b["grads"] for b in got["bytes"]] == [got["expected_grad_bytes"]] * cfg["steps"], name
+    if world == 2:  # bf16 parameters and reduction: statistics and inverses stay float32
+        mixed = results[0]["mixed"]
+        assert mixed["bf16"]["factors"] > 0
+        assert mixed["bf16"]["dtypes"] == {"torch.float32"} and mixed["bf16"]["buffers"] == "torch.float32"
+        fp32, bf16 = mixed["fp32"], mixed["bf16"]
+        rel = (bf16["end"] - fp32["end"]).norm() / (fp32["end"] - fp32["start"]).norm()
+        assert rel < BF16_REL_TOL, f"bf16 FSDP2 run is {rel:.3e} (relative) away from the float32 one"
     if world == 4:
         refusals = results[0]["refusals"]
         assert refusals["hsdp"] is not None and "0.weight" in refusals["hsdp"], refusals
