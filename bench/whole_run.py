@@ -110,7 +110,7 @@ def _refresh_count(run: Run) -> int:
     return opt.counters["factor_updates"] if opt is not None else 0
 
 
-def train_side_by_side(runs: list[Run], data: Dataset, args: argparse.Namespace, log) -> None:
+def train_side_by_side(runs: list[Run], data: Dataset, args: argparse.Namespace, log, checkpoint=None) -> None:
     """Every run trains ``args.epochs`` epochs, one step of each per round, order rotated."""
     n = data.train_x.shape[0]
     steps_per_epoch = math.ceil(n / args.batch_size)
@@ -144,6 +144,8 @@ def train_side_by_side(runs: list[Run], data: Dataset, args: argparse.Namespace,
                     f"  step {t + 1}/{steps_per_epoch * args.epochs} ({time.perf_counter() - t_start:.0f} s): "
                     + ", ".join(f"{r.name} {r.evals[-1]['test_acc']:.4f}" for r in runs if r.evals)
                 )
+                if checkpoint is not None:  # what has been measured so far, in case the run is cut short
+                    checkpoint()
 
 
 def summarise(runs: list[Run], target: float) -> list[dict]:
@@ -295,11 +297,6 @@ def main(argv: list[str] | None = None) -> dict:
     log(
         f"whole runs side by side: {names}, {total} steps of batch {args.batch_size}, {torch.get_num_threads()} threads"
     )
-    wall = time.perf_counter()
-    train_side_by_side(runs, data, args, log)
-    wall = time.perf_counter() - wall
-    rows = summarise(runs, args.target)
-    text = table(rows, args.target)
     machine = {
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
@@ -307,6 +304,19 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+
+    def partial() -> None:
+        if args.json:
+            rows = summarise(runs, args.target)
+            partial = {"command": command, "settings": vars(args), "machine": machine, "partial": True, "runs": rows}
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(partial, indent=2, default=str))
+
+    wall = time.perf_counter()
+    train_side_by_side(runs, data, args, log, partial)
+    wall = time.perf_counter() - wall
+    rows = summarise(runs, args.target)
+    text = table(rows, args.target)
     print(f"# whole-run step cost\n\ncommand: `{command}`  \n{machine}  \nwall {wall:.0f} s\n\n{text}\n")
     result = {"command": command, "settings": vars(args), "machine": machine, "wall_s": wall, "runs": rows}
     if args.json:
