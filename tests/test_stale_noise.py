@@ -202,3 +202,79 @@ def test_drift_matches_a_hand_computation(monkeypatch, ema_decay):
             if b is not None and not k:
                 ema[stat] = (1 - b) * new
     assert checked == 15 and positive >= 8 and noise_matters >= 5, (checked, positive, noise_matters)
+
+
+# ---------------------------------------------------------------------------------------------
+# work that is not due costs nothing
+
+
+class HostReads:
+    """Counts device-to-host reads made from Python (Tensor.item/tolist/__bool__/__float__/__int__)
+    inside the ``with`` block."""
+
+    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._saved = {name: getattr(torch.Tensor, name) for name in self.NAMES}
+
+    def __enter__(self) -> HostReads:
+        for name, original in self._saved.items():
+
+            def spy(t, *a, _original=original, **kw):
+                self.count += 1
+                return _original(t, *a, **kw)
+
+            setattr(torch.Tensor, name, spy)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+
+
+@pytest.mark.parametrize("rule", ["relative", "noise"])
+def test_steps_with_nothing_due_do_no_curvature_work(monkeypatch, rule):
+    """On a step where no statistic is due: no statistic kernel, no output-gradient hook, no
+    sampled-label backward, no inversion, no output-tensor hook registered, no half-batch sum, and exactly one host read in
+    ``opt.step()`` (the non-finite flag, which SGD with a finite check would need too)."""
+    from test_stale import Spies
+
+    spies = Spies(monkeypatch)
+    model = make_model()
+    opt = SPNGD(
+        model, lr=0.0, fisher="mc", damping=1e-2, seed=0, stale=StalePolicy(threshold=1e9, max_interval=CAP, rule=rule)
+    )
+    acc = opt._state.accumulation
+    hooks = []
+    original_backward = acc.accumulate_backward
+    monkeypatch.setattr(acc, "accumulate_backward", lambda *a: (hooks.append(a[0]), original_backward(*a)))
+    registered = []
+    original_register = torch.Tensor.register_hook
+    monkeypatch.setattr(
+        torch.Tensor, "register_hook", lambda t, fn: (registered.append(t), original_register(t, fn))[1]
+    )
+    idle = 0
+    for step in range(12):
+        x, y = stationary(step, 64)
+        nothing_due = not any(opt._schedule.due(step))
+        spies.reset()
+        hooks.clear()
+        registered.clear()
+        mc_before = opt.counters["mc_backwards"]
+        half_before = None if opt._state.buffers.half is None else opt._state.buffers.half.clone()
+        opt.zero_grad()
+        out = model(x)
+        opt.backward(F.cross_entropy(out, y), out)
+        with HostReads() as reads:
+            opt.step()
+        if nothing_due:
+            idle += 1
+            assert not spies.stats and not spies.inverted and not hooks and not registered, step
+            assert opt.counters["mc_backwards"] == mc_before, step
+            assert reads.count == 1, f"step {step}: {reads.count} host reads"
+            if half_before is not None:
+                assert torch.equal(opt._state.buffers.half, half_before)
+        else:
+            assert reads.count >= 2, step  # the flag and the changes (and the Cholesky flags)
+    assert idle == 12 - 4  # refreshes at steps 0, 1, 3, 7 (every change is below 1e9)
