@@ -28,6 +28,7 @@ contribution).
     python bench/comm.py --worlds 2,4 --repeats 3     # writes runs/comm/results.json
     python bench/comm.py --design segments --worlds 2,4,8 --repeats 1   # ownership per statistic
     python bench/comm.py --model-only          # both 1..1024-rank models of docs/scaling.md
+    python bench/comm.py --design fsdp --worlds 2,4 --repeats 5   # FSDP2 + SP-NGD (bench/comm_fsdp.py)
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ for _path in (REPO, REPO / "bench"):  # the package, and comm_segments next to t
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from comm_fsdp import fsdp_table, fsdp_worker  # noqa: E402
 from comm_segments import segments_measured_table, segments_table, segments_worker  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -223,8 +225,11 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
     from spngd_ext.distributed.collectives import TorchDistributedCommunicator
 
     group = dist.group.WORLD
-    if args.get("design") == "segments":  # ownership per statistic, true-length segments
-        res = segments_worker(rank, world, resnet50_layers(), args)
+    if args.get("design") in ("segments", "fsdp"):  # true-length segments; FSDP2 training steps
+        if args["design"] == "fsdp":
+            res = fsdp_worker(rank, world, args, _wchar)
+        else:
+            res = segments_worker(rank, world, resnet50_layers(), args)
         if rank == 0:
             Path(out).write_text(json.dumps(res))
         dist.destroy_process_group()
@@ -494,9 +499,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--design",
         default="padded",
-        choices=["padded", "segments"],
-        help="what to measure: the padded per-layer chunks, or ownership per statistic with true-length segments",
+        choices=["padded", "segments", "fsdp"],
+        help="what to measure: the padded per-layer chunks, ownership per statistic with true-length segments, "
+        "or FSDP2 + SP-NGD training steps beside FSDP2 + SGD and DDP + SP-NGD (bench/comm_fsdp.py)",
     )
+    ap.add_argument("--fsdp-layers", type=int, default=8, help="Linear layers of the --design fsdp MLP")
+    ap.add_argument("--fsdp-width", type=int, default=512, help="width of the --design fsdp MLP")
+    ap.add_argument("--fsdp-batch", type=int, default=32, help="examples per rank (--design fsdp)")
     ap.add_argument(
         "--staging", type=int, default=1 << 24, help="all-to-all staging budget in elements (segments design)"
     )
@@ -530,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
         deadline=a.deadline,
         design=a.design,
         staging=a.staging,
+        fsdp_layers=a.fsdp_layers,
+        fsdp_width=a.fsdp_width,
+        fsdp_batch=a.fsdp_batch,
     )
     results = {}
     for w in [int(x) for x in a.worlds.split(",")]:
@@ -547,6 +559,12 @@ def main(argv: list[str] | None = None) -> int:
         "args": args,
         "command": " ".join(sys.argv),
     }
+    if a.design == "fsdp":
+        print(f"\n{info}\n\nMeasured (median of {a.repeats} steps, slowest rank):\n" + fsdp_table(results))
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps({"info": info, "measured": results}, indent=1))
+        return 0
     if a.design == "segments":
         print(
             f"\n{info}\n\nMeasured (median of {a.repeats}, slowest rank; bytes from /proc/self/io):\n"

@@ -97,6 +97,7 @@ class TrainConfig(SpngdSettings):
     eval_batch_size: int = 2048
     threads: int | None = None
     progress: bool = True
+    fsdp: bool = False
 
     @property
     def resolved_lr(self) -> float:
@@ -244,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar per epoch"
     )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the model with FSDP2 fully_shard (under torchrun; spngd, sgd or adamw)",
+    )
     add_spngd_flags(p)  # --damping, --fisher, --stale, --curvature-interval, --kl-clip, ...
     return p
 
@@ -293,6 +299,20 @@ def evaluate(
     return loss_sum / x.shape[0], correct / x.shape[0]
 
 
+def _fully_shard(model: nn.Module, distributed: bool, optimizer: str) -> None:
+    """--fsdp: each top-level child with parameters its own FSDP2 group, then the root."""
+    if not distributed:
+        raise ValueError("--fsdp needs torchrun with more than one rank (WORLD_SIZE > 1)")
+    if optimizer not in ("spngd", "sgd", "adamw"):
+        raise ValueError(f"--fsdp supports --optimizer spngd, sgd or adamw, not {optimizer}")
+    from torch.distributed.fsdp import fully_shard
+
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child)
+    fully_shard(model)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -336,7 +356,9 @@ def _train(cfg: TrainConfig, data: Dataset, env: TrainEnv, out_dir: Path) -> Run
     torch.manual_seed(cfg.seed)  # same initial weights for every optimizer
     model = build_model(cfg.model, num_classes=data.num_classes).to(device)
     ddp_model = None
-    if env.distributed and cfg.optimizer in ("sgd", "lars", "adamw"):
+    if cfg.fsdp:
+        _fully_shard(model, env.distributed, cfg.optimizer)
+    elif env.distributed and cfg.optimizer in ("sgd", "lars", "adamw"):
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     step_fn = build_train_step(
         cfg.optimizer, model, cfg.optimizer_settings(), distributed=env.distributed, ddp_model=ddp_model
@@ -432,8 +454,9 @@ def _train(cfg: TrainConfig, data: Dataset, env: TrainEnv, out_dir: Path) -> Run
                     reduced = window.to(device)
                     dist.all_reduce(reduced)
                     window.copy_(reduced.cpu())
-                if env.is_main:
+                if env.is_main or cfg.fsdp:  # an FSDP2 forward is collective: every rank evaluates
                     test_loss, test_acc = evaluate(model, test_x, test_y, cfg.eval_batch_size, cfg.amp)
+                if env.is_main:
                     row = EvalRow(
                         step=step,
                         epoch=round(epoch + (i + 1) / steps_per_epoch, 4),
