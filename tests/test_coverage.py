@@ -19,6 +19,18 @@ from spngd_ext.layers import classify
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
+def _spngd_warnings_of_training(model: nn.Module, opt: SPNGD, x: torch.Tensor, y: torch.Tensor) -> list[str]:
+    """Two training steps; the SPNGD warnings they raised."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.zero_grad()
+            out = model(x)
+            opt.backward(F.cross_entropy(out, y), out)
+            opt.step()
+    return [str(w.message) for w in record if str(w.message).startswith("SPNGD")]
+
+
 def _first_order(model: nn.Module) -> dict[str, str]:
     """The first-order parameters and their reasons (a supported model warns about nothing)."""
     with warnings.catch_warnings(record=True) as record:
@@ -159,12 +171,71 @@ def test_a_registered_layer_that_never_runs_is_reported_once():
     model = Skips()
     opt = SPNGD(model, lr=0.1, backend="torch")
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    messages = _spngd_warnings_of_training(model, opt, x, y)
+    assert len(messages) == 1 and "unused" in messages[0] and "did not run" in messages[0], messages
+
+
+class _Head(nn.Module):
+    """``body`` on (N, …) inputs, flattened into a Linear classifier (a supported layer to train)."""
+
+    def __init__(self, body: nn.Module, features: int) -> None:
+        super().__init__()
+        self.body, self.head = body, nn.Linear(features, 3)
+
+    def forward(self, x):
+        out = self.body(x)
+        out = out[0] if isinstance(out, tuple) else out
+        return self.head(out.flatten(1))
+
+
+class _Attend(nn.Module):
+    def __init__(self, **kw) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True, **kw)
+
+    def forward(self, x):
+        if self.attn._qkv_same_embed_dim:  # self-attention: one tensor as query, key and value
+            return self.attn(x, x, x)[0]
+        return self.attn(x, x[..., : self.attn.kdim], x[..., : self.attn.vdim])[0]
+
+
+@pytest.mark.parametrize(
+    "body,shape,features,params",
+    [
+        (nn.Conv3d(1, 2, 2), (4, 1, 3, 3, 3), 16, "weight, bias"),
+        (nn.BatchNorm3d(1), (4, 1, 2, 3, 3), 18, "weight, bias"),
+        (nn.InstanceNorm2d(1, affine=True), (4, 1, 3, 3), 9, "weight, bias"),
+        (nn.GRU(4, 4, batch_first=True), (4, 5, 4), 20, "weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0"),
+        (_Attend(add_bias_kv=True), (4, 5, 4), 20, "bias_k, bias_v"),
+        (_Attend(kdim=3, vdim=2), (4, 5, 4), 20, "in_proj_bias"),
+    ],
+    ids=["conv3d", "batchnorm3d", "instancenorm", "gru", "attention_bias_kv", "attention_kdim"],
+)
+def test_torch_layer_without_curvature_warns_once_naming_its_parameters_and_trains(body, shape, features, params):
+    """A torch.nn layer type (or part of one) without curvature is never silent: one warning at
+    construction names its first-order parameters; training then runs without another warning."""
+    torch.manual_seed(0)
+    model = _Head(body, features)
+    x, y = torch.randn(*shape), torch.randint(0, 3, (shape[0],))
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        for _ in range(2):
-            opt.zero_grad()
-            out = model(x)
-            opt.backward(F.cross_entropy(out, y), out)
-            opt.step()
+        opt = SPNGD(model, lr=0.01, backend="torch")
     messages = [str(w.message) for w in record if str(w.message).startswith("SPNGD")]
-    assert len(messages) == 1 and "unused" in messages[0] and "did not run" in messages[0], messages
+    assert len(messages) == 1 and f"parameters {params})" in messages[0], messages
+    assert _spngd_warnings_of_training(model, opt, x, y) == []
+    assert opt.counters["steps"] == 2 and opt.counters["skipped_steps"] == 0
+
+
+def test_a_models_own_bare_parameter_is_reported_without_a_warning():
+    """First-order by design (the coverage line lists it): a model's own parameter outside any layer."""
+
+    class Shifted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shift = nn.Parameter(torch.zeros(4))
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x + self.shift)
+
+    assert _first_order(Shifted()) == {"shift": "no curvature type for Shifted parameters"}

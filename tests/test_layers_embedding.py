@@ -88,3 +88,15 @@ def test_sparse_embedding_warns_naming_it_and_trains_first_order():
     with pytest.warns(UserWarning, match=r"SPNGD: 0 \(Embedding; parameters weight\).*sparse"):
         opt = SPNGD(model, lr=0.1, backend="torch")
     assert [layer.name for layer in opt.layers] == ["2"]
+    # It trains (a sparse gradient must not stop a step): the first step is plain SGD on it.
+    x, y = torch.tensor([[0, 3], [3, 1], [4, 4]]), torch.tensor([0, 1, 1])
+    for k in range(3):
+        before = model[0].weight.detach().clone()
+        opt.zero_grad()
+        out = model(x)
+        opt.backward(F.cross_entropy(out, y), out)
+        grad = model[0].weight.grad.to_dense()
+        opt.step()
+        if k == 0:
+            torch.testing.assert_close(model[0].weight.detach(), before - 0.1 * grad)
+    assert opt.counters["steps"] == 3 and opt.counters["skipped_steps"] == 0

@@ -37,8 +37,8 @@ def write_flat_gradients(params: Sequence[nn.Parameter], dst: Tensor) -> None:
         part = dst[pos : pos + p.numel()]
         if p.grad is None:
             part.zero_()
-        else:
-            part.copy_(p.grad.reshape(-1))
+        else:  # a sparse gradient (Embedding(sparse=True), first-order) is read densely
+            part.copy_((p.grad.to_dense() if p.grad.is_sparse else p.grad).reshape(-1))
         pos += p.numel()
 
 

@@ -140,7 +140,32 @@ def classify_model(
         expected = pname.rsplit(".", 1)[-1] in _EXPECTED_FIRST_ORDER
         reason = reasons.get(id(p)) or _default_reason(model, pname, expected)
         entries.append(ParameterCoverage(pname, p.numel(), "first-order", "", reason, expected))
+    _warn_builtin_gaps(model, entries, reasons)
     return layers, Coverage(entries)
+
+
+def _warn_builtin_gaps(model: nn.Module, entries: list[ParameterCoverage], reasons: dict[int, str]) -> None:
+    """One warning per torch.nn module (Conv3d, BatchNorm3d, InstanceNorm, RNNs, the extra
+    parameters of MultiheadAttention, ...) with first-order parameters that are not first-order by
+    design and were not warned about yet, naming them; a model's own bare parameters are left to the
+    coverage line."""
+    gaps: dict[str, list[ParameterCoverage]] = {}
+    for entry in entries:
+        if (
+            entry.curvature == "first-order"
+            and not entry.expected
+            and id(model.get_parameter(entry.name)) not in reasons
+        ):
+            gaps.setdefault(entry.name.rsplit(".", 1)[0] if "." in entry.name else "", []).append(entry)
+    for owner_name, found in gaps.items():
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if type(owner).__module__.startswith("torch.nn."):
+            names = ", ".join(e.name.rsplit(".", 1)[-1] for e in found)
+            warnings.warn(
+                f"SPNGD: {owner_name or '<root>'} ({type(owner).__name__}; parameters {names}) is trained with the "
+                f"plain gradient: {found[0].reason}",
+                stacklevel=4,
+            )
 
 
 def _claim(
@@ -185,6 +210,8 @@ def _default_reason(model: nn.Module, pname: str, expected: bool) -> str:
     owner = model.get_submodule(owner_name) if owner_name else model
     if expected:
         return f"{type(owner).__name__} parameter outside any layer type's input-to-output map (first-order by design)"
-    if isinstance(owner, nn.MultiheadAttention):
+    if isinstance(owner, nn.MultiheadAttention) and pname.endswith("in_proj_bias"):
         return "bias slices of in_proj_bias shared by the separate q/k/v projections (no curvature type)"
+    if isinstance(owner, nn.MultiheadAttention):
+        return "key/value bias rows appended to the keys and values (add_bias_kv; no curvature type)"
     return f"no curvature type for {type(owner).__name__} parameters"
