@@ -51,14 +51,16 @@ class TinyAttention(nn.Module):
 
 
 class TinyBlock(nn.Module):
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, torch_attention: bool = False) -> None:
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = TinyAttention(width, heads=2)
+        self.torch_attention = torch_attention
+        self.attn = nn.MultiheadAttention(width, 2, batch_first=True) if torch_attention else TinyAttention(width, 2)
         self.fc1, self.fc2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+        h = self.ln1(x)
+        x = x + (self.attn(h, h, h, need_weights=False)[0] if self.torch_attention else self.attn(h))
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
@@ -67,7 +69,9 @@ class TinyTransformer(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, WIDTH)
         self.pos = nn.Parameter(0.1 * torch.randn(SEQ, WIDTH))  # no curvature layer: first-order
-        self.blocks = nn.ModuleList([TinyBlock(WIDTH), TinyBlock(WIDTH)])
+        # nn.MultiheadAttention in the second block: its projections are matched by their weights,
+        # which FSDP2 swaps for unsharded copies during the forward
+        self.blocks = nn.ModuleList([TinyBlock(WIDTH), TinyBlock(WIDTH, torch_attention=True)])
         self.norm = nn.LayerNorm(WIDTH)
         self.head = nn.Linear(WIDTH, CLASSES)
 
@@ -134,7 +138,8 @@ def train(kind: str, steps: int, global_batch: int, rank: int, world: int, *, fs
         for i, params_i in enumerate(sharded.segment_params):
             if sharded.owners[i] != rank:
                 expected_grad_bytes += sum(p.to_local().numel() for p in params_i) * 8
-    return {"params": params, "bytes": nbytes, "expected_grad_bytes": expected_grad_bytes}
+    unused = [layer.name for i, layer in enumerate(opt.layers) if i not in opt._layers_ran]
+    return {"params": params, "bytes": nbytes, "expected_grad_bytes": expected_grad_bytes, "unused": unused}
 
 
 def _w_equivalence(rank: int, world: int, payload: dict) -> dict:
@@ -225,6 +230,7 @@ def test_fsdp2_matches_one_process_on_the_concatenated_batch(world: int) -> None
                 torch.testing.assert_close(
                     a, b, rtol=EQUIV_RTOL, atol=EQUIV_ATOL, msg=lambda m: f"{name}, rank {r}, step {step}: {m}"
                 )
+            assert got["unused"] == [], f"{name}: curvature layers without statistics under FSDP2: {got['unused']}"
             # each rank sends only its shards of the gradients other ranks own, every step
             assert got["expected_grad_bytes"] > 0
             assert [b["grads"] for b in got["bytes"]] == [got["expected_grad_bytes"]] * cfg["steps"], name

@@ -101,6 +101,7 @@ class _LinearRouter:
     def __init__(self, name: str, attention: nn.MultiheadAttention, proxies: list[FunctionalLinear]) -> None:
         self.name = name
         self.attention = attention
+        self.proxies = list(proxies)
         self.by_weight = {id(p.weight): p for p in proxies}
         self.handles: list[RemovableHandle] = []
         self.saved: list[Callable[..., Tensor]] = []
@@ -117,6 +118,8 @@ class _LinearRouter:
         return list(self.handles)
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
+        # The weights as the forward sees them: FSDP2 swaps in unsharded parameters for the forward.
+        self.by_weight = {id(p.weight): p for p in self.proxies}
         self.saved.append(F.linear)
         F.linear = self._route  # type: ignore[assignment]
 
