@@ -9,8 +9,10 @@
   Parameter sizes are chosen so that 4 ranks get uneven and empty shards.
 * Bytes: each rank sends exactly its shards of the gradients other ranks own (nothing else of
   the gradients), so no rank receives the gradients of layers it does not own.
-* Refusals at construction: HSDP (2-D mesh), a Replicate placement, a plain parameter next to
-  DTensor ones; each error names the parameter and its placement.
+* HSDP at 4 ranks (2 replicas × 2 shards): the same equivalence; each rank sends its gradient
+  shards only to the owners of its replica.
+* Refusals at construction: a tensor-parallel 2-D mesh, a Replicate placement, a plain parameter
+  next to DTensor ones; each error names the parameter and its placement.
 """
 
 from __future__ import annotations
@@ -120,10 +122,16 @@ def full_params(model: nn.Module) -> torch.Tensor:
     )
 
 
-def train(kind: str, steps: int, global_batch: int, rank: int, world: int, *, fsdp: bool) -> dict:
+def hsdp_mesh(world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+
+
+def train(kind: str, steps: int, global_batch: int, rank: int, world: int, *, fsdp: bool, hsdp: bool = False) -> dict:
     model = build(kind)
     if fsdp:
-        shard(model, kind)
+        shard(model, kind, mesh=hsdp_mesh(world) if hsdp else None)
     opt = SPNGD(model, **OPT_KW)
     part = global_batch // world
     params, nbytes = [full_params(model)], []
@@ -133,10 +141,11 @@ def train(kind: str, steps: int, global_batch: int, rank: int, world: int, *, fs
         params.append(full_params(model))
         nbytes.append(opt._comm.bytes_sent()["last"])
     expected_grad_bytes = 0
-    if fsdp:  # this rank's shards of every segment another rank owns, in float64
+    if fsdp:  # this rank's shards of every segment another rank (of its replica) owns, in float64
         sharded = opt._runner.sharded
         for i, params_i in enumerate(sharded.segment_params):
-            if sharded.owners[i] != rank:
+            o = sharded.owners[i]
+            if o != rank and sharded.replica[o] == sharded.replica[rank]:
                 expected_grad_bytes += sum(p.to_local().numel() for p in params_i) * 8
     unused = [layer.name for i, layer in enumerate(opt.layers) if i not in opt._layers_ran]
     return {"params": params, "bytes": nbytes, "expected_grad_bytes": expected_grad_bytes, "unused": unused}
@@ -144,6 +153,8 @@ def train(kind: str, steps: int, global_batch: int, rank: int, world: int, *, fs
 
 def _w_equivalence(rank: int, world: int, payload: dict) -> dict:
     out = {name: train(rank=rank, world=world, fsdp=True, **cfg) for name, cfg in payload.items()}
+    if world == 4:  # HSDP: 2 replicas of 2 shards
+        out.update({f"hsdp {n}": train(rank=rank, world=world, fsdp=True, hsdp=True, **c) for n, c in payload.items()})
     out["refusals"] = _refusals(rank, world) if world == 4 else {}
     out["mixed"] = _mixed_precision(rank, world) if world == 2 else {}
     return out
@@ -178,7 +189,7 @@ def _mixed_precision(rank: int, world: int) -> dict:
 def _refusals(rank: int, world: int) -> dict:
     """The error message of each unsupported configuration (None: it was accepted)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     def message(make) -> str | None:
         try:
@@ -187,11 +198,11 @@ def _refusals(rank: int, world: int) -> dict:
             return str(exc)
         return None
 
-    def hsdp() -> nn.Module:
-        model = build("conv_syncbn")
-        shard(
-            model, "conv_syncbn", mesh=init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
-        )
+    def tensor_parallel() -> nn.Module:
+        model = nn.Sequential(nn.Linear(4, 4)).double()
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Shard(0), Shard(1)]))
+        model[0].bias = nn.Parameter(distribute_tensor(model[0].bias.detach(), mesh, [Shard(0), Replicate()]))
         return model
 
     def replicated() -> nn.Module:
@@ -208,7 +219,7 @@ def _refusals(rank: int, world: int) -> dict:
         fully_shard(model[0])
         return model
 
-    return {"hsdp": message(hsdp), "replicated": message(replicated), "mixed": message(mixed)}
+    return {"tp": message(tensor_parallel), "replicated": message(replicated), "mixed": message(mixed)}
 
 
 CONFIGS = {
@@ -220,7 +231,10 @@ CONFIGS = {
 @pytest.mark.parametrize("world", [2, 4])
 def test_fsdp2_matches_one_process_on_the_concatenated_batch(world: int) -> None:
     results = run_world(world, _w_equivalence, CONFIGS)
-    for name, cfg in CONFIGS.items():
+    assert (f"hsdp {next(iter(CONFIGS))}" in results[0]) == (world == 4)  # HSDP runs on 2×2 ranks
+    for name, cfg in [(n, c) for n, c in CONFIGS.items()] + [(f"hsdp {n}", c) for n, c in CONFIGS.items()]:
+        if name not in results[0]:
+            continue
         ref = train(rank=0, world=1, fsdp=False, **cfg)["params"]
         moved = (ref[-1] - ref[0]).abs().max()
         assert moved > 1e-3, f"{name}: the reference did not move: the comparison would be vacuous"
@@ -243,8 +257,8 @@ def test_fsdp2_matches_one_process_on_the_concatenated_batch(world: int) -> None
         assert rel < BF16_REL_TOL, f"bf16 FSDP2 run is {rel:.3e} (relative) away from the float32 one"
     if world == 4:
         refusals = results[0]["refusals"]
-        assert refusals["hsdp"] is not None and "0.weight" in refusals["hsdp"], refusals
-        assert "Replicate()" in refusals["hsdp"] and "2-D device mesh" in refusals["hsdp"], refusals
+        assert refusals["tp"] is not None and "0.weight" in refusals["tp"], refusals
+        assert "Shard(dim=1)" in refusals["tp"] and "2-D device mesh" in refusals["tp"], refusals
         assert refusals["replicated"] is not None and "0.weight" in refusals["replicated"], refusals
         assert "Replicate()" in refusals["replicated"], refusals
         assert refusals["mixed"] is not None and "1.weight is a plain tensor" in refusals["mixed"], refusals

@@ -2,13 +2,16 @@
 preconditioned updates back to the shards.
 
 Under FSDP2 every parameter is a ``DTensor`` sharded over a 1-D device mesh (``Shard(d)``,
-``torch.chunk`` pieces along dimension d, the last ones possibly short or empty), and after the
-backward each rank holds its shard of the *averaged* gradient (FSDP2's reduce-scatter). The
+``torch.chunk`` pieces along dimension d, the last ones possibly short or empty), or under HSDP
+over the columns of a 2-D mesh and replicated over its rows (``(Replicate(), Shard(d))``); after
+the backward each rank holds its shard of the *averaged* gradient (FSDP2's reduce-scatter, and
+under HSDP its all-reduce over the replicas). The
 statistics are collected by the usual hooks from the unsharded activations and output gradients
 and reduced onto their owners as without FSDP. The gradients move differently:
 
 1. :meth:`ShardedGradients.fill_gradients`: one ``all_to_all`` (:func:`.uneven.exchange`) in which
-   every rank sends each owner exactly its shards of that owner's layers' gradients; the owner
+   every rank sends each owner (of its own replica, under HSDP) exactly its shards of that
+   owner's layers' gradients; the owner
    writes them into its layers' segments of the gradient buffer through precomputed position
    indices (one ``index_copy_`` per source rank). No rank holds another owner's gradients, so no
    rank materialises the whole model's gradients; no further gradient reduction runs.
@@ -22,11 +25,11 @@ Positions: a layer's :meth:`~spngd_ext.layers.CurvatureLayer.split_update` appli
 positions of rank r's shard are the r-th ``torch.chunk`` of that along the shard dimension. Any
 shard dimension works.
 
-What is refused at construction (``ValueError`` naming the parameter and its placement): a
-DTensor parameter on a mesh of more than one dimension (HSDP, tensor parallelism), a placement
-other than ``Shard(d)`` (``Replicate``, ``Partial``, strided shards), a mesh whose ranks are not
-the optimizer's process group, a local shard that is not the ``torch.chunk`` piece, and a model
-that mixes DTensor and plain parameters.
+What is refused at construction (``ValueError`` naming the parameter and its placement): any
+other mesh or placement (tensor parallelism, ``Replicate`` or ``Partial`` on a 1-D mesh, strided
+shards), a mesh whose ranks are not the optimizer's process group or that differs between
+parameters, a local shard that is not the ``torch.chunk`` piece, a model that mixes DTensor and
+plain parameters, ``weight_rescale=True`` and a compiled step.
 """
 
 from __future__ import annotations
@@ -65,9 +68,10 @@ def local_tensor(t: Tensor) -> Tensor:
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
-def _shard_dim(name: str, p: Tensor, comm: Communicator) -> int:
-    """The dimension ``p`` is sharded on, after checking the placement is one SPNGD supports."""
-    from torch.distributed.tensor import DTensor, Shard
+def _shard_dim(name: str, p: Tensor, comm: Communicator) -> tuple[int, tuple[tuple[int, ...], ...]]:
+    """The dimension ``p`` is sharded on and its mesh as rows of the optimizer's group ranks (one
+    row for fully_shard, one per replica for HSDP), after checking SPNGD supports the placement."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     if not isinstance(p, DTensor):
         raise ValueError(
@@ -75,32 +79,35 @@ def _shard_dim(name: str, p: Tensor, comm: Communicator) -> int:
             "parameter with fully_shard (a parameter FSDP2 ignores is not averaged over ranks)"
         )
     mesh, placements = p.device_mesh, tuple(p.placements)
-    if mesh.ndim != 1:
+    hsdp = mesh.ndim == 2 and type(placements[0]) is Replicate
+    if not (mesh.ndim == 1 or hsdp):
         raise ValueError(
-            f"SPNGD: {name} has placements {placements} on a {mesh.ndim}-D device mesh; only a 1-D "
-            "mesh (fully_shard over one dimension) is supported, not HSDP or tensor parallelism"
+            f"SPNGD: {name} has placements {placements!r} on a {mesh.ndim}-D device mesh; supported are "
+            "fully_shard on a 1-D mesh and HSDP (Replicate(), Shard(d)) on a 2-D mesh, not tensor parallelism"
         )
-    pl = placements[0]
+    pl = placements[-1]
     if type(pl) is not Shard:
         raise ValueError(
-            f"SPNGD: {name} has placement {pl!r}; only Shard(d) placements (fully_shard) are supported "
-            "(Replicate, Partial and strided shards are not)"
+            f"SPNGD: {name} has placements {placements!r}; the sharded mesh dimension must be Shard(d) "
+            "(fully_shard; Replicate, Partial and strided shards are not supported there)"
         )
-    ranks = [int(r) for r in mesh.mesh.reshape(-1).tolist()]
-    group_ranks = getattr(comm, "_global_ranks", list(range(comm.world_size)))
-    if ranks != list(group_ranks):
+    group_of = {g: r for r, g in enumerate(getattr(comm, "_global_ranks", range(comm.world_size)))}
+    rows = mesh.mesh.reshape(-1, mesh.mesh.shape[-1]).tolist()
+    if sorted(g for row in rows for g in row) != sorted(group_of):
         raise ValueError(
-            f"SPNGD: {name} is sharded over ranks {ranks} but the optimizer's process group has ranks "
-            f"{list(group_ranks)}; pass process_group=<the mesh's group>"
+            f"SPNGD: {name} is sharded over ranks {rows} but the optimizer's process group has ranks "
+            f"{sorted(group_of)}; pass process_group=<the group of the whole mesh>"
         )
+    grid = tuple(tuple(group_of[int(g)] for g in row) for row in rows)
     dim = pl.dim if pl.dim >= 0 else pl.dim + p.dim()
-    expected = _chunk_shape(tuple(p.shape), dim, comm.world_size, comm.rank)
+    width, column = len(grid[0]), next(row.index(comm.rank) for row in grid if comm.rank in row)
+    expected = _chunk_shape(tuple(p.shape), dim, width, column)
     if tuple(p._local_tensor.shape) != expected:
         raise ValueError(
             f"SPNGD: {name} ({pl!r}, global shape {tuple(p.shape)}) has a local shard of shape "
             f"{tuple(p._local_tensor.shape)} on rank {comm.rank}, expected the torch.chunk piece {expected}"
         )
-    return dim
+    return dim, grid
 
 
 def _split_flat(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
@@ -137,32 +144,36 @@ class ShardedGradients:
     Args:
         segment_params: per gradient segment, its parameters in segment order.
         shard_dims: per segment, each parameter's shard dimension.
-        positions: per source rank, the absolute gradient-buffer positions of that rank's shards
-            of this rank's segments, in the order the source sends them.
+        positions: (receive, send): per rank, the absolute gradient-buffer positions of the
+            gradient shards of this rank's segments that rank sends (empty for a rank in another
+            HSDP replica), and of the update shards this rank sends it; in segment and parameter order.
         slots: per owner, its change and KL slots (gathered to every rank after preconditioning).
         owners: per segment, the rank that preconditions it.
         clear: the absolute indices of every change and KL slot (zeroed before the gradients arrive).
         comm: the communicator.
+        replica: per rank, its replica (row of the mesh; all 0 without HSDP).
     """
 
     def __init__(
         self,
         segment_params: Sequence[Sequence[nn.Parameter]],
         shard_dims: Sequence[Sequence[int]],
-        positions: Sequence[Tensor],
+        positions: tuple[Sequence[Tensor], Sequence[Tensor]],
         slots: Sequence[Sequence[Segment]],
         owners: Sequence[int],
         clear: Sequence[int],
         comm: Communicator,
+        replica: Sequence[int],
     ) -> None:
         self.segment_params = [list(ps) for ps in segment_params]
         self.shard_dims = [list(ds) for ds in shard_dims]
-        self.positions = list(positions)
+        self.positions = [list(positions[0]), list(positions[1])]
+        self.replica = list(replica)
         self.slots = [list(s) for s in slots]
         self.owners = list(owners)
         self.clear = torch.tensor(list(clear), dtype=torch.long)
         self.comm = comm
-        self._device_positions: list[Tensor] = []
+        self._device_positions: list[list[Tensor]] = []
 
     @classmethod
     def build(
@@ -184,9 +195,24 @@ class ShardedGradients:
             comm: the communicator (its world must be the mesh).
         """
         w, me = comm.world_size, comm.rank
-        dims = [[_shard_dim(named.get(id(p), "<parameter>"), p, comm) for p in ps] for ps in segment_params]
+        placed = [[(_shard_dim(named.get(id(p), "<parameter>"), p, comm), p) for p in ps] for ps in segment_params]
+        grid = placed[0][0][0][1] if placed and placed[0] else ((me,),)
+        for (_, g), p in (x for row in placed for x in row):
+            if g != grid:
+                raise ValueError(
+                    f"SPNGD: {named.get(id(p), '<parameter>')} is on the mesh {g}, other parameters on {grid}; "
+                    "every parameter must be sharded over the same mesh"
+                )
+        dims = [[d for (d, _), _ in row] for row in placed]
+        replica = [0] * w  # each rank's row (replica) and column (shard index) in the mesh
+        column = [0] * w
+        for q, row in enumerate(grid):
+            for j, r in enumerate(row):
+                replica[r], column[r] = q, j
+        width = len(grid[0])
         owners = list(layout.assignment.grad_owners)
-        positions: list[list[Tensor]] = [[] for _ in range(w)]
+        receive: list[list[Tensor]] = [[] for _ in range(w)]  # gradient shards from each rank of my row
+        send: list[list[Tensor]] = [[] for _ in range(w)]  # update shards to every rank
         for i, split in enumerate(segment_splits):
             if owners[i] != me:
                 continue
@@ -194,15 +220,19 @@ class ShardedGradients:
             parts = split(torch.arange(seg.offset, seg.end))
             for part, d in zip(parts, dims[i]):
                 for r in range(w):
-                    positions[r].append(_chunk(part, d, w, r).reshape(-1))
-        flat = [torch.cat(ps) if ps else torch.empty(0, dtype=torch.long) for ps in positions]
+                    piece = _chunk(part, d, width, column[r]).reshape(-1)
+                    send[r].append(piece)
+                    if replica[r] == replica[me]:
+                        receive[r].append(piece)
+        cat = [torch.cat(ps) if ps else torch.empty(0, dtype=torch.long) for ps in receive]
+        flat = [torch.cat(ps) if ps else torch.empty(0, dtype=torch.long) for ps in send]
         slots = []
         for o in range(w):
             rng = layout.grad_ranges[o]
             lo = rng.offset + sum(layout.grads[i].numel for i in layout.owned_gradients(o))
             slots.append([Segment(lo, rng.end - lo)] if rng.end > lo else [])
         clear = [k for k in layout.kl_slots if k is not None] + [c for ch in layout.change_slots for c in ch.values()]
-        return cls(segment_params, dims, flat, slots, owners, clear, comm)
+        return cls(segment_params, dims, (cat, flat), slots, owners, clear, comm, replica)
 
     @classmethod
     def for_model(
@@ -226,7 +256,7 @@ class ShardedGradients:
         """
         if getattr(options, "weight_rescale", False):
             raise ValueError("SPNGD: weight_rescale=True is not supported with FSDP2 (sharded) parameters")
-        if getattr(options, "compile_backend", None) is not None:
+        if getattr(options, "compile_step", False) not in (False, None):
             raise ValueError(
                 "SPNGD: a compiled step (compile_backend) is not supported with FSDP2 (sharded) parameters"
             )
@@ -239,10 +269,11 @@ class ShardedGradients:
             splits.append(lambda flat: _split_flat(flat, plain))
         return cls.build(named, segments, splits, layout, comm)
 
-    def _positions(self, device: torch.device) -> list[Tensor]:
-        if not self._device_positions or self._device_positions[0].device != device:
-            self._device_positions = [p.to(device) for p in self.positions]
-        return self._device_positions
+    def _positions(self, device: torch.device, which: int) -> list[Tensor]:
+        """The receive (0) or send (1) positions on ``device``."""
+        if not self._device_positions or self._device_positions[0][0].device != device:
+            self._device_positions = [[p.to(device) for p in ps] for ps in self.positions]
+        return self._device_positions[which]
 
     def _by_owner(self) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in range(self.comm.world_size)]
@@ -263,9 +294,9 @@ class ShardedGradients:
         w, me = self.comm.world_size, self.comm.rank
         dtype, device = grad_buffer.dtype, grad_buffer.device
         sends: list[list[Tensor]] = []
-        for segs in self._by_owner():
+        for o, segs in enumerate(self._by_owner()):
             pieces = []
-            for i in segs:
+            for i in segs if self.replica[o] == self.replica[me] else ():  # HSDP: owners of my replica
                 for p in self.segment_params[i]:
                     g = p.grad
                     if g is None:
@@ -274,7 +305,7 @@ class ShardedGradients:
                         local = g._local_tensor if isinstance(g, DTensor) else g
                         pieces.append(local.reshape(-1).to(dtype))
             sends.append([torch.cat(pieces) if pieces else grad_buffer.new_empty(0)])
-        pos = self._positions(device)
+        pos = self._positions(device, 0)
         grad_buffer.index_copy_(0, pos[me], sends[me][0])
         sends[me] = []
         receives = [[grad_buffer.new_empty(pos[r].numel())] if r != me else [] for r in range(w)]
@@ -293,7 +324,7 @@ class ShardedGradients:
         """
         w, me = self.comm.world_size, self.comm.rank
         dtype, device = grad_buffer.dtype, grad_buffer.device
-        pos = self._positions(device)
+        pos = self._positions(device, 1)
         mine = [grad_buffer.index_select(0, pos[r]) for r in range(w)]
         by_owner = self._by_owner()
         receives = [
