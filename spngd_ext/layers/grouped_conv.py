@@ -98,22 +98,19 @@ class GroupedConvCurvature(CurvatureLayer):
         x = self._as_2d(inputs.detach(), 1 if self.one_d else 2)
         n = x.shape[0]
         patches = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
-        # unfold orders the patch as (channel, kh, kw): group k's channels are one contiguous run
-        t = patches.shape[2]
-        rows = patches.view(n, self.groups, -1, t).permute(1, 0, 3, 2).reshape(self.groups, n * t, -1)
-        if self.bias is not None:
-            rows = torch.cat([rows, rows.new_ones(self.groups, n * t, 1)], dim=2)
-        _accumulate_grams(rows, [stats[k] for k in self._a_names], first)
+        # unfold orders the patch as (channel, kh, kw): group k's channels are one contiguous run,
+        # so (N, G, patch, T) is a view and no row matrix is copied out of it
+        cols = patches.view(n, self.groups, -1, patches.shape[2])
+        _accumulate_grams(cols, [stats[k] for k in self._a_names], first, ones=self.bias is not None)
         return None, n
 
     def accumulate_backward(
         self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: Backend | str
     ) -> int:
         g = self._as_2d(grad_out.detach(), 1 if self.one_d else 2)
-        n, c = g.shape[:2]
-        rows = g.reshape(n, self.groups, self.dim_g, -1).permute(1, 0, 3, 2).reshape(self.groups, -1, self.dim_g)
-        _accumulate_grams(rows, [stats[k] for k in self._g_names], first)
-        return rows.shape[1]
+        cols = g.reshape(g.shape[0], self.groups, self.dim_g, -1)
+        _accumulate_grams(cols, [stats[k] for k in self._g_names], first)
+        return cols.shape[0] * cols.shape[3]
 
     # ---- curvature -----------------------------------------------------------------------------
     def estimate_from_packed(self, name: str, packed: Tensor, scale: Tensor | float) -> Tensor:
@@ -162,11 +159,17 @@ class GroupedConvCurvature(CurvatureLayer):
         return torch.cat([u[:, :, :-1].reshape(w_numel), u[:, :, -1].reshape(-1)])
 
 
-def _accumulate_grams(rows: Tensor, states: Sequence[Tensor], first: bool) -> None:
-    """states[k] (packed upper triangles) ← (0 if first else states[k]) + packed(rows[k]ᵀ rows[k])."""
-    acc_dtype = states[0].dtype
-    r = rows.to(acc_dtype)
-    grams = r.transpose(1, 2) @ r
+def _accumulate_grams(cols: Tensor, states: Sequence[Tensor], first: bool, ones: bool = False) -> None:
+    """states[k] (packed upper triangles) ← (0 if first else states[k]) + packed(Σ_n c c ᵀ) with c the
+    columns cols[n, k] (N, G, d, T) of group k, each extended by a constant 1 when ``ones`` (a bias):
+    one batched (d × T)·(T × d) product per example and group, without copying the columns."""
+    c = cols.to(states[0].dtype)
+    grams = (c @ c.transpose(-1, -2)).sum(0)
+    if ones:
+        sums = c.sum(dim=(0, 3))  # (G, d): the products with the constant 1
+        count = torch.full_like(sums[:, :1], float(c.shape[0] * c.shape[3]))
+        edge = torch.cat([sums, count], dim=1)
+        grams = torch.cat([torch.cat([grams, sums.unsqueeze(2)], dim=2), edge.unsqueeze(1)], dim=1)
     d = grams.shape[1]
     iu = torch.triu_indices(d, d, device=grams.device)
     packed = grams[:, iu[0], iu[1]]

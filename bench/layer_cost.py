@@ -1,0 +1,185 @@
+"""SP-NGD's curvature cost per parameter, by layer type, measured side by side in one process.
+
+For each model (default: the main-job CNN with Linear/Conv2d/BatchNorm, ``vit`` with attention
+projections and LayerNorm, ``dwcnn`` with depthwise convolutions and GroupNorm) one training step
+of SP-NGD (fisher="emp", torch backend) records every curvature layer's hook inputs: the layer
+input, the output gradient and the forward context. Then, in interleaved rounds (every layer of
+every model once per round), each layer's two parts of an every-step refresh are re-run and timed:
+
+* statistics: ``accumulate_forward`` + ``accumulate_backward`` on the recorded tensors (what the
+  hooks do);
+* inversion + preconditioning: for a Kronecker layer (Linear, Conv2d, attention projection) the
+  damped Cholesky inverses of A and G and the update Ĝ⁻¹ ∇ Â⁻¹; for the others the estimates'
+  unpacking and ``precondition`` (grouped convolutions and Embedding invert there, BatchNorm and
+  LayerNorm/GroupNorm solve their 2×2 blocks).
+
+Reported per model and layer kind: parameters, median µs per step of each part summed over the
+kind's layers, and ns per parameter; the buffers, reductions and the optimizer step itself are
+not included (they are per element and alike for every kind).
+
+    python bench/layer_cost.py [--batch-size 64] [--rounds 30] [--models small_bn_cnn,vit,dwcnn]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from spngd_ext import SPNGD, ops  # noqa: E402
+from spngd_ext.layers import KroneckerLayer, LayerCurvature  # noqa: E402
+from spngd_ext.train.data import load_dataset  # noqa: E402
+from spngd_ext.train.models import build_model, small_bn_cnn  # noqa: E402
+
+DAMPING = 1e-3
+
+
+def _model(name: str) -> torch.nn.Module:
+    return small_bn_cnn() if name == "small_bn_cnn" else build_model(name)
+
+
+def record_layers(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[dict]:
+    """One SP-NGD step; per curvature layer its hook calls' tensors and its flat gradient."""
+    opt = SPNGD(model, lr=0.0, fisher="emp", backend="torch")
+    calls: dict[int, list] = defaultdict(list)
+    for i, layer in enumerate(opt.layers):
+        fwd, bwd = layer.accumulate_forward, layer.accumulate_backward
+
+        def forward(inputs, stats, first, backend, _i=i, _fwd=fwd):
+            context, count = _fwd(inputs, stats, first, backend)
+            calls[_i].append([inputs.detach(), None, context])
+            return context, count
+
+        def backward(grad, context, stats, first, backend, _i=i, _bwd=bwd):
+            for call in calls[_i]:
+                if call[2] is context and call[1] is None:
+                    call[1] = grad.detach()
+                    break
+            return _bwd(grad, context, stats, first, backend)
+
+        layer.accumulate_forward, layer.accumulate_backward = forward, backward  # type: ignore[method-assign]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    recorded = []
+    for i, layer in enumerate(opt.layers):
+        del layer.accumulate_forward, layer.accumulate_backward  # the class methods again
+        grad = torch.zeros(layer.grad_numel)
+        layer.write_gradient(grad)
+        recorded.append({"layer": layer, "calls": [c for c in calls[i] if c[1] is not None], "grad": grad})
+    return recorded
+
+
+def time_statistics(entry: dict) -> tuple[float, dict[str, torch.Tensor]]:
+    layer = entry["layer"]
+    # shaped as the optimizer's accumulator views (an "F" statistic as (C, 3))
+    stats = {
+        s.name: torch.zeros(s.numel).view(-1, 3) if s.name == "F" else torch.zeros(s.numel) for s in layer.stat_specs()
+    }
+    counts: dict[str, int] = defaultdict(int)
+    t0 = time.perf_counter()
+    for k, (inputs, grad, _) in enumerate(entry["calls"]):
+        context, n = layer.accumulate_forward(inputs, stats, k == 0, "torch")
+        for name in layer.forward_stat_names():
+            counts[name] += n
+        n = layer.accumulate_backward(grad, context, stats, k == 0, "torch")
+        for name in layer.backward_stat_names():
+            counts[name] += n
+    dt = time.perf_counter() - t0
+    return dt, {name: value / max(counts[name], 1) for name, value in stats.items()}
+
+
+def time_update(entry: dict, stats: dict[str, torch.Tensor]) -> float:
+    layer, grad = entry["layer"], entry["grad"]
+    t0 = time.perf_counter()
+    if isinstance(layer, KroneckerLayer):
+        a = layer.estimate_from_packed("A", stats["A"], 1.0)
+        g = layer.estimate_from_packed("G", stats["G"], 1.0)
+        root = torch.full((1,), DAMPING**0.5)
+        a_inv, _ = ops.cholesky_inverse_damped(a.unsqueeze(0), root, backend="torch")
+        g_inv, _ = ops.cholesky_inverse_damped(g.unsqueeze(0), root, backend="torch")
+        curvature = LayerCurvature(inverses=(a_inv[0], g_inv[0]))
+        type(layer).precondition_batch([layer], [grad], [curvature], DAMPING, "torch")
+    else:
+        estimates = {name: layer.estimate_from_packed(name, value.reshape(-1), 1.0) for name, value in stats.items()}
+        layer.precondition(grad, LayerCurvature(estimates=estimates), DAMPING, "torch")
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="small_bn_cnn,vit,dwcnn")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    command = " ".join(
+        shlex.quote(a) for a in ["python", "bench/layer_cost.py", *(sys.argv[1:] if argv is None else argv)]
+    )
+    torch.set_num_threads(args.threads)
+    data = load_dataset(args.data_dir, limit_train=args.batch_size, limit_test=1, download=False)
+    x, y = data.train_x[: args.batch_size], data.train_y[: args.batch_size]
+    entries = []
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        for entry in record_layers(_model(name), x, y):
+            entries.append(entry | {"model": name, "stat_s": [], "update_s": []})
+    for r in range(args.rounds + 2):  # the first two rounds are warm-up
+        for entry in entries if r % 2 == 0 else reversed(entries):
+            dt_stat, stats = time_statistics(entry)
+            dt_update = time_update(entry, stats)
+            if r >= 2:
+                entry["stat_s"].append(dt_stat)
+                entry["update_s"].append(dt_update)
+
+    rows: dict[tuple[str, str], dict] = {}
+    for entry in entries:
+        row = rows.setdefault(
+            (entry["model"], entry["layer"].kind), {"layers": 0, "parameters": 0, "stat_us": 0.0, "update_us": 0.0}
+        )
+        row["layers"] += 1
+        row["parameters"] += entry["layer"].grad_numel
+        row["stat_us"] += 1e6 * statistics.median(entry["stat_s"])
+        row["update_us"] += 1e6 * statistics.median(entry["update_s"])
+    lines = [
+        f"command: `{command}`  ",
+        f"batch {args.batch_size} (Fashion-MNIST), {args.rounds} interleaved rounds, {args.threads} thread(s), "
+        "torch backend; median per layer, summed per kind",
+        "",
+        "| model | kind | layers | parameters | statistics µs | ns/param | inversion + update µs | ns/param |"
+        " total ns/param |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (model, kind), row in rows.items():
+        n = row["parameters"]
+        row["stat_ns_per_param"] = 1e3 * row["stat_us"] / n
+        row["update_ns_per_param"] = 1e3 * row["update_us"] / n
+        lines.append(
+            f"| {model} | {kind} | {row['layers']} | {n:,} | {row['stat_us']:.0f} | {row['stat_ns_per_param']:.0f} | "
+            f"{row['update_us']:.0f} | {row['update_ns_per_param']:.0f} | "
+            f"{row['stat_ns_per_param'] + row['update_ns_per_param']:.0f} |"
+        )
+    print("\n".join(lines))
+    result = {"command": command, "batch_size": args.batch_size, "rounds": args.rounds}
+    result["rows"] = [{"model": m, "kind": k} | v for (m, k), v in rows.items()]
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
