@@ -52,8 +52,10 @@ def is_sharded(params: Sequence[Tensor]) -> bool:
     Args:
         params: the model's parameters.
     """
-    from torch.distributed.tensor import DTensor
-
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support has no DTensor
+        return False
     return any(isinstance(p, DTensor) for p in params)
 
 
@@ -63,8 +65,10 @@ def local_tensor(t: Tensor) -> Tensor:
     Args:
         t: a tensor or DTensor.
     """
-    from torch.distributed.tensor import DTensor
-
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return t
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
