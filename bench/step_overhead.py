@@ -4,10 +4,14 @@
     python bench/step_overhead.py --model resnet50 --device cuda --batch-sizes 32,128
     python bench/step_overhead.py --model resnet50 --batch-sizes 32 --configs sgd,spngd-every-step-cuda,spngd-every-step-torch
     python bench/step_overhead.py --whole-run [--batch-size 4096 --threads 2]   # bench/whole_run.py
+    python bench/step_overhead.py --compile [--batch-sizes 256,4096 --threads 1]   # bench/compile_step.py
 
 ``--whole-run`` hands over to bench/whole_run.py: every configuration (SGD, every step, stale
 statistics with either rule) trains the whole main job, side by side, and the report gives the mean
 step over the run and the fraction of each kind of work skipped.
+``--compile`` hands over to bench/compile_step.py: torch.compile(model) with
+SPNGD(compile_step=True) against eager SP-NGD and compiled and eager SGD, and the graphs compiled
+over a 200-step stale-statistics run.
 
 Timed configurations (all built through ``spngd_ext.train.baselines``, as the train CLI builds
 them):
@@ -391,6 +395,10 @@ def main(argv: list[str] | None = None) -> dict:
         import whole_run
 
         return whole_run.main([a for a in argv if a != "--whole-run"])
+    if "--compile" in argv:  # torch.compile(model) + SPNGD(compile_step=True) (bench/compile_step.py)
+        import compile_step
+
+        return compile_step.main([a for a in argv if a != "--compile"])
     args = parse_args(argv)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     torch.manual_seed(args.seed)

@@ -155,6 +155,13 @@ class SPNGDOptions:
     seed: int | None = field(
         default=None, metadata=_help("seed of the sampled labels; None: from torch.initial_seed()")
     )
+    compile_step: bool | str = field(
+        default=False,
+        metadata=_help(
+            "run the step's tensor work (gradient gather; preconditioning, KL clip, weight decay, momentum, "
+            "update) as torch.compile'd regions: True (Inductor) or a torch.compile backend name; False: eager"
+        ),
+    )
     comm_dtype: torch.dtype | None = field(
         default=None,
         metadata=_help(
@@ -202,6 +209,19 @@ class SPNGDOptions:
         set_(self, "weight_rescale", bool(self.weight_rescale))
         if self.seed is not None:
             set_(self, "seed", int(self.seed))
+        if not isinstance(self.compile_step, (bool, str)):
+            raise ValueError(
+                f"SPNGD: compile_step must be a bool or a torch.compile backend name, got {self.compile_step!r}"
+            )
+        if isinstance(self.compile_step, str):
+            import torch._dynamo
+
+            known = torch._dynamo.list_backends(exclude_tags=())
+            if self.compile_step not in known:
+                raise ValueError(
+                    f"SPNGD: compile_step must be a bool or a torch.compile backend ({', '.join(known)}), "
+                    f"got {self.compile_step!r}"
+                )
 
     @classmethod
     def from_kwargs(cls, options: dict[str, Any]) -> SPNGDOptions:
@@ -225,6 +245,13 @@ class SPNGDOptions:
         if self.stale is True:
             return StalePolicy()
         return self.stale or None
+
+    @property
+    def compile_backend(self) -> str | None:
+        """The ``torch.compile`` backend of the step's regions (None: the step runs eagerly)."""
+        if self.compile_step is False:
+            return None
+        return "inductor" if self.compile_step is True else self.compile_step
 
     def damping_at(self, step: int) -> float:
         """λ for a step (schedules are called with the 0-based step index)."""

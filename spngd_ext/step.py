@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from . import kernel_guard, ops
+from .compiled_step import CompiledStep
 from .distributed.communicator import Communicator
 from .distributed.fsdp import ShardedGradients, local_tensor
 from .layers import CurvatureLayer
@@ -84,6 +85,10 @@ class StepRunner:
         self._warned: set[str] = set()
         self.sharded: ShardedGradients | None = None  # FSDP2 models: set by SPNGD (distributed/fsdp.py)
         self._local_updates: dict[int, Tensor] = {}
+        backend = options.compile_backend
+        self.compiled = (
+            CompiledStep(layers, plain_params, state, comm, options, backend) if backend is not None else None
+        )
         self.set_due()
 
     # ------------------------------------------------------------------ bookkeeping
@@ -147,6 +152,10 @@ class StepRunner:
             found_inf: the GradScaler's found-inf flag (None without one).
         """
         self.check_groups(param_groups, self.step_index)
+        if self.compiled is not None and self.sharded is not None:
+            raise ValueError(
+                "SPNGD: compile_step is not supported for FSDP2 (fully_shard) models; use compile_step=False"
+            )
         st, opts = self.state, self.options
         buffers, acc = st.buffers, st.accumulation
         device = buffers.all_params[0].device
@@ -167,9 +176,12 @@ class StepRunner:
         lam = opts.damping_at(self.step_index)
 
         with record_function("spngd::gather_gradients"):
-            buffers.fill_gradients() if self.sharded is None else self.sharded.fill_gradients(buffers.grad_buffer)
-            if amp_scale is not None:
-                buffers.grad_buffer.mul_(torch.reciprocal(amp_scale.to(buffers.grad_buffer)))
+            if self.compiled is not None:
+                self.compiled.gather(amp_scale)
+            else:
+                buffers.fill_gradients() if self.sharded is None else self.sharded.fill_gradients(buffers.grad_buffer)
+                if amp_scale is not None:
+                    buffers.grad_buffer.mul_(torch.reciprocal(amp_scale.to(buffers.grad_buffer)))
             if refresh:
                 examples = self.loss_terms or self.examples or acc.examples_seen()
                 grad_scale = float(examples) if opts.fisher is FisherType.EMP else 1.0
@@ -233,6 +245,10 @@ class StepRunner:
 
     def _precondition_and_update(self, param_groups: Sequence[dict], param_state: dict, lam: float) -> None:
         st, opts = self.state, self.options
+        if self.compiled is not None:
+            with record_function("spngd::compiled_update"):
+                self.compiled.precondition_and_update(param_groups, param_state, lam)
+            return
         lrs = plain_lrs = None
         if opts.kl_clip is not None:
             group_of = {id(p): g for g in param_groups for p in g["params"]}

@@ -47,7 +47,12 @@ def cholesky_inverse_damped(
 
 
 def bn_unitwise_solve(
-    fisher: Tensor, grad_gamma: Tensor, grad_beta: Tensor, *, damping: float, backend: Backend | str = Backend.AUTO
+    fisher: Tensor,
+    grad_gamma: Tensor,
+    grad_beta: Tensor,
+    *,
+    damping: float | Tensor,
+    backend: Backend | str = Backend.AUTO,
 ) -> tuple[Tensor, Tensor]:
     """Per channel ``(F_c + damping·I)⁻¹ [∇γ_c, ∇β_c]``; a singular channel keeps its gradient.
 
@@ -55,7 +60,8 @@ def bn_unitwise_solve(
         fisher: the (C, 3) = (γγ, γβ, ββ) Fisher.
         grad_gamma: ∇γ, (C,).
         grad_beta: ∇β, (C,).
-        damping: λ.
+        damping: λ; a 0-dim tensor (the compiled step's λ) takes the PyTorch path, whose
+            elementwise 2×2 solve the compiler fuses (the kernel takes λ as a host float).
         backend: "auto", "cuda" or "torch" (a :class:`Backend` or its value), see the module docstring.
     """
     op = "bn_unitwise_solve"
@@ -68,7 +74,7 @@ def bn_unitwise_solve(
         if t.shape[0] != channels:
             raise ValueError(f"{op}: {name} must have {channels} entries, got {t.shape[0]}")
     check_same_device(op, fisher=fisher, grad_gamma=grad_gamma, grad_beta=grad_beta)
-    if use_kernel(backend, [fisher, grad_gamma, grad_beta], op, (torch.float32,)):
+    if not isinstance(damping, Tensor) and use_kernel(backend, [fisher, grad_gamma, grad_beta], op, (torch.float32,)):
         ug, ub = torch.ops.spngd_ext.bn_unitwise_solve(
             fisher.contiguous(), grad_gamma.contiguous(), grad_beta.contiguous(), float(damping)
         )

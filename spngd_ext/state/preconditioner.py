@@ -9,6 +9,7 @@ gradient (U = ∇).
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -62,18 +63,19 @@ class Preconditioner:
 
     def precondition_owned(
         self,
-        damping: float,
-        lrs: Sequence[float] | None,
+        damping: float | Tensor,
+        lrs: Sequence[float] | Tensor | None,
         backend: ops.Backend | str,
-        plain_lrs: Sequence[float] | None = None,
+        plain_lrs: Sequence[float] | Tensor | None = None,
     ) -> None:
         """Overwrite this rank's gradient chunk with the preconditioned gradients, and with ``lrs``
         write this rank's share of the KL sum Σ lr²·⟨U, ∇⟩ over every parameter the optimizer
         updates: U = ∇ where there is no curvature (yet), so those terms are lr²·‖∇‖².
 
         Args:
-            damping: λ of this step.
-            lrs: the learning rate of each layer (None: no KL clipping, no sum).
+            damping: λ of this step (a 0-dim tensor in the compiled step).
+            lrs: the learning rate of each layer (None: no KL clipping, no sum; a 1-D tensor in
+                the compiled step).
             backend: the ops backend.
             plain_lrs: the learning rate of each parameter outside curvature layers.
         """
@@ -91,8 +93,9 @@ class Preconditioner:
             groups.setdefault((type(layer), layer.batch_key(curvature)), []).append((i, curvature))
         for (cls, _), members in groups.items():
             grads = [buf.grad_segment(i) for i, _ in members]
+            # a tensor λ works wherever λ enters the layers' arithmetic (the compiled step)
             updates = cls.precondition_batch(
-                [self.layers[i] for i, _ in members], grads, [c for _, c in members], damping, backend
+                [self.layers[i] for i, _ in members], grads, [c for _, c in members], cast(float, damping), backend
             )
             for (i, _), g, u in zip(members, grads, updates):
                 if lrs is not None:
@@ -102,7 +105,7 @@ class Preconditioner:
             flat = buf.grad_segment(len(self.layers))
             pos = 0
             params: list[nn.Parameter] = buf.plain_params
-            for p, lr in zip(params, plain_lrs or []):
+            for p, lr in zip(params, plain_lrs if plain_lrs is not None else []):
                 g = flat[pos : pos + p.numel()]
                 kl_terms.append(lr**2 * (g * g).sum())
                 pos += p.numel()
