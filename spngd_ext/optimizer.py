@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch._dynamo.config  # skip_nnmodule_hook_guards (see __init__)
 import torch._functorch.config  # donated_buffer (see __init__)
 from torch import Tensor, nn
 from torch.profiler import record_function
@@ -145,6 +146,9 @@ class SPNGD(torch.optim.Optimizer):
             # torch.compile'd model allows a second backward only without donated buffers (fixed when
             # the compiled model first runs). Eager models are unaffected.
             torch._functorch.config.donated_buffer = False
+        # Dynamo by default does not guard on module hooks: a graph compiled for an identical model
+        # before this one had its hooks would be reused without them (no statistics, no warning).
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
         # Hooks last: a constructor that raised above leaves the model untouched.
         self._capture = ActivationCapture(self._layers, self)
         # Examples per step (the per-example gradient scale of fisher="emp"): counted once per
@@ -154,6 +158,7 @@ class SPNGD(torch.optim.Optimizer):
         # statistics, the others are reported once (a layer that never runs never gets curvature).
         self._layers_ran: set[int] = set()
         self._unused_checked = False
+        self._unhooked_warned = False
 
     def _build_state(self) -> CurvatureState:
         """Place layers on ranks, lay out the buffers, and build this rank's curvature state."""
@@ -245,7 +250,10 @@ class SPNGD(torch.optim.Optimizer):
         # Set by torch.amp.GradScaler.step (see the class docstring); None without a scaler.
         amp_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        self._runner.run(self.param_groups, self.state, amp_scale, found_inf)
+        runner = self._runner
+        if runner.refresh_now and runner.loss_terms and not runner.examples and self._model.training:
+            self._warn_unhooked()
+        runner.run(self.param_groups, self.state, amp_scale, found_inf)
         if not self._unused_checked and self._layers_ran:
             self._unused_checked = True
             unused = [layer.name for i, layer in enumerate(self._layers) if i not in self._layers_ran]
@@ -257,6 +265,18 @@ class SPNGD(torch.optim.Optimizer):
                 )
         self._sampler.outputs = []
         return loss
+
+    def _warn_unhooked(self) -> None:
+        """opt.backward saw the model's output but the model's forward ran without the hooks."""
+        if not self._unhooked_warned:
+            self._unhooked_warned = True
+            warnings.warn(
+                "SPNGD: a curvature refresh was due and opt.backward received the model's output, but the "
+                "model's forward ran without SPNGD's hooks, so no statistics were collected: a torch.compile'd "
+                "graph compiled before SPNGD attached its hooks (for this model or an identical one) is being "
+                "reused. Construct SPNGD before the compiled model first runs, or call torch._dynamo.reset()",
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ capture sink
     def _count_examples(self, module: nn.Module, inputs: tuple, output: object) -> None:

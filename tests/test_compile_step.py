@@ -21,7 +21,9 @@ minutes on a small CPU); one small Inductor case runs the default backend end to
 from __future__ import annotations
 
 import contextlib
+import copy
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -58,12 +60,14 @@ REFRESH_SITES = {FLAG, "state/inverses.py:invert_damped", "state/estimates.py:re
 def fresh_dynamo():
     """Each test compiles from scratch and leaves torch's compiler settings as it found them."""
     donated = torch._functorch.config.donated_buffer
+    hook_guards = torch._dynamo.config.skip_nnmodule_hook_guards
     torch._dynamo.reset()
     counters.clear()
     STEP_GRAPHS.clear()
     yield
     torch._dynamo.reset()
     torch._functorch.config.donated_buffer = donated
+    torch._dynamo.config.skip_nnmodule_hook_guards = hook_guards
 
 
 @contextlib.contextmanager
@@ -225,3 +229,42 @@ def test_inductor_small_case(fresh_dynamo):
     print(f"inductor: worst relative difference {worst[0]:.2e} ({worst[1]})")
     assert worst[0] <= 1e-4, worst
     assert all(CAPTURE_BREAK in reason for reason in counters["graph_break"])  # the model's, none in the step
+
+
+def _small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("sgd_first", [False, True])
+def test_compiled_identical_model_does_not_lose_the_hooks(fresh_dynamo, sgd_first):
+    """An identical model compiled for SGD shares Dynamo's cache with the SP-NGD model. Compiled
+    after SPNGD exists, its graph has hook guards and the SP-NGD model gets its own graph with the
+    hooks; compiled and run before, its hook-less graph is reused: SPNGD warns, naming the cause."""
+    torch._dynamo.config.skip_nnmodule_hook_guards = True  # torch's default, as before any SPNGD existed
+    base = _small_model()
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    sgd_model = copy.deepcopy(base)
+    sgd_run, sgd = torch.compile(sgd_model, backend="aot_eager"), torch.optim.SGD(sgd_model.parameters(), lr=0.0)
+
+    def sgd_step():
+        sgd.zero_grad()
+        F.cross_entropy(sgd_run(x), y).backward()
+        sgd.step()
+
+    if sgd_first:
+        sgd_step()
+    model = copy.deepcopy(base)
+    opt = SPNGD(model, lr=0.0, fisher="emp")
+    run = torch.compile(model, backend="aot_eager")
+    sgd_step()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.zero_grad()
+            out = run(x)
+            opt.backward(F.cross_entropy(out, y), out)
+            opt.step()
+    warned = [str(w.message) for w in record if "ran without SPNGD's hooks" in str(w.message)]
+    assert opt.counters["factor_updates"] == (0 if sgd_first else 2)
+    assert len(warned) == int(sgd_first), warned
