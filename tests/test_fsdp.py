@@ -191,9 +191,9 @@ def _refusals(rank: int, world: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    def message(make) -> str | None:
+    def message(make, **options) -> str | None:
         try:
-            SPNGD(make(), **OPT_KW)
+            SPNGD(make(), **OPT_KW, **options)
         except ValueError as exc:
             return str(exc)
         return None
@@ -219,7 +219,21 @@ def _refusals(rank: int, world: int) -> dict:
         fully_shard(model[0])
         return model
 
-    return {"tp": message(tensor_parallel), "replicated": message(replicated), "mixed": message(mixed)}
+    def sharded() -> nn.Module:
+        from torch.distributed.fsdp import fully_shard
+
+        model = nn.Sequential(nn.Linear(4, 3)).double()
+        fully_shard(model)
+        return model
+
+    return {
+        "tp": message(tensor_parallel),
+        "replicated": message(replicated),
+        "mixed": message(mixed),
+        "compile_step": message(sharded, compile_step=True),
+        "weight_rescale": message(sharded, weight_rescale=True),
+        "plain options": message(sharded),
+    }
 
 
 CONFIGS = {
@@ -262,6 +276,9 @@ def test_fsdp2_matches_one_process_on_the_concatenated_batch(world: int) -> None
         assert refusals["replicated"] is not None and "0.weight" in refusals["replicated"], refusals
         assert "Replicate()" in refusals["replicated"], refusals
         assert refusals["mixed"] is not None and "1.weight is a plain tensor" in refusals["mixed"], refusals
+        assert "compile_step is not supported with FSDP2" in (refusals["compile_step"] or ""), refusals
+        assert "weight_rescale=True is not supported with FSDP2" in (refusals["weight_rescale"] or ""), refusals
+        assert refusals["plain options"] is None, refusals
 
 
 # ---------------------------------------------------------------------------------------------

@@ -262,7 +262,7 @@ class ShardedGradients:
             raise ValueError("SPNGD: weight_rescale=True is not supported with FSDP2 (sharded) parameters")
         if getattr(options, "compile_step", False) not in (False, None):
             raise ValueError(
-                "SPNGD: a compiled step (compile_backend) is not supported with FSDP2 (sharded) parameters"
+                "SPNGD: compile_step is not supported with FSDP2 (sharded) parameters; use compile_step=False"
             )
         named = {id(p): n for n, p in model.named_parameters()}
         segments = [list(layer.params) for layer in layers]
