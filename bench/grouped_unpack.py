@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import shlex
 import statistics
 import sys
 import time
@@ -33,6 +31,9 @@ from spngd_ext.layers import GroupedConvCurvature  # noqa: E402
 from spngd_ext.train.baselines import OptimizerSettings, build_train_step  # noqa: E402
 from spngd_ext.train.data import load_dataset  # noqa: E402
 from spngd_ext.train.models import build_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, also when loaded by path
+from layer_cost import parse_cpu_bench, write_json  # noqa: E402
 
 
 def _timed(store: list[float], fn):
@@ -54,14 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=60)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--curvature-interval", type=int, default=10, help="factors (and Kronecker inverses) every k steps")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    command = " ".join(
-        shlex.quote(a) for a in ["python", "bench/grouped_unpack.py", *(sys.argv[1:] if argv is None else argv)]
-    )
-    torch.set_num_threads(args.threads)
+    args, command = parse_cpu_bench(p, argv, "bench/grouped_unpack.py")
     data = load_dataset(args.data_dir, limit_train=args.batch_size * 8, limit_test=1, download=False)
     batches = list(zip(data.train_x.split(args.batch_size), data.train_y.split(args.batch_size)))
 
@@ -128,9 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"grouped-conv precondition (batched Cholesky of 2G factors + the two products): {precondition_ms:.2f} ms/step"
     )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    write_json(args.json, result)
     return result
 
 

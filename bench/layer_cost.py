@@ -46,6 +46,23 @@ from spngd_ext.train.models import build_model, small_bn_cnn  # noqa: E402
 DAMPING = 1e-3
 
 
+def parse_cpu_bench(p: argparse.ArgumentParser, argv: list[str] | None, script: str) -> tuple[argparse.Namespace, str]:
+    """Add --threads, --data-dir and --json, parse, set the torch threads; (arguments, the command)."""
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args, " ".join(shlex.quote(a) for a in ["python", script, *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_json(path: str | None, result: dict) -> None:
+    """``result`` as JSON at ``path`` (nothing when None)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=1))
+
+
 def _model(name: str) -> torch.nn.Module:
     return small_bn_cnn() if name == "small_bn_cnn" else build_model(name)
 
@@ -122,14 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--models", default="small_bn_cnn,vit,dwcnn")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    command = " ".join(
-        shlex.quote(a) for a in ["python", "bench/layer_cost.py", *(sys.argv[1:] if argv is None else argv)]
-    )
-    torch.set_num_threads(args.threads)
+    args, command = parse_cpu_bench(p, argv, "bench/layer_cost.py")
     data = load_dataset(args.data_dir, limit_train=args.batch_size, limit_test=1, download=False)
     x, y = data.train_x[: args.batch_size], data.train_y[: args.batch_size]
     entries = []
@@ -175,9 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n".join(lines))
     result = {"command": command, "batch_size": args.batch_size, "rounds": args.rounds}
     result["rows"] = [{"model": m, "kind": k} | v for (m, k), v in rows.items()]
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    write_json(args.json, result)
     return result
 
 
