@@ -268,3 +268,23 @@ def test_compiled_identical_model_does_not_lose_the_hooks(fresh_dynamo, sgd_firs
     warned = [str(w.message) for w in record if "ran without SPNGD's hooks" in str(w.message)]
     assert opt.counters["factor_updates"] == (0 if sgd_first else 2)
     assert len(warned) == int(sgd_first), warned
+
+
+def test_two_gloo_ranks_compiled_match_one_eager_process():
+    """2 Gloo ranks with compile_step (the precondition and update regions around the gather of
+    the updates) against one eager process on the whole batch: float64, the distributed tests'
+    tolerance; every rank holds the same parameters."""
+    from test_distributed import (
+        _w_equivalence,
+        assert_close_to_reference,
+        assert_ranks_identical,
+        reference,
+        run_world,
+    )
+
+    cfg = dict(kind="conv_syncbn", steps=4, global_batch=8, curvature_interval=2, inverse_interval=2)
+    per_rank = [r["compiled"] for r in run_world(2, _w_equivalence, {"compiled": dict(cfg, compile_step="aot_eager")})]
+    assert_ranks_identical(per_rank)
+    ref = reference(**cfg)
+    assert_close_to_reference(per_rank, ref["params"])
+    assert per_rank[0]["counters"]["factor_updates"] == 2
