@@ -11,6 +11,8 @@
   the gradients), so no rank receives the gradients of layers it does not own.
 * HSDP at 4 ranks (2 replicas × 2 shards): the same equivalence; each rank sends its gradient
   shards only to the owners of its replica.
+* DCP: checkpoints saved at 4 ranks (FSDP2, and HSDP 2×2) resume at 2 ranks and continue as
+  the saving run does.
 * Refusals at construction: a tensor-parallel 2-D mesh, a Replicate placement, a plain parameter
   next to DTensor ones; each error names the parameter and its placement.
 """
@@ -288,50 +290,59 @@ DCP_KW = dict(OPT_KW, ema_decay=0.9, stale=True)  # EMA counts and adaptive inte
 DCP_STEPS, DCP_SAVE_AT, DCP_BATCH = 4, 2, 8
 
 
+# saved at 4 ranks as FSDP2 (CNN) and as HSDP 2×2 (transformer), both resumed at 2 as FSDP2
+DCP_CASES = {"conv_syncbn": False, "transformer": True}
+
+
 def _w_dcp(rank: int, world: int, payload: dict) -> dict:
     """Save (payload['save']) after DCP_SAVE_AT steps and go on, or load and go on."""
     import torch.distributed.checkpoint as dcp
 
     from spngd_ext.distributed import dcp as spngd_dcp
 
-    kind, path = "conv_syncbn", payload["path"]
-    model = build(kind)
-    shard(model, kind)
-    opt = SPNGD(model, **DCP_KW)
-    part = DCP_BATCH // world
-    first = 0
-    if not payload["save"]:
-        state = model.state_dict()
-        dcp.load(state, checkpoint_id=f"{path}/model")
-        model.load_state_dict(state)
-        spngd_dcp.load(opt, f"{path}/optim")
-        first = DCP_SAVE_AT
-    params = {}
-    for step in range(first, DCP_STEPS):
-        if payload["save"] and step == DCP_SAVE_AT:
-            dcp.save(model.state_dict(), checkpoint_id=f"{path}/model")
-            spngd_dcp.save(opt, f"{path}/optim")
-        x, y = batch(kind, step, DCP_BATCH)
-        train_step(model, opt, x[rank * part : (rank + 1) * part], y[rank * part : (rank + 1) * part])
-        params[step + 1] = full_params(model)
-    return {"params": params, "intervals": opt.counters["intervals"], "step": opt._runner.step_index}
+    out = {}
+    for kind, hsdp in DCP_CASES.items():
+        path = f"{payload['path']}/{kind}"
+        model = build(kind)
+        shard(model, kind, mesh=hsdp_mesh(world) if hsdp and payload["save"] else None)
+        opt = SPNGD(model, **DCP_KW)
+        part = DCP_BATCH // world
+        first = 0
+        if not payload["save"]:
+            state = model.state_dict()
+            dcp.load(state, checkpoint_id=f"{path}/model")
+            model.load_state_dict(state)
+            spngd_dcp.load(opt, f"{path}/optim")
+            first = DCP_SAVE_AT
+        params = {}
+        for step in range(first, DCP_STEPS):
+            if payload["save"] and step == DCP_SAVE_AT:
+                dcp.save(model.state_dict(), checkpoint_id=f"{path}/model")
+                spngd_dcp.save(opt, f"{path}/optim")
+            x, y = batch(kind, step, DCP_BATCH)
+            train_step(model, opt, x[rank * part : (rank + 1) * part], y[rank * part : (rank + 1) * part])
+            params[step + 1] = full_params(model)
+        out[kind] = {"params": params, "intervals": opt.counters["intervals"], "step": opt._runner.step_index}
+    return out
 
 
 def test_dcp_checkpoint_saved_at_4_ranks_resumes_at_2(tmp_path) -> None:
-    saved = run_world(4, _w_dcp, {"save": True, "path": str(tmp_path)})[0]
-    resumed = run_world(2, _w_dcp, {"save": False, "path": str(tmp_path)})[0]
-    assert resumed["step"] == saved["step"] == DCP_STEPS
-    assert resumed["intervals"] == saved["intervals"]
-    moved = (saved["params"][DCP_STEPS] - saved["params"][DCP_SAVE_AT]).abs().max()
-    assert moved > 1e-3, "the steps after the checkpoint did not move the parameters"
-    for step in range(DCP_SAVE_AT + 1, DCP_STEPS + 1):
-        torch.testing.assert_close(
-            resumed["params"][step],
-            saved["params"][step],
-            rtol=EQUIV_RTOL,
-            atol=EQUIV_ATOL,
-            msg=lambda m: f"step {step}: {m}",
-        )
+    saved_all = run_world(4, _w_dcp, {"save": True, "path": str(tmp_path)})[0]
+    resumed_all = run_world(2, _w_dcp, {"save": False, "path": str(tmp_path)})[0]
+    for kind in DCP_CASES:
+        saved, resumed = saved_all[kind], resumed_all[kind]
+        assert resumed["step"] == saved["step"] == DCP_STEPS
+        assert resumed["intervals"] == saved["intervals"]
+        moved = (saved["params"][DCP_STEPS] - saved["params"][DCP_SAVE_AT]).abs().max()
+        assert moved > 1e-3, f"{kind}: the steps after the checkpoint did not move the parameters"
+        for step in range(DCP_SAVE_AT + 1, DCP_STEPS + 1):
+            torch.testing.assert_close(
+                resumed["params"][step],
+                saved["params"][step],
+                rtol=EQUIV_RTOL,
+                atol=EQUIV_ATOL,
+                msg=lambda m: f"{kind}, step {step}: {m}",
+            )
 
 
 # ---------------------------------------------------------------------------------------------
