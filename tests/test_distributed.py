@@ -105,7 +105,7 @@ def _make_model(kind: str, dtype: torch.dtype) -> nn.Module:
             nn.Flatten(),
             nn.Linear(6 * 3 * 3, 8, bias=True),
             nn.LayerNorm(8),
-            nn.ReLU(),  # LayerNorm: plain-gradient params
+            nn.ReLU(),  # LayerNorm: unit-wise curvature, one sample per row
             nn.Linear(8, 5, bias=False),
         )
         with torch.no_grad():  # non-trivial BN affine parameters and running statistics
