@@ -23,7 +23,7 @@ from torch.profiler import record_function
 from . import checkpoint
 from .capture import ActivationCapture
 from .distributed import Communicator, default_communicator
-from .distributed.fsdp import ShardedGradients, is_sharded
+from .distributed.fsdp import ShardedGradients, is_sharded, local_layout
 from .distributed.placement import LayerCost, LayerStatistics, OwnerAssignment, StatisticAssignment, StatisticSpec
 from .distributed.segments import SegmentLayout
 from .layers import Coverage, CurvatureLayer, classify
@@ -126,17 +126,17 @@ class SPNGD(torch.optim.Optimizer):
         layer_ids = {id(p) for layer in self._layers for p in layer.params}
         self._plain_params = [p for p in params if id(p) not in layer_ids]
         self._comm = communicator if communicator is not None else default_communicator(process_group, opts.comm_dtype)
+        self._sharded = is_sharded(params)  # FSDP2 (DTensor parameters): distributed/fsdp.py
         self._state = self._build_state()
         self._schedule = RefreshSchedule(
             len(self._state.accumulation.stat_ids), fixed_interval=opts.curvature_interval, policy=opts.stale_policy
         )
-        # FSDP2 (DTensor parameters): the gradients arrive averaged, in shards (distributed/fsdp.py)
-        sharded = is_sharded(params)
-        averaged = self._ddp_wrapped or sharded
+        # FSDP2: the gradients arrive averaged, in shards
+        averaged = self._ddp_wrapped or self._sharded
         self._runner = StepRunner(
             self._layers, self._plain_params, self._state, self._schedule, self._comm, opts, averaged
         )
-        if sharded:
+        if self._sharded:
             self._runner.sharded = ShardedGradients.for_model(
                 inner, self._layers, self._plain_params, self._state.buffers.layout, self._comm, opts
             )
@@ -179,6 +179,8 @@ class SPNGD(torch.optim.Optimizer):
         # One owner per layer (A and G together), each statistic at its true length in the buffers.
         placement = StatisticAssignment.per_layer(stats, self.assignment.owners, self._comm.world_size)
         layout = SegmentLayout.build(stats, placement)
+        if self._sharded:  # gradient buffer: all owners' slots, then only this rank's own gradients
+            layout = local_layout(layout, self._comm.rank)
         return CurvatureState.build(self._layers, layout, self._comm.rank, self.options, self._plain_params)
 
     # ------------------------------------------------------------------ public API

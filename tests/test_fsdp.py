@@ -150,7 +150,20 @@ def train(kind: str, steps: int, global_batch: int, rank: int, world: int, *, fs
             if o != rank and sharded.replica[o] == sharded.replica[rank]:
                 expected_grad_bytes += sum(p.to_local().numel() for p in params_i) * 8
     unused = [layer.name for i, layer in enumerate(opt.layers) if i not in opt._layers_ran]
-    return {"params": params, "bytes": nbytes, "expected_grad_bytes": expected_grad_bytes, "unused": unused}
+    buffer = {"numel": opt._state.buffers.grad_buffer.numel(), "model": sum(p.numel() for p in model.parameters())}
+    if fsdp:  # the gradient buffer: the owners' slots and this rank's own gradients only
+        owned = [i for i, o in enumerate(sharded.owners) if o == rank]
+        buffer["own"] = sum(p.numel() for i in owned for p in sharded.segment_params[i])
+        buffer["slots"] = sum(len(ch) for ch in opt._state.buffers.layout.change_slots) + sum(
+            k is not None for k in opt._state.buffers.layout.kl_slots
+        )
+    return {
+        "params": params,
+        "bytes": nbytes,
+        "expected_grad_bytes": expected_grad_bytes,
+        "unused": unused,
+        "buffer": buffer,
+    }
 
 
 def _w_equivalence(rank: int, world: int, payload: dict) -> dict:
@@ -260,6 +273,8 @@ def test_fsdp2_matches_one_process_on_the_concatenated_batch(world: int) -> None
                 torch.testing.assert_close(
                     a, b, rtol=EQUIV_RTOL, atol=EQUIV_ATOL, msg=lambda m: f"{name}, rank {r}, step {step}: {m}"
                 )
+            buf = got["buffer"]
+            assert buf["numel"] == buf["own"] + buf["slots"] < buf["model"], (name, buf)
             assert got["unused"] == [], f"{name}: curvature layers without statistics under FSDP2: {got['unused']}"
             # each rank sends only its shards of the gradients other ranks own, every step
             assert got["expected_grad_bytes"] > 0

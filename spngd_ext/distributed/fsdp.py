@@ -5,16 +5,16 @@ Under FSDP2 every parameter is a ``DTensor`` sharded over a 1-D device mesh (``S
 ``torch.chunk`` pieces along dimension d, the last ones possibly short or empty), or under HSDP
 over the columns of a 2-D mesh and replicated over its rows (``(Replicate(), Shard(d))``); after
 the backward each rank holds its shard of the *averaged* gradient (FSDP2's reduce-scatter, and
-under HSDP its all-reduce over the replicas). The
-statistics are collected by the usual hooks from the unsharded activations and output gradients
-and reduced onto their owners as without FSDP. The gradients move differently:
+under HSDP its all-reduce over the replicas). The statistics are collected by the usual hooks
+from the unsharded activations and output gradients and reduced onto their owners as without
+FSDP. The gradients move differently:
 
 1. :meth:`ShardedGradients.fill_gradients`: one ``all_to_all`` (:func:`.uneven.exchange`) in which
    every rank sends each owner (of its own replica, under HSDP) exactly its shards of that
-   owner's layers' gradients; the owner
-   writes them into its layers' segments of the gradient buffer through precomputed position
-   indices (one ``index_copy_`` per source rank). No rank holds another owner's gradients, so no
-   rank materialises the whole model's gradients; no further gradient reduction runs.
+   owner's layers' gradients; the owner writes them into its segments of its gradient buffer
+   (:class:`LocalGradientLayout`: the slots and its own gradients only) through precomputed
+   positions, one ``index_copy_`` per source rank. No rank holds or allocates another owner's
+   gradients; no further gradient reduction runs.
 2. the owner preconditions its segments as usual;
 3. :meth:`ShardedGradients.local_updates`: one ``all_to_all`` returns every rank its shards of
    every owner's updates (read through the same indices), and one gather copies each owner's
@@ -35,6 +35,7 @@ plain parameters, ``weight_rescale=True`` and a compiled step.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +44,58 @@ from ..layout import Segment
 from .communicator import Communicator
 from .segments import SegmentLayout
 
-__all__ = ["ShardedGradients", "is_sharded", "local_tensor"]
+__all__ = ["LocalGradientLayout", "ShardedGradients", "is_sharded", "local_layout", "local_tensor"]
+
+
+@dataclass(frozen=True)
+class LocalGradientLayout(SegmentLayout):
+    """A :class:`SegmentLayout` whose gradient buffer holds only what this rank needs under FSDP2:
+    every owner's change and KL slots first (at the same offsets on every rank, so they can be
+    gathered), then this rank's own gradient segments; another owner's segment is empty.
+    ``grad_ranges[o]`` is owner o's slots.
+
+    Args:
+        local_grad_numel: the length of this rank's gradient buffer.
+    """
+
+    local_grad_numel: int = 0
+
+    @property
+    def grad_numel(self) -> int:
+        """This rank's gradient-buffer length (all slots and its own gradients)."""
+        return self.local_grad_numel
+
+
+def local_layout(layout: SegmentLayout, rank: int) -> LocalGradientLayout:
+    """``layout`` with the rank-local gradient buffer of :class:`LocalGradientLayout`.
+
+    Args:
+        layout: the layout of the whole model (the same on every rank).
+        rank: this rank.
+    """
+    slots = sorted(
+        [k for k in layout.kl_slots if k is not None] + [c for ch in layout.change_slots for c in ch.values()]
+    )
+    where = {g: k for k, g in enumerate(slots)}  # owners' ranges are in rank order: each stays contiguous
+    ranges = [
+        Segment(sum(1 for g in slots if g < r.offset), sum(1 for g in slots if r.offset <= g < r.end))
+        for r in layout.grad_ranges
+    ]
+    pos, grads = len(slots), []
+    for i, seg in enumerate(layout.grads):
+        if layout.assignment.grad_owners[i] == rank:
+            grads.append(Segment(pos, seg.numel))
+            pos += seg.numel
+        else:
+            grads.append(Segment(len(slots), 0))
+    base = {f.name: getattr(layout, f.name) for f in fields(SegmentLayout)}
+    base.update(
+        grads=tuple(grads),
+        change_slots=tuple({n: where[c] for n, c in ch.items()} for ch in layout.change_slots),
+        kl_slots=tuple(None if k is None else where[k] for k in layout.kl_slots),
+        grad_ranges=tuple(ranges),
+    )
+    return LocalGradientLayout(**base, local_grad_numel=pos)
 
 
 def is_sharded(params: Sequence[Tensor]) -> bool:
@@ -105,7 +157,7 @@ def _shard_dim(name: str, p: Tensor, comm: Communicator) -> tuple[int, tuple[tup
     grid = tuple(tuple(group_of[int(g)] for g in row) for row in rows)
     dim = pl.dim if pl.dim >= 0 else pl.dim + p.dim()
     width, column = len(grid[0]), next(row.index(comm.rank) for row in grid if comm.rank in row)
-    expected = _chunk_shape(tuple(p.shape), dim, width, column)
+    expected = tuple(_chunk(torch.empty(p.shape, device="meta"), dim, width, column).shape)
     if tuple(p._local_tensor.shape) != expected:
         raise ValueError(
             f"SPNGD: {name} ({pl!r}, global shape {tuple(p.shape)}) has a local shard of shape "
@@ -121,14 +173,6 @@ def _split_flat(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
         out.append(flat[pos : pos + p.numel()].view(p.shape))
         pos += p.numel()
     return out
-
-
-def _chunk_shape(shape: tuple[int, ...], dim: int, world: int, rank: int) -> tuple[int, ...]:
-    """The shape of rank ``rank``'s ``torch.chunk`` piece (empty past the last chunk)."""
-    size = shape[dim]
-    step = -(-size // world) if size else 0
-    lo, hi = min(rank * step, size), min((rank + 1) * step, size)
-    return shape[:dim] + (hi - lo,) + shape[dim + 1 :]
 
 
 def _chunk(t: Tensor, dim: int, world: int, rank: int) -> Tensor:
@@ -195,7 +239,7 @@ class ShardedGradients:
             segment_params: per gradient segment, its parameters in segment order.
             segment_splits: per segment, a function taking the flat segment to per-parameter
                 tensors shaped like the parameters (``CurvatureLayer.split_update``).
-            layout: the buffers' layout (segment offsets and owners).
+            layout: the buffers' :class:`LocalGradientLayout` (segment offsets and owners).
             comm: the communicator (its world must be the mesh).
         """
         w, me = comm.world_size, comm.rank
@@ -230,11 +274,7 @@ class ShardedGradients:
                         receive[r].append(piece)
         cat = [torch.cat(ps) if ps else torch.empty(0, dtype=torch.long) for ps in receive]
         flat = [torch.cat(ps) if ps else torch.empty(0, dtype=torch.long) for ps in send]
-        slots = []
-        for o in range(w):
-            rng = layout.grad_ranges[o]
-            lo = rng.offset + sum(layout.grads[i].numel for i in layout.owned_gradients(o))
-            slots.append([Segment(lo, rng.end - lo)] if rng.end > lo else [])
+        slots = layout.grad_sends()  # a LocalGradientLayout's grad_ranges are the owners' slots
         clear = [k for k in layout.kl_slots if k is not None] + [c for ch in layout.change_slots for c in ch.values()]
         return cls(segment_params, dims, (cat, flat), slots, owners, clear, comm, replica)
 
