@@ -46,11 +46,15 @@ class StalePolicy:
     is > 1, else ``DEFAULT_MAX_INTERVAL``.
     rule: ``"relative"`` (the paper's rule, the default) or ``"noise"`` (noise-aware; each refresh
     of a statistic with a noise estimate then also collects its first half-batch separately).
+    align: a statistic with interval k is next due at the next multiple of k (instead of k steps
+    after its refresh), so statistics with power-of-two intervals fall due on nested steps and the
+    steps on which none is due (no hook, no sampled-label backward) are as many as possible.
     """
 
     threshold: float = 0.1
     max_interval: int | None = None
     rule: StaleRule = StaleRule.RELATIVE
+    align: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -122,8 +126,8 @@ class RefreshSchedule:
         for s, r in zip(refreshed, changes):
             similar = math.isfinite(r) and 0 <= r < self.policy.threshold  # type: ignore[union-attr]
             k = self.intervals[s] * 2 if similar else self.intervals[s] // 2
-            self.intervals[s] = min(self.max_interval, max(1, k))
-            self.next_due[s] = step + self.intervals[s]
+            k = self.intervals[s] = min(self.max_interval, max(1, k))
+            self.next_due[s] = (step // k + 1) * k if self.policy.align else step + k  # type: ignore[union-attr]
 
     def state_dict(self) -> dict:
         """Intervals, next due steps and refresh counts, as plain lists."""

@@ -19,7 +19,7 @@ from test_stale import intervals, make_model
 from torch import nn
 
 from spngd_ext import SPNGD
-from spngd_ext.refresh import StalePolicy
+from spngd_ext.refresh import RefreshSchedule, StalePolicy
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -278,3 +278,29 @@ def test_steps_with_nothing_due_do_no_curvature_work(monkeypatch, rule):
         else:
             assert reads.count >= 2, step  # the flag and the changes (and the Cholesky flags)
     assert idle == 12 - 4  # refreshes at steps 0, 1, 3, 7 (every change is below 1e9)
+
+
+def test_aligned_intervals_fall_due_on_nested_steps():
+    """StalePolicy(align=True): a statistic with interval k is next due at the next multiple of k,
+    so with power-of-two intervals every step where one is due is a step where all statistics with
+    a shorter or equal interval are due too; unaligned, the same intervals cover more steps."""
+    due_steps = {}
+    for align in (False, True):
+        schedule = RefreshSchedule(3, fixed_interval=1, policy=StalePolicy(max_interval=8, align=align))
+        seen = []
+        pending = {2: 5, 1: 9}  # a statistic changes once at its first refresh from that step on
+        for step in range(40):
+            due = [s for s, flag in enumerate(schedule.due(step)) if flag]
+            if align:  # due at a multiple of the interval it was given (after the first doublings)
+                assert all(step % schedule.intervals[s] == 0 for s in due if step >= 8), (step, due)
+            changes = [1.0 if step >= pending.get(s, 99) else 0.0 for s in due]
+            for s in due:
+                if step >= pending.get(s, 99):
+                    del pending[s]  # its interval halves once; unaligned, its phase moves
+            schedule.record(step, due, changes)
+            if due:
+                seen.append(step)
+        due_steps[align] = seen
+        if align:
+            assert schedule.next_due == [40, 40, 40]
+    assert len(due_steps[True]) < len(due_steps[False]), due_steps
