@@ -12,7 +12,8 @@ every step, before step t + 1 of any, so load drift on a shared machine hits all
 
 Configurations: ``sgd`` (momentum SGD), ``spngd-every-step`` (every statistic and inverse at every
 step), ``spngd-stale`` (``StalePolicy(threshold)``, the paper's rule), ``spngd-stale-noise``
-(``StalePolicy(threshold, rule="noise")``); ``--threshold`` sets both rules' threshold, and
+(``StalePolicy(threshold, rule="noise")``), ``spngd-stale-noise-aligned`` (the same with
+``align=True``); ``--threshold`` sets both rules' threshold, and
 ``spngd-stale-noise@T`` / ``spngd-stale@T`` one with threshold T.
 
 Reported per configuration: mean step over the whole run and its ratio to SGD's, the mean of the
@@ -84,11 +85,12 @@ def build_run(name: str, model: torch.nn.Module, args: argparse.Namespace, total
             model.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay
         )
         step: TrainStep = GradientStep(model, opt, amp=False)
-    elif base in ("spngd-every-step", "spngd-stale", "spngd-stale-noise"):
+    elif base in ("spngd-every-step", "spngd-stale", "spngd-stale-noise", "spngd-stale-noise-aligned"):
         lr = args.lr_spngd
         stale: bool | StalePolicy = False
         if base != "spngd-every-step":
-            stale = StalePolicy(threshold=tau, rule="noise" if base.endswith("noise") else "relative")
+            rule = "noise" if "noise" in base else "relative"
+            stale = StalePolicy(threshold=tau, rule=rule, align=base.endswith("aligned"))
         opt = SPNGD(
             model,
             lr=lr,

@@ -223,7 +223,7 @@ def test_whole_run_mode_reports_mean_steps_and_skipped_work(tmp_path, capsys):
     bench = _load_bench()
     out = tmp_path / "whole.json"
     threads = torch.get_num_threads()
-    configs = "sgd,spngd-every-step,spngd-stale,spngd-stale-noise@0.3,spngd-stale@1e9"
+    configs = "sgd,spngd-every-step,spngd-stale,spngd-stale-noise-aligned@0.3,spngd-stale@1e9"
     try:
         result = bench.main(
             ["--whole-run", "--data", "random", "--batch-size", "32", "--limit-train", "96", "--limit-test", "32"]
@@ -245,7 +245,7 @@ def test_whole_run_mode_reports_mean_steps_and_skipped_work(tmp_path, capsys):
     always_similar = rows["spngd-stale@1e9"]
     assert always_similar["plain_steps"] == 5 and always_similar["refresh_steps_skipped"] == pytest.approx(5 / 9)
     assert always_similar["mc_backward_skipped"] == pytest.approx(5 / 9)
-    for name in ("spngd-stale", "spngd-stale-noise@0.3", "spngd-stale@1e9"):
+    for name in ("spngd-stale", "spngd-stale-noise-aligned@0.3", "spngd-stale@1e9"):
         r = rows[name]
         for key in ("factor_work_skipped", "inverse_work_skipped", "mc_backward_skipped", "refresh_steps_skipped"):
             assert 0.0 <= r[key] < 1.0, (name, key)
