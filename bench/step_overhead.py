@@ -61,6 +61,10 @@ dataset is needed on the GPU machine.
 Fashion-MNIST batches as small_bn_cnn (Linear/Conv2d/BatchNorm). With the profile, each run also
 prints the curvature phase per parameter that has curvature (ns), to compare the layer types'
 statistics cost per parameter across runs of the three models.
+
+--model bn_mlp is a small tabular MLP with BatchNorm (16-256-256-26: Linear, BatchNorm1d, ReLU,
+twice, then Linear; the shape of the UCI letter-recognition task) on random N(0,1) rows, where
+the fixed per-step costs of the optimizer weigh the most.
 """
 
 from __future__ import annotations
@@ -110,6 +114,20 @@ BACKEND_CONFIGS = {"spngd-every-step-cuda": "cuda", "spngd-every-step-torch": "t
 KNOWN_CONFIGS = ALL_CONFIGS + tuple(BACKEND_CONFIGS)
 PROFILED = ("sgd", "spngd-every-step", "spngd-10/100", "spngd-stale", *BACKEND_CONFIGS)
 NEW_LAYER_MODELS = {"vit": vit, "dwcnn": dwcnn}  # attention + LayerNorm; grouped conv + GroupNorm
+MODELS = ("small_bn_cnn", "resnet50", "bn_mlp", *NEW_LAYER_MODELS)
+
+
+def bn_mlp(features: int = 16, width: int = 256, classes: int = 26) -> nn.Sequential:
+    """The small tabular MLP with BatchNorm: features-width-width-classes."""
+    return nn.Sequential(
+        nn.Linear(features, width),
+        nn.BatchNorm1d(width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.BatchNorm1d(width),
+        nn.ReLU(),
+        nn.Linear(width, classes),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -168,9 +186,11 @@ def build_base_model(name: str, image_size: int | None = None) -> tuple[nn.Modul
     if name == "resnet50":
         size = image_size or 224
         return resnet50(), (3, size, size), 1000
+    if name == "bn_mlp":
+        return bn_mlp(), (16,), 26
     if name in NEW_LAYER_MODELS:
         return NEW_LAYER_MODELS[name](), (1, 28, 28), 10
-    raise SystemExit(f"unknown --model {name!r}; choose small_bn_cnn, resnet50, {' or '.join(NEW_LAYER_MODELS)}")
+    raise SystemExit(f"unknown --model {name!r}; choose one of {', '.join(MODELS)}")
 
 
 def curvature_parameters(model: nn.Module) -> int:
@@ -328,7 +348,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", default="small_bn_cnn", choices=["small_bn_cnn", "resnet50", *NEW_LAYER_MODELS])
+    p.add_argument("--model", default="small_bn_cnn", choices=list(MODELS))
     p.add_argument(
         "--device", default=None, choices=["cpu", "cuda"], help="default: cpu for small_bn_cnn, cuda for resnet50"
     )

@@ -20,9 +20,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from steps import train_step
 from test_distributed import BF16_REL_TOL, EQUIV_ATOL, EQUIV_RTOL, OPT_KW, make_batch, make_model, run_world
-from test_train_cli import REPO, small_run_args
+from test_train_cli import small_run_args, torchrun_train
 from torch import nn
 
 from spngd_ext import SPNGD
@@ -367,23 +364,8 @@ def test_dcp_checkpoint_saved_at_4_ranks_resumes_at_2(tmp_path) -> None:
 def test_cli_fsdp_under_torchrun(fmnist_dir: Path, tmp_path: Path) -> None:
     """--fsdp on two Gloo ranks: the CNN sharded by fully_shard, trained by SP-NGD, evaluated by every rank."""
     out = tmp_path / "fsdp"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "spngd_ext.train",
-        ]
-        + ["--optimizer", "spngd", "--fsdp", *small_run_args(fmnist_dir, out, "--epochs", "1")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    proc = torchrun_train(
+        ["--optimizer", "spngd", "--fsdp", *small_run_args(fmnist_dir, out, "--epochs", "1")], timeout=240
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

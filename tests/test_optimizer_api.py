@@ -136,9 +136,14 @@ def test_valid_boundary_arguments_are_accepted(kwargs):
             assert nu < 1.0, "kl_clip chosen small enough to clip"
             if step > 0:  # with momentum, ν scales the first step's v = d exactly; later steps are not checked here
                 break
+        # λ = 1e-12 leaves A + λI and G + λI of this 16-example batch with condition numbers near
+        # 1e12, so the optimizer's and this test's float64 products of the same inverses round
+        # apart by up to κ·ε in the worst case (measured: 1.2e-9 relative on the pure-torch path);
+        # 1e-6 still catches any wrong damping, momentum or decay, which change the update by O(1).
+        rtol = 1e-6 if lam < 1e-9 else 1e-9
         for n, p in model.named_parameters():
             torch.testing.assert_close(
-                p.detach(), theta[n], rtol=1e-9, atol=1e-12, msg=lambda m, n=n, s=step: f"{kwargs} step {s} {n}: {m}"
+                p.detach(), theta[n], rtol=rtol, atol=1e-12, msg=lambda m, n=n, s=step: f"{kwargs} step {s} {n}: {m}"
             )
 
 

@@ -17,6 +17,19 @@ from spngd_ext.train.baselines import DEFAULT_LR, LARS_TRUST_COEFFICIENT, build_
 REPO = Path(__file__).resolve().parents[1]
 
 
+def torchrun_train(args: list[str], *, timeout: float, ranks: int = 2) -> subprocess.CompletedProcess:
+    """``python -m spngd_ext.train args`` on ``ranks`` Gloo processes under torchrun (1 thread each)."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
+        + ["-m", "spngd_ext.train", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+
+
 def small_run_args(data_dir: Path, out: Path, *extra: str) -> list[str]:
     """2 epochs of 4 steps (1024 examples, batch 256), evaluated every 2 steps on 500."""
     return [
@@ -324,28 +337,9 @@ def test_compare_sgd_lars(fmnist_dir: Path, tmp_path: Path) -> None:
 def test_torchrun_two_ranks_sgd(fmnist_dir: Path, tmp_path: Path, augment: str) -> None:
     """Two Gloo ranks on CPU: each takes half of every global batch; rank 0 alone writes."""
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "spngd_ext.train",
-            "--optimizer",
-            "sgd",
-            "--lr",
-            "0.4",
-            *small_run_args(fmnist_dir, out, "--epochs", "1", "--augment", augment),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    proc = torchrun_train(
+        ["--optimizer", "sgd", "--lr", "0.4", *small_run_args(fmnist_dir, out, "--epochs", "1", "--augment", augment)],
         timeout=180,
-        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
