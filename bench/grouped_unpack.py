@@ -2,8 +2,9 @@
 inverting them when the layer is preconditioned.
 
 A grouped convolution keeps one packed A_k and G_k per group and has no inverse sides in the
-inverse cache: at every step each group's two estimates are unpacked (one gather each through a
-cached index) and the 2G damped factors inverted in one batched Cholesky per side
+inverse cache: at every step all groups' estimates are unpacked (one gather per layer through a
+cached index, ``estimates_from_run``) and the 2G damped factors inverted in one batched Cholesky
+per side
 (docs/design.md, "Grouped, depthwise and 1-D convolutions"). This times those two parts inside
 whole SP-NGD steps of the training application's ``dwcnn`` (three depthwise 3×3 convolutions,
 32 + 32 + 64 = 128 groups), next to momentum SGD steps on the same batches, interleaved (one step
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     unpack: list[float] = []
     precondition: list[float] = []
     for layer in layers:  # instance attributes shadow the class methods
-        layer.estimate_from_packed = _timed(unpack, layer.estimate_from_packed)  # type: ignore[method-assign]
+        layer.estimates_from_run = _timed(unpack, layer.estimates_from_run)  # type: ignore[method-assign]
         layer.precondition = _timed(precondition, layer.precondition)  # type: ignore[method-assign]
 
     step_s: dict[str, list[float]] = {"sgd": [], "spngd": []}

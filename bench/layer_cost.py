@@ -1,7 +1,9 @@
 """SP-NGD's curvature cost per parameter, by layer type, measured side by side in one process.
 
 For each model (default: the main-job CNN with Linear/Conv2d/BatchNorm, ``vit`` with attention
-projections and LayerNorm, ``dwcnn`` with depthwise convolutions and GroupNorm) one training step
+projections and LayerNorm, ``dwcnn`` with depthwise convolutions and GroupNorm, ``pixel_embed``
+with an Embedding: each pixel's value bucketed into 256 levels and looked up in an
+Embedding(256, 32), averaged over the image, then a Linear head) one training step
 of SP-NGD (fisher="emp", torch backend) records every curvature layer's hook inputs: the layer
 input, the output gradient and the forward context. Then, in interleaved rounds (every layer of
 every model once per round), each layer's two parts of an every-step refresh are re-run and timed:
@@ -10,14 +12,15 @@ every model once per round), each layer's two parts of an every-step refresh are
   hooks do);
 * inversion + preconditioning: for a Kronecker layer (Linear, Conv2d, attention projection) the
   damped Cholesky inverses of A and G and the update Ĝ⁻¹ ∇ Â⁻¹; for the others the estimates'
-  unpacking and ``precondition`` (grouped convolutions and Embedding invert there, BatchNorm and
-  LayerNorm/GroupNorm solve their 2×2 blocks).
+  unpacking (a grouped convolution all its groups at once, ``estimates_from_run``, as the
+  optimizer does) and ``precondition`` (grouped convolutions and Embedding invert there,
+  BatchNorm and LayerNorm/GroupNorm solve their 2×2 blocks).
 
 Reported per model and layer kind: parameters, median µs per step of each part summed over the
 kind's layers, and ns per parameter; the buffers, reductions and the optimizer step itself are
 not included (they are per element and alike for every kind).
 
-    python bench/layer_cost.py [--batch-size 64] [--rounds 30] [--models small_bn_cnn,vit,dwcnn]
+    python bench/layer_cost.py [--batch-size 64] [--rounds 30] [--models small_bn_cnn,vit,dwcnn,pixel_embed]
 """
 
 from __future__ import annotations
@@ -63,7 +66,23 @@ def write_json(path: str | None, result: dict) -> None:
         Path(path).write_text(json.dumps(result, indent=1))
 
 
+class PixelEmbedding(torch.nn.Module):
+    """Each pixel of a normalised Fashion-MNIST image bucketed into 256 levels over [-1, 2.1] (the
+    normalised range), looked up in an Embedding(256, 32), averaged over the image, a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("edges", torch.linspace(-1.0, 2.1, 255))
+        self.embed = torch.nn.Embedding(256, 32)
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(torch.bucketize(x.flatten(1), self.edges)).mean(1))
+
+
 def _model(name: str) -> torch.nn.Module:
+    if name == "pixel_embed":
+        return PixelEmbedding()
     return small_bn_cnn() if name == "small_bn_cnn" else build_model(name)
 
 
@@ -100,10 +119,12 @@ def record_layers(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> l
 
 def time_statistics(entry: dict) -> tuple[float, dict[str, torch.Tensor]]:
     layer = entry["layer"]
-    # shaped as the optimizer's accumulator views (an "F" statistic as (C, 3))
-    stats = {
-        s.name: torch.zeros(s.numel).view(-1, 3) if s.name == "F" else torch.zeros(s.numel) for s in layer.stat_specs()
-    }
+    # views of one buffer, back to back, as the optimizer's accumulator (an "F" statistic as (C, 3))
+    specs = layer.stat_specs()
+    flat, stats, pos = torch.zeros(sum(s.numel for s in specs)), {}, 0
+    for s in specs:
+        stats[s.name] = flat[pos : pos + s.numel].view(-1, 3) if s.name == "F" else flat[pos : pos + s.numel]
+        pos += s.numel
     counts: dict[str, int] = defaultdict(int)
     t0 = time.perf_counter()
     for k, (inputs, grad, _) in enumerate(entry["calls"]):
@@ -128,6 +149,11 @@ def time_update(entry: dict, stats: dict[str, torch.Tensor]) -> float:
         g_inv, _ = ops.cholesky_inverse_damped(g.unsqueeze(0), root, backend="torch")
         curvature = LayerCurvature(inverses=(a_inv[0], g_inv[0]))
         type(layer).precondition_batch([layer], [grad], [curvature], DAMPING, "torch")
+    elif layer.reads_estimates_as_run:  # the statistics back to back, as in the estimate buffer
+        run = torch.cat([stats[s.name].reshape(-1) for s in layer.stat_specs()])
+        t0 = time.perf_counter()
+        estimates = layer.estimates_from_run(run, 1.0)
+        layer.precondition(grad, LayerCurvature(estimates=estimates), DAMPING, "torch")
     else:
         estimates = {name: layer.estimate_from_packed(name, value.reshape(-1), 1.0) for name, value in stats.items()}
         layer.precondition(grad, LayerCurvature(estimates=estimates), DAMPING, "torch")
@@ -136,7 +162,7 @@ def time_update(entry: dict, stats: dict[str, torch.Tensor]) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="small_bn_cnn,vit,dwcnn")
+    p.add_argument("--models", default="small_bn_cnn,vit,dwcnn,pixel_embed")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=30)
     args, command = parse_cpu_bench(p, argv, "bench/layer_cost.py")

@@ -65,7 +65,8 @@ class LayerCurvature:
         inverses: for a layer with :attr:`CurvatureLayer.inverse_sides`, its damped inverses in that
             order (None: identity, after a failed inversion); empty otherwise.
         estimates: for a layer without inverse sides, its bias-corrected estimates by statistic
-            name, shaped by :meth:`CurvatureLayer.estimate_from_packed`.
+            name, shaped by :meth:`CurvatureLayer.estimate_from_packed`, or as
+            :meth:`CurvatureLayer.estimates_from_run` returns them.
     """
 
     inverses: tuple[Tensor | None, ...] = ()
@@ -76,6 +77,8 @@ class CurvatureLayer(abc.ABC):
     """Per-layer-type curvature math. Subclasses: Kronecker-factored (Linear, Conv2d) and BN."""
 
     kind: ClassVar[str]
+    #: the optimizer reads this layer's estimates with :meth:`estimates_from_run`, all at once
+    reads_estimates_as_run: ClassVar[bool] = False
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
@@ -145,6 +148,22 @@ class CurvatureLayer(abc.ABC):
             scale: the bias correction (1.0 without EMA, else a 1-element tensor).
         """
         return packed * scale
+
+    def estimates_from_run(self, run: Tensor, scale: Tensor | float) -> dict[str, Tensor]:
+        """Every statistic in its usable form from the run of the estimate buffer that holds them
+        back to back in :meth:`stat_specs` order (read instead of :meth:`estimate_from_packed`
+        per statistic when :attr:`reads_estimates_as_run`). Default: statistic by statistic.
+
+        Args:
+            run: the layer's slice of the estimate buffer.
+            scale: the bias correction (1.0 without EMA, else one per statistic).
+        """
+        out, pos = {}, 0
+        for k, spec in enumerate(self.stat_specs()):
+            part = scale[k : k + 1] if isinstance(scale, Tensor) else scale
+            out[spec.name] = self.estimate_from_packed(spec.name, run[pos : pos + spec.numel], part)
+            pos += spec.numel
+        return out
 
     def batch_key(self, curvature: LayerCurvature) -> Hashable:
         """Layers of one class with equal keys are preconditioned in one :meth:`precondition_batch` call."""

@@ -9,9 +9,12 @@ G_k = (1/(N·T)) Σ_{n,t} g gᵀ, and the update of group k is Ĝ_k⁻¹ [∇W_k
 in one output). A Conv1d is the Conv2d over a height-1 input.
 
 Each group's factor is one statistic (``A0``, ``G0``, ``A1``, ...), so the buffers, reduction and
-estimates treat them like any other packed factor. The layer has no inverse sides: the G small
-inversions of both sides run batched, from the estimates, when the layer is preconditioned
-(a depthwise layer: C inversions of (kh·kw+1)² and C of 1×1).
+estimates treat them like any other packed factor. The statistics of all groups are computed at
+once (one batched product per chunk of examples for the A_k, one per example for the G_k) and
+written with one operation per side into their run of the buffer; the estimates are read back
+with one gather per layer (:meth:`GroupedConvCurvature.estimates_from_run`). The layer has no
+inverse sides: the G small inversions of both sides run batched, from the estimates, when the
+layer is preconditioned (a depthwise layer: C inversions of (kh·kw+1)² and C of 1×1).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..distributed.placement import LayerCost
+from ..ops.torch_path import triu_flat_index
 from ..options import Backend
 from .base import CurvatureLayer, LayerCurvature, StatSpec
 
@@ -46,6 +50,7 @@ class GroupedConvCurvature(CurvatureLayer):
     """
 
     kind = "grouped_conv"
+    reads_estimates_as_run = True
     module: nn.Conv1d | nn.Conv2d
 
     def __init__(self, name: str, module: nn.Conv1d | nn.Conv2d) -> None:
@@ -67,7 +72,7 @@ class GroupedConvCurvature(CurvatureLayer):
         self.dim_g = m.out_channels // m.groups
         self._a_names = tuple(f"A{k}" for k in range(self.groups))
         self._g_names = tuple(f"G{k}" for k in range(self.groups))
-        self._unpack_index: dict[tuple[int, torch.device], Tensor] = {}
+        self._unpack_index: dict[tuple[int, int, torch.device], Tensor] = {}
 
     def stat_specs(self) -> list[StatSpec]:
         na, ng = self.dim_a * (self.dim_a + 1) // 2, self.dim_g * (self.dim_g + 1) // 2
@@ -96,36 +101,57 @@ class GroupedConvCurvature(CurvatureLayer):
         self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: Backend | str
     ) -> tuple[object, int]:
         x = self._as_2d(inputs.detach(), 1 if self.one_d else 2)
-        n = x.shape[0]
-        patches = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
-        # unfold orders the patch as (channel, kh, kw): group k's channels are one contiguous run,
-        # so (N, G, patch, T) is a view and no row matrix is copied out of it
-        cols = patches.view(n, self.groups, -1, patches.shape[2])
-        _accumulate_grams(cols, [stats[k] for k in self._a_names], first, ones=self.bias is not None)
-        return None, n
+        states = [stats[k] for k in self._a_names]
+        geometry = (self.kernel_size, self.stride, self.padding, self.dilation)
+        grams = patch_grams(x, self.groups, *geometry, ones=self.bias is not None, dtype=states[0].dtype)
+        write_packed(states, grams, first)
+        return None, x.shape[0]
 
     def accumulate_backward(
         self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: Backend | str
     ) -> int:
         g = self._as_2d(grad_out.detach(), 1 if self.one_d else 2)
-        cols = g.reshape(g.shape[0], self.groups, self.dim_g, -1)
-        _accumulate_grams(cols, [stats[k] for k in self._g_names], first)
+        states = [stats[k] for k in self._g_names]
+        cols = g.reshape(g.shape[0], self.groups, self.dim_g, -1).to(states[0].dtype)
+        # one batched (C_out/G × T)·(T × C_out/G) product per example and group, on a view
+        write_packed(states, (cols @ cols.transpose(-1, -2)).sum(0), first)
         return cols.shape[0] * cols.shape[3]
 
     # ---- curvature -----------------------------------------------------------------------------
     def estimate_from_packed(self, name: str, packed: Tensor, scale: Tensor | float) -> Tensor:
         """The dense symmetric factor of one group from its packed upper triangle."""
         dim = self.dim_a if name.startswith("A") else self.dim_g
-        # One gather through a cached index (this runs for every group at every step): the
-        # position in the row-major packed upper triangle of each (i, j) of the full matrix.
-        key = (dim, packed.device)
+        return (packed[self._full_index(dim, 1, packed.device)] * scale).view(dim, dim)
+
+    def _full_index(self, dim: int, count: int, device: torch.device) -> Tensor:
+        """For ``count`` packed (dim × dim) upper triangles back to back, the position of each
+        (k, i, j) of the full matrices: one gather unpacks them all (cached)."""
+        key = (dim, count, device)
         index = self._unpack_index.get(key)
         if index is None:
             i, j = torch.meshgrid(torch.arange(dim), torch.arange(dim), indexing="ij")
             lo, hi = torch.minimum(i, j), torch.maximum(i, j)
-            index = (lo * dim - lo * (lo - 1) // 2 + (hi - lo)).reshape(-1).to(packed.device)
+            one = (lo * dim - lo * (lo - 1) // 2 + (hi - lo)).reshape(-1)
+            index = (one + dim * (dim + 1) // 2 * torch.arange(count).unsqueeze(1)).reshape(-1).to(device)
             self._unpack_index[key] = index
-        return (packed[index] * scale).view(dim, dim)
+        return index
+
+    def estimates_from_run(self, run: Tensor, scale: Tensor | float) -> dict[str, Tensor]:
+        """All groups' factors as ``{"A": (G, dim_a, dim_a), "G": (G, dim_g, dim_g)}`` from their
+        run of the estimate buffer (A0…A{G−1}, then G0…G{G−1}, packed), in one gather."""
+        na, groups = self.dim_a * (self.dim_a + 1) // 2, self.groups
+        key = (-1, groups, run.device)
+        index = self._unpack_index.get(key)
+        if index is None:
+            a_index = self._full_index(self.dim_a, groups, run.device)
+            index = torch.cat([a_index, groups * na + self._full_index(self.dim_g, groups, run.device)])
+            self._unpack_index[key] = index
+        full = run[index]
+        a = full[: groups * self.dim_a**2].view(groups, self.dim_a, self.dim_a)
+        g = full[groups * self.dim_a**2 :].view(groups, self.dim_g, self.dim_g)
+        if isinstance(scale, Tensor):  # one bias correction per statistic
+            return {"A": a * scale[:groups].view(-1, 1, 1), "G": g * scale[groups:].view(-1, 1, 1)}
+        return {"A": a * scale, "G": g * scale}
 
     def group_gradients(self, grad: Tensor) -> Tensor:
         """The flat [∇W, ∇b] segment as (G, C_out/G, dim_a) per-group matrices [∇W_k | ∇b_k]."""
@@ -138,9 +164,9 @@ class GroupedConvCurvature(CurvatureLayer):
     def precondition(self, grad: Tensor, curvature: LayerCurvature, damping: float, backend: Backend | str) -> Tensor:
         """Per group Ĝ_k⁻¹ [∇W_k | ∇b_k] Â_k⁻¹ with π-damping per group; a group whose damped
         factor fails its Cholesky keeps the identity on that side. Flat like ``grad``."""
-        est = curvature.estimates
-        a = torch.stack([est[n] for n in self._a_names])
-        g = torch.stack([est[n] for n in self._g_names])
+        est = curvature.estimates  # stacked (estimates_from_run) or by statistic name
+        a = est["A"] if "A" in est else torch.stack([est[n] for n in self._a_names])
+        g = est["G"] if "G" in est else torch.stack([est[n] for n in self._g_names])
         mean_a = a.diagonal(dim1=1, dim2=2).sum(1) / self.dim_a
         mean_g = g.diagonal(dim1=1, dim2=2).sum(1) / self.dim_g
         ok = torch.isfinite(mean_a) & torch.isfinite(mean_g) & (mean_a > 0) & (mean_g > 0)
@@ -159,22 +185,84 @@ class GroupedConvCurvature(CurvatureLayer):
         return torch.cat([u[:, :, :-1].reshape(w_numel), u[:, :, -1].reshape(-1)])
 
 
-def _accumulate_grams(cols: Tensor, states: Sequence[Tensor], first: bool, ones: bool = False) -> None:
-    """states[k] (packed upper triangles) ← (0 if first else states[k]) + packed(Σ_n c c ᵀ) with c the
-    columns cols[n, k] (N, G, d, T) of group k, each extended by a constant 1 when ``ones`` (a bias):
-    one batched (d × T)·(T × d) product per example and group, without copying the columns."""
-    c = cols.to(states[0].dtype)
-    grams = (c @ c.transpose(-1, -2)).sum(0)
-    if ones:
-        sums = c.sum(dim=(0, 3))  # (G, d): the products with the constant 1
-        count = torch.full_like(sums[:, :1], float(c.shape[0] * c.shape[3]))
-        edge = torch.cat([sums, count], dim=1)
-        grams = torch.cat([torch.cat([grams, sums.unsqueeze(2)], dim=2), edge.unsqueeze(1)], dim=1)
+_CHUNK_ELEMENTS = 1 << 19  # patch values per batched product: about 2 MB of float32, cache-sized
+
+
+def patch_grams(
+    x: Tensor,
+    groups: int,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    ones: bool,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Σ_{n,t} a aᵀ of every group at once: (G, D, D), a = group k's (C_in/G)·kh·kw input patch
+    at output position t in ``F.unfold``'s (channel, ki, kj) order, extended by a constant 1 when
+    ``ones`` (D = (C_in/G)·kh·kw + 1: the bias's row and column and the count come out of the same
+    product).
+
+    The patches are built tap by tap: each of the kh·kw taps is one strided view of the padded
+    input (the input shifted by the tap), copied as a whole into a (G, D, examples·T) matrix in
+    ``dtype``, then one batched (D × L)·(L × D) product over the groups; done over chunks of
+    examples of about ``_CHUNK_ELEMENTS`` patch values so the matrix stays in cache.
+
+    Args:
+        x: the (N, C_in, H, W) input.
+        groups: G.
+        kernel_size, stride, padding, dilation: the convolution's geometry (pairs).
+        ones: append the constant 1 to every patch.
+        dtype: the dtype of the products (the statistics').
+    """
+    n, c_in, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    c, taps = c_in // groups, kh * kw
+    d = c * taps + int(ones)
+    padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    source = padded.transpose(0, 1).reshape(groups, c, n, h + 2 * ph, w + 2 * pw)  # a view
+    grams = torch.zeros(groups, d, d, dtype=dtype, device=x.device)
+    step = max(1, _CHUNK_ELEMENTS // (groups * d * oh * ow))
+    for start in range(0, n, step):
+        part = source[:, :, start : start + step]
+        cols = torch.empty(groups, d, part.shape[2], oh, ow, dtype=dtype, device=x.device)
+        tap_rows = cols[:, : c * taps].view(groups, c, taps, part.shape[2], oh, ow)
+        for i in range(kh):
+            for j in range(kw):
+                rows = slice(i * dh, i * dh + sh * (oh - 1) + 1, sh)
+                tap_rows[:, :, i * kw + j].copy_(part[..., rows, j * dw : j * dw + sw * (ow - 1) + 1 : sw])
+        if ones:
+            cols[:, -1].fill_(1.0)
+        flat = cols.view(groups, d, -1)
+        grams.baddbmm_(flat, flat.transpose(1, 2))
+    return grams
+
+
+def write_packed(states: Sequence[Tensor], grams: Tensor, first: bool) -> None:
+    """states[k] ← (0 if first else states[k]) + packed upper triangle of grams[k], in one
+    operation when the states lie back to back in one buffer (the optimizer's accumulator).
+
+    Args:
+        states: the packed accumulators of the groups, in group order.
+        grams: the (G, d, d) symmetric matrices.
+        first: overwrite (the first contribution of a refresh).
+    """
     d = grams.shape[1]
-    iu = torch.triu_indices(d, d, device=grams.device)
-    packed = grams[:, iu[0], iu[1]]
-    for k, state in enumerate(states):
+    packed = grams.reshape(grams.shape[0], -1)[:, triu_flat_index(d, grams.device)]
+    head, numel = states[0], packed.shape[1]
+    step = numel * head.element_size()
+    adjacent = all(
+        s.is_contiguous()
+        and s.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()
+        and s.data_ptr() == head.data_ptr() + k * step
+        for k, s in enumerate(states)
+    )
+    if adjacent:  # one (G, numel) view of the run
+        states = [head.as_strided((len(states), numel), (numel, 1))]
+        packed = packed.unsqueeze(0)
+    for state, value in zip(states, packed):  # otherwise group by group (separate tensors)
         if first:
-            state.copy_(packed[k])
+            state.copy_(value)
         else:
-            state.add_(packed[k])
+            state.add_(value)

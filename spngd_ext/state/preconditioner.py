@@ -50,6 +50,7 @@ class Preconditioner:
         self.inverses = inverses
         self.owned = list(owned)
         self.plain_owned = plain_owned
+        self._runs: dict[int, tuple[int, int, list[int]] | None] = {}
 
     def curvature(self, index: int) -> LayerCurvature | None:
         """What layer ``index`` is preconditioned with, or None when it has no curvature yet."""
@@ -59,7 +60,25 @@ class Preconditioner:
             return None if inv is None else LayerCurvature(inverses=tuple(inv))
         if not self.estimates.is_ready(index):
             return None
+        run = self._estimate_run(index) if layer.reads_estimates_as_run else None
+        if run is not None:  # one unpacking for the whole layer
+            start, end, counts = run
+            scale = self.estimates.bias_correction(counts)
+            return LayerCurvature(estimates=layer.estimates_from_run(self.buffers.est[start:end], scale))
         return LayerCurvature(estimates={n: self.estimates.estimate(index, n) for n in self.estimates.names[index]})
+
+    def _estimate_run(self, index: int) -> tuple[int, int, list[int]] | None:
+        """Where layer ``index``'s statistics lie back to back in :meth:`stat_specs` order within this
+        rank's estimate chunk: (start, end) in the chunk and their count slots; None when they do not."""
+        if index not in self._runs:
+            layout, base = self.buffers.layout, self.buffers.chunk_base
+            names = [s.name for s in self.layers[index].stat_specs()]
+            segs = [layout.stats[index][n] for n in names]
+            back_to_back = all(a.end == b.offset for a, b in zip(segs, segs[1:]))
+            inside = base <= segs[0].offset and segs[-1].end <= base + self.buffers.chunk_numel
+            run = (segs[0].offset - base, segs[-1].end - base, [layout.counts[index][n] for n in names])
+            self._runs[index] = run if back_to_back and inside else None
+        return self._runs[index]
 
     def precondition_owned(
         self,
