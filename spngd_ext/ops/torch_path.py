@@ -214,12 +214,17 @@ def bn_unit_gradients_from_input(grad_out: Tensor, x: Tensor, eps: float) -> tup
     t = xs.shape[2]
 
     def row_dots(a: Tensor, b: Tensor) -> Tensor:  # Σ_hw a·b per (n, c), one batched GEMV
+        if t == 1:  # BatchNorm1d: N·C GEMVs of length 1 cost ~100x the elementwise product
+            return (a * b).reshape(n, c)
         return torch.bmm(a.reshape(n * c, 1, t), b.reshape(n * c, t, 1)).view(n, c)
 
+    def row_sums(a: Tensor) -> Tensor:  # Σ_hw a per (n, c); a view when there is no spatial extent
+        return a.reshape(n, c) if t == 1 else a.sum(-1)
+
     count = n * t
-    mean = xs.sum(-1).sum(0, dtype=torch.float64) / count
+    mean = row_sums(xs).sum(0, dtype=torch.float64) / count
     var = (row_dots(xs, xs).sum(0, dtype=torch.float64) / count - mean * mean).clamp_min(0.0)
-    ub = g.sum(-1)
+    ub = row_sums(g)
     ug = (row_dots(g, xs) - mean.to(acc_dtype) * ub) * torch.rsqrt(var + eps).to(acc_dtype)
     return ug, ub
 
