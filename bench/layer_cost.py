@@ -18,9 +18,13 @@ every model once per round), each layer's two parts of an every-step refresh are
 
 Reported per model and layer kind: parameters, median µs per step of each part summed over the
 kind's layers, and ns per parameter; the buffers, reductions and the optimizer step itself are
-not included (they are per element and alike for every kind).
+not included (they are per element and alike for every kind). As a floor for the statistics, one
+read of the layer's recorded inputs (``sum`` over each call's input) is timed in the same rounds.
+``--profile KIND`` then runs the statistics of that kind's layers under ``torch.profiler`` and
+prints the operators by self CPU time and, per layer, its input values per parameter.
 
     python bench/layer_cost.py [--batch-size 64] [--rounds 30] [--models small_bn_cnn,vit,dwcnn,pixel_embed]
+        [--profile grouped_conv]
 """
 
 from __future__ import annotations
@@ -160,11 +164,50 @@ def time_update(entry: dict, stats: dict[str, torch.Tensor]) -> float:
     return time.perf_counter() - t0
 
 
+def time_read(entry: dict) -> float:
+    """One read of the layer's recorded inputs (a floor for any statistic of them)."""
+    t0 = time.perf_counter()
+    for inputs, _, _ in entry["calls"]:
+        inputs.sum()
+    return time.perf_counter() - t0
+
+
+def profile_kind(entries: list[dict], kind: str) -> list[str]:
+    """The statistics of ``kind``'s layers under torch.profiler: top operators, and per layer
+    its input values per parameter."""
+    from torch.profiler import profile
+
+    chosen = [e for e in entries if e["layer"].kind == kind]
+    with profile() as prof:
+        for _ in range(3):
+            for entry in chosen:
+                time_statistics(entry)
+    lines = [
+        f"torch.profiler, statistics of {kind} (3 repetitions):",
+        "```",
+        prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8),
+        "```",
+        "",
+        "| model | layer | input shape | parameters |"
+        " input values per parameter | statistics ns/param | one read of the input ns/param |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for e in chosen:
+        n, shape = e["layer"].grad_numel, tuple(e["calls"][0][0].shape)
+        values = sum(c[0].numel() for c in e["calls"])
+        lines.append(
+            f"| {e['model']} | {e['layer'].name} | {shape} | {n:,} | {values / n:,.0f} | "
+            f"{1e9 * statistics.median(e['stat_s']) / n:,.0f} | {1e9 * statistics.median(e['read_s']) / n:,.0f} |"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="small_bn_cnn,vit,dwcnn,pixel_embed")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--profile", default=None, help="a layer kind whose statistics to profile after the rounds")
     args, command = parse_cpu_bench(p, argv, "bench/layer_cost.py")
     data = load_dataset(args.data_dir, limit_train=args.batch_size, limit_test=1, download=False)
     x, y = data.train_x[: args.batch_size], data.train_y[: args.batch_size]
@@ -172,42 +215,49 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.models.split(","):
         torch.manual_seed(0)
         for entry in record_layers(_model(name), x, y):
-            entries.append(entry | {"model": name, "stat_s": [], "update_s": []})
+            entries.append(entry | {"model": name, "stat_s": [], "update_s": [], "read_s": []})
     for r in range(args.rounds + 2):  # the first two rounds are warm-up
         for entry in entries if r % 2 == 0 else reversed(entries):
             dt_stat, stats = time_statistics(entry)
             dt_update = time_update(entry, stats)
+            dt_read = time_read(entry)
             if r >= 2:
                 entry["stat_s"].append(dt_stat)
                 entry["update_s"].append(dt_update)
+                entry["read_s"].append(dt_read)
 
     rows: dict[tuple[str, str], dict] = {}
     for entry in entries:
         row = rows.setdefault(
-            (entry["model"], entry["layer"].kind), {"layers": 0, "parameters": 0, "stat_us": 0.0, "update_us": 0.0}
+            (entry["model"], entry["layer"].kind),
+            {"layers": 0, "parameters": 0, "stat_us": 0.0, "update_us": 0.0, "read_us": 0.0},
         )
         row["layers"] += 1
         row["parameters"] += entry["layer"].grad_numel
         row["stat_us"] += 1e6 * statistics.median(entry["stat_s"])
         row["update_us"] += 1e6 * statistics.median(entry["update_s"])
+        row["read_us"] += 1e6 * statistics.median(entry["read_s"])
     lines = [
         f"command: `{command}`  ",
         f"batch {args.batch_size} (Fashion-MNIST), {args.rounds} interleaved rounds, {args.threads} thread(s), "
         "torch backend; median per layer, summed per kind",
         "",
         "| model | kind | layers | parameters | statistics µs | ns/param | inversion + update µs | ns/param |"
-        " total ns/param |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        " total ns/param | one read of the inputs ns/param |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (model, kind), row in rows.items():
         n = row["parameters"]
         row["stat_ns_per_param"] = 1e3 * row["stat_us"] / n
         row["update_ns_per_param"] = 1e3 * row["update_us"] / n
+        row["read_ns_per_param"] = 1e3 * row["read_us"] / n
         lines.append(
             f"| {model} | {kind} | {row['layers']} | {n:,} | {row['stat_us']:.0f} | {row['stat_ns_per_param']:.0f} | "
             f"{row['update_us']:.0f} | {row['update_ns_per_param']:.0f} | "
-            f"{row['stat_ns_per_param'] + row['update_ns_per_param']:.0f} |"
+            f"{row['stat_ns_per_param'] + row['update_ns_per_param']:.0f} | {row['read_ns_per_param']:.0f} |"
         )
+    if args.profile:
+        lines += [""] + profile_kind(entries, args.profile)
     print("\n".join(lines))
     result = {"command": command, "batch_size": args.batch_size, "rounds": args.rounds}
     result["rows"] = [{"model": m, "kind": k} | v for (m, k), v in rows.items()]

@@ -203,10 +203,10 @@ def patch_grams(
     ``ones`` (D = (C_in/G)·kh·kw + 1: the bias's row and column and the count come out of the same
     product).
 
-    The patches are built tap by tap: each of the kh·kw taps is one strided view of the padded
-    input (the input shifted by the tap), copied as a whole into a (G, D, examples·T) matrix in
-    ``dtype``, then one batched (D × L)·(L × D) product over the groups; done over chunks of
-    examples of about ``_CHUNK_ELEMENTS`` patch values so the matrix stays in cache.
+    The patches of all taps are one strided view of the padded input (each tap's input shifted by
+    the tap), copied in one operation into a (G, D, examples·T) matrix in ``dtype``, then one
+    batched (D × L)·(L × D) product over the groups; done over chunks of examples of about
+    ``_CHUNK_ELEMENTS`` patch values so the matrix stays in cache.
 
     Args:
         x: the (N, C_in, H, W) input.
@@ -220,18 +220,20 @@ def patch_grams(
     oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     c, taps = c_in // groups, kh * kw
     d = c * taps + int(ones)
-    padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-    source = padded.transpose(0, 1).reshape(groups, c, n, h + 2 * ph, w + 2 * pw)  # a view
+    padded = (F.pad(x, (pw, pw, ph, ph)) if ph or pw else x).contiguous()
+    hp, wp = h + 2 * ph, w + 2 * pw
+    # (G, C_in/G, kh, kw, N, oh, ow): every tap's shifted input, a strided view of the padded input
+    shifted = padded.as_strided(
+        (groups, c, kh, kw, n, oh, ow),
+        (c * hp * wp, hp * wp, dh * wp, dw, c_in * hp * wp, sh * wp, sw),
+        padded.storage_offset(),
+    )
     grams = torch.zeros(groups, d, d, dtype=dtype, device=x.device)
     step = max(1, _CHUNK_ELEMENTS // (groups * d * oh * ow))
     for start in range(0, n, step):
-        part = source[:, :, start : start + step]
-        cols = torch.empty(groups, d, part.shape[2], oh, ow, dtype=dtype, device=x.device)
-        tap_rows = cols[:, : c * taps].view(groups, c, taps, part.shape[2], oh, ow)
-        for i in range(kh):
-            for j in range(kw):
-                rows = slice(i * dh, i * dh + sh * (oh - 1) + 1, sh)
-                tap_rows[:, :, i * kw + j].copy_(part[..., rows, j * dw : j * dw + sw * (ow - 1) + 1 : sw])
+        part = shifted[:, :, :, :, start : start + step]
+        cols = torch.empty(groups, d, part.shape[4], oh, ow, dtype=dtype, device=x.device)
+        cols[:, : c * taps].view(part.shape).copy_(part)
         if ones:
             cols[:, -1].fill_(1.0)
         flat = cols.view(groups, d, -1)
