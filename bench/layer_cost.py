@@ -121,7 +121,8 @@ def record_layers(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> l
     return recorded
 
 
-def time_statistics(entry: dict) -> tuple[float, dict[str, torch.Tensor]]:
+def time_statistics(entry: dict, normalise: bool = True) -> tuple[float, dict[str, torch.Tensor]]:
+    """Seconds of the hooks' work on the recorded calls; the statistics (÷ their counts when ``normalise``)."""
     layer = entry["layer"]
     # views of one buffer, back to back, as the optimizer's accumulator (an "F" statistic as (C, 3))
     specs = layer.stat_specs()
@@ -139,6 +140,8 @@ def time_statistics(entry: dict) -> tuple[float, dict[str, torch.Tensor]]:
         for name in layer.backward_stat_names():
             counts[name] += n
     dt = time.perf_counter() - t0
+    if not normalise:
+        return dt, stats
     return dt, {name: value / max(counts[name], 1) for name, value in stats.items()}
 
 
@@ -181,7 +184,7 @@ def profile_kind(entries: list[dict], kind: str) -> list[str]:
     with profile() as prof:
         for _ in range(3):
             for entry in chosen:
-                time_statistics(entry)
+                time_statistics(entry, normalise=False)
     lines = [
         f"torch.profiler, statistics of {kind} (3 repetitions):",
         "```",
