@@ -295,9 +295,11 @@ def test_mc_fisher_averages_to_asdl_exact_fisher(kind, bn_mode):
     assert set(f_mc) == set(exact)
     for name, ref in exact.items():
         if "A" in ref:  # A does not depend on the labels: agreement to float32 rounding for every layer
-            # (relative to the whole matrix: our conv A comes from shifted correlations, ASDL's from im2col)
+            # (relative to the whole matrix: our conv A comes from shifted correlations, ASDL's from im2col,
+            # both float32 sums over 2000 examples' positions in different orders; measured 2.5e-5 with
+            # 1 thread and under 2e-5 with 2, so 1e-4 leaves rounding room and still fails any wrong A)
             err_a = float((f_mc[name]["A"] - ref["A"]).norm() / ref["A"].norm())
-            assert err_a < 2e-5, f"{name}.A: {err_a:.2e} from ASDL's"
+            assert err_a < 1e-4, f"{name}.A: {err_a:.2e} from ASDL's"
         if name not in checked:
             continue
         key = "G" if "G" in ref else "F"
