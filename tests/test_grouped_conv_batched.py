@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from steps import one_step_update
 from torch import nn
 
+from spngd_ext import SPNGD
 from spngd_ext.layers import GroupedConvCurvature
 from spngd_ext.layers.base import CurvatureLayer
 
@@ -138,3 +139,22 @@ def test_optimizer_writes_once_per_side_and_unpacks_once_per_layer(ema, monkeypa
     assert writes == [True, True]  # A and G side, each one run of the accumulator
     layer = GroupedConvCurvature("0", conv)
     assert unpacks == [sum(s.numel for s in layer.stat_specs())] and per_statistic == []
+
+
+def test_compiled_model_gives_the_eager_statistics():
+    """Under torch.compile the hooks write group by group (multi-tensor); same factors as eager."""
+    factors = []
+    for compiled in (False, True):
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Tanh(), nn.Flatten(), nn.Linear(100, 3))
+        opt = SPNGD(model, lr=0.1, backend="torch")
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        x, y = torch.randn(6, 4, 5, 5), torch.randint(0, 3, (6,))
+        for _ in range(2):
+            opt.zero_grad()
+            out = run(x)
+            opt.backward(F.cross_entropy(out, y), out)
+            opt.step()
+        factors.append(opt.factors()["0"])
+    for name, value in factors[0].items():
+        torch.testing.assert_close(factors[1][name], value, rtol=1e-12, atol=1e-14)

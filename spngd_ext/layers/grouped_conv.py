@@ -226,7 +226,6 @@ def patch_grams(
     shifted = padded.as_strided(
         (groups, c, kh, kw, n, oh, ow),
         (c * hp * wp, hp * wp, dh * wp, dw, c_in * hp * wp, sh * wp, sw),
-        padded.storage_offset(),
     )
     grams = torch.zeros(groups, d, d, dtype=dtype, device=x.device)
     step = max(1, _CHUNK_ELEMENTS // (groups * d * oh * ow))
@@ -242,8 +241,10 @@ def patch_grams(
 
 
 def write_packed(states: Sequence[Tensor], grams: Tensor, first: bool) -> None:
-    """states[k] ← (0 if first else states[k]) + packed upper triangle of grams[k], in one
-    operation when the states lie back to back in one buffer (the optimizer's accumulator).
+    """states[k] ← (0 if first else states[k]) + packed upper triangle of grams[k]: one operation
+    on one (G, packed size) view when the states lie back to back in one buffer (the optimizer's
+    accumulator), else one multi-tensor operation (separate tensors, or under ``torch.compile``,
+    which does not trace the storage check).
 
     Args:
         states: the packed accumulators of the groups, in group order.
@@ -252,19 +253,27 @@ def write_packed(states: Sequence[Tensor], grams: Tensor, first: bool) -> None:
     """
     d = grams.shape[1]
     packed = grams.reshape(grams.shape[0], -1)[:, triu_flat_index(d, grams.device)]
-    head, numel = states[0], packed.shape[1]
-    step = numel * head.element_size()
-    adjacent = all(
+    if not torch.compiler.is_compiling() and _back_to_back(states):
+        run = states[0].as_strided(packed.shape, (packed.shape[1], 1))
+        if first:
+            run.copy_(packed)
+        else:
+            run.add_(packed)
+    elif first:
+        torch._foreach_copy_(list(states), list(packed.unbind(0)))
+    else:
+        torch._foreach_add_(list(states), list(packed.unbind(0)))
+
+
+def _back_to_back(states: Sequence[Tensor]) -> bool:
+    """Whether the 1-D ``states`` follow each other without gaps in one storage."""
+    head = states[0]
+    step = head.numel() * head.element_size()
+    storage = head.untyped_storage().data_ptr()
+    return all(
         s.is_contiguous()
-        and s.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()
+        and s.numel() == head.numel()
+        and s.untyped_storage().data_ptr() == storage
         and s.data_ptr() == head.data_ptr() + k * step
         for k, s in enumerate(states)
     )
-    if adjacent:  # one (G, numel) view of the run
-        states = [head.as_strided((len(states), numel), (numel, 1))]
-        packed = packed.unsqueeze(0)
-    for state, value in zip(states, packed):  # otherwise group by group (separate tensors)
-        if first:
-            state.copy_(value)
-        else:
-            state.add_(value)
