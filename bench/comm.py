@@ -52,7 +52,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from comm_fsdp import fsdp_table, fsdp_worker  # noqa: E402
-from comm_segments import segments_measured_table, segments_table, segments_worker  # noqa: E402
+from comm_segments import segments_measured_table, segments_table, segments_worker, split_table  # noqa: E402
 from torch import nn  # noqa: E402
 
 from spngd_ext.distributed.placement import LayerCost, OwnerAssignment  # noqa: E402
@@ -522,6 +522,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.model_only:
         print("Padded per-layer chunks (MODEL, fp32, MB per rank):\n" + table)
         print("\nOwnership per statistic, true-length segments (MODEL, fp32, MB per rank):\n" + seg_table)
+        print(
+            "\nSplit layers: inverse exchange vs split preconditioning (MODEL, fp32):\n"
+            + split_table(resnet50_layers(), model_worlds[1:])
+        )
         if a.out:
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
             Path(a.out).write_text(json.dumps({"model": rows, "model_segments": seg_rows}, indent=1))

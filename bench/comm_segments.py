@@ -9,6 +9,8 @@ totals and I_r the packed inverses it sends (elements; × s bytes):
 
 * design wire bytes (pipelined ring reduce / broadcast per owner, NCCL's algorithms): a refresh
   sends (S − S_r) + (G − G_r) + (G − G_{r+1}) + I_r, a step without factors (G − G_r) + (G − G_{r+1});
+  I_r counts, as the optimizer sends them, each packed inverse with its flag and one π trace each
+  way per split layer;
 * bytes on Gloo (what ``bench/comm.py --design segments`` measures): the all-to-all reduce sends
   exactly S − S_r and G − G_r; a broadcast sends each owner's segment W − 1 times in all, so the
   mean over ranks is (W − 1)·G / W whatever the broadcast algorithm;
@@ -77,8 +79,13 @@ def segments_plan(layers: list[dict], world: int) -> dict:
     g_r = [r.numel for r in lay.grad_ranges]
     inv_send = [0] * world
     dense = [0] * world
+    split_products = 0  # the alternative: split preconditioning sends ∇W·Â⁻¹ (d_out × d_in) per split layer
     for route in a.inverse_routes:
-        inv_send[route.src] += route.numel
+        # the optimizer's exchanges (spngd_ext/state/routes.py): a mean trace each way, then the
+        # packed inverse with a one-element flag
+        inv_send[route.src] += route.numel + 2
+        inv_send[route.dst] += 1
+        split_products += stats[route.layer].grad_numel
         dim = next(s.dim for s in stats[route.layer].stats if s.name == route.stat)
         dense[route.dst] += dim * dim  # the received inverse, unpacked
     for li, owners in enumerate(a.stat_owners):
@@ -91,6 +98,9 @@ def segments_plan(layers: list[dict], world: int) -> dict:
         "S_r": s_r,
         "G_r": g_r,
         "inv_send": inv_send,
+        "split_layers": len(a.inverse_routes),
+        "inverse_numel": sum(r.numel for r in a.inverse_routes),
+        "split_product_numel": split_products,
         "dense_inverses": dense,
         "makespan": a.makespan,
         "largest_item": a.largest_item,
@@ -175,6 +185,26 @@ def segments_table(layers: list[dict], worlds: list[int], params: int, stats_num
     return "\n".join(lines), rows
 
 
+def split_table(layers: list[dict], worlds: list[int]) -> str:
+    """Inverse exchange against split preconditioning, for the layers the placement splits.
+
+    Sending the smaller factor's packed inverse (plus its flag and a π trace each way) to the
+    gradient owner moves d(d+1)/2 + 3 elements per split layer and only at inversions; splitting
+    the preconditioning instead (the other owner multiplies by its inverse and sends the d_out ×
+    d_in product) moves the gradient's size at every step."""
+    lines = [
+        "| ranks | split layers | inverse exchange MB per inversion (all ranks) | split-preconditioning MB per step "
+        "(all ranks) | exchange / split |",
+        "|---|---|---|---|---|",
+    ]
+    for w in worlds:
+        plan = segments_plan(layers, w)
+        inv = sum(plan["inv_send"]) * 4
+        prod = plan["split_product_numel"] * 4
+        lines.append(f"| {w} | {plan['split_layers']} | {_mb(inv)} | {_mb(prod)} | {inv / prod if prod else 0.0:.3f} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------ measurement
 
 
@@ -222,8 +252,14 @@ def segments_worker(rank: int, world: int, layers: list[dict], args: dict) -> di
     grads = torch.randn(lay.grad_numel, generator=gen)
     params = sum(st.grad_numel for st in stats_spec)
     flat = torch.randn(params, generator=gen)
-    inv_out = [[torch.randn(rt.numel, generator=gen) for rt in routes] for routes in lay.inverse_sends(rank)]
-    inv_in = [[torch.empty(rt.numel) for rt in routes] for routes in lay.inverse_receives(rank)]
+    # as the optimizer sends them (spngd_ext/state/routes.py): one mean trace each way per split
+    # layer, then the packed inverse behind a one-element flag from its owner to the gradient owner
+    inv_out = [[torch.randn(rt.numel + 1, generator=gen) for rt in routes] for routes in lay.inverse_sends(rank)]
+    inv_in = [[torch.empty(rt.numel + 1) for rt in routes] for routes in lay.inverse_receives(rank)]
+    tr_out = [
+        [torch.randn(1) for _ in a] + [torch.randn(1) for _ in b] for a, b in zip(inv_out, lay.inverse_receives(rank))
+    ]
+    tr_in = [[torch.empty(1) for _ in a] + [torch.empty(1) for _ in b] for a, b in zip(inv_in, lay.inverse_sends(rank))]
     not_a = [(i, s.name) for i, st in enumerate(stats_spec) for s in st.stats if s.name != "A"]
     reps = args["repeats"]
     res: dict = {"time_s": {}, "sent_per_rank": {}, "counted": {}, "due_not_a": not_a}
@@ -243,7 +279,9 @@ def segments_worker(rank: int, world: int, layers: list[dict], args: dict) -> di
             comm.reduce_segments(stats, lay.stats_sends(due), kind="stats")
             comm.reduce_segments(grads, lay.grad_sends(), kind="grads")
             if lay.inverse_routes:
-                comm.exchange(inv_out, inv_in, kind="inverses", dtype=torch.float32, device=torch.device("cpu"))
+                cpu = torch.device("cpu")
+                comm.exchange(tr_out, tr_in, kind="inverse", dtype=torch.float32, device=cpu)
+                comm.exchange(inv_out, inv_in, kind="inverse", dtype=torch.float32, device=cpu)
             comm.gather_segments(grads, lay.grad_sends(), kind="precond")
 
         def grads_only(comm=comm):

@@ -26,10 +26,10 @@ from .distributed import Communicator, default_communicator
 from .distributed.fsdp import ShardedGradients, is_sharded, local_layout
 from .distributed.placement import LayerCost, LayerStatistics, OwnerAssignment, StatisticAssignment, StatisticSpec
 from .distributed.segments import SegmentLayout
-from .layers import Coverage, CurvatureLayer, classify
+from .layers import Coverage, CurvatureLayer, KroneckerLayer, classify
 from .mc import LabelSampler
 from .ops.extension import cuda_ops_available, extension_loaded
-from .options import Backend, FisherType, SPNGDOptions, options_doc
+from .options import Backend, FisherType, Ownership, SPNGDOptions, options_doc
 from .refresh import RefreshSchedule
 from .state import CurvatureState
 from .step import StepRunner
@@ -171,13 +171,21 @@ class SPNGD(torch.optim.Optimizer):
                 layer.name,
                 tuple(StatisticSpec(s.name, s.dim, s.numel) for s in layer.stat_specs()),
                 layer.grad_numel,
+                (layer.dim_g, layer.dim_a) if isinstance(layer, KroneckerLayer) else (0, 0),
+                splittable=bool(layer.inverse_sides),  # only layers that cache one inverse per factor
             )
             for layer in self._layers
         ]
         if self._plain_params:
             stats.append(LayerStatistics("<plain>", (), sum(p.numel() for p in self._plain_params)))
-        # One owner per layer (A and G together), each statistic at its true length in the buffers.
-        placement = StatisticAssignment.per_layer(stats, self.assignment.owners, self._comm.world_size)
+        world = self._comm.world_size
+        if self.options.ownership is Ownership.STATISTIC:
+            # A, G and each unit-wise Fisher placed separately; a Kronecker layer's gradient goes
+            # to the owner of its larger factor, which receives the smaller one's inverse.
+            placement = StatisticAssignment.balance(stats, world)
+        else:  # one owner per layer (A, G and the gradient together)
+            placement = StatisticAssignment.per_layer(stats, self.assignment.owners, world)
+        self.placement = placement
         layout = SegmentLayout.build(stats, placement)
         if self._sharded:  # gradient buffer: all owners' slots, then only this rank's own gradients
             layout = local_layout(layout, self._comm.rank)

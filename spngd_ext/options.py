@@ -19,7 +19,7 @@ import torch
 
 from .refresh import StalePolicy
 
-__all__ = ["Backend", "DampingSchedule", "FisherType", "SPNGDOptions", "options_doc"]
+__all__ = ["Backend", "DampingSchedule", "FisherType", "Ownership", "SPNGDOptions", "options_doc"]
 
 DampingSchedule = float | Callable[[int], float]
 
@@ -41,6 +41,18 @@ class Backend(str, enum.Enum):
     AUTO = "auto"
     CUDA = "cuda"
     TORCH = "torch"
+
+
+class Ownership(str, enum.Enum):
+    """How the curvature work is placed on ranks (docs/design.md, "Distributed design").
+
+    STATISTIC: each statistic (A, G, each unit-wise Fisher) has its own owner; the owner of a
+    layer's larger factor preconditions its gradient and receives the smaller factor's inverse.
+    LAYER: one owner per layer (its statistics and its gradient), no inverse travels.
+    """
+
+    STATISTIC = "statistic"
+    LAYER = "layer"
 
 
 _COMM_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
@@ -162,6 +174,13 @@ class SPNGDOptions:
             "update) as torch.compile'd regions: True (Inductor) or a torch.compile backend name; False: eager"
         ),
     )
+    ownership: Ownership = field(
+        default=Ownership.STATISTIC,
+        metadata=_help(
+            "placement of the curvature work on ranks: 'statistic' (A, G and each norm Fisher owned "
+            "separately) or 'layer' (one owner per layer)"
+        ),
+    )
     comm_dtype: torch.dtype | None = field(
         default=None,
         metadata=_help(
@@ -184,6 +203,10 @@ class SPNGDOptions:
             set_(self, "fisher", FisherType(self.fisher))
         except ValueError:
             raise ValueError(f"SPNGD: fisher must be 'mc' or 'emp', got {self.fisher!r}") from None
+        try:
+            set_(self, "ownership", Ownership(self.ownership))
+        except ValueError:
+            raise ValueError(f"SPNGD: ownership must be 'statistic' or 'layer', got {self.ownership!r}") from None
         try:
             set_(self, "backend", Backend(self.backend))
         except ValueError:

@@ -232,7 +232,7 @@ class StepRunner:
         if not invert:
             return
         with record_function("spngd::inversion"):
-            events = st.inverses.refresh(lam, opts.backend, st.accumulation, only_fresh=adaptive)
+            events = st.inverses.refresh(lam, opts.backend, st.accumulation, only_fresh=adaptive, comm=self.comm)
         self.counters["inverse_updates"] += 1
         self.inverse_sides_done += st.inverses.sides_refreshed(fresh) if adaptive else st.inverses.sides
         self.counters["inversion_retries"] += events.retries

@@ -177,6 +177,7 @@ def train(
         "bytes": nbytes,
         "total_bytes": opt._comm.bytes_sent()["total"],
         "owners": list(opt.assignment.owners),
+        "placement": opt.placement,  # the owner of every statistic and gradient, the inverse routes
         "counters": opt.counters,
         "factors": opt.factors(),  # the owned layers' estimates after the last refresh
         "mc_seed": opt._sampler.generator_for(torch.device("cpu")).initial_seed(),
@@ -289,12 +290,14 @@ def assert_ranks_identical(results: list[dict]) -> None:
 
 
 def assert_factors_match(results: list[dict], ref: dict) -> None:
-    """Every layer's A, G (BN: F) is held by exactly its owner and equals the one-process one."""
+    """Every statistic (A, G; BN: F) is held by exactly its owner and equals the one-process one."""
     merged: dict = {}
     for res in results:
         for name, entry in res["factors"].items():
-            assert name not in merged, f"{name} estimated on two ranks"
-            merged[name] = entry
+            merged.setdefault(name, {})
+            for stat, t in entry.items():
+                assert stat not in merged[name], f"{name}.{stat} estimated on two ranks"
+                merged[name][stat] = t
     assert merged.keys() == ref.keys()
     for name in ref:
         assert merged[name].keys() == ref[name].keys()
@@ -407,45 +410,69 @@ def _w_fault(rank: int, world: int, payload: dict) -> dict:
 # the tests
 
 
-def _expected_bytes(kind: str, owners: list[int], elem: int, *, rank: int, refresh: bool, ddp: bool = False) -> dict:
-    """The byte-counter formula, from the layer shapes alone (independent of the layout code):
-    every statistic and gradient travels at its true length. Rank r owns S_r statistics elements
-    (packed A + packed G, or 3C for BN, + 1 count per statistic) and G_r gradient elements
-    (gradient numel + 1 change slot per statistic, + 1 KL slot if it owns any gradient). The
-    reduces send every other owner's part (S − S_r, G − G_r), the gather sends the own part G_r."""
+def _expected_bytes(
+    kind: str, placement, elem: int, *, rank: int, refresh: bool, ddp: bool = False, inverse_elem: int | None = None
+) -> dict:
+    """The byte-counter formula, from the layer shapes and the owners alone (independent of the
+    layout code): every statistic and gradient travels at its true length. Rank r owns S_r
+    statistics elements (a packed factor d(d+1)/2, a BN Fisher 3C, + 1 count per statistic) and
+    G_r gradient elements (the gradients it preconditions, 1 change slot per statistic it owns,
+    + 1 KL slot if it preconditions any gradient). The reduces send every other owner's part
+    (S − S_r, G − G_r), the gather sends the own part G_r. A layer whose factors have two owners
+    costs, at each inversion, a mean trace each way and the smaller factor's packed inverse with
+    its flag (full precision)."""
     model = make_model(kind)
     opt = SPNGD(model, **OPT_KW)  # only to walk the same layers in the same order
-    stats, grads = [], []
+    stats: list[dict[str, int]] = []
+    grads: list[int] = []
     for layer in opt.layers:
         if isinstance(layer, KroneckerLayer):
             da, dg = layer.dim_a, layer.dim_g
-            stats.append(da * (da + 1) // 2 + dg * (dg + 1) // 2 + 2)
-            grads.append(dg * da + 2)
+            stats.append({"A": da * (da + 1) // 2, "G": dg * (dg + 1) // 2})
+            grads.append(dg * da)
         elif isinstance(layer, BatchNormCurvature):
-            stats.append(3 * layer.channels + 1)
-            grads.append(2 * layer.channels + 1)
-        else:  # another elementwise layer: its own statistics' sizes, one count and change slot each
-            specs = layer.stat_specs()
-            stats.append(sum(sp.numel + 1 for sp in specs))
-            grads.append(sum(p.numel() for p in layer.params) + len(specs))
+            stats.append({"F": 3 * layer.channels})
+            grads.append(2 * layer.channels)
+        else:  # another elementwise layer: its own statistics' sizes
+            stats.append({sp.name: sp.numel for sp in layer.stat_specs()})
+            grads.append(sum(p.numel() for p in layer.params))
     plain = [p for p in model.parameters() if all(p is not q for layer in opt.layers for q in layer.params)]
     if plain:
-        stats.append(0)
+        stats.append({})
         grads.append(sum(p.numel() for p in plain))
-    assert len(owners) == len(stats)
-    s_own = sum(s for s, o in zip(stats, owners) if o == rank)
-    g_own = sum(g for g, o in zip(grads, owners) if o == rank) + (1 if rank in owners else 0)
-    g_all = sum(grads) + len(set(owners))
-    return {
-        "stats": (sum(stats) - s_own) * elem if refresh else 0,
+    stat_owners, grad_owners = placement.stat_owners, placement.grad_owners
+    assert len(stat_owners) == len(stats) == len(grad_owners)
+    s_all = sum(n + 1 for st in stats for n in st.values())
+    s_own = sum(n + 1 for st, own in zip(stats, stat_owners) for k, n in st.items() if own[k] == rank)
+    n_stat = sum(len(st) for st in stats)
+    g_all = sum(grads) + n_stat + len(set(grad_owners))
+    g_own = (
+        sum(g for g, o in zip(grads, grad_owners) if o == rank)
+        + sum(1 for own in stat_owners for o in own.values() if o == rank)
+        + (1 if rank in grad_owners else 0)
+    )
+    out = {
+        "stats": (s_all - s_own) * elem if refresh else 0,
         "grads": 0 if ddp else (g_all - g_own) * elem,
         "precond": g_own * elem,
         "flag": 4,
     }
+    routes = placement.inverse_routes
+    if routes:  # every rank takes part in the exchanges (inverse_interval=1: every step)
+        ie = inverse_elem if inverse_elem is not None else elem
+        out["inverse"] = ie * sum((2 + r.numel) if r.src == rank else 1 if r.dst == rank else 0 for r in routes)
+    return out
 
 
-@pytest.mark.parametrize("world", [2, 3])
+def _splits(placement) -> list[int]:
+    """Indices of the layers whose statistics have more than one owner."""
+    return [i for i, own in enumerate(placement.stat_owners) if len(set(own.values())) > 1]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_equivalence_with_one_process(world: int) -> None:
+    """Ownership per statistic (the default): A and G of a layer on different ranks, the smaller
+    factor's inverse sent to the gradient owner; and one owner per layer (``ownership="layer"``)."""
     steps, batch = 4, 12
     payload = {
         "evalbn": dict(kind="conv_evalbn", steps=steps, global_batch=batch),
@@ -454,6 +481,7 @@ def test_equivalence_with_one_process(world: int) -> None:
         "interval2": dict(
             kind="conv_syncbn", steps=steps, global_batch=batch, curvature_interval=2, use_opt_backward=False
         ),
+        "per_layer": dict(kind="conv_syncbn", steps=steps, global_batch=batch, ownership="layer"),
     }
     results = run_world(world, _w_equivalence, payload)
     for name, cfg in payload.items():
@@ -463,16 +491,24 @@ def test_equivalence_with_one_process(world: int) -> None:
         assert_close_to_reference(per_rank, ref["params"])
         assert_factors_match(per_rank, ref["factors"])  # emp G (and A, BN F) = the whole-batch ones
         assert per_rank[0]["counters"]["factor_updates"] == (steps if name != "interval2" else steps // 2)
+        placement = per_rank[0]["placement"]
+        if name == "per_layer":
+            assert not _splits(placement) and not placement.inverse_routes
+        elif name != "linear":  # not vacuous: some layer's A and G are on different ranks
+            assert _splits(placement), f"{name}: no layer split at W={world}: {placement.stat_owners}"
+            assert {r.layer for r in placement.inverse_routes} == set(_splits(placement))
         # byte counter = formula, on refresh and non-refresh steps, and the total is their sum
         interval = cfg.get("curvature_interval", 1)
         for r, res in enumerate(per_rank):
             for step, got in enumerate(res["bytes"]):
-                want = _expected_bytes(cfg["kind"], res["owners"], 8, rank=r, refresh=step % interval == 0)
+                want = _expected_bytes(cfg["kind"], res["placement"], 8, rank=r, refresh=step % interval == 0)
                 assert got == want, f"{name}, rank {r}, step {step}: {got} != {want}"
-            total = {k: sum(b[k] for b in res["bytes"]) for k in res["total_bytes"]}
+            total = {k: sum(b.get(k, 0) for b in res["bytes"]) for k in res["total_bytes"]}
             assert total == res["total_bytes"]
-    # more ranks than layers: ranks that own nothing still take part and agree
-    assert results[0]["linear"]["owners"] == [0]
+    # more ranks than statistics: ranks that own nothing still take part and agree
+    linear = results[0]["linear"]["placement"]
+    if world > 2:
+        assert any(r not in [o for own in linear.stat_owners for o in own.values()] for r in range(world))
 
 
 def test_ddp_wrapped_model_matches_and_skips_gradient_reduction() -> None:
@@ -495,7 +531,57 @@ def test_ddp_wrapped_model_matches_and_skips_gradient_reduction() -> None:
     for r, res in enumerate(ddp):
         for got in res["bytes"]:
             assert got["grads"] == 0, "DDP already averaged the gradients: SP-NGD must not send them again"
-            assert got == _expected_bytes("conv_evalbn", res["owners"], 8, rank=r, refresh=True, ddp=True)
+            assert got == _expected_bytes("conv_evalbn", res["placement"], 8, rank=r, refresh=True, ddp=True)
+
+
+def _w_checkpoint(rank: int, world: int, payload: dict) -> dict:
+    """Two steps, state_dict, two more steps; a fresh model and optimizer loaded from the
+    state_dict run the same two steps."""
+    import copy
+
+    kind, batch, shard = payload["kind"], payload["global_batch"], payload["global_batch"] // world
+
+    def step(model: nn.Module, opt: SPNGD, k: int) -> None:
+        x, y = make_batch(kind, k, batch)
+        train_step(model, opt, x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard])
+
+    model = make_model(kind)
+    opt = SPNGD(model, **OPT_KW)
+    for k in range(2):
+        step(model, opt, k)
+    saved, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    for k in range(2, 4):
+        step(model, opt, k)
+    resumed = make_model(kind)
+    resumed.load_state_dict(weights)
+    opt2 = SPNGD(resumed, **OPT_KW)
+    opt2.load_state_dict(saved)
+    for k in range(2, 4):
+        step(resumed, opt2, k)
+    return {
+        "straight": flat_params(model),
+        "resumed": flat_params(resumed),
+        "placement": opt.placement,
+        "inverses": {n: [t is not None for t in inv] for n, inv in opt2.inverses().items()},
+        "names": [layer.name for layer in opt.layers],
+    }
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_checkpoint_round_trip_with_split_layers(world: int) -> None:
+    """state_dict / load_state_dict under ownership per statistic: the resumed run equals the
+    uninterrupted one bit for bit; a split layer's inverse pair is held (and saved) by its
+    gradient owner only."""
+    results = run_world(world, _w_checkpoint, dict(kind="conv_syncbn", global_batch=12))
+    for r, res in enumerate(results):
+        assert torch.equal(res["straight"], res["resumed"]), f"rank {r}: the resumed run differs"
+    assert torch.equal(results[0]["straight"], results[-1]["straight"])
+    placement = results[0]["placement"]
+    assert _splits(placement), f"no layer split at W={world}: {placement.stat_owners}"
+    for route in placement.inverse_routes:
+        name = results[0]["names"][route.layer]
+        assert results[route.dst]["inverses"][name] == [True, True]
+        assert name not in results[route.src]["inverses"]
 
 
 def test_reduced_precision_communication_and_mc_seeds() -> None:
@@ -525,7 +611,10 @@ def test_reduced_precision_communication_and_mc_seeds() -> None:
                     if name == "fp16"
                     else dict.fromkeys(want32, 0)
                 )
-                assert got == {k: (v // 2 if k != "flag" else v) + extra[k] for k, v in want32.items()}
+                # the inverses and π traces travel at full precision
+                assert got == {
+                    k: (v // 2 if k not in ("flag", "inverse") else v) + extra.get(k, 0) for k, v in want32.items()
+                }
     # fp32 distributed equals one process in fp32 up to float32 reordering
     ref = reference(kind="conv_syncbn", steps=steps, global_batch=batch, dtype=f32)
     assert_close_to_reference([results[0]["fp32"]], ref["params"], rtol=1e-4, atol=1e-5)

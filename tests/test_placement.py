@@ -277,9 +277,10 @@ def test_per_layer_assignment_keeps_each_layer_on_its_owner() -> None:
         StatisticAssignment.per_layer(layers, owners, 0)
 
 
-def test_curvature_state_needs_one_owner_per_layer() -> None:
-    """The optimizer's state preconditions a layer on the rank that owns both its factors; a layout
-    that splits them is rejected by name (ownership per statistic is not wired into the state)."""
+def test_curvature_state_with_a_layer_split_over_two_ranks() -> None:
+    """Each rank's state holds the statistics it owns and the gradients it preconditions: with
+    A on rank 0 (with the gradient) and G on rank 1, rank 0 estimates A and preconditions, rank 1
+    only estimates G; with one owner per layer a rank may own nothing."""
     from torch import nn
 
     from spngd_ext.distributed.segments import SegmentLayout
@@ -295,8 +296,29 @@ def test_curvature_state_needs_one_owner_per_layer() -> None:
         for layer in layers
     ]
     split = StatisticAssignment(2, ({"A": 0, "G": 1},), (0,), (), (0.0, 0.0), (0.0, 0.0), 0.0)
-    with pytest.raises(ValueError, match="each layer needs one owner"):
-        CurvatureState.build(layers, SegmentLayout.build(stats, split), 0, SPNGDOptions(), [])
+    layout = SegmentLayout.build(stats, split)
+    rank0 = CurvatureState.build(layers, layout, 0, SPNGDOptions(), [])
+    rank1 = CurvatureState.build(layers, layout, 1, SPNGDOptions(), [])
+    assert rank0.estimates.owned == [(0, "A")] and rank0.preconditioner.owned == [0]
+    assert rank1.estimates.owned == [(0, "G")] and rank1.preconditioner.owned == []
+    assert rank0.buffers.chunk_numel == 5 * 6 // 2 + 1 and rank1.buffers.chunk_numel == 3 * 4 // 2 + 1
     together = StatisticAssignment.per_layer(stats, [1], 2)
     state = CurvatureState.build(layers, SegmentLayout.build(stats, together), 0, SPNGDOptions(), [])
     assert state.buffers.chunk_numel == 0 and state.preconditioner.owned == []  # rank 0 owns nothing
+
+
+def test_unsplittable_layers_keep_their_statistics_together() -> None:
+    """A layer that does not cache one inverse per factor (grouped convolution, Embedding) is one
+    placement item: all its statistics and its gradient on one rank, no inverse route."""
+    grouped = LayerStatistics(
+        "g", (StatisticSpec("A0", 9, 45), StatisticSpec("A1", 9, 45), StatisticSpec("G0", 4, 10)), 72, splittable=False
+    )
+    kron = LayerStatistics("k", (StatisticSpec("A", 50, 1275), StatisticSpec("G", 40, 820)), 2000, (40, 50))
+    for world in (2, 3, 4):
+        a = StatisticAssignment.balance([grouped, kron, grouped], world)
+        for li in (0, 2):
+            assert len(set(a.stat_owners[li].values())) == 1
+            assert a.grad_owners[li] == a.stat_owners[li]["A0"]
+        assert all(r.layer == 1 for r in a.inverse_routes)
+    assert len(grouped.item_costs()) == 1
+    assert grouped.item_costs()[0][1] == sum(c for _, c, _ in LayerStatistics("g", grouped.stats, 72).item_costs())

@@ -144,7 +144,8 @@ def run_scenario(sc: dict, rank: int, world: int) -> dict:
         "counters": counters,
         "due": due,
         "bytes": nbytes,
-        "owners": list(opt.assignment.owners),
+        "owners": list(opt.placement.stat_owners),  # per layer: {statistic: owning rank}
+        "routes": list(opt.placement.inverse_routes),  # split layers: the smaller factor's inverse travels
         "numel": numel,
     }
 
@@ -270,12 +271,32 @@ def test_stale_steps_send_only_the_due_statistics(world_results):
     for name in ("clear", "noisy"):
         for rank, res in enumerate(r[name] for r in world_results):
             owners, numel = res["owners"], res["numel"]
-            everything = sum(n + 1 for (i, _), n in numel.items() if owners[i] != rank) * 8
+            everything = sum(n + 1 for (i, k), n in numel.items() if owners[i][k] != rank) * 8
             for step, (due, got) in enumerate(zip(res["due"], res["bytes"])):
-                want = sum(numel[key] + 1 for key in due if owners[key[0]] != rank) * 8
+                want = sum(numel[(i, k)] + 1 for i, k in due if owners[i][k] != rank) * 8
                 assert got["stats"] == want, (
                     f"{name}, rank {rank}, step {step}: due {due}, sent {got['stats']} bytes, expected {want}"
                 )
                 if due and want < everything:
                     partial += 1  # some statistic of another owner was not due, and was not sent
     assert partial > 0, "no step left another owner's statistic out; the byte check would be vacuous"
+
+
+def test_stale_steps_send_no_inverse_of_a_split_layer_that_is_not_due(world_results):
+    """Ownership per statistic: a layer whose A and G have different owners costs, on a step where
+    one of its statistics is due, a mean trace each way and the smaller factor's packed inverse
+    (with a flag) from its owner to the gradient owner; on a step where neither is due, nothing.
+    (In these scenarios the split layer is due whenever anything is, so the steps that send
+    nothing are those where nothing is due.)"""
+    quiet = 0
+    for name in ("clear", "noisy"):
+        for rank, res in enumerate(r[name] for r in world_results):
+            routes = res["routes"]
+            assert routes, f"{name}: no layer has two owners at W={WORLD}; the test would be vacuous"
+            for step, (due, got) in enumerate(zip(res["due"], res["bytes"])):
+                layers = {i for i, _ in due}
+                active = [r for r in routes if r.layer in layers]
+                want = sum((2 + r.numel) if r.src == rank else 1 if r.dst == rank else 0 for r in active) * 8
+                assert got.get("inverse", 0) == want, f"{name}, rank {rank}, step {step}: due {due}, got {got}"
+                quiet += not active
+    assert quiet > 0, "every step inverted a split layer; the check would be vacuous"

@@ -7,9 +7,11 @@
   the param_groups' hyperparameters;
 * ``spngd.momentum.<parameter name>``: each momentum buffer (a DTensor under FSDP2, which DCP
   reshards to the loading world's shards);
-* per curvature layer, saved by its owner: ``spngd.layer.<name>.info`` (which estimates are ready,
-  which inverses exist), ``spngd.layer.<name>.<statistic>`` (the estimate at its true length),
-  ``spngd.layer.<name>.<statistic>.count`` (its EMA count) and ``spngd.layer.<name>.inverse.<side>``.
+* per curvature layer, saved by the rank that preconditions its gradient:
+  ``spngd.layer.<name>.info`` (which estimates are ready, which inverses exist) and
+  ``spngd.layer.<name>.inverse.<side>``; per statistic, saved by its owner (under ownership per
+  statistic not necessarily the same rank): ``spngd.layer.<name>.<statistic>`` (the estimate at
+  its true length) and ``spngd.layer.<name>.<statistic>.count`` (its EMA count).
 
 :func:`load` reads the meta, then asks for exactly what this rank owns in the loading run (the
 statistics are re-owned: the owner assignment of the loading world decides), so a checkpoint
@@ -45,20 +47,27 @@ def _names(opt: Any) -> dict[int, str]:
     return {id(p): n for n, p in opt._model.named_parameters()}
 
 
-def _layer_items(opt: Any, i: int) -> dict[str, Tensor]:
-    """The tensors of owned layer ``i`` (views of the estimate chunk, the inverses)."""
-    st, layer = opt._state, opt._layers[i]
+def _stat_items(opt: Any) -> dict[str, Tensor]:
+    """Views of the estimate chunk: every statistic this rank owns and its count."""
+    st = opt._state
     buffers = st.buffers
     out: dict[str, Tensor] = {}
-    for name in st.estimates.names[i]:
-        key = f"spngd.layer.{layer.name}.{name}"
+    for i, name in st.estimates.owned:
+        key = f"spngd.layer.{opt._layers[i].name}.{name}"
         out[key] = buffers.est_view(i, name)
         at = buffers.layout.counts[i][name] - buffers.chunk_base
         out[key + ".count"] = buffers.est[at : at + 1]
-    for side, t in zip(layer.inverse_sides, st.inverses.inverses.get(i, [])):
-        if t is not None:
-            out[f"spngd.layer.{layer.name}.inverse.{side}"] = t
     return out
+
+
+def _inverse_items(opt: Any, i: int) -> dict[str, Tensor]:
+    """The cached inverses of layer ``i`` (whose gradient this rank preconditions)."""
+    layer = opt._layers[i]
+    return {
+        f"spngd.layer.{layer.name}.inverse.{side}": t
+        for side, t in zip(layer.inverse_sides, opt._state.inverses.inverses.get(i, []))
+        if t is not None
+    }
 
 
 def state_dict(opt: Any) -> dict[str, Any]:
@@ -76,13 +85,14 @@ def state_dict(opt: Any) -> dict[str, Any]:
     for p, s in opt.state.items():
         if "momentum_buffer" in s:
             out[f"spngd.momentum.{names[id(p)]}"] = s["momentum_buffer"]
-    for i in st.estimates.owned:
+    for i in st.preconditioner.owned:
         layer = opt._layers[i]
         inv = st.inverses.inverses.get(i)
         out[f"spngd.layer.{layer.name}.info"] = _pack(
             {"ready": dict(st.estimates.ready[i]), "inverses": None if inv is None else [t is not None for t in inv]}
         )
-        out.update(_layer_items(opt, i))
+        out.update(_inverse_items(opt, i))
+    out.update(_stat_items(opt))
     if runner.comm.rank == 0:
         out[_META] = _pack(
             {
@@ -140,11 +150,14 @@ def load(opt: Any, checkpoint_id: str) -> None:
     want: dict[str, Any] = {}
     for key in meta["momentum"]:
         want[key] = torch.zeros_like(by_name[key[len("spngd.momentum.") :]])
-    for i in st.estimates.owned:
-        want[f"spngd.layer.{opt._layers[i].name}.info"] = b""
+    for layer in opt._layers:  # readiness is kept on every rank for every statistic
+        want[f"spngd.layer.{layer.name}.info"] = b""
     dcp.load(want, checkpoint_id=checkpoint_id)
-    tensors: dict[str, Any] = {}
-    for i in st.estimates.owned:
+    tensors: dict[str, Any] = _stat_items(opt)  # views of the estimate chunk: filled in place
+    for i, layer in enumerate(opt._layers):
+        info = _unpack(want[f"spngd.layer.{layer.name}.info"])
+        st.estimates.ready[i] = dict(info["ready"])
+    for i in st.preconditioner.owned:
         layer = opt._layers[i]
         info = _unpack(want[f"spngd.layer.{layer.name}.info"])
         shapes = layer.inverse_shapes()
@@ -157,9 +170,9 @@ def load(opt: Any, checkpoint_id: str) -> None:
             st.inverses.inverses[i] = inv
         else:
             st.inverses.inverses.pop(i, None)
-        st.estimates.ready[i] = dict(info["ready"])
-        tensors.update(_layer_items(opt, i))  # views of the estimate chunk and the new inverses: filled in place
+        tensors.update(_inverse_items(opt, i))  # the new inverses: filled in place
     dcp.load(tensors, checkpoint_id=checkpoint_id)
+    st.inverses.seen = set(st.inverses._ready())
     for key, buf in ((k, v) for k, v in want.items() if k.startswith("spngd.momentum.")):
         opt.state[by_name[key[len("spngd.momentum.") :]]]["momentum_buffer"] = buf
     for group, saved in zip(opt.param_groups, meta["groups"]):

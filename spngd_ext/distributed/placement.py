@@ -136,12 +136,15 @@ class LayerStatistics:
         stats: its statistics; empty for parameters that take the plain-gradient path.
         grad_numel: elements of its gradient segment.
         grad_shape: (d_out, d_in) of a Kronecker layer's gradient matrix; (0, 0) otherwise.
+        splittable: whether its statistics may have different owners (a layer that caches one
+            inverse per factor); False places all of them, and the gradient, as one item.
     """
 
     name: str
     stats: tuple[StatisticSpec, ...]
     grad_numel: int
     grad_shape: tuple[int, int] = (0, 0)
+    splittable: bool = True
 
     def anchor(self) -> str | None:
         """The statistic whose owner also owns (and preconditions) the gradient: the larger
@@ -156,7 +159,8 @@ class LayerStatistics:
         Compute: d³ for inverting a d×d factor; the anchor adds d_out·d_in·(d_out + d_in) for
         both multiplications of the preconditioning; elementwise statistics cost 2·numel.
         Bytes (elements moved per refresh): the statistic and its count, and for the anchor the
-        gradient twice (reduced to, then gathered from its owner)."""
+        gradient twice (reduced to, then gathered from its owner). A layer that is not
+        :attr:`splittable` is one item: the sum of its statistics' items, named by its anchor."""
         anchor = self.anchor()
         d_out, d_in = self.grad_shape
         items: list[tuple[str | None, float, float]] = []
@@ -169,6 +173,8 @@ class LayerStatistics:
             items.append((s.name, compute, nbytes))
         if anchor is None:
             items.append((None, float(self.grad_numel), 2.0 * self.grad_numel))
+        if not self.splittable and len(items) > 1:
+            return [(anchor, sum(c for _, c, _ in items), sum(b for _, _, b in items))]
         return items
 
 
@@ -256,8 +262,8 @@ class StatisticAssignment:
         grad_owners = []
         routes = []
         for li, layer in enumerate(layers):
-            owners = {s.name: owner_of[(li, s.name)] for s in layer.stats}
             anchor = layer.anchor()
+            owners = {s.name: owner_of[(li, s.name if layer.splittable else anchor)] for s in layer.stats}
             g = owners[anchor] if anchor is not None else owner_of[(li, None)]
             stat_owners.append(owners)
             grad_owners.append(g)

@@ -60,23 +60,20 @@ class CurvatureState:
         Args:
             layers: the curvature layers.
             layout: both buffers' segments and the owner of every statistic and gradient (one
-                entry per layer, then one for the plain parameters if any).
+                entry per layer, then one for the plain parameters if any); the two factors of a
+                Kronecker layer may have different owners (the smaller one's inverse then travels
+                to the gradient owner, see :class:`InverseCache`).
             rank: this process's rank.
             options: the optimizer's options (EMA decay, inversion retries).
             plain_params: parameters outside curvature layers.
         """
         grad_owners = layout.assignment.grad_owners
-        for i, owners in enumerate(layout.assignment.stat_owners[: len(layers)]):
-            if any(o != grad_owners[i] for o in owners.values()):
-                raise ValueError(
-                    f"CurvatureState.build: the statistics of {layers[i].name} have owners {owners} and its "
-                    f"gradient rank {grad_owners[i]}; each layer needs one owner"
-                )
         owned = [i for i in range(len(layers)) if grad_owners[i] == rank]
+        owned_stats = [(i, n) for i, n in layout.owned_statistics(rank) if i < len(layers)]
         plain_owned = bool(plain_params) and grad_owners[len(layers)] == rank
         buffers = FlatBuffers(layers, layout, rank, plain_params)
         accumulation = Accumulation(layers, buffers)
-        estimates = Estimates(layers, buffers, owned, options.ema_decay)
+        estimates = Estimates(layers, buffers, owned_stats, options.ema_decay)
         policy = options.stale_policy
         accumulation.split_halves = estimates.noise_aware = policy is not None and policy.rule == "noise"
         inverses = InverseCache(layers, buffers, estimates, owned, options.max_inverse_retries)

@@ -28,12 +28,16 @@ class Estimates:
     Args:
         layers: the curvature layers.
         buffers: the flat buffers.
-        owned: indices of the layers this rank owns.
+        owned: (layer index, statistic name) of the statistics this rank owns.
         ema_decay: the EMA decay b, or None (an estimate is replaced at each refresh).
     """
 
     def __init__(
-        self, layers: Sequence[CurvatureLayer], buffers: FlatBuffers, owned: Sequence[int], ema_decay: float | None
+        self,
+        layers: Sequence[CurvatureLayer],
+        buffers: FlatBuffers,
+        owned: Sequence[tuple[int, str]],
+        ema_decay: float | None,
     ) -> None:
         self.layers = list(layers)
         self.buffers = buffers
@@ -45,12 +49,15 @@ class Estimates:
         self._change_cache: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     def is_ready(self, index: int, names: Sequence[str] | None = None) -> bool:
-        """Whether layer ``index`` has an estimate of each of ``names`` (default: all its statistics)."""
+        """Whether layer ``index`` has an estimate of each of ``names`` (default: all its statistics),
+        on whichever rank owns it: readiness is kept for every statistic on every rank (a
+        statistic becomes ready when it is first collected, which all ranks see alike)."""
         return all(self.ready[index][n] for n in (self.names[index] if names is None else names))
 
     # ------------------------------------------------------------------ refresh
     def finalize(self, accumulation: Accumulation, track_changes: bool = False) -> None:
-        """est ← X (or the EMA b·est + (1−b)·X) for each refreshed statistic this rank owns.
+        """est ← X (or the EMA b·est + (1−b)·X) for each refreshed statistic this rank owns; every
+        refreshed statistic, owned or not, is marked ready.
 
         With ``track_changes``, r = ‖X − Ê‖_F / ‖Ê‖_F of every owned statistic — the newly
         collected X against the current (bias-corrected) estimate Ê, before X enters it — is
@@ -67,21 +74,22 @@ class Estimates:
         buf = self.buffers
         base = buf.chunk_base
         b = self.ema_decay
-        for i in self.owned:
-            for n, seg in buf.layout.stats[i].items():
-                if not accumulation.is_fresh(i, n):
-                    continue
-                c = buf.layout.counts[i][n]
-                value = buf.acc[seg.offset : seg.end] / buf.acc[c]
-                e = buf.est[seg.offset - base : seg.end - base]
-                k = buf.est[c - base : c - base + 1]
-                if b is None:
-                    e.copy_(value)
-                    k.fill_(1.0)
-                else:
-                    e.mul_(b).add_(value, alpha=1.0 - b)
-                    k.add_(1.0)
-                self.ready[i][n] = True
+        for i, n in self.owned:
+            if not accumulation.is_fresh(i, n):
+                continue
+            seg = buf.layout.stats[i][n]
+            c = buf.layout.counts[i][n]
+            value = buf.acc[seg.offset : seg.end] / buf.acc[c]
+            e = buf.est[seg.offset - base : seg.end - base]
+            k = buf.est[c - base : c - base + 1]
+            if b is None:
+                e.copy_(value)
+                k.fill_(1.0)
+            else:
+                e.mul_(b).add_(value, alpha=1.0 - b)
+                k.add_(1.0)
+        for i, n in accumulation.fresh_stats():
+            self.ready[i][n] = True
 
     def bias_correction(self, count_slots: Sequence[int]) -> Tensor | float:
         """1 / (1 − b^k) for the statistics whose count slots are given (1.0 without EMA)."""
@@ -105,7 +113,7 @@ class Estimates:
             return self._change_cache
         buf = self.buffers
         base, n_chunk = buf.chunk_base, buf.chunk_numel
-        owned_stats = [(i, n) for i in self.owned for n in self.names[i]]
+        owned_stats = self.owned
         seg_id = torch.full((n_chunk,), len(owned_stats), dtype=torch.long)
         weight = torch.zeros(n_chunk, dtype=buf.dtype)
         count_pos, slots = [], []
@@ -179,13 +187,16 @@ class Estimates:
 
     # ------------------------------------------------------------------ export, checkpoint
     def export(self) -> dict[str, dict[str, Tensor]]:
-        """Bias-corrected estimates of the owned layers by layer and statistic name (dense A, G;
-        BatchNorm's F as (C, 3))."""
+        """Bias-corrected estimates of the owned statistics by layer and statistic name (dense A, G;
+        BatchNorm's F as (C, 3)); a layer whose factors have two owners appears on both ranks,
+        each with its own statistic."""
         out: dict[str, dict[str, Tensor]] = {}
         if not self.buffers.allocated:
             return out
-        for i in self.owned:
-            out[self.layers[i].name] = {n: self.estimate(i, n) for n in self.names[i] if self.ready[i][n]}
+        for i, n in self.owned:
+            entry = out.setdefault(self.layers[i].name, {})
+            if self.ready[i][n]:
+                entry[n] = self.estimate(i, n)
         return out
 
     def state_dict(self) -> dict:

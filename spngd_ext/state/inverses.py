@@ -17,15 +17,18 @@ import math
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor
 
 from .. import ops
+from ..distributed.communicator import Communicator
 from ..layers import CurvatureLayer
 from .accumulation import Accumulation
 from .buffers import FlatBuffers
 from .estimates import Estimates
+from .routes import exchange_inverses, exchange_traces
 
 __all__ = ["pi_damping", "InversionResult", "invert_damped", "InversionEvents", "InverseCache"]
 
@@ -120,16 +123,22 @@ class InversionEvents:
 
 
 class InverseCache:
-    """The damped inverses of the owned layers that have :attr:`~CurvatureLayer.inverse_sides`.
+    """The damped inverses of the Kronecker layers whose gradient this rank preconditions.
 
     ``inverses[i]``: one entry per side of layer i (None: identity, after failed inversions); a
     layer without an entry has no inverse yet and is not preconditioned.
+
+    Under ownership per statistic a layer's two factors may have different owners: each owner
+    inverts its own factor (π from both mean traces, exchanged first), and the owner of the
+    smaller one sends its packed inverse to the gradient owner (:mod:`.routes`), which caches
+    the pair. Which layers are inverted is decided alike on every rank (readiness and freshness
+    are the same everywhere; completeness of a pair travels with the traces).
 
     Args:
         layers: the curvature layers.
         buffers: the flat buffers.
         estimates: the owned estimates the inverses are computed from.
-        owned: indices of the layers this rank owns.
+        owned: indices of the layers whose gradient this rank preconditions.
         max_retries: retries of a failed inversion.
     """
 
@@ -148,29 +157,40 @@ class InverseCache:
         self.max_retries = max_retries
         self.inverses: dict[int, list[Tensor | None]] = {}
         self.sides = sum(len(layer.inverse_sides) for layer in self.layers)  # over all ranks
+        self.seen: set[int] = set()  # layers (any owner) that have been through an inversion
 
     def _ready(self) -> list[int]:
-        """Owned layers with inverse sides whose every side has an estimate."""
+        """Layers with inverse sides (any owner) whose every side has an estimate."""
         return [
             i
-            for i in self.owned
-            if self.layers[i].inverse_sides and self.estimates.is_ready(i, self.layers[i].inverse_sides)
+            for i, layer in enumerate(self.layers)
+            if layer.inverse_sides and self.estimates.is_ready(i, layer.inverse_sides)
         ]
 
     def needs_first_inverse(self) -> bool:
-        """Whether an owned layer has estimates but no inverse yet."""
-        return any(i not in self.inverses for i in self._ready())
+        """Whether a layer (any owner) has estimates but has not been inverted yet; the same on every rank."""
+        return any(i not in self.seen for i in self._ready())
 
     def sides_refreshed(self, fresh: Sequence[tuple[int, str]]) -> int:
         """Inverse sides recomputed under adaptive refresh when ``fresh`` statistics were collected
         (both sides of a layer are inverted whenever either is fresh, see :meth:`refresh`)."""
         return sum(len(self.layers[i].inverse_sides) for i in {i for i, _ in fresh})
 
+    def _complete(self, i: int) -> bool:
+        have = self.inverses.get(i)
+        return have is not None and all(t is not None for t in have)
+
     def refresh(
-        self, damping: float, backend: ops.Backend | str, accumulation: Accumulation, only_fresh: bool = False
+        self,
+        damping: float,
+        backend: ops.Backend | str,
+        accumulation: Accumulation,
+        only_fresh: bool = False,
+        comm: Communicator | None = None,
     ) -> InversionEvents:
-        """Damped inverses of the owned layers; with ``only_fresh`` just the layers with a
-        statistic refreshed this step (or without an inverse yet).
+        """Damped inverses of the owned factors; with ``only_fresh`` just those of layers with a
+        statistic refreshed this step (or not inverted yet; with one owner also without a complete
+        inverse pair). Every rank calls it at the same steps (the exchanges are collective).
 
         Both sides of a layer are always inverted together, with the current π and λ: π-damping's
         cross term (π√λ·I ⊗ (√λ/π)·I = λ·I) holds only when Â and Ĝ use the same π, so a side kept
@@ -181,55 +201,95 @@ class InverseCache:
             damping: λ of this step.
             backend: the ops backend.
             accumulation: this step's collection (which statistics are fresh).
-            only_fresh: invert only layers with a fresh statistic or without an inverse.
+            only_fresh: invert only layers with a fresh statistic, never inverted yet, or (one owner)
+                without a complete pair.
+            comm: the communicator (needed when a layer's factors have different owners).
         """
         events = InversionEvents()
         buf = self.buffers
-        offset, sizes, items = buf.layout.packed_runs[buf.rank]
-        if not sizes:
-            return events
-        slots = [buf.layout.counts[i][n] for i, n in items]
-        mats = ops.unpack_upper(
-            buf.est,
-            sizes,
-            scale=self.estimates.bias_correction(slots),
-            offset=offset - buf.chunk_base,
-            dtype=buf.dtype,
-            backend=backend,
-        )
-        by_item = dict(zip(items, mats))
+        layout = buf.layout
         ready = self._ready()
-        if not ready:
-            return events
-        a_mats = [by_item[(i, self.layers[i].inverse_sides[0])] for i in ready]
-        g_mats = [by_item[(i, self.layers[i].inverse_sides[1])] for i in ready]
-        tr_a = torch.stack([m.diagonal().sum() for m in a_mats])
-        tr_g = torch.stack([m.diagonal().sum() for m in g_mats])
-        dim_a = torch.tensor([m.shape[0] for m in a_mats], dtype=buf.dtype, device=buf.device)
-        dim_g = torch.tensor([m.shape[0] for m in g_mats], dtype=buf.dtype, device=buf.device)
-        shift_a, shift_g = pi_damping(tr_a, dim_a, tr_g, dim_g, damping)
+        seen_before, split = set(self.seen), {r.layer for r in layout.inverse_routes}
+        self.seen.update(ready)
+        owners = layout.assignment.stat_owners
+
+        def due(i: int) -> bool:  # the same on every rank for a split layer
+            fresh = any(accumulation.is_fresh(i, n) for n in self.layers[i].inverse_sides)
+            return not only_fresh or fresh or i not in seen_before
+
+        # a split layer is re-inverted only when due (its owners cannot both see whether the
+        # pair is complete); a layer with one owner also when its pair is incomplete
+        todo_layers = [
+            i
+            for i in ready
+            if buf.rank in owners[i].values() and (due(i) or (i not in split and not self._complete(i)))
+        ]
+        routes = [r for r in layout.inverse_routes if r.layer in set(ready) and due(r.layer)]
+        if routes and comm is None:
+            raise ValueError("InverseCache.refresh: a layer's factors have two owners; pass the communicator")
+        offset, sizes, items = layout.packed_runs[buf.rank]
+        by_item: dict[tuple[int, str], Tensor] = {}
+        if sizes and todo_layers:
+            slots = [layout.counts[i][n] for i, n in items]
+            mats = ops.unpack_upper(
+                buf.est,
+                sizes,
+                scale=self.estimates.bias_correction(slots),
+                offset=offset - buf.chunk_base,
+                dtype=buf.dtype,
+                backend=backend,
+            )
+            by_item = dict(zip(items, mats))
+        means = {key: m.diagonal().sum() / m.shape[0] for key, m in by_item.items()}
+        sides = [layer.inverse_sides for layer in self.layers]
+        remote = (
+            exchange_traces(comm, routes, sides, means, dtype=buf.dtype, device=buf.est.device)  # type: ignore[arg-type]  # comm checked above
+            if routes
+            else {}
+        )
         todo = []
-        for j, i in enumerate(ready):
-            have = self.inverses.get(i)
-            complete = have is not None and all(t is not None for t in have)
-            if only_fresh and complete and not any(accumulation.is_fresh(i, n) for n in self.layers[i].inverse_sides):
-                continue
-            todo.append(((i, 0), a_mats[j], shift_a[j]))
-            todo.append(((i, 1), g_mats[j], shift_g[j]))
+        if todo_layers:
+
+            def side_mean(i: int, name: str) -> Tensor:  # own factor, or the other owner's (exchanged)
+                return means[(i, name)] if (i, name) in means else remote[i]
+
+            mean_a = torch.stack([side_mean(i, sides[i][0]) for i in todo_layers])
+            mean_g = torch.stack([side_mean(i, sides[i][1]) for i in todo_layers])
+            shift_a, shift_g = pi_damping(mean_a, 1, mean_g, 1, damping)
+            for j, i in enumerate(todo_layers):
+                for side, (name, shift) in enumerate(zip(sides[i], (shift_a[j], shift_g[j]))):
+                    if (i, name) in by_item:
+                        todo.append(((i, side), by_item[(i, name)], shift))
         results = invert_damped(todo, backend=backend, max_retries=self.max_retries)
-        for i in ready:
+        computed: dict[tuple[int, str], Tensor | None] = {}
+        for key, r in results.items():
+            i, side = cast(tuple[int, int], key)
+            name = self.layers[i].inverse_sides[side]
+            events.retries += r.retries
+            if r.inverse is None:
+                events.fallbacks.append(f"{self.layers[i].name} ({name})")
+            computed[(i, name)] = r.inverse
+        received = (
+            exchange_inverses(
+                comm,  # type: ignore[arg-type]  # not None when there are routes (checked above)
+                routes,
+                computed,
+                dtype=buf.dtype,
+                device=buf.est.device,
+                backend=backend,
+            )
+            if routes
+            else {}
+        )
+        computed.update(received)
+        for i in todo_layers:
+            if buf.layout.assignment.grad_owners[i] != buf.rank:
+                continue
             old = self.inverses.get(i, [None, None])
             new = list(old)
             for side, name in enumerate(self.layers[i].inverse_sides):
-                r = results.get((i, side))
-                if r is None:
-                    continue
-                events.retries += r.retries
-                if r.inverse is None:
-                    new[side] = old[side]
-                    events.fallbacks.append(f"{self.layers[i].name} ({name})")
-                else:
-                    new[side] = r.inverse
+                t = computed.get((i, name))
+                new[side] = old[side] if t is None else t  # failed: the last good inverse (or None)
             self.inverses[i] = new
         return events
 
@@ -265,3 +325,4 @@ class InverseCache:
         """Restore :meth:`state_dict`'s output onto ``device``."""
         index = {layer.name: i for i, layer in enumerate(self.layers)}
         self.inverses = {index[name]: [None if t is None else t.to(device) for t in inv] for name, inv in saved.items()}
+        self.seen = set(self._ready())  # the estimates are loaded first; a ready layer was inverted
