@@ -212,16 +212,18 @@ class SPNGD(torch.optim.Optimizer):
         return list(self._layers)
 
     def factors(self) -> dict[str, dict[str, Tensor]]:
-        """Current curvature estimates (bias-corrected) of the layers this rank owns, by layer name:
+        """Current curvature estimates (bias-corrected) of the statistics this rank owns, by layer name
+        (under ownership per statistic a layer's A and G may be listed by two ranks):
         dense ``A`` and ``G`` for Linear/Conv2d and attention projections; ``A0``…, ``G0``… per group
         for grouped convolutions; ``A`` as the (V,) token-frequency diagonal and dense ``G`` for
         Embedding; ``F`` as (C, 3) = (γγ, γβ, ββ) for BatchNorm, LayerNorm and GroupNorm."""
         return self._state.estimates.export()
 
     def inverses(self) -> dict[str, tuple[Tensor | None, ...]]:
-        """Damped inverses (Â⁻¹, Ĝ⁻¹) of the owned Kronecker layers that cache them (Linear, Conv2d,
-        attention projections); None means identity (fallback). Grouped convolutions and Embedding
-        invert their factors when preconditioned and are not listed."""
+        """Damped inverses (Â⁻¹, Ĝ⁻¹) of the Kronecker layers whose gradient this rank preconditions
+        and that cache them (Linear, Conv2d, attention projections); None means identity
+        (fallback). Grouped convolutions and Embedding invert their factors when preconditioned
+        and are not listed."""
         return self._state.inverses.by_name()
 
     def backward(self, loss: Tensor, out: Tensor | None = None) -> None:
