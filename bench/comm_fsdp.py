@@ -14,7 +14,8 @@ time is the median over steps of the slowest rank. Bytes per rank and step:
   by kind, rank 0's last step.
 
 SP-NGD rows: ``refresh`` (statistics and inverses every step) and ``steady`` (curvature_interval
-10: the timed steps refresh nothing, only gradients and updates move).
+10: the timed steps refresh nothing, only gradients and updates move); ownership per statistic
+(the default) except the "per layer" row (``ownership="layer"``).
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-CONFIGS = (
-    ("FSDP2 + SGD", "fsdp", None),
-    ("FSDP2 + SP-NGD, refresh", "fsdp", 1),
-    ("FSDP2 + SP-NGD, steady", "fsdp", 10),
-    ("DDP + SP-NGD, refresh", "ddp", 1),
-    ("DDP + SP-NGD, steady", "ddp", 10),
-    ("DDP + SGD", "ddp", None),
+CONFIGS = (  # label, wrapper, curvature_interval (None: SGD), SP-NGD's ownership
+    ("FSDP2 + SGD", "fsdp", None, None),
+    ("FSDP2 + SP-NGD, refresh", "fsdp", 1, "statistic"),
+    ("FSDP2 + SP-NGD, steady", "fsdp", 10, "statistic"),
+    ("DDP + SP-NGD, refresh", "ddp", 1, "statistic"),
+    ("DDP + SP-NGD per layer, refresh", "ddp", 1, "layer"),
+    ("DDP + SP-NGD, steady", "ddp", 10, "statistic"),
+    ("DDP + SGD", "ddp", None, None),
 )
 
 
@@ -56,7 +58,7 @@ def fsdp_worker(rank: int, world: int, args: dict, wchar) -> dict:
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(args["fsdp_batch"], args["fsdp_width"], generator=g)
     y = torch.randint(0, 10, (args["fsdp_batch"],), generator=g)
-    for label, wrap, interval in CONFIGS:
+    for label, wrap, interval, ownership in CONFIGS:
         model = _model(args)
         net: nn.Module = model
         if wrap == "fsdp":
@@ -69,7 +71,7 @@ def fsdp_worker(rank: int, world: int, args: dict, wchar) -> dict:
         if interval is None:
             opt: torch.optim.Optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
         else:
-            opt = SPNGD(net, lr=0.01, fisher="emp", damping=1e-2, curvature_interval=interval)
+            opt = SPNGD(net, lr=0.01, fisher="emp", damping=1e-2, curvature_interval=interval, ownership=ownership)
         times, wire = [], []
         for step in range(args["repeats"] + 1):
             dist.barrier()
@@ -101,12 +103,14 @@ def fsdp_worker(rank: int, world: int, args: dict, wchar) -> dict:
 def fsdp_table(results: dict) -> str:
     """Markdown table: per world and configuration, time, wire bytes and SP-NGD's counted bytes."""
     lines = [
-        "| ranks | configuration | ms / step | wire MB / rank / step | SP-NGD counted MB (stats / grads / precond) |",
+        "| ranks | configuration | ms / step | wire MB / rank / step | "
+        "SP-NGD counted MB (stats / grads / precond / inverse) |",
         "|---|---|---|---|---|",
     ]
     for w, res in results.items():
         for label, r in res.items():
             b = r["spngd_bytes"]
-            counted = " / ".join(f"{b.get(k, 0) / 1e6:.2f}" for k in ("stats", "grads", "precond")) if b else "—"
+            kinds = ("stats", "grads", "precond", "inverse")
+            counted = " / ".join(f"{b.get(k, 0) / 1e6:.2f}" for k in kinds) if b else "—"
             lines.append(f"| {w} | {label} | {r['time_s'] * 1e3:.1f} | {r['wire_bytes'] / 1e6:.2f} | {counted} |")
     return "\n".join(lines)
