@@ -419,8 +419,8 @@ def _expected_bytes(
     G_r gradient elements (the gradients it preconditions, 1 change slot per statistic it owns,
     + 1 KL slot if it preconditions any gradient). The reduces send every other owner's part
     (S − S_r, G − G_r), the gather sends the own part G_r. A layer whose factors have two owners
-    costs, at each inversion, a mean trace each way and the smaller factor's packed inverse with
-    its flag (full precision)."""
+    costs, at each inversion after a refresh, a mean trace each way and the smaller factor's packed
+    inverse with its flag (full precision)."""
     model = make_model(kind)
     opt = SPNGD(model, **OPT_KW)  # only to walk the same layers in the same order
     stats: list[dict[str, int]] = []
@@ -458,7 +458,8 @@ def _expected_bytes(
         "flag": 4,
     }
     routes = placement.inverse_routes
-    if routes:  # every rank takes part in the exchanges (inverse_interval=1: every step)
+    if routes and refresh:  # every rank takes part in the exchanges; a split layer whose factors
+        # were not refreshed (and λ is constant) keeps its inverses: nothing to send
         ie = inverse_elem if inverse_elem is not None else elem
         out["inverse"] = ie * sum((2 + r.numel) if r.src == rank else 1 if r.dst == rank else 0 for r in routes)
     return out

@@ -172,7 +172,7 @@ def load(opt: Any, checkpoint_id: str) -> None:
             st.inverses.inverses.pop(i, None)
         tensors.update(_inverse_items(opt, i))  # the new inverses: filled in place
     dcp.load(tensors, checkpoint_id=checkpoint_id)
-    st.inverses.seen = set(st.inverses._ready())
+    st.inverses.after_load()
     for key, buf in ((k, v) for k, v in want.items() if k.startswith("spngd.momentum.")):
         opt.state[by_name[key[len("spngd.momentum.") :]]]["momentum_buffer"] = buf
     for group, saved in zip(opt.param_groups, meta["groups"]):

@@ -158,6 +158,7 @@ class InverseCache:
         self.inverses: dict[int, list[Tensor | None]] = {}
         self.sides = sum(len(layer.inverse_sides) for layer in self.layers)  # over all ranks
         self.seen: set[int] = set()  # layers (any owner) that have been through an inversion
+        self.inverted_with: dict[int, float] = {}  # split layers: λ of their last inversion
 
     def _ready(self) -> list[int]:
         """Layers with inverse sides (any owner) whose every side has an estimate."""
@@ -215,6 +216,8 @@ class InverseCache:
 
         def due(i: int) -> bool:  # the same on every rank for a split layer
             fresh = any(accumulation.is_fresh(i, n) for n in self.layers[i].inverse_sides)
+            if i in split:  # unchanged factors and λ give the same inverses: nothing to invert or send
+                return fresh or i not in seen_before or (not only_fresh and self.inverted_with.get(i) != damping)
             return not only_fresh or fresh or i not in seen_before
 
         # a split layer is re-inverted only when due (its owners cannot both see whether the
@@ -282,6 +285,7 @@ class InverseCache:
             else {}
         )
         computed.update(received)
+        self.inverted_with.update({r.layer: damping for r in routes})
         for i in todo_layers:
             if buf.layout.assignment.grad_owners[i] != buf.rank:
                 continue
@@ -325,4 +329,10 @@ class InverseCache:
         """Restore :meth:`state_dict`'s output onto ``device``."""
         index = {layer.name: i for i, layer in enumerate(self.layers)}
         self.inverses = {index[name]: [None if t is None else t.to(device) for t in inv] for name, inv in saved.items()}
-        self.seen = set(self._ready())  # the estimates are loaded first; a ready layer was inverted
+        self.after_load()
+
+    def after_load(self) -> None:
+        """After the estimates and inverses were restored: a ready layer has been inverted; a
+        split layer is inverted again at the next inversion (its λ is not saved)."""
+        self.seen = set(self._ready())
+        self.inverted_with = {}
