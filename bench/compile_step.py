@@ -9,7 +9,11 @@ Configurations (each on its own copy of the main job's CNN, lr 0 as in bench/ste
 * ``sgd-compiled``  torch.compile(model) + torch.optim.SGD (momentum 0.9, weight decay 5e-4): the reference
 * ``sgd``           the eager model + torch.optim.SGD
 * ``<spngd>``       the eager model + SPNGD (``--spngd``, default ``spngd-10/100`` and ``spngd-stale``)
-* ``<spngd>-compiled``  torch.compile(model) + SPNGD(compile_step=True) (Inductor for both)
+* ``<spngd>-compiled``  spngd_ext.compile_model(model, opt) + SPNGD(compile_step=True) (Inductor for
+  both): the compiled model on plain steps, the eager model on refresh steps. ``--model-compile
+  torch`` uses torch.compile(model) instead, whose graph breaks at the hooked layers on refresh
+  steps make Dynamo skip nn.Sequential.forward for every model of the process (the compiled SGD
+  reference included), so that run's compiled models all run as one small graph per module.
 
 ``--mode`` passes a torch.compile mode to the model's compilation (e.g. max-autotune-no-cudagraphs).
 Every configuration runs its compilations in the warm-up rounds (``--warmup``, default 5); the
@@ -38,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_overhead import environment, make_batches  # noqa: E402
 
-from spngd_ext import SPNGD  # noqa: E402
+from spngd_ext import SPNGD, compile_model  # noqa: E402
 from spngd_ext.bench.configs import SPNGD_CONFIGS, Config  # noqa: E402
 from spngd_ext.bench.step import bootstrap_ratio_ci, run_rounds, summarise, timing_table  # noqa: E402
 from spngd_ext.train.models import small_bn_cnn  # noqa: E402
@@ -49,13 +53,17 @@ COMMON = dict(momentum=0.9, weight_decay=5e-4)
 def build(name: str, base: torch.nn.Module, args: argparse.Namespace) -> Config:
     model = copy.deepcopy(base)
     compiled = name.endswith("-compiled")
-    run = torch.compile(model, mode=args.mode) if compiled else model
     if name.startswith("sgd"):
+        run = torch.compile(model, mode=args.mode) if compiled else model
         return Config(name, "sgd", run, torch.optim.SGD(model.parameters(), lr=args.lr, **COMMON))
     spngd = name.removesuffix("-compiled")
     opt = SPNGD(
         model, lr=args.lr, damping=1e-3, seed=args.seed, compile_step=compiled, **COMMON, **SPNGD_CONFIGS[spngd]
     )
+    if compiled and args.model_compile == "helper":
+        run = compile_model(model, opt, mode=args.mode)
+    else:
+        run = torch.compile(model, mode=args.mode) if compiled else model
     return Config(name, "spngd", run, opt)
 
 
@@ -92,6 +100,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--spngd", default="spngd-10/100,spngd-stale", help="comma list of SP-NGD configurations")
     p.add_argument("--mode", default=None, help="torch.compile mode for the models")
+    p.add_argument(
+        "--model-compile",
+        default="helper",
+        choices=["helper", "torch"],
+        help="SP-NGD's compiled model: spngd_ext.compile_model (eager on refresh steps) or torch.compile",
+    )
     p.add_argument("--recompile-steps", type=int, default=200)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--lr", type=float, default=0.0)

@@ -1,5 +1,9 @@
 """``torch.compile(model)`` with SPNGD: compiled and eager training give the same factors, inverses
-and parameters, for both Fisher types, on the main job's CNN (CPU, 3 steps, a refresh each step).
+and parameters, for both Fisher types, on the main job's CNN, a small transformer (Embedding,
+attention projections, LayerNorm) and torchvision's ResNet-18 (CPU, 3 steps, a refresh each step).
+The transformer is an expected failure: under ``torch.compile(model)`` its attention projections
+collect no statistics. ``spngd_ext.compile_model`` (eager on refresh steps, compiled otherwise)
+matches eager on the CNN and the transformer with no graph break and one compiled graph.
 
 The compiler backend is ``aot_eager``: Dynamo and AOTAutograd, which is where the capture hooks
 and the compiled backward live (and where ``fisher="mc"`` used to fail), without Inductor's code
@@ -13,8 +17,9 @@ import pytest
 import torch
 import torch._functorch.config
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
-from spngd_ext import SPNGD
+from spngd_ext import SPNGD, compile_model
 from spngd_ext.train.models import small_bn_cnn
 
 STEPS = 3
@@ -31,16 +36,51 @@ def fresh_dynamo():
     torch._functorch.config.donated_buffer = donated
 
 
-def _train(fisher: str, compiled: bool) -> list[dict]:
+def _cnn_inputs(data: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(8, 1, 28, 28, generator=data), torch.randint(0, 10, (8,), generator=data)
+
+
+def _resnet18() -> torch.nn.Module:
+    torchvision = pytest.importorskip("torchvision")
+    return torchvision.models.resnet18(num_classes=5)
+
+
+def _transformer() -> torch.nn.Module:
+    from test_compile_step import _TinyTokenModel
+
+    return _TinyTokenModel()
+
+
+MODELS = {  # name -> (model, a batch from a generator)
+    "cnn": (small_bn_cnn, _cnn_inputs),
+    "small-transformer": (
+        _transformer,
+        lambda g: (torch.randint(0, 20, (6, 5), generator=g), torch.randint(0, 3, (6,), generator=g)),
+    ),
+    "resnet18": (
+        _resnet18,
+        lambda g: (torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 5, (4,), generator=g)),
+    ),
+}
+
+
+def _train(
+    fisher: str, compiled: bool, arch: str = "cnn", helper: bool = False, steps: int = STEPS, **options
+) -> list[dict]:
+    """Per step: factors, inverses, parameters and counters. ``helper``: spngd_ext.compile_model
+    instead of torch.compile."""
+    build, inputs = MODELS[arch]
     torch.manual_seed(0)
-    model = small_bn_cnn()
-    opt = SPNGD(model, lr=0.01, fisher=fisher, seed=1)
-    run = torch.compile(model, backend="aot_eager") if compiled else model
+    model = build()
+    opt = SPNGD(model, lr=0.01, fisher=fisher, seed=1, **options)
+    if compiled:
+        run = compile_model(model, opt, backend="aot_eager") if helper else torch.compile(model, backend="aot_eager")
+    else:
+        run = model
     data = torch.Generator().manual_seed(3)
     snapshots = []
-    for _ in range(STEPS):
-        x = torch.randn(8, 1, 28, 28, generator=data)
-        y = torch.randint(0, 10, (8,), generator=data)
+    for _ in range(steps):
+        x, y = inputs(data)
         opt.zero_grad()
         out = run(x)
         opt.backward(F.cross_entropy(out, y), out)
@@ -69,10 +109,25 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+XFAIL_ATTENTION = pytest.mark.xfail(
+    strict=True,
+    reason="under torch.compile(model) the attention projections' F.linear routing is not seen: "
+    "in_proj/out_proj collect no statistics (spngd_ext.compile_model runs refresh steps eagerly)",
+)
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "cnn",
+        pytest.param("small-transformer", marks=[XFAIL_ATTENTION, pytest.mark.slow]),
+        pytest.param("resnet18", marks=pytest.mark.slow),
+    ],
+)
 @pytest.mark.parametrize("fisher", ["mc", "emp"])
-def test_compiled_model_matches_eager(fresh_dynamo, fisher):
-    eager = _train(fisher, compiled=False)
-    compiled = _train(fisher, compiled=True)
+def test_compiled_model_matches_eager(fresh_dynamo, fisher, arch):
+    eager = _train(fisher, compiled=False, arch=arch)
+    compiled = _train(fisher, compiled=True, arch=arch)
     for step, (c, e) in enumerate(zip(compiled, eager)):
         assert c["counters"] == e["counters"], (step, c["counters"], e["counters"])
         assert e["counters"]["factor_updates"] == step + 1  # a refresh every step: every capture path ran
@@ -80,3 +135,46 @@ def test_compiled_model_matches_eager(fresh_dynamo, fisher):
             assert c[kind].keys() == e[kind].keys() and e[kind], (step, kind)
             worst = max((_rel(c[kind][k], e[kind][k]), k) for k in e[kind])
             assert worst[0] <= RTOL, f"step {step}: {kind} {worst[1]} differs by {worst[0]:.2e} (relative)"
+
+
+@pytest.mark.parametrize("arch", ["cnn", "small-transformer"])
+@pytest.mark.parametrize("fisher", ["mc", "emp"])
+def test_compile_model_matches_eager_in_one_graph(fresh_dynamo, fisher, arch):
+    """spngd_ext.compile_model: eager on refresh steps, compiled otherwise. Factors, inverses and
+    parameters equal eager training (refresh steps 0, 2, 4 of 6, plain steps between), the compiled
+    model never breaks its graph, and an identical SGD model compiled in the same process still
+    runs as one graph (a break in Sequential.forward's loop would make Dynamo skip that code for
+    every model)."""
+    schedule = dict(steps=6, curvature_interval=2, inverse_interval=2)
+    eager = _train(fisher, compiled=False, arch=arch, **schedule)
+    counters.clear()
+    compiled = _train(fisher, compiled=True, arch=arch, helper=True, **schedule)
+    assert [e["counters"]["factor_updates"] for e in eager] == [1, 1, 2, 2, 3, 3]
+    for step, (c, e) in enumerate(zip(compiled, eager)):
+        assert c["counters"] == e["counters"], step
+        for kind in ("factors", "inverses", "params"):
+            worst = max((_rel(c[kind][k], e[kind][k]), k) for k in e[kind])
+            assert worst[0] <= RTOL, f"step {step}: {kind} {worst[1]} differs by {worst[0]:.2e} (relative)"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 1, graphs  # the plain steps' graph, compiled once
+    if arch != "cnn":
+        return
+    torch.manual_seed(0)
+    sgd_model = small_bn_cnn()
+    sgd, sgd_run = torch.optim.SGD(sgd_model.parameters(), lr=0.01), torch.compile(sgd_model, backend="aot_eager")
+    x, y = _cnn_inputs(torch.Generator().manual_seed(3))
+    F.cross_entropy(sgd_run(x), y).backward()
+    sgd.step()
+    assert counters["stats"]["unique_graphs"] == graphs + 1 and not counters["graph_break"]
+
+
+def test_compile_model_checks_its_arguments():
+    model = torch.nn.Linear(3, 2)
+    opt = SPNGD(model)
+    with pytest.raises(TypeError, match="optimizer"):
+        compile_model(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="model"):
+        compile_model(lambda x: x, opt)
+    with pytest.raises(ValueError, match="model"):
+        compile_model(torch.nn.Linear(3, 2), opt)
