@@ -19,7 +19,7 @@ from .mc import LabelSampler
 from .state import CurvatureState
 from .step import StepRunner
 
-__all__ = ["ENTRY_KEYS", "model_signature", "make_entry", "validated_entry", "load_entry"]
+__all__ = ["ENTRY_KEYS", "OPTIONAL_ENTRY_KEYS", "model_signature", "make_entry", "validated_entry", "load_entry"]
 
 ENTRY_KEYS = (
     "signature",
@@ -33,6 +33,8 @@ ENTRY_KEYS = (
     "mc_rng",
     "curvature",
 )
+# written by this version, absent from older entries: "ownership" (absent: one owner per layer)
+OPTIONAL_ENTRY_KEYS = ("ownership",)
 _WHERE = "SPNGD.load_state_dict"
 
 
@@ -63,6 +65,7 @@ def make_entry(runner: StepRunner, sampler: LabelSampler, state: CurvatureState,
     return {
         "signature": signature,
         "world_size": runner.comm.world_size,
+        "ownership": runner.options.ownership.value,
         "rank": runner.comm.rank,
         "step_index": runner.step_index,
         "counters": dict(runner.counters),
@@ -108,6 +111,14 @@ def validated_entry(state_dict: object, runner: StepRunner, state: CurvatureStat
     if extra["world_size"] != runner.comm.world_size:
         raise ValueError(
             f"{_WHERE}: saved with world_size={extra['world_size']}, running with {runner.comm.world_size}"
+        )
+    # the placement decides which statistics a rank's estimate chunk holds (absent: saved before
+    # ownership per statistic, i.e. one owner per layer); with one process every placement is the same
+    saved_ownership = extra.get("ownership", "layer")
+    if runner.comm.world_size > 1 and saved_ownership != runner.options.ownership.value:
+        raise ValueError(
+            f"{_WHERE}: saved with ownership={saved_ownership!r}, running with "
+            f"ownership={runner.options.ownership.value!r} (each rank holds other statistics)"
         )
     n_stats = len(state.accumulation.stat_ids)
     sched = extra["schedule"]

@@ -322,3 +322,29 @@ def test_unsplittable_layers_keep_their_statistics_together() -> None:
         assert all(r.layer == 1 for r in a.inverse_routes)
     assert len(grouped.item_costs()) == 1
     assert grouped.item_costs()[0][1] == sum(c for _, c, _ in LayerStatistics("g", grouped.stats, 72).item_costs())
+
+
+def test_state_dict_of_another_ownership_is_refused_at_two_ranks() -> None:
+    """A distributed state_dict holds the statistics its rank owned under its placement: one saved
+    with one owner per layer cannot be loaded under ownership per statistic (and the reverse)."""
+    import torch
+    from torch import nn
+
+    from spngd_ext import SPNGD
+    from spngd_ext.distributed.communicator import LocalCommunicator
+
+    class TwoRanks(LocalCommunicator):  # the placement sees two ranks; nothing is sent before a step
+        world_size = 2
+
+    def make(ownership: str) -> SPNGD:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+        return SPNGD(model, communicator=TwoRanks(), ownership=ownership)
+
+    saved = make("layer").state_dict()
+    with pytest.raises(ValueError, match="ownership='layer'"):
+        make("statistic").load_state_dict(saved)
+    make("layer").load_state_dict(saved)
+    old = dict(saved, spngd={k: v for k, v in saved["spngd"].items() if k != "ownership"})  # before the key
+    with pytest.raises(ValueError, match="ownership"):
+        make("statistic").load_state_dict(old)
