@@ -585,6 +585,64 @@ def test_checkpoint_round_trip_with_split_layers(world: int) -> None:
         assert name not in results[route.src]["inverses"]
 
 
+def _w_split_not_due(rank: int, world: int, payload: dict) -> dict:
+    """Stale statistics with the split layers' statistics held back after step 0 (their next due
+    step moved past the run), so later refreshes collect only the other layers'."""
+    from spngd_ext.refresh import StalePolicy
+
+    kind, batch, steps = "conv_syncbn", 12, 4
+    model = make_model(kind)
+    opt = SPNGD(model, **dict(OPT_KW, stale=StalePolicy(threshold=1e9, max_interval=1)))
+    shard = batch // world
+    held = set(payload["held"])  # layer indices whose statistics are held back
+    ids = opt._state.accumulation.stat_ids
+    params, nbytes, due = [flat_params(model)], [], []
+    for step in range(steps):
+        if step == 1:
+            for s, (i, _) in enumerate(ids):
+                if i in held:
+                    opt._schedule.next_due[s] = 10**9
+            opt._runner.set_due()
+        due.append(opt._state.accumulation.due_stats())
+        x, y = make_batch(kind, step, batch)
+        train_step(model, opt, x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard])
+        params.append(flat_params(model))
+        nbytes.append(opt._comm.bytes_sent()["last"])
+    return {"params": params, "bytes": nbytes, "due": due, "placement": opt.placement}
+
+
+def test_a_split_layer_whose_statistics_are_not_due_sends_nothing() -> None:
+    """Refreshes in which the statistics of the split layers are not due while the other layers'
+    are: no trace or inverse moves (kind ``inverse``: 0 bytes), the statistics reduce moves exactly
+    the other owners' due statistics (an owner with nothing due receives nothing), and the
+    parameters still equal one process doing the same on the whole batch (float64)."""
+    world = 2
+    probe = run_world(world, _w_split_not_due, {"held": []})[0]
+    held = sorted({r.layer for r in probe["placement"].inverse_routes})
+    assert held, "no layer is split at W=2; the test would be vacuous"
+    results = run_world(world, _w_split_not_due, {"held": held})
+    ref = _w_split_not_due(0, 1, {"held": held})
+    assert_ranks_identical(results)
+    assert_close_to_reference(results, ref["params"])
+    model = make_model("conv_syncbn")
+    layers = SPNGD(model, **OPT_KW).layers
+    numel = {
+        (i, sp.name): sp.numel for i, layer in enumerate(layers) for sp in layer.stat_specs()
+    }  # packed triangle, or 3C
+    for rank, res in enumerate(results):
+        owners = res["placement"].stat_owners
+        for step, (due, got) in enumerate(zip(res["due"], res["bytes"])):
+            assert due, f"step {step}: nothing due; the check would be vacuous"
+            if step >= 1:
+                assert all(i not in held for i, _ in due), due
+                assert got.get("inverse", 0) == 0, f"rank {rank}, step {step}: {got}"
+            want = sum(numel[(i, n)] + 1 for i, n in due if owners[i][n] != rank) * 8
+            assert got["stats"] == want, f"rank {rank}, step {step}: due {due}, {got['stats']} != {want}"
+        assert res["bytes"][0].get("inverse", 0) > 0 or all(
+            r.src != rank and r.dst != rank for r in res["placement"].inverse_routes
+        )
+
+
 def test_reduced_precision_communication_and_mc_seeds() -> None:
     world, steps, batch = 2, 3, 16
     f32 = torch.float32
