@@ -268,11 +268,20 @@ class SPNGD(torch.optim.Optimizer):
         runner.run(self.param_groups, self.state, amp_scale, found_inf)
         if not self._unused_checked and self._layers_ran:
             self._unused_checked = True
-            unused = [layer.name for i, layer in enumerate(self._layers) if i not in self._layers_ran]
+            unused = [layer for i, layer in enumerate(self._layers) if i not in self._layers_ran]
             if unused:
+                # Dynamo inlines nn.MultiheadAttention's forward and calls F.linear directly, so the
+                # routing of its projections to their layers is not seen in a torch.compile'd model.
+                hint = (
+                    "; attention projections are not seen inside a torch.compile'd model: compile it with "
+                    "spngd_ext.compile_model(model, opt)"
+                    if any(layer.kind == "attention_linear" for layer in unused)
+                    else ""
+                )
                 warnings.warn(
-                    f"SPNGD: the curvature layer(s) {', '.join(unused)} did not run in the first training step; "
-                    "until they do they collect no statistics and their parameters take the plain gradient",
+                    f"SPNGD: the curvature layer(s) {', '.join(layer.name for layer in unused)} did not run in the "
+                    "first training step; until they do they collect no statistics and their parameters take the "
+                    f"plain gradient{hint}",
                     stacklevel=2,
                 )
         self._sampler.outputs = []

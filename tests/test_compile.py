@@ -178,3 +178,29 @@ def test_compile_model_checks_its_arguments():
         compile_model(lambda x: x, opt)
     with pytest.raises(ValueError, match="model"):
         compile_model(torch.nn.Linear(3, 2), opt)
+
+
+class _Encoder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x).mean(1))
+
+
+def test_attention_unseen_under_torch_compile_is_reported_with_the_remedy(fresh_dynamo):
+    """Inside a torch.compile'd model (AOT autograd) nn.MultiheadAttention's projections collect
+    nothing; the one-time warning names them and points to compile_model (never silence)."""
+    torch.manual_seed(0)
+    model = _Encoder()
+    opt = SPNGD(model, lr=0.01, fisher="emp")
+    compiled = torch.compile(model, backend="aot_eager")
+    x, y = torch.randn(5, 4, 8), torch.randint(0, 3, (5,))
+    out = compiled(x)
+    opt.backward(F.cross_entropy(out, y), out)
+    with pytest.warns(UserWarning, match=r"enc\.self_attn\.in_proj.*did not run.*spngd_ext\.compile_model") as record:
+        opt.step()
+    assert sum("did not run" in str(w.message) for w in record) == 1
+    assert not opt.factors()["enc.self_attn.in_proj"]  # what the warning reports: no statistics
