@@ -216,6 +216,20 @@ def test_new_layer_models_run_on_fashion_mnist_shapes(name, first_order):
     assert bench.curvature_parameters(model) == total - first_order
 
 
+def test_bn_mlp_model_is_the_tabular_mlp_with_full_curvature():
+    """--model bn_mlp: 16 features, 26 classes, 16-256-256-26 with BatchNorm1d; every parameter has
+    curvature, and its batches are random rows (no image dataset fits)."""
+    bench = _load_bench()
+    assert bench.parse_args(["--model", "bn_mlp"]).device == "cpu"
+    model, shape, classes = bench.build_base_model("bn_mlp")
+    assert shape == (16,) and classes == 26
+    widths = [m.out_features for m in model if isinstance(m, torch.nn.Linear)]
+    assert widths == [256, 256, 26] and sum(isinstance(m, torch.nn.BatchNorm1d) for m in model) == 2
+    assert bench.curvature_parameters(model) == sum(p.numel() for p in model.parameters())
+    batches, source = bench.make_batches("auto", 8, 2, shape, classes, torch.device("cpu"), None, 0)
+    assert source.startswith("random") and batches[0][0].shape == (8, 16) and int(batches[0][1].max()) < 26
+
+
 @pytest.mark.timeout(180)
 def test_whole_run_mode_reports_mean_steps_and_skipped_work(tmp_path, capsys):
     """--whole-run: every configuration trains side by side; per configuration the mean step over
