@@ -25,6 +25,10 @@ from .layers import CurvatureLayer
 class CaptureSink(Protocol):
     """Receives what the hooks of layer ``index`` (its position in the layer list) see."""
 
+    def refresh_due(self) -> bool:
+        """Whether any statistic is due this step: the one piece of state a compiled forward reads."""
+        ...
+
     def wants_forward(self, index: int) -> bool:
         """Whether the forward hook has work for this call (statistics due)."""
         ...
@@ -36,6 +40,23 @@ class CaptureSink(Protocol):
     def on_output_grad(self, index: int, grad: Tensor, context: object) -> None:
         """The gradient with respect to the call's output, with the forward's context."""
         ...
+
+
+@torch._dynamo.disable
+def _capture_forward(sink: CaptureSink, index: int, inputs: Tensor, output: Tensor) -> None:
+    """Fold one training forward call into layer ``index``'s statistics, eagerly even under
+    ``torch.compile``.
+
+    Which statistics are due changes from step to step under stale statistics; traced, every
+    pattern of due layers would be a guard and a recompilation of the model. Run eagerly, a
+    compiled forward reads only :meth:`CaptureSink.refresh_due` (one graph for plain steps, one for
+    refresh steps, which break at each hooked layer).
+    """
+    if not sink.wants_forward(index):
+        return
+    context = sink.on_forward(index, inputs, output)
+    if output.requires_grad:
+        output.register_hook(lambda grad, _ctx=context: _deliver_output_grad(sink, index, grad, _ctx))
 
 
 @torch._dynamo.disable
@@ -51,6 +72,29 @@ def _deliver_output_grad(sink: CaptureSink, index: int, grad: Tensor, context: o
     sink.on_output_grad(index, grad, context)
 
 
+class ModelHook:
+    """A forward hook that SPNGD puts on the user's model. A deep copy of the model (an EMA or
+    evaluation copy, say) gets an inert hook in its place: the copy's forwards must not feed this
+    optimizer's statistics, and the optimizer must not be copied along with the model.
+
+    Args:
+        fn: the hook, ``fn(module, inputs, output)``.
+    """
+
+    def __init__(self, fn: Callable[[nn.Module, tuple, object], None]) -> None:
+        self.fn = fn
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        self.fn(module, inputs, output)
+
+    def __deepcopy__(self, memo: dict) -> Callable[[nn.Module, tuple, object], None]:
+        return _inert_hook
+
+
+def _inert_hook(module: nn.Module, inputs: tuple, output: object) -> None:
+    """What a deep copy of the model has where SPNGD's hook was."""
+
+
 class ActivationCapture:
     """Owns the hooks of all curvature layers and routes what they see to a sink.
 
@@ -64,20 +108,20 @@ class ActivationCapture:
         self._sink = sink
         self._handles: list[RemovableHandle] = []
         for index, layer in enumerate(layers):
-            self._handles.extend(layer.attach())  # e.g. routing attention's F.linear calls to layer.module
-            self._handles.append(layer.module.register_forward_hook(self._make_forward_hook(index)))
+            self._handles.extend(
+                layer.attach(sink.refresh_due)
+            )  # e.g. routing attention's F.linear calls to layer.module
+            self._handles.append(layer.module.register_forward_hook(ModelHook(self._make_forward_hook(index))))
 
     def _make_forward_hook(self, index: int) -> Callable:
         sink = self._sink
 
         def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-            if not (module.training and torch.is_grad_enabled() and sink.wants_forward(index)):
+            if not (module.training and torch.is_grad_enabled() and sink.refresh_due()):
                 return
             if not inputs or not isinstance(inputs[0], Tensor) or not isinstance(output, Tensor):
                 return
-            context = sink.on_forward(index, inputs[0], output)
-            if output.requires_grad:
-                output.register_hook(lambda grad, _ctx=context: _deliver_output_grad(sink, index, grad, _ctx))
+            _capture_forward(sink, index, inputs[0], output)
 
         return hook
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from . import checkpoint
-from .capture import ActivationCapture
+from .capture import ActivationCapture, ModelHook
 from .distributed import Communicator, default_communicator
 from .distributed.fsdp import ShardedGradients, is_sharded, local_layout
 from .distributed.placement import LayerCost, LayerStatistics, OwnerAssignment, StatisticAssignment, StatisticSpec
@@ -153,7 +153,7 @@ class SPNGD(torch.optim.Optimizer):
         self._capture = ActivationCapture(self._layers, self)
         # Examples per step (the per-example gradient scale of fisher="emp"): counted once per
         # forward pass of the whole model, so shared layers and unbatched inputs count right.
-        self._root_hook = inner.register_forward_hook(self._count_examples)
+        self._root_hook = inner.register_forward_hook(ModelHook(self._count_examples))
         # Curvature layers whose hooks saw a training forward; after the first step that collected
         # statistics, the others are reported once (a layer that never runs never gets curvature).
         self._layers_ran: set[int] = set()
@@ -270,18 +270,10 @@ class SPNGD(torch.optim.Optimizer):
             self._unused_checked = True
             unused = [layer for i, layer in enumerate(self._layers) if i not in self._layers_ran]
             if unused:
-                # Dynamo inlines nn.MultiheadAttention's forward and calls F.linear directly, so the
-                # routing of its projections to their layers is not seen in a torch.compile'd model.
-                hint = (
-                    "; attention projections are not seen inside a torch.compile'd model: compile it with "
-                    "spngd_ext.compile_model(model, opt)"
-                    if any(layer.kind == "attention_linear" for layer in unused)
-                    else ""
-                )
                 warnings.warn(
                     f"SPNGD: the curvature layer(s) {', '.join(layer.name for layer in unused)} did not run in the "
                     "first training step; until they do they collect no statistics and their parameters take the "
-                    f"plain gradient{hint}",
+                    "plain gradient",
                     stacklevel=2,
                 )
         self._sampler.outputs = []
@@ -307,6 +299,10 @@ class SPNGD(torch.optim.Optimizer):
             output = output[0]
         if isinstance(output, Tensor):
             self._runner.examples += output.shape[0] if output.dim() >= 2 else 1
+
+    def refresh_due(self) -> bool:
+        """Capture sink: whether any statistic is due this step."""
+        return self._runner.refresh_now
 
     def wants_forward(self, index: int) -> bool:
         """Capture sink: whether layer ``index``'s forward hook has work this step."""

@@ -99,14 +99,83 @@ def test_separate_qkv_weights_get_factors_and_their_bias_stays_first_order():
 
 def test_routing_is_removed_with_the_capture_and_leaves_f_linear_untouched():
     model = _AttentionHead(4, 2, 3)
-    opt = SPNGD(model, lr=0.1, backend="torch")
+    opt = SPNGD(model, lr=0.1, backend="torch", fisher="emp")
     x = torch.randn(2, 3, 4)
     plain = F.linear
-    model(x)
+    out = model(x)
+    opt.backward(F.cross_entropy(out, torch.tensor([0, 2])), out)
+    opt.step()
     assert F.linear is plain
-    hooks = len(model.attn._forward_pre_hooks)
+    assert opt.factors()["attn.in_proj"]["A"].abs().sum() > 0  # the routed forward ran
+    assert "forward" in model.attn.__dict__
     opt._capture.remove()
-    assert len(model.attn._forward_pre_hooks) == hooks - 1
+    assert "forward" not in model.attn.__dict__  # the module's own forward again
+    assert torch.equal(model(x), model(x))
+
+
+def test_a_deep_copy_of_the_model_gets_the_module_forward_bound_to_the_copy():
+    """The routed forward is an instance attribute: copy.deepcopy gives the copy the module's own
+    forward, bound to the copy, and the copy computes what the original does."""
+    import copy
+
+    torch.manual_seed(0)
+    model = _AttentionHead(4, 2, 3)
+    SPNGD(model, lr=0.1, backend="torch")
+    x = torch.randn(2, 3, 4)
+    clone = copy.deepcopy(model)
+    forward = clone.attn.__dict__["forward"]
+    assert forward.__self__ is clone.attn and forward.__func__ is nn.MultiheadAttention.forward
+    torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
+    assert clone.attn.in_proj_weight is not model.attn.in_proj_weight
+    assert model.attn.__dict__["forward"].router.attention is model.attn  # the original keeps its routing
+
+
+def test_a_deep_copy_trained_beside_the_model_leaves_the_optimizer_alone():
+    """An EMA-style copy made after SPNGD was built: its training forwards and backwards add nothing
+    to the optimizer's statistics (factors equal a run without the copy), and a new SPNGD can be
+    built on the copy."""
+    import copy
+
+    def run(with_copy: bool) -> dict:
+        torch.manual_seed(0)
+        model = _AttentionHead(4, 2, 3)
+        opt = SPNGD(model, lr=0.1, backend="torch", fisher="emp")
+        clone = copy.deepcopy(model)
+        data = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            x, y = torch.randn(2, 3, 4, generator=data), torch.randint(0, 3, (2,), generator=data)
+            opt.zero_grad()
+            out = model(x)
+            if with_copy:
+                F.cross_entropy(clone(x * 2), y).backward()
+            opt.backward(F.cross_entropy(out, y), out)
+            opt.step()
+        if with_copy:
+            SPNGD(clone, lr=0.1, backend="torch")
+        return {f"{k}.{n}": t.clone() for k, v in opt.factors().items() for n, t in v.items()}
+
+    alone, beside = run(False), run(True)
+    assert alone.keys() == beside.keys() and "attn.in_proj.A" in alone
+    for key, value in alone.items():
+        torch.testing.assert_close(beside[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_forward_the_user_set_on_the_instance_is_kept_and_given_back():
+    model = _AttentionHead(4, 2, 3)
+    calls = []
+
+    def own_forward(*args, **kwargs):
+        calls.append(1)
+        return nn.MultiheadAttention.forward(model.attn, *args, **kwargs)
+
+    model.attn.forward = own_forward
+    opt = SPNGD(model, lr=0.1, backend="torch", fisher="emp")
+    out = model(torch.randn(2, 3, 4))
+    opt.backward(F.cross_entropy(out, torch.tensor([0, 2])), out)
+    opt.step()
+    assert calls == [1] and opt.factors()["attn.out_proj"]["G"].abs().sum() > 0
+    opt._capture.remove()
+    assert model.attn.forward is own_forward
 
 
 def test_cross_attention_with_a_packed_weight_warns_once_at_run_time():

@@ -17,9 +17,13 @@ then gets no statistics, and a one-time warning names it.
 
 from __future__ import annotations
 
+import copy
+import types
 import warnings
 from collections.abc import Callable
+from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -90,41 +94,50 @@ class AttentionProjectionCurvature(LinearCurvature):
         self.attention = attention
         self.router = router
 
-    def attach(self) -> list[RemovableHandle]:
-        return self.router.attach()
+    def attach(self, refresh_due: Callable[[], bool]) -> list[RemovableHandle]:
+        return self.router.attach(refresh_due)  # type: ignore[return-value]
 
 
 class _LinearRouter:
-    """While its attention module runs, ``F.linear`` on one of the watched weights goes through that
-    weight's FunctionalLinear (same result, hooks fire); other calls are untouched."""
+    """While its attention module runs on a step that collects statistics, ``F.linear`` on one of
+    the watched weights goes through that weight's FunctionalLinear (same result, hooks fire);
+    other calls are untouched.
+
+    The routing is installed as the attention module's ``forward`` (an instance attribute, removed
+    on detach) rather than as forward hooks, because Dynamo inlines ``F.multi_head_attention_forward``
+    and calls torch's ``F.linear`` whatever the module attribute holds: on a refresh step the routed
+    forward runs eagerly (one graph break per attention module, as at every hooked layer), on
+    other steps and in evaluation it is the module's own forward, traced as usual.
+    """
 
     def __init__(self, name: str, attention: nn.MultiheadAttention, proxies: list[FunctionalLinear]) -> None:
         self.name = name
         self.attention = attention
         self.proxies = list(proxies)
         self.by_weight = {id(p.weight): p for p in proxies}
-        self.handles: list[RemovableHandle] = []
+        self.refresh_due: Callable[[], bool] = _never
+        self.installed: _RoutedForward | None = None
         self.saved: list[Callable[..., Tensor]] = []
         self.warned = False
 
-    def attach(self) -> list[RemovableHandle]:
-        """Install the routing hooks once per router (every projection layer asks)."""
-        if self.handles and self.handles[0].id in self.attention._forward_pre_hooks:
-            return []  # another projection of this module installed them
-        self.handles = [
-            self.attention.register_forward_pre_hook(self._enter),
-            self.attention.register_forward_hook(self._exit, always_call=True),
-        ]
-        return list(self.handles)
+    def attach(self, refresh_due: Callable[[], bool]) -> list[_RoutedForward]:
+        """Install the routed forward once per router (every projection layer asks)."""
+        if self.installed is not None and self.attention.__dict__.get("forward") is self.installed:
+            return []  # another projection of this module installed it
+        self.refresh_due = refresh_due
+        self.installed = _RoutedForward(self, self.attention.__dict__.get("forward"))
+        self.attention.forward = self.installed  # type: ignore[method-assign,assignment]
+        return [self.installed]
 
-    def _enter(self, module: nn.Module, args: tuple) -> None:
+    def call(self, args: tuple, kwargs: dict) -> object:
+        """The attention module's forward with its projections routed."""
         # The weights as the forward sees them: FSDP2 swaps in unsharded parameters for the forward.
         self.by_weight = {id(p.weight): p for p in self.proxies}
         self.saved.append(F.linear)
         F.linear = self._route  # type: ignore[assignment]
-
-    def _exit(self, module: nn.Module, args: tuple, output: object) -> None:
-        if self.saved:
+        try:
+            return self.installed.original(*args, **kwargs)  # type: ignore[union-attr]
+        finally:
             F.linear = self.saved.pop()
 
     def _route(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -140,6 +153,58 @@ class _LinearRouter:
                 stacklevel=2,
             )
         return _plain_linear(x, weight, bias)
+
+
+def _never() -> bool:
+    return False
+
+
+@torch._dynamo.disable
+def _routed_call(router: _LinearRouter, args: tuple, kwargs: dict) -> object:
+    """Eagerly, even inside a compiled model: Dynamo would not see the routing."""
+    return router.call(args, kwargs)
+
+
+class _RoutedForward:
+    """The attention module's ``forward`` while SPNGD is attached: routed on training steps that
+    collect statistics, the module's own forward otherwise. A deep copy of the module gets its own
+    forward back, bound to the copy (the routing stays with the original)."""
+
+    def __init__(self, router: _LinearRouter, instance_forward: Callable[..., object] | None) -> None:
+        self.router = router
+        self.instance_forward = instance_forward  # a forward the user had set on the instance, kept
+
+    @property
+    def original(self) -> Callable[..., object]:
+        attention = self.router.attention
+        if self.instance_forward is not None:
+            return self.instance_forward
+        return types.MethodType(type(attention).forward, attention)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> object:
+        router = self.router
+        attention = router.attention
+        if attention.training and torch.is_grad_enabled() and router.refresh_due():
+            return _routed_call(router, args, kwargs)
+        if self.instance_forward is not None:
+            return self.instance_forward(*args, **kwargs)
+        return type(attention).forward(attention, *args, **kwargs)
+
+    def remove(self) -> None:
+        """Give the module its own forward back (a later assignment by the user is left alone)."""
+        attention = self.router.attention
+        if attention.__dict__.get("forward") is self:
+            if self.instance_forward is None:
+                del attention.__dict__["forward"]
+            else:
+                attention.__dict__["forward"] = self.instance_forward
+        self.router.installed = None
+
+    def __deepcopy__(self, memo: dict) -> object:
+        if self.instance_forward is not None:
+            return copy.deepcopy(self.instance_forward, memo)
+        attention = self.router.attention
+        return types.MethodType(type(attention).forward, copy.deepcopy(attention, memo))
 
 
 def attention_layers(name: str, module: nn.MultiheadAttention) -> list[AttentionProjectionCurvature]:

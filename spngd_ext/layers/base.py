@@ -10,7 +10,7 @@ piece; it reads and writes its gradient as one flat segment of the gradient buff
 from __future__ import annotations
 
 import abc
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, cast
 
@@ -207,9 +207,10 @@ class CurvatureLayer(abc.ABC):
         spec = next(s for s in self.stat_specs() if s.name == name)
         return torch.ones(spec.numel)
 
-    def attach(self) -> list[RemovableHandle]:
+    def attach(self, refresh_due: Callable[[], bool]) -> list[RemovableHandle]:
         """Hooks this layer needs on the model besides the forward hook on :attr:`module` (which the
-        capture registers); the capture removes them with its own. Default: none."""
+        capture registers); the capture removes them with its own. ``refresh_due()`` says whether
+        any statistic is due this step. Default: none."""
         return []
 
     def rescale_weight(self) -> None:  # noqa: B027  (a hook: most layer types have nothing to rescale)
