@@ -51,7 +51,9 @@ def _counting(gm: torch.fx.GraphModule, example_inputs):
 
 
 BACKEND = "spngd_test_counting"
-CAPTURE_BREAK = "_deliver_output_grad"  # the compiled model's one break (spngd_ext/capture.py), not the step's
+# the compiled model's breaks, at its hooked layers on refresh steps (spngd_ext/capture.py,
+# spngd_ext/layers/attention.py), not the step's
+CAPTURE_BREAKS = ("_capture_forward", "_deliver_output_grad", "_routed_call")
 RTOL = 1e-10  # float64; measured ≤ 2.3e-12 over 10 steps (products rounded in another order, then grown)
 COMPILING = ("/torch/_dynamo/", "/torch/_functorch/", "/torch/_inductor/")  # the compiler's own reads (first call)
 READS = ("item", "__bool__", "tolist", "__float__", "__int__", "__index__", "numpy")
@@ -178,7 +180,7 @@ def test_compiled_step_matches_eager_without_breaks_or_recompiles(fresh_dynamo, 
     assert worst[0] <= RTOL, f"{worst[1]} differs by {worst[0]:.2e} (relative)"
     assert sum(not e["refresh"] for e in eager) >= 3  # the schedule really skipped refreshes
     breaks = list(counters["graph_break"])
-    assert all(CAPTURE_BREAK in reason for reason in breaks), breaks  # none in the step's regions
+    assert all(any(b in reason for b in CAPTURE_BREAKS) for reason in breaks), breaks  # none in the step's regions
     assert bool(breaks) == ("compiled-model" in case)
     # the gather and the work region, compiled once for the whole run
     assert len(STEP_GRAPHS) == 2
@@ -250,7 +252,7 @@ def test_inductor_small_case(fresh_dynamo, fisher, mode):
     worst = max((_rel(c[k], e[k]), f"step {s} {k}") for s, (c, e) in enumerate(zip(compiled, eager)) for k in e)
     print(f"inductor {fisher} {mode}: worst relative difference {worst[0]:.2e} ({worst[1]})")
     assert worst[0] <= 1e-4, worst
-    assert all(CAPTURE_BREAK in reason for reason in counters["graph_break"])  # the model's, none in the step
+    assert all(any(b in reason for b in CAPTURE_BREAKS) for reason in counters["graph_break"])  # the model's only
 
 
 def _small_model() -> nn.Module:
