@@ -270,10 +270,13 @@ class SPNGD(torch.optim.Optimizer):
             self._unused_checked = True
             unused = [layer for i, layer in enumerate(self._layers) if i not in self._layers_ran]
             if unused:
+                # a module in eval mode inside a training model (a frozen BatchNorm) runs without statistics
+                frozen = [layer.name for layer in unused if not layer.module.training]
+                note = f" ({', '.join(frozen)} in eval mode)" if frozen else ""
                 warnings.warn(
                     f"SPNGD: the curvature layer(s) {', '.join(layer.name for layer in unused)} did not run in the "
-                    "first training step; until they do they collect no statistics and their parameters take the "
-                    "plain gradient",
+                    f"first training step{note}; until they do they collect no statistics and their parameters "
+                    "take the plain gradient",
                     stacklevel=2,
                 )
         self._sampler.outputs = []

@@ -173,6 +173,16 @@ def test_a_registered_layer_that_never_runs_is_reported_once():
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     messages = _spngd_warnings_of_training(model, opt, x, y)
     assert len(messages) == 1 and "unused" in messages[0] and "did not run" in messages[0], messages
+    assert "eval mode" not in messages[0]
+
+
+def test_a_layer_frozen_in_eval_mode_is_reported_as_such():
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    opt = SPNGD(model, lr=0.1, backend="torch")
+    model[1].eval()  # a frozen BatchNorm inside a training model
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    messages = _spngd_warnings_of_training(model, opt, x, y)
+    assert len(messages) == 1 and "1 did not run" in messages[0] and "(1 in eval mode)" in messages[0], messages
 
 
 class _Head(nn.Module):
