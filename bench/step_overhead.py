@@ -62,6 +62,10 @@ Fashion-MNIST batches as small_bn_cnn (Linear/Conv2d/BatchNorm). With the profil
 prints the curvature phase per parameter that has curvature (ns), to compare the layer types'
 statistics cost per parameter across runs of the three models.
 
+--model mobilenet_v2 is torchvision's MobileNetV2 (10 classes) on random 3×32×32 inputs
+(--image-size to change): 17 depthwise convolutions, 7,136 channels, each with its own factor pair,
+so 14,396 statistics, where per-statistic work weighs the most.
+
 --model bn_mlp is a small tabular MLP with BatchNorm (16-256-256-26: Linear, BatchNorm1d, ReLU,
 twice, then Linear; the shape of the UCI letter-recognition task) on random N(0,1) rows, where
 the fixed per-step costs of the optimizer weigh the most.
@@ -114,7 +118,7 @@ BACKEND_CONFIGS = {"spngd-every-step-cuda": "cuda", "spngd-every-step-torch": "t
 KNOWN_CONFIGS = ALL_CONFIGS + tuple(BACKEND_CONFIGS)
 PROFILED = ("sgd", "spngd-every-step", "spngd-10/100", "spngd-stale", *BACKEND_CONFIGS)
 NEW_LAYER_MODELS = {"vit": vit, "dwcnn": dwcnn}  # attention + LayerNorm; grouped conv + GroupNorm
-MODELS = ("small_bn_cnn", "resnet50", "bn_mlp", *NEW_LAYER_MODELS)
+MODELS = ("small_bn_cnn", "resnet50", "bn_mlp", *NEW_LAYER_MODELS, "mobilenet_v2")
 
 
 def bn_mlp(features: int = 16, width: int = 256, classes: int = 26) -> nn.Sequential:
@@ -190,6 +194,13 @@ def build_base_model(name: str, image_size: int | None = None) -> tuple[nn.Modul
         return bn_mlp(), (16,), 26
     if name in NEW_LAYER_MODELS:
         return NEW_LAYER_MODELS[name](), (1, 28, 28), 10
+    if name == "mobilenet_v2":
+        try:
+            import torchvision
+        except ImportError:
+            raise SystemExit("--model mobilenet_v2 needs torchvision (pip install -e '.[test]')") from None
+        size = image_size or 32
+        return torchvision.models.mobilenet_v2(num_classes=10), (3, size, size), 10
     raise SystemExit(f"unknown --model {name!r}; choose one of {', '.join(MODELS)}")
 
 
@@ -354,7 +365,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--batch-sizes", default="256,1024")
     p.add_argument(
-        "--image-size", type=int, default=None, help="--model resnet50: input height and width (default 224)"
+        "--image-size",
+        type=int,
+        default=None,
+        help="--model resnet50 / mobilenet_v2: input height and width (default 224 / 32)",
     )
     p.add_argument(
         "--rounds",
@@ -391,7 +405,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if args.model == "resnet50" else "cpu"
-    if args.image_size is not None and (args.model != "resnet50" or args.image_size < 32):
+    if args.image_size is not None and (args.model not in ("resnet50", "mobilenet_v2") or args.image_size < 32):
         p.error("--image-size applies to --model resnet50 only and must be at least 32")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")

@@ -86,20 +86,39 @@ def unpack_upper(
     """Full symmetric matrices from a packed buffer, each multiplied by ``scale``.
 
     ``scale`` is a float or a 1-D tensor with one entry per matrix. Matrices are read from
-    ``buffer[offset:]`` in order.
+    ``buffer[offset:]`` in order. Matrices of one size are unpacked together (one gather, one
+    scatter, one symmetrisation): a depthwise layer has one small factor pair per channel, and a
+    loop over thousands of them costs more than the factors' arithmetic. The returned matrices of
+    one size are views of one tensor.
     """
-    out = []
-    pos = offset
+    out: list[Tensor] = [buffer.new_empty(0)] * len(sizes)
+    starts, pos = [], offset
+    by_size: dict[int, list[int]] = {}
     for k, n in enumerate(sizes):
-        m = packed_size(n)
-        seg = buffer[pos : pos + m].to(dtype)
-        s = scale[k] if isinstance(scale, Tensor) and scale.dim() > 0 else scale
-        full = torch.zeros(n * n, dtype=dtype, device=buffer.device)
-        full.index_copy_(0, triu_flat_index(n, buffer.device), seg)  # 2x faster than full[idx] = seg on CPU
-        full = full.view(n, n)
-        full = full + full.triu(1).transpose(0, 1)
-        out.append(full * s)
-        pos += m
+        starts.append(pos)
+        pos += packed_size(n)
+        by_size.setdefault(n, []).append(k)
+    per_matrix = scale if isinstance(scale, Tensor) and scale.dim() > 0 else None
+    for n, ks in by_size.items():
+        m, c = packed_size(n), len(ks)
+        if c == 1:
+            seg = buffer[starts[ks[0]] : starts[ks[0]] + m].to(dtype).view(1, m)
+        elif m >= 64:  # few and large: slices (no index tensor as large as the factors)
+            seg = torch.stack([buffer[starts[k] : starts[k] + m] for k in ks]).to(dtype)
+        else:  # many and small: one gather
+            first = torch.tensor([starts[k] for k in ks], device=buffer.device)
+            seg = buffer[first[:, None] + torch.arange(m, device=buffer.device)].to(dtype)  # (c, m)
+        full = torch.zeros(c, n * n, dtype=dtype, device=buffer.device)
+        full.index_copy_(1, triu_flat_index(n, buffer.device), seg)  # 2x faster than full[:, idx] = seg on CPU
+        full = full.view(c, n, n)
+        full = full + full.triu(1).transpose(1, 2)
+        if per_matrix is not None:
+            s = per_matrix[torch.tensor(ks, device=per_matrix.device)].to(dtype=dtype, device=buffer.device)
+            full = full * s.view(c, 1, 1)
+        else:
+            full = full * scale
+        for k, matrix in zip(ks, full.unbind(0)):
+            out[k] = matrix
     return out
 
 

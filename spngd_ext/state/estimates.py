@@ -17,6 +17,9 @@ from ..layers import CurvatureLayer
 from .accumulation import Accumulation
 from .buffers import FlatBuffers
 
+# Statistics shorter than this (elements) are finalized together by one gather and one scatter.
+_BATCHED_BELOW = 1024
+
 __all__ = ["Estimates"]
 
 _WHERE = "SPNGD.load_state_dict"
@@ -74,11 +77,14 @@ class Estimates:
         buf = self.buffers
         base = buf.chunk_base
         b = self.ema_decay
+        small: list[tuple[int, int, int]] = []  # (offset, end, count slot)
         for i, n in self.owned:
             if not accumulation.is_fresh(i, n):
                 continue
-            seg = buf.layout.stats[i][n]
-            c = buf.layout.counts[i][n]
+            seg, c = buf.layout.stats[i][n], buf.layout.counts[i][n]
+            if seg.end - seg.offset < _BATCHED_BELOW:
+                small.append((seg.offset, seg.end, c))
+                continue
             value = buf.acc[seg.offset : seg.end] / buf.acc[c]
             e = buf.est[seg.offset - base : seg.end - base]
             k = buf.est[c - base : c - base + 1]
@@ -88,8 +94,31 @@ class Estimates:
             else:
                 e.mul_(b).add_(value, alpha=1.0 - b)
                 k.add_(1.0)
+        if small:
+            self._finalize_small(small, b)
         for i, n in accumulation.fresh_stats():
             self.ready[i][n] = True
+
+    def _finalize_small(self, small: list[tuple[int, int, int]], b: float | None) -> None:
+        """The same update for many small statistics in a few whole-buffer ops (a depthwise layer
+        has a statistic pair per channel: per-statistic ops would cost more than the arithmetic)."""
+        buf = self.buffers
+        base = buf.chunk_base
+        offsets = torch.tensor([o for o, _, _ in small], device=buf.device)
+        lengths = torch.tensor([e - o for o, e, _ in small], device=buf.device)
+        counts = torch.tensor([c for _, _, c in small], device=buf.device)
+        total = sum(e - o for o, e, _ in small)
+        within = torch.arange(total, device=buf.device) - torch.repeat_interleave(
+            torch.cumsum(lengths, 0) - lengths, lengths, output_size=total
+        )
+        slots = torch.repeat_interleave(offsets, lengths, output_size=total) + within
+        value = buf.acc[slots] / buf.acc[torch.repeat_interleave(counts, lengths, output_size=total)]
+        if b is None:
+            buf.est[slots - base] = value
+            buf.est[counts - base] = 1.0
+        else:  # the same two roundings as e.mul_(b).add_(value, alpha=1 - b)
+            buf.est[slots - base] = torch.add(buf.est[slots - base] * b, value, alpha=1.0 - b)
+            buf.est[counts - base] += 1.0
 
     def bias_correction(self, count_slots: Sequence[int]) -> Tensor | float:
         """1 / (1 − b^k) for the statistics whose count slots are given (1.0 without EMA)."""

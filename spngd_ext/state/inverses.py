@@ -243,7 +243,7 @@ class InverseCache:
                 backend=backend,
             )
             by_item = dict(zip(items, mats))
-        means = {key: m.diagonal().sum() / m.shape[0] for key, m in by_item.items()}
+        means = _diagonal_means(by_item)
         sides = [layer.inverse_sides for layer in self.layers]
         remote = (
             exchange_traces(comm, routes, sides, means, dtype=buf.dtype, device=buf.est.device)  # type: ignore[arg-type]  # comm checked above
@@ -336,3 +336,20 @@ class InverseCache:
         split layer is inverted again at the next inversion (its λ is not saved)."""
         self.seen = set(self._ready())
         self.inverted_with = {}
+
+
+def _diagonal_means(mats: dict[tuple[int, str], Tensor]) -> dict[tuple[int, str], Tensor]:
+    """tr(M)/n of each matrix; small matrices of one size in one stacked op (a depthwise layer
+    has a factor pair per channel)."""
+    small: dict[int, list[tuple[int, str]]] = {}
+    out: dict[tuple[int, str], Tensor] = {}
+    for key, m in mats.items():
+        n = m.shape[0]
+        if n < 64:
+            small.setdefault(n, []).append(key)
+        else:
+            out[key] = m.diagonal().sum() / n
+    for n, keys in small.items():
+        means = torch.stack([mats[k] for k in keys]).diagonal(dim1=1, dim2=2).sum(-1) / n
+        out.update(zip(keys, means.unbind(0)))
+    return out
