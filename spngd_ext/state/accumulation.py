@@ -163,12 +163,15 @@ class Accumulation:
             factor: Tensor | float = grad_scale * grad_scale
             if loss_scale is not None:
                 factor = factor / loss_scale.to(device=buffers.device, dtype=buffers.dtype) ** 2
+            views = []  # one multi-tensor op: a depthwise layer has an output-gradient statistic per channel
             for i, layer in enumerate(self.layers):
                 for n in layer.backward_stat_names():
                     if self.is_fresh(i, n):
-                        buffers.acc_views(i)[n].mul_(factor)
+                        views.append(buffers.acc_views(i)[n])
                         if self.split_halves:
-                            buffers.half_views(i)[n].mul_(factor)
+                            views.append(buffers.half_views(i)[n])
+            if views:
+                torch._foreach_mul_(views, factor)
         stats = buffers.layout.counts
         buffers.write_counts([float(self._counts[i][n]) for i, per_layer in enumerate(stats) for n in per_layer])
 
