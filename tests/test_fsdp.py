@@ -295,6 +295,50 @@ def test_fsdp2_matches_one_process_on_the_concatenated_batch(world: int) -> None
         assert refusals["plain options"] is None, refusals
 
 
+def _w_compiled(rank: int, world: int, payload: dict) -> dict:
+    """The transformer under FSDP2, eager and torch.compile'd (AOT autograd), 3 steps each."""
+    from torch._dynamo.utils import counters
+
+    out = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        model = build("transformer")
+        shard(model, "transformer")
+        opt = SPNGD(model, **OPT_KW)
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        start = full_params(model)
+        for step in range(3):
+            x, y = batch("transformer", step, 8)
+            train_step(run, opt, x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4])
+        out[str(compiled)] = {
+            "start": start,
+            "end": full_params(model),
+            "graphs": int(counters["stats"]["unique_graphs"]),
+            "factors": {f"{k}.{n}": t.clone() for k, v in opt.factors().items() for n, t in v.items()},
+        }
+    return out
+
+
+def test_fsdp2_with_a_torch_compiled_model_matches_eager_fsdp2() -> None:
+    """torch.compile(model) on an FSDP2-sharded transformer (2 ranks, nn.MultiheadAttention
+    included): the compiled model trains with SPNGD exactly as the eager sharded one (float64,
+    AOT autograd), every statistic of this rank included."""
+    results = run_world(2, _w_compiled, {})
+    for r, res in enumerate(results):
+        eager, compiled = res["False"], res["True"]
+        assert compiled["graphs"] > 0 and eager["graphs"] == 0, r
+        assert (eager["end"] - eager["start"]).abs().max() > 1e-3, "the eager run did not move"
+        torch.testing.assert_close(
+            compiled["end"], eager["end"], rtol=1e-12, atol=1e-14, msg=lambda m: f"rank {r}: {m}"
+        )
+        assert compiled["factors"].keys() == eager["factors"].keys() and eager["factors"], r
+        for key, value in eager["factors"].items():
+            torch.testing.assert_close(compiled["factors"][key], value, rtol=1e-12, atol=1e-14, msg=key)
+    owned = set(results[0]["False"]["factors"]) | set(results[1]["False"]["factors"])
+    assert any("attn.in_proj" in k for k in owned), sorted(owned)
+
+
 # ---------------------------------------------------------------------------------------------
 # DCP: save at 4 ranks, resume at 2
 
