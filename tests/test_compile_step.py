@@ -211,6 +211,30 @@ def test_bad_compile_step_names_the_option():
         SPNGD(model, compile_step=1)
 
 
+def _three_steps(model: nn.Module, opt: SPNGD, run, make_batch) -> list[dict[str, torch.Tensor]]:
+    """Three training steps through ``run``; after each, the parameters, factors and inverses."""
+    data = torch.Generator().manual_seed(3)
+    out_steps = []
+    for _ in range(3):
+        x, y = make_batch(data)
+        opt.zero_grad()
+        out = run(x)
+        opt.backward(F.cross_entropy(out, y), out)
+        opt.step()
+        snap = {f"param {n}": p.detach().clone() for n, p in model.named_parameters()}
+        snap.update({f"factor {k}.{s}": t.clone() for k, st in opt.factors().items() for s, t in st.items()})
+        snap.update(
+            {
+                f"inverse {k}.{i}": t.clone()
+                for k, sides in opt.inverses().items()
+                for i, t in enumerate(sides)
+                if t is not None
+            }
+        )
+        out_steps.append(snap)
+    return out_steps
+
+
 @pytest.mark.parametrize("mode", [None, "max-autotune-no-cudagraphs"])
 @pytest.mark.parametrize("fisher", ["mc", "emp"])
 def test_inductor_small_case(fresh_dynamo, fisher, mode):
@@ -225,25 +249,9 @@ def test_inductor_small_case(fresh_dynamo, fisher, mode):
         model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
         opt = SPNGD(model, lr=0.05, fisher=fisher, seed=1, kl_clip=1e-2, weight_decay=1e-3, compile_step=compiled)
         run = torch.compile(model, mode=mode) if compiled else model
-        data = torch.Generator().manual_seed(3)
-        out_steps = []
-        for _ in range(3):
-            x, y = torch.randn(16, 6, generator=data), torch.randint(0, 3, (16,), generator=data)
-            opt.zero_grad()
-            out = run(x)
-            opt.backward(F.cross_entropy(out, y), out)
-            opt.step()
-            snap = {f"param {n}": p.detach().clone() for n, p in model.named_parameters()}
-            snap.update({f"factor {k}.{s}": t.clone() for k, st in opt.factors().items() for s, t in st.items()})
-            snap.update(
-                {
-                    f"inverse {k}.{i}": t.clone()
-                    for k, sides in opt.inverses().items()
-                    for i, t in enumerate(sides)
-                    if t is not None
-                }
-            )
-            out_steps.append(snap)
+        out_steps = _three_steps(
+            model, opt, run, lambda g: (torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g))
+        )
         assert opt.counters["factor_updates"] == 3 and opt.counters["skipped_steps"] == 0
         return out_steps
 
@@ -262,32 +270,33 @@ def test_inductor_small_transformer(fresh_dynamo, fisher):
     projections, LayerNorm), both Fisher types: the attention projections collect their statistics
     inside the compiled model, and factors and parameters follow eager training (float64: in
     float32 the damped inverses of this tiny model turn Inductor's reordered sums into 2e-3 by the
-    third step; tolerance 1e-9 relative)."""
+    third step; tolerance 1e-9 relative, 1e-6 for the damped inverses, which amplify the
+    differences of the factors; measured ≤ 4.9e-11 and ≤ 3.8e-8)."""
 
     def train(compiled: bool) -> list[dict[str, torch.Tensor]]:
         torch.manual_seed(0)
         model = _TinyTokenModel().double()
         opt = SPNGD(model, lr=0.05, fisher=fisher, seed=1)
         run = torch.compile(model) if compiled else model
-        data = torch.Generator().manual_seed(3)
-        out_steps = []
-        for _ in range(3):
-            x, y = torch.randint(0, 20, (6, 5), generator=data), torch.randint(0, 3, (6,), generator=data)
-            opt.zero_grad()
-            out = run(x)
-            opt.backward(F.cross_entropy(out, y), out)
-            opt.step()
-            snap = {f"param {n}": p.detach().clone() for n, p in model.named_parameters()}
-            snap.update({f"factor {k}.{s}": t.clone() for k, st in opt.factors().items() for s, t in st.items()})
-            out_steps.append(snap)
-        return out_steps
+        return _three_steps(
+            model,
+            opt,
+            run,
+            lambda g: (torch.randint(0, 20, (6, 5), generator=g), torch.randint(0, 3, (6,), generator=g)),
+        )
 
     eager, compiled = train(False), train(True)
     assert [c.keys() for c in compiled] == [e.keys() for e in eager]
     assert "factor block.self_attn.in_proj.A" in eager[0] and "factor block.self_attn.out_proj.G" in eager[0]
-    worst = max((_rel(c[k], e[k]), f"step {s} {k}") for s, (c, e) in enumerate(zip(compiled, eager)) for k in e)
-    print(f"inductor transformer {fisher}: worst relative difference {worst[0]:.2e} ({worst[1]})")
-    assert worst[0] <= 1e-9, worst
+    for kind, tolerance in (("param", 1e-9), ("factor", 1e-9), ("inverse", 1e-6)):
+        worst = max(
+            (_rel(c[k], e[k]), f"step {s} {k}")
+            for s, (c, e) in enumerate(zip(compiled, eager))
+            for k in e
+            if k.startswith(kind)
+        )
+        print(f"inductor transformer {fisher}: worst relative difference of the {kind}s {worst[0]:.2e} ({worst[1]})")
+        assert worst[0] <= tolerance, worst
 
 
 def _small_model() -> nn.Module:
