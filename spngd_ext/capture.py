@@ -108,9 +108,8 @@ class ActivationCapture:
         self._sink = sink
         self._handles: list[RemovableHandle] = []
         for index, layer in enumerate(layers):
-            self._handles.extend(
-                layer.attach(sink.refresh_due)
-            )  # e.g. routing attention's F.linear calls to layer.module
+            # e.g. routing attention's F.linear calls to layer.module
+            self._handles.extend(layer.attach(sink.refresh_due))
             self._handles.append(layer.module.register_forward_hook(ModelHook(self._make_forward_hook(index))))
 
     def _make_forward_hook(self, index: int) -> Callable:

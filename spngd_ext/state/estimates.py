@@ -108,10 +108,9 @@ class Estimates:
         lengths = torch.tensor([e - o for o, e, _ in small], device=buf.device)
         counts = torch.tensor([c for _, _, c in small], device=buf.device)
         total = sum(e - o for o, e, _ in small)
-        within = torch.arange(total, device=buf.device) - torch.repeat_interleave(
-            torch.cumsum(lengths, 0) - lengths, lengths, output_size=total
-        )
-        slots = torch.repeat_interleave(offsets, lengths, output_size=total) + within
+        # element k of statistic j sits at offsets[j] + k; k = (position in the run) − (run start of j)
+        shift = offsets - (torch.cumsum(lengths, 0) - lengths)
+        slots = torch.arange(total, device=buf.device) + torch.repeat_interleave(shift, lengths, output_size=total)
         value = buf.acc[slots] / buf.acc[torch.repeat_interleave(counts, lengths, output_size=total)]
         if b is None:
             buf.est[slots - base] = value
