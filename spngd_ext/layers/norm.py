@@ -10,14 +10,15 @@ is a row, one position of the leading dimensions (a token), as a Linear on the s
 rows, so on sequence inputs both have the scale of the per-token Fisher.
 
 x̂ is recomputed from the input in the forward hook (with the module's own statistics), never read
-from the output, which an in-place activation may overwrite.
+from the output, which an in-place activation may overwrite. GroupNorm on the pure-PyTorch path
+keeps the input instead and gets Σ g·x̂ from Σ g·x and the group moments, never writing x̂.
 """
 
 from __future__ import annotations
 
 import abc
 import math
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,12 @@ from torch import Tensor, nn
 from .. import ops
 from ..options import Backend
 from .base import CurvatureLayer, LayerCurvature, StatSpec
+
+
+class _GroupInput(NamedTuple):
+    """Forward-hook context of a GroupNorm on the pure-PyTorch path: the input itself."""
+
+    x: Tensor
 
 
 class UnitwiseNormCurvature(CurvatureLayer):
@@ -154,6 +161,29 @@ class GroupNormCurvature(UnitwiseNormCurvature):
     def normalized_input(self, x: Tensor) -> Tensor:
         m = self.module  # GroupNorm takes (N, C, *) inputs only
         return F.group_norm(x, m.num_groups, None, None, m.eps)
+
+    def accumulate_forward(
+        self, inputs: Tensor, stats: dict[str, Tensor], first: bool, backend: Backend | str
+    ) -> tuple[object, int]:
+        x = inputs.detach()
+        if not x.is_cuda:
+            # Pure-PyTorch path: keep the input (autograd keeps it anyway) and never write x̂,
+            # see ops.gn_unitwise_fisher_from_input.
+            return _GroupInput(x), x.shape[0]
+        return self.normalized_input(x), x.shape[0]
+
+    def accumulate_backward(
+        self, grad_out: Tensor, context: object, stats: dict[str, Tensor], first: bool, backend: Backend | str
+    ) -> int:
+        if not isinstance(context, _GroupInput):
+            return super().accumulate_backward(grad_out, context, stats, first, backend)
+        g = grad_out.detach()
+        m = self.module
+        decay = 0.0 if first else 1.0
+        ops.gn_unitwise_fisher_from_input(
+            stats["F"], g, context.x, groups=m.num_groups, eps=m.eps, scale=1.0, decay=decay
+        )
+        return g.shape[0]
 
     def unit_major(self, t: Tensor) -> Tensor:
         return t.reshape(t.shape[0], self.module.num_channels, math.prod(t.shape[2:]))

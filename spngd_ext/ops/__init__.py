@@ -28,7 +28,13 @@ from __future__ import annotations
 
 from .dispatch import Backend
 from .extension import cuda_ops_available, extension_error, extension_loaded
-from .factors import accumulate_factor, bn_unitwise_fisher, bn_unitwise_fisher_from_input, conv_a_factor
+from .factors import (
+    accumulate_factor,
+    bn_unitwise_fisher,
+    bn_unitwise_fisher_from_input,
+    conv_a_factor,
+    gn_unitwise_fisher_from_input,
+)
 from .packing import pack_upper, unpack_upper
 from .solve import bn_unitwise_solve, cholesky_inverse_damped, precondition
 from .torch_path import packed_size
@@ -44,6 +50,7 @@ __all__ = [
     "cholesky_inverse_damped",
     "bn_unitwise_fisher",
     "bn_unitwise_fisher_from_input",
+    "gn_unitwise_fisher_from_input",
     "bn_unitwise_solve",
     "precondition",
     "kl_clip_coefficient",

@@ -14,7 +14,13 @@ from .conv_gram import conv_a_factor_shifted, supports_shifted_gram
 from .dispatch import FP32_KERNEL_DTYPES, Backend, use_kernel
 from .torch_path import packed_size
 
-__all__ = ["accumulate_factor", "conv_a_factor", "bn_unitwise_fisher", "bn_unitwise_fisher_from_input"]
+__all__ = [
+    "accumulate_factor",
+    "conv_a_factor",
+    "bn_unitwise_fisher",
+    "bn_unitwise_fisher_from_input",
+    "gn_unitwise_fisher_from_input",
+]
 
 
 def accumulate_factor(
@@ -142,4 +148,31 @@ def bn_unitwise_fisher_from_input(
     if not (isinstance(eps, (int, float)) and eps >= 0):
         raise ValueError(f"{op}: eps must be a number >= 0, got {eps!r}")
     ug, ub = torch_path.bn_unit_gradients_from_input(grad_out, x, float(eps))
+    return torch_path.bn_unitwise_fisher_from_sums(state, ug, ub, float(scale), float(decay))
+
+
+def gn_unitwise_fisher_from_input(
+    state: Tensor, grad_out: Tensor, x: Tensor, *, groups: int, eps: float, scale: float, decay: float
+) -> Tensor:
+    """As :func:`bn_unitwise_fisher`, for a GroupNorm with ``groups`` groups, from its *input* ``x``
+    (normalised per example and group as the module does): x̂ is never materialised. Pure PyTorch
+    on any device (no kernel); the optimizer uses it on CPU.
+
+    Args:
+        state: the (C, 3) float32/float64 accumulator.
+        grad_out: the GroupNorm output gradient, (N, C, *).
+        x: the GroupNorm input.
+        groups: the module's number of groups (divides C).
+        eps: the module's epsilon.
+        scale: factor of the new sums.
+        decay: factor of the old state (0: overwrite).
+    """
+    op = "gn_unitwise_fisher_from_input"
+    check_bn_fisher_args(op, state, grad_out, "x", x)
+    channels = x.shape[1]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or channels % groups:
+        raise ValueError(f"{op}: groups must be a positive int dividing the {channels} channels, got {groups!r}")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"{op}: eps must be a number >= 0, got {eps!r}")
+    ug, ub = torch_path.gn_unit_gradients_from_input(grad_out, x, groups, float(eps))
     return torch_path.bn_unitwise_fisher_from_sums(state, ug, ub, float(scale), float(decay))
