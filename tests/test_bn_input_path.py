@@ -167,3 +167,30 @@ def test_sums_over_nothing_are_zero(shape) -> None:
         state = torch.full((4, 3), float("nan"))
         call(state)
         assert torch.equal(state, torch.zeros(4, 3)), name
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "every_other_example", "cropped_width"])
+def test_sums_do_not_depend_on_the_memory_layout(layout) -> None:
+    """Inputs as a model hands them over (channels-last, strided views) give the contiguous result."""
+    from spngd_ext import ops
+
+    torch.manual_seed(11)
+    x = torch.randn(8, 6, 5, 7, dtype=torch.float64) + 1.5
+    g = torch.randn(8, 6, 5, 7, dtype=torch.float64)
+    strided = {
+        "channels_last": lambda t: t.to(memory_format=torch.channels_last),
+        "every_other_example": lambda t: t[::2],
+        "cropped_width": lambda t: t[..., 1:6],
+    }[layout]
+    xs, gs = strided(x), strided(g)
+    xc, gc = xs.contiguous(), gs.contiguous()
+    calls = {
+        "xhat": lambda st, a, b: ops.bn_unitwise_fisher(st, a, b, scale=1.0, decay=0.0),
+        "bn": lambda st, a, b: ops.bn_unitwise_fisher_from_input(st, a, b, eps=1e-5, scale=1.0, decay=0.0),
+        "gn": lambda st, a, b: ops.gn_unitwise_fisher_from_input(st, a, b, groups=3, eps=1e-5, scale=1.0, decay=0.0),
+    }
+    for name, call in calls.items():
+        got, want = torch.zeros(6, 3, dtype=torch.float64), torch.zeros(6, 3, dtype=torch.float64)
+        call(got, gs, xs)
+        call(want, gc, xc)
+        torch.testing.assert_close(got, want, msg=name)

@@ -239,8 +239,8 @@ def bn_unitwise_fisher(state: Tensor, grad_out: Tensor, xhat: Tensor, scale: flo
     g = grad_out.to(acc_dtype).reshape(n, c, t)
     xh = xhat.to(acc_dtype).reshape(n, c, t)
     if t == 1:  # one position per sample (BatchNorm1d, a channels-last LayerNorm): no sums
-        g2 = g.view(n, c)
-        return bn_unitwise_fisher_from_sums(state, g2 * xh.view(n, c), g2, scale, decay)
+        g2 = g.reshape(n, c)
+        return bn_unitwise_fisher_from_sums(state, g2 * xh.reshape(n, c), g2, scale, decay)
     rows = n * c
     ug, ub = _row_sums(g.reshape(rows, t), xh.reshape(rows, t), g.new_zeros(rows), g.new_ones(rows))
     return bn_unitwise_fisher_from_sums(state, ug.view(n, c), ub.view(n, c), scale, decay)
@@ -291,12 +291,13 @@ def bn_unit_gradients_from_input(grad_out: Tensor, x: Tensor, eps: float) -> tup
 
     rows = n * c
     zero, one = xs.new_zeros(rows), xs.new_ones(rows)
-    sum_sq, total = _row_sums(xs.view(rows, t), xs.view(rows, t), zero, one)  # Σ x·x, Σ x per row
+    flat_x = xs.reshape(rows, t)
+    sum_sq, total = _row_sums(flat_x, flat_x, zero, one)  # Σ x·x, Σ x per row
     count = n * t
     mean = total.view(n, c).sum(0, dtype=torch.float64) / count
     var = (sum_sq.view(n, c).sum(0, dtype=torch.float64) / count - mean * mean).clamp_min(0.0)
     rstd = torch.rsqrt(var + eps).to(acc_dtype)
-    ug, ub = _row_sums(g.view(rows, t), xs.view(rows, t), mean.to(acc_dtype).repeat(n), rstd.repeat(n))
+    ug, ub = _row_sums(g.reshape(rows, t), flat_x, mean.to(acc_dtype).repeat(n), rstd.repeat(n))
     return ug.view(n, c), ub.view(n, c)
 
 
