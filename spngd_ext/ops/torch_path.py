@@ -256,8 +256,8 @@ def _row_sums(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tens
     the R rows fall into len(mean) consecutive groups q of equal size.
 
     One fused pass over both (GroupNorm's backward kernel for the affine gradients, read with one
-    "sample" whose channels are the rows): 2.5–4x cheaper on CPU than a batched GEMV per row or a
-    product and a sum.
+    "sample" whose channels are the rows). On CPU, for 28×28 maps, both sums together cost about a
+    fifth of one batched GEMV per row and half of a product and a sum; at 7×7 they cost alike.
     """
     r, t = grad.shape
     q = mean.numel()
