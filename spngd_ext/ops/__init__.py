@@ -20,7 +20,8 @@ Every function checks its arguments (:mod:`spngd_ext.ops.checks`) and raises
 implementations that let ``torch.compile`` trace through the ops are in :mod:`spngd_ext.ops.extension`.
 
 Modules: ``packing``, ``factors``, ``solve``, ``update`` (the public ops by stage), ``dispatch``
-(kernel or PyTorch), ``checks`` (argument checks), ``torch_path`` (pure PyTorch), ``conv_gram``
+(kernel or PyTorch), ``checks`` (argument checks), ``torch_path`` (pure PyTorch; its unit-wise
+functions in ``torch_unitwise``), ``conv_gram``
 (the im2col-free conv A factor for stride 1), ``extension`` (the compiled ops).
 """
 
