@@ -21,7 +21,7 @@ implementations that let ``torch.compile`` trace through the ops are in :mod:`sp
 
 Modules: ``packing``, ``factors``, ``solve``, ``update`` (the public ops by stage), ``dispatch``
 (kernel or PyTorch), ``checks`` (argument checks), ``torch_path`` (pure PyTorch; its unit-wise
-functions in ``torch_unitwise``), ``conv_gram``
+functions in ``torch_unitwise``), ``decay_add`` (the accumulators' update rule), ``conv_gram``
 (the im2col-free conv A factor for stride 1), ``extension`` (the compiled ops).
 """
 

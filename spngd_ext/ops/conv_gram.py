@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .decay_add import decay_and_add
 from .torch_path import triu_flat_index
 
 _CHUNK_PIXELS = 1 << 16  # images per correlation call: this many pixels, at least one image
@@ -262,8 +263,4 @@ def conv_a_factor_shifted(
         full[d, d] = count
         gram = full
     contrib = gram.reshape(-1)[triu_flat_index(gram.shape[0], gram.device)].to(state.dtype) * scale
-    if decay == 0:
-        state.copy_(contrib)  # beta = 0 semantics: whatever state held (NaN included) is ignored
-    else:
-        state.mul_(decay).add_(contrib)
-    return state
+    return decay_and_add(state, contrib, decay)

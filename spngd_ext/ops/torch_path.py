@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .decay_add import decay_and_add
 from .torch_unitwise import (
     bn_unit_gradients_from_input,
     bn_unitwise_fisher,
@@ -167,11 +168,7 @@ def accumulate_factor(state: Tensor, x: Tensor, scale: float, decay: float) -> T
     (whatever ``state`` held, NaN included, is ignored), as BLAS treats beta = 0.
     """
     contrib = _packed_gram(x).to(state.dtype) * scale
-    if decay == 0:
-        state.copy_(contrib)
-    else:
-        state.mul_(decay).add_(contrib)
-    return state
+    return decay_and_add(state, contrib, decay)
 
 
 def conv_patches(

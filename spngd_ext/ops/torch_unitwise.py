@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from .decay_add import decay_and_add
+
 __all__ = [
     "bn_unitwise_fisher",
     "bn_unit_gradients_from_input",
@@ -124,11 +126,7 @@ def bn_unitwise_fisher_from_sums(state: Tensor, ug: Tensor, ub: Tensor, scale: f
     dot = torch.linalg.vecdot
     contrib = torch.stack([dot(ug, ug, dim=0), dot(ug, ub, dim=0), dot(ub, ub, dim=0)], dim=1) * scale
     contrib = contrib.to(state.dtype)
-    if decay == 0:
-        state.copy_(contrib)
-    else:
-        state.mul_(decay).add_(contrib)
-    return state
+    return decay_and_add(state, contrib, decay)
 
 
 def bn_unitwise_solve(
