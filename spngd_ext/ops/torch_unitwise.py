@@ -53,8 +53,9 @@ def _row_sums(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tens
     the R rows fall into len(mean) consecutive groups q of equal size.
 
     One fused pass over both (GroupNorm's backward kernel for the affine gradients, read with one
-    "sample" whose channels are the rows). On CPU, for 28×28 maps, both sums together cost about a
-    fifth of one batched GEMV per row and half of a product and a sum; at 7×7 they cost alike.
+    "sample" whose channels are the rows). On CPU both sums together are 4.8–5.7x faster than a
+    batched GEMV per row and 2.3x faster than a product and a sum at 28×28, 1.3–2.1x at 7×7
+    (``bench/unitwise_sums.py``).
     """
     r, t = grad.shape
     q = mean.numel()
