@@ -99,3 +99,34 @@ def test_diagonal_means_match_per_matrix_traces():
     assert means.keys() == mats.keys()
     for key, m in mats.items():
         torch.testing.assert_close(means[key], m.diagonal().sum() / m.shape[0], rtol=1e-15, atol=0)
+
+
+def test_small_statistics_indices_are_built_once_per_pattern(monkeypatch):
+    """Every-step refreshes repeat one pattern of fresh statistics: its gather indices are built
+    (and sent to the device) once, in the first refresh, not at every refresh."""
+    built = []
+    original = torch.repeat_interleave
+
+    def counting(*args, **kwargs):
+        built.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(estimates.torch, "repeat_interleave", counting)
+    _train(None)
+    assert len(built) == 2  # slots and their count slots, once over three refreshes
+
+
+def test_small_statistics_index_cache_is_bounded_and_exact(monkeypatch):
+    """Past its bound the cache starts over; every pattern's indices are the elements' slots."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(estimates, "_SMALL_PATTERNS", 2)
+    holder = SimpleNamespace(buffers=SimpleNamespace(device=torch.device("cpu")), _small_index={})
+    patterns = [[(0, 3, 10), (5, 6, 11)], [(7, 9, 12)], [(0, 3, 10)], [(0, 3, 10), (5, 6, 11)]]
+    for small in patterns:
+        slots, count_of_slot, counts = estimates.Estimates._small_indices(holder, small)
+        assert slots.tolist() == [k for o, e, _ in small for k in range(o, e)]
+        assert count_of_slot.tolist() == [c for o, e, c in small for _ in range(o, e)]
+        assert counts.tolist() == [c for _, _, c in small]
+        assert len(holder._small_index) <= 2
+    assert estimates.Estimates._small_indices(holder, patterns[-1])[0] is slots  # a hit: the same tensors

@@ -19,6 +19,7 @@ from .buffers import FlatBuffers
 
 # Statistics shorter than this (elements) are finalized together by one gather and one scatter.
 _BATCHED_BELOW = 1024
+_SMALL_PATTERNS = 64  # cached index sets of small statistics (patterns of fresh statistics)
 
 __all__ = ["Estimates"]
 
@@ -50,6 +51,8 @@ class Estimates:
         self.ready = [{n: False for n in names} for names in self.names]
         self.noise_aware = False  # measure the change net of sampling noise (StalePolicy(rule="noise"))
         self._change_cache: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        # small statistics' gather indices by pattern of fresh statistics (built on the host once)
+        self._small_index: dict[tuple[object, ...], tuple[Tensor, Tensor, Tensor]] = {}
 
     def is_ready(self, index: int, names: Sequence[str] | None = None) -> bool:
         """Whether layer ``index`` has an estimate of each of ``names`` (default: all its statistics),
@@ -104,20 +107,35 @@ class Estimates:
         has a statistic pair per channel: per-statistic ops would cost more than the arithmetic)."""
         buf = self.buffers
         base = buf.chunk_base
-        offsets = torch.tensor([o for o, _, _ in small], device=buf.device)
-        lengths = torch.tensor([e - o for o, e, _ in small], device=buf.device)
-        counts = torch.tensor([c for _, _, c in small], device=buf.device)
-        total = sum(e - o for o, e, _ in small)
-        # element k of statistic j sits at offsets[j] + k; k = (position in the run) − (run start of j)
-        shift = offsets - (torch.cumsum(lengths, 0) - lengths)
-        slots = torch.arange(total, device=buf.device) + torch.repeat_interleave(shift, lengths, output_size=total)
-        value = buf.acc[slots] / buf.acc[torch.repeat_interleave(counts, lengths, output_size=total)]
+        slots, count_of_slot, counts = self._small_indices(small)
+        value = buf.acc[slots] / buf.acc[count_of_slot]
         if b is None:
             buf.est[slots - base] = value
             buf.est[counts - base] = 1.0
         else:  # the same two roundings as e.mul_(b).add_(value, alpha=1 - b)
             buf.est[slots - base] = torch.add(buf.est[slots - base] * b, value, alpha=1.0 - b)
             buf.est[counts - base] += 1.0
+
+    def _small_indices(self, small: list[tuple[int, int, int]]) -> tuple[Tensor, Tensor, Tensor]:
+        """(every element's slot, its statistic's count slot, the count slots) of ``small``,
+        cached per pattern: a schedule repeats a few patterns of fresh statistics, so the indices
+        reach the device once each, not at every refresh."""
+        device = self.buffers.device
+        key = (device, *small)
+        cached = self._small_index.get(key)
+        if cached is None:
+            offsets = torch.tensor([o for o, _, _ in small], device=device)
+            lengths = torch.tensor([e - o for o, e, _ in small], device=device)
+            counts = torch.tensor([c for _, _, c in small], device=device)
+            total = sum(e - o for o, e, _ in small)
+            # element k of statistic j sits at offsets[j] + k; k = (position in the run) − (run start of j)
+            shift = offsets - (torch.cumsum(lengths, 0) - lengths)
+            slots = torch.arange(total, device=device) + torch.repeat_interleave(shift, lengths, output_size=total)
+            cached = (slots, torch.repeat_interleave(counts, lengths, output_size=total), counts)
+            if len(self._small_index) >= _SMALL_PATTERNS:  # a schedule with many patterns: keep the newest
+                self._small_index.clear()
+            self._small_index[key] = cached
+        return cached
 
     def bias_correction(self, count_slots: Sequence[int]) -> Tensor | float:
         """1 / (1 − b^k) for the statistics whose count slots are given (1.0 without EMA)."""
